@@ -1,0 +1,1 @@
+"""igw: generated gRPC stubs and a small typed agent client."""

@@ -1,0 +1,46 @@
+"""The process entry shared by the three services: logging, build, signals, serve, exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from services.common.logs import configure_logging
+from services.common.server import ServiceRuntime
+from services.common.settings import RuntimeSettings, SettingsError
+
+_LOGGER = logging.getLogger(__name__)
+S = TypeVar("S")
+
+
+def run_main(
+    service: str,
+    load: Callable[[], S],
+    runtime_of: Callable[[S], RuntimeSettings],
+    build: Callable[[S], Awaitable[ServiceRuntime]],
+) -> None:
+    """Reads settings once, configures logging, serves until SIGTERM/SIGINT, exits 0."""
+    try:
+        settings = load()
+    except SettingsError as err:
+        configure_logging(service, "text")
+        _LOGGER.error("bad settings: %s", err)
+        sys.exit(2)
+    rt = runtime_of(settings)
+    configure_logging(service, rt.log_format, rt.log_level)
+
+    async def _serve() -> None:
+        runtime = await build(settings)
+        runtime.install_signal_handlers()
+        await runtime.start()
+        await runtime.wait()
+
+    try:
+        import uvloop
+
+        uvloop.run(_serve())
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        asyncio.run(_serve())

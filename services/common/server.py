@@ -1,0 +1,394 @@
+"""The shared gRPC server runtime: mTLS port, probe port, guard interceptor, lifecycle.
+
+``ServiceRuntime`` builds one grpc.aio server on the mTLS port (the service's own
+servicers, ``grpc.health.v1``, reflection) and a second plaintext server on the probe
+port that serves health and nothing else. Every call on the mTLS port passes the guard
+first: identity from the client certificate, the authorisation table, a request id in
+the logging context, errors mapped once to status + ErrorInfo, and RPC metrics.
+
+Lifecycle: SERVING once both ports are bound; on SIGTERM/SIGINT health turns
+NOT_SERVING, in-flight calls drain within the grace period, then the service's own
+closers run (engines, channels, HTTP clients) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from services.common import errors as E
+from services.common.authz import Policy
+from services.common.identity import Identity, IdentityError, identity_from_context
+from services.common.logs import method_var, request_id_var
+from services.common.settings import RuntimeSettings
+from services.common.tls import SERVER_OPTIONS, server_credentials
+
+_LOGGER = logging.getLogger(__name__)
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# The identity of the call being handled, for servicers (set by the guard).
+from contextvars import ContextVar  # noqa: E402
+
+identity_var: ContextVar[Identity | None] = ContextVar("igw_identity", default=None)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def current_identity() -> Identity:
+    """The verified identity of the caller of the RPC being handled."""
+    ident = identity_var.get()
+    if ident is None:
+        raise E.Internal("NO_IDENTITY", "no identity in context")
+    return ident
+
+
+@dataclass
+class RpcMetrics:
+    """Per-method request counts and latency, on the service's own registry."""
+
+    registry: CollectorRegistry
+    handled: Counter = field(init=False)
+    latency: Histogram = field(init=False)
+    in_flight: Gauge = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.handled = Counter(
+            "igw_grpc_server_handled",
+            "gRPC calls handled, by method and status code.",
+            ["service", "method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "igw_grpc_server_handling_seconds",
+            "Time to handle a gRPC call, by method.",
+            ["service", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "igw_grpc_server_in_flight", "gRPC calls being handled now.", ["service"], registry=self.registry
+        )
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, authorises, tags logs, maps errors and counts, before any handler runs."""
+
+    def __init__(
+        self, policy: Policy, trust_domain: str, domain: str, metrics: RpcMetrics, access_log: bool
+    ) -> None:
+        self._policy = policy
+        self._trust_domain = trust_domain
+        self._domain = domain
+        self._metrics = metrics
+        self._access_log = access_log
+        self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
+        self._labels: dict[str, tuple[Any, Callable[[str], Any]]] = {}
+
+    def _method_metrics(self, method: str) -> tuple[Any, Callable[[str], Any]]:
+        cached = self._labels.get(method)
+        if cached is None:
+            svc, name = method.rsplit("/", 1)
+            svc = svc.lstrip("/")
+            hist = self._metrics.latency.labels(svc, name)
+            counters: dict[str, Any] = {}
+
+            def counter(code: str, _svc: str = svc, _name: str = name) -> Any:
+                c = counters.get(code)
+                if c is None:
+                    c = counters[code] = self._metrics.handled.labels(_svc, _name, code)
+                return c
+
+            cached = self._labels[method] = (hist, counter)
+        return cached
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # type: ignore[return-value]
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        allowed = self._policy.allowed(method)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, allowed, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, allowed, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, allowed, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, allowed, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _admit(self, method: str, allowed: frozenset[Any], request: Any, context: Any) -> Identity:
+        try:
+            ident = identity_from_context(context, self._trust_domain)
+        except IdentityError as err:
+            raise E.PermissionDenied(err.reason, str(err)) from None
+        if ident.kind not in allowed:
+            raise E.PermissionDenied(
+                "METHOD_NOT_ALLOWED",
+                f"{ident.kind.value} identities may not call {method}",
+                {"method": method, "identity_kind": ident.kind.value},
+            )
+        identity_var.set(ident)
+        rid = getattr(request, "request_id", "") if request is not None and not _is_iter(request) else ""
+        if not rid or not isinstance(rid, str) or not _RID.match(rid):
+            rid = ""
+            for key, value in context.invocation_metadata() or ():
+                if key == "x-request-id" and isinstance(value, str) and _RID.match(value):
+                    rid = value
+                    break
+        request_id_var.set(rid or uuid.uuid4().hex)
+        method_var.set(method)
+        return ident
+
+    async def _fail(self, context: Any, err: E.IgwError) -> None:
+        await context.abort_with_status(E.to_status(err, self._domain))
+
+    def _finish(self, method: str, start: float, code: str, err: BaseException | None) -> None:
+        hist, counter = self._method_metrics(method)
+        elapsed = time.perf_counter() - start
+        hist.observe(elapsed)
+        counter(code).inc()
+        if self._access_log or (code not in ("OK", "CANCELLED") and err is not None):
+            level = logging.INFO if code in ("OK",) else logging.WARNING
+            reason = getattr(err, "reason", "") if err is not None else ""
+            _LOGGER.log(
+                level,
+                "rpc",
+                extra={"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)},
+            )
+
+    def _wrap_unary(self, method: str, allowed: frozenset[Any], behavior: Any) -> Any:
+        async def wrapped(request: Any, context: Any) -> Any:
+            start = time.perf_counter()
+            self._in_flight.inc()
+            code, err = "OK", None
+            try:
+                self._admit(method, allowed, request, context)
+                return await behavior(request, context)
+            except E.IgwError as exc:
+                code, err = exc.code.name, exc
+                await self._fail(context, exc)
+            except grpc.aio.AbortError:
+                code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                code, err = "INTERNAL", exc
+                _LOGGER.exception("unexpected error in handler")
+                await self._fail(context, E.Internal("INTERNAL", "internal error"))
+            finally:
+                self._in_flight.dec()
+                self._finish(method, start, code, err)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, allowed: frozenset[Any], behavior: Any) -> Any:
+        if inspect.isasyncgenfunction(behavior):
+
+            async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
+                start = time.perf_counter()
+                self._in_flight.inc()
+                code, err = "OK", None
+                try:
+                    self._admit(method, allowed, request, context)
+                    async for item in behavior(request, context):
+                        yield item
+                except E.IgwError as exc:
+                    code, err = exc.code.name, exc
+                    await self._fail(context, exc)
+                except grpc.aio.AbortError:
+                    code = (context.code() or grpc.StatusCode.UNKNOWN).name
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = "CANCELLED"
+                    raise
+                except Exception as exc:
+                    code, err = "INTERNAL", exc
+                    _LOGGER.exception("unexpected error in stream handler")
+                    await self._fail(context, E.Internal("INTERNAL", "internal error"))
+                finally:
+                    self._in_flight.dec()
+                    self._finish(method, start, code, err)
+
+            return gen
+        return self._wrap_unary(method, allowed, behavior)
+
+
+def _is_iter(request: Any) -> bool:
+    return hasattr(request, "__aiter__") or hasattr(request, "__anext__")
+
+
+def parse_listen(addr: str) -> tuple[str, int]:
+    """Splits ``host:port`` (port may be 0)."""
+    host, _, port = addr.rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+Registrar = Callable[[grpc.aio.Server], None]
+Closer = Callable[[], Awaitable[None]]
+
+
+class ServiceRuntime:
+    """One service's servers and lifecycle. Construct, ``await start()``, ``await wait()``."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        *,
+        policy: Policy,
+        registrars: Iterable[Registrar],
+        service_names: Iterable[str],
+        registry: CollectorRegistry | None = None,
+        closers: Iterable[Closer] = (),
+        access_log: bool = True,
+        initially_serving: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.domain = f"{settings.service}.igw"
+        self.registry = registry or CollectorRegistry()
+        self.metrics = RpcMetrics(self.registry)
+        self.health = HealthServicer()
+        self._service_names = list(service_names)
+        self._closers = list(closers)
+        self._stopping = asyncio.Event()
+        self.server = grpc.aio.server(
+            interceptors=[
+                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log)
+            ],
+            options=SERVER_OPTIONS,
+            maximum_concurrent_rpcs=None,
+        )
+        for register in registrars:
+            register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.probe_server = grpc.aio.server(options=SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
+        self.port = 0
+        self.probe_port = 0
+        self.metrics_port = 0
+        self._metrics_httpd: Any = None
+        self.serving = False
+        self.initially_serving = initially_serving
+
+    def add_closer(self, closer: Closer) -> None:
+        """Adds something to close after the servers stop (LIFO)."""
+        self._closers.append(closer)
+
+    async def start(self, *, serving: bool | None = None) -> None:
+        """Binds both ports and the metrics port; marks SERVING unless told otherwise."""
+        serving = self.initially_serving if serving is None else serving
+        s = self.settings
+        host, port = parse_listen(s.listen)
+        creds = server_credentials(s.tls_cert, s.tls_key, s.tls_ca)
+        self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+        phost, pport = parse_listen(s.probe_listen)
+        self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
+        await self.server.start()
+        await self.probe_server.start()
+        mhost, mport = parse_listen(s.metrics_listen)
+        httpd, _thread = start_http_server(mport, addr=mhost, registry=self.registry)
+        self._metrics_httpd = httpd
+        self.metrics_port = httpd.server_address[1]
+        await self.set_serving(serving)
+        if s.ready_file is not None:
+            tmp = s.ready_file.with_suffix(".tmp")
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "service": s.service,
+                        "pid": os.getpid(),
+                        "grpc_port": self.port,
+                        "probe_port": self.probe_port,
+                        "metrics_port": self.metrics_port,
+                    }
+                )
+            )
+            tmp.replace(s.ready_file)
+        _LOGGER.info(
+            "listening",
+            extra={"grpc_port": self.port, "probe_port": self.probe_port, "metrics_port": self.metrics_port},
+        )
+
+    async def set_serving(self, serving: bool) -> None:
+        """Sets overall and per-service health."""
+        self.serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        for name in self._service_names:
+            await self.health.set(name, status)
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a graceful stop."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+
+    def request_stop(self) -> None:
+        """Starts a graceful stop (as SIGTERM does)."""
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Blocks until asked to stop, then stops gracefully."""
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """NOT_SERVING, drain in-flight calls within the grace period, close everything."""
+        _LOGGER.info("shutting down", extra={"grace_seconds": self.settings.grace_seconds})
+        await self.health.enter_graceful_shutdown()
+        self.serving = False
+        # Give probes a moment to see NOT_SERVING before the port goes away.
+        await asyncio.sleep(min(0.5, self.settings.grace_seconds / 4))
+        await self.server.stop(self.settings.grace_seconds)
+        for closer in reversed(self._closers):
+            try:
+                await closer()
+            except Exception:
+                _LOGGER.exception("error while closing")
+        await self.probe_server.stop(0)
+        if self._metrics_httpd is not None:
+            self._metrics_httpd.shutdown()
+        _LOGGER.info("stopped")

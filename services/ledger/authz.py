@@ -1,0 +1,18 @@
+"""The Ledger's authorisation table: deny by default."""
+
+from __future__ import annotations
+
+from services.common.authz import OPERATORS, make_policy
+from services.common.identity import Kind
+
+ROUTER_ONLY = frozenset({Kind.ROUTER})
+
+POLICY = make_policy(
+    {
+        "/igw.ledger.v1.LedgerService/Reserve": ROUTER_ONLY,
+        "/igw.ledger.v1.LedgerService/Settle": ROUTER_ONLY,
+        "/igw.ledger.v1.LedgerService/Release": ROUTER_ONLY,
+        "/igw.ledger.v1.LedgerService/GetBudget": frozenset({Kind.ROUTER, Kind.OPERATOR}),
+        "/igw.ledger.v1.LedgerAdminService/*": OPERATORS,
+    }
+)
