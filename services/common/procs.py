@@ -86,7 +86,7 @@ def start_service(
     ready.unlink(missing_ok=True)
     log_path = state_dir / f"{name}.log"
     full_env = {**os.environ, **env, "IGW_READY_FILE": str(ready), "PYTHONUNBUFFERED": "1"}
-    out = log_file if log_file is not None else open(log_path, "ab")  # noqa: SIM115
+    out = log_file if log_file is not None else open(log_path, "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", module or f"services.{name}"],
         env=full_env,

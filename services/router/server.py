@@ -1,25 +1,86 @@
-"""Wires the router service: servicers, authorisation table, runtime."""
+"""Wires the router: routing config, long-lived channels to ledger and vault, HTTP pool, servicers."""
 
 from __future__ import annotations
 
-import grpc
+import asyncio
+import contextlib
+import logging
+import signal
 
+import grpc
+from prometheus_client import CollectorRegistry
+
+from igw.keyvault.v1 import keyvault_pb2_grpc
+from igw.ledger.v1 import ledger_pb2_grpc
 from igw.router.v1 import router_pb2_grpc
+from services.common.server import ServiceRuntime
+from services.common.tls import secure_channel
 from services.router.authz import POLICY
 from services.router.config import Settings
-from services.common.server import ServiceRuntime
+from services.router.metrics import RouterMetrics
+from services.router.providers.base import make_http_client
+from services.router.routing import ConfigError
+from services.router.service import Backends, Router
+from services.router.servicer import ConfigHolder, RouterAdminServicer, RouterServicer, make_loader
 
+_LOGGER = logging.getLogger(__name__)
 SERVICE_NAMES = ("igw.router.v1.RouterService", "igw.router.v1.RouterAdminService")
 
 
-def _register(server: grpc.aio.Server) -> None:
-    # Skeleton: every method answers UNIMPLEMENTED until the router issue fills it in.
-    router_pb2_grpc.add_RouterServiceServicer_to_server(router_pb2_grpc.RouterServiceServicer(), server)
-    router_pb2_grpc.add_RouterAdminServiceServicer_to_server(router_pb2_grpc.RouterAdminServiceServicer(), server)
+class ConfigRefused(SystemExit):
+    """The routing config does not validate or does not match its pinned digest."""
 
 
 async def build(settings: Settings) -> ServiceRuntime:
-    """Builds the router's runtime (not yet started)."""
-    return ServiceRuntime(
-        settings.runtime, policy=POLICY, registrars=[_register], service_names=SERVICE_NAMES
+    """Builds the router's runtime (not yet started). Refuses to start on a bad or unpinned config."""
+    loader = make_loader(settings.config_path, settings.config_sha256)
+    try:
+        config = loader()
+    except ConfigError as err:
+        _LOGGER.error("routing config refused; not starting", extra={"error": str(err)})
+        raise ConfigRefused(3) from None
+    _LOGGER.info("routing config loaded", extra={"sha256": config.sha256, "source": config.source})
+    rt = settings.runtime
+    ledger_ch = secure_channel(settings.ledger_addr, rt.tls_cert, rt.tls_key, rt.tls_ca)
+    vault_ch = secure_channel(settings.keyvault_addr, rt.tls_cert, rt.tls_key, rt.tls_ca)
+    backends = Backends(
+        ledger=ledger_pb2_grpc.LedgerServiceStub(ledger_ch),
+        ledger_admin=ledger_pb2_grpc.LedgerAdminServiceStub(ledger_ch),
+        vault=keyvault_pb2_grpc.KeyVaultServiceStub(vault_ch),
     )
+    http = make_http_client(max_connections=settings.max_connections,
+                            connect_timeout_s=config.timeouts.connect_ms / 1000)
+    registry = CollectorRegistry()
+    metrics = RouterMetrics(registry)
+    router = Router(config, backends, http, metrics, lease_ttl_s=settings.lease_ttl_seconds)
+    holder = ConfigHolder(router, loader, settings.config_sha256)
+
+    def register(server: grpc.aio.Server) -> None:
+        router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+        router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(holder), server)
+
+    async def close() -> None:
+        await router.drain(settings.runtime.grace_seconds)
+        await http.aclose()
+        await ledger_ch.close()
+        await vault_ch.close()
+
+    runtime = ServiceRuntime(
+        rt, policy=POLICY, registrars=[register], service_names=SERVICE_NAMES, registry=registry,
+        closers=[close], access_log=settings.access_log,
+    )
+
+    def on_sighup() -> None:
+        async def _reload() -> None:
+            try:
+                await holder.reload()
+            except Exception:
+                pass
+
+        asyncio.get_running_loop().create_task(_reload())
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    # Warm the channels so the first call does not pay for two mTLS handshakes.
+    for ch in (ledger_ch, vault_ch):
+        ch.get_state(try_to_connect=True)
+    return runtime

@@ -1,0 +1,70 @@
+"""The router's Prometheus metrics. Labels are bounded: provider, model and deployment
+come from the routing config, team from certificates, reason from fixed enums."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.server import LATENCY_BUCKETS
+
+
+@dataclass
+class RouterMetrics:
+    """Every metric the router exports."""
+
+    registry: CollectorRegistry
+    upstream_seconds: Histogram = field(init=False)
+    ttft_seconds: Histogram = field(init=False)
+    tokens: Counter = field(init=False)
+    cost_nanos: Counter = field(init=False)
+    calls: Counter = field(init=False)
+    attempts: Counter = field(init=False)
+    fallbacks: Counter = field(init=False)
+    retries: Counter = field(init=False)
+    breaker_state: Gauge = field(init=False)
+    budget_denials: Counter = field(init=False)
+    in_flight: Gauge = field(init=False)
+    overload_rejections: Counter = field(init=False)
+    settle_retries: Counter = field(init=False)
+    config_info: Gauge = field(init=False)
+    config_reloads: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.upstream_seconds = Histogram(
+            "igw_router_upstream_seconds", "Upstream call duration by provider and model.",
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft_seconds = Histogram(
+            "igw_router_time_to_first_token_seconds", "Time to the first streamed token.",
+            ["provider", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "igw_router_tokens", "Tokens by provider, model and kind (input, output, cached_input).",
+            ["provider", "model", "kind"], registry=r)
+        self.cost_nanos = Counter(
+            "igw_router_cost_nanodollars", "Cost of served calls, in nano-dollars.",
+            ["provider", "model", "team"], registry=r)
+        self.calls = Counter(
+            "igw_router_calls", "Agent calls by alias and result code.", ["alias", "code"], registry=r)
+        self.attempts = Counter(
+            "igw_router_attempts", "Upstream attempts by deployment and outcome.",
+            ["deployment", "outcome"], registry=r)
+        self.fallbacks = Counter(
+            "igw_router_fallbacks", "Moves to another deployment, by reason.", ["reason"], registry=r)
+        self.retries = Counter(
+            "igw_router_retries", "Retries of the same deployment, by reason.", ["reason"], registry=r)
+        self.breaker_state = Gauge(
+            "igw_router_breaker_state", "Breaker state per deployment: 0 closed, 1 open, 2 half-open.",
+            ["deployment"], registry=r)
+        self.budget_denials = Counter(
+            "igw_router_budget_denials", "Calls refused for budget, by team.", ["team"], registry=r)
+        self.in_flight = Gauge("igw_router_in_flight_calls", "Agent calls in flight.", registry=r)
+        self.overload_rejections = Counter(
+            "igw_router_overload_rejections", "Calls refused because max_in_flight was reached.", registry=r)
+        self.settle_retries = Counter(
+            "igw_router_settle_retries", "Settle calls retried before the ledger acknowledged.", registry=r)
+        self.config_info = Gauge(
+            "igw_router_config_info", "The active routing config (value 1), by digest.", ["sha256"], registry=r)
+        self.config_reloads = Counter(
+            "igw_router_config_reloads", "Config reloads by result.", ["result"], registry=r)

@@ -1,0 +1,737 @@
+"""The Router's use cases: one agent call, end to end, with fallbacks, budgets and leases.
+
+For each candidate deployment: ``Ledger.Reserve`` and ``KeyVault.IssueCredential``
+concurrently; the provider is called with the lease's secret at the config's base URL
+only; retryable failures before any byte reached the agent release the hold, feed the
+breaker and move on; success answers the agent, then settles in the background,
+retried until the ledger acknowledges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+import httpx
+from google.protobuf import duration_pb2
+
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from igw.router.v1 import router_pb2
+from services.common import errors as E
+from services.common.errors import error_info_from_rpc_error
+from services.common.identity import Identity
+from services.common.money import call_cost
+from services.router.breaker import Breaker, State
+from services.router.metrics import RouterMetrics
+from services.router.providers.base import estimate_tokens, get_adapter
+from services.router.providers.domain import (
+    ChatResponse,
+    FinishReason,
+    StreamEnd,
+    TextDelta,
+    Timeouts,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+from services.router.providers.errors import ErrorKind, ProviderError
+from services.router.routing import Alias, Deployment, RoutingConfig
+from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
+
+_LOGGER = logging.getLogger(__name__)
+
+_OUTCOME = {
+    ErrorKind.RATE_LIMITED: router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED,
+    ErrorKind.OVERLOADED: router_pb2.ATTEMPT_OUTCOME_OVERLOADED,
+    ErrorKind.SERVER_ERROR: router_pb2.ATTEMPT_OUTCOME_SERVER_ERROR,
+    ErrorKind.TIMEOUT: router_pb2.ATTEMPT_OUTCOME_TIMEOUT,
+    ErrorKind.CONNECT_ERROR: router_pb2.ATTEMPT_OUTCOME_CONNECT_ERROR,
+    ErrorKind.CONTEXT_TOO_LONG: router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG,
+    ErrorKind.CONTENT_REFUSED: router_pb2.ATTEMPT_OUTCOME_CONTENT_REFUSED,
+    ErrorKind.BAD_REQUEST: router_pb2.ATTEMPT_OUTCOME_BAD_REQUEST,
+    ErrorKind.AUTH_FAILED: router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED,
+    ErrorKind.PROTOCOL_ERROR: router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR,
+    ErrorKind.REDIRECT_REFUSED: router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR,
+}
+# Errors that go straight back to the agent: another deployment would say the same.
+_TERMINAL = {
+    ErrorKind.BAD_REQUEST: ("UPSTREAM_BAD_REQUEST", E.InvalidArgument),
+    ErrorKind.CONTENT_REFUSED: ("CONTENT_REFUSED", E.FailedPrecondition),
+}
+# Deployment-specific failures: skip this deployment, try the others, do not feed the breaker.
+_SKIP = {ErrorKind.AUTH_FAILED, ErrorKind.REDIRECT_REFUSED}
+_BREAKER_GAUGE = {State.CLOSED: 0, State.OPEN: 1, State.HALF_OPEN: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """Long-lived stubs to the ledger and the vault (mTLS with the router's certificate)."""
+
+    ledger: ledger_pb2_grpc.LedgerServiceStub
+    ledger_admin: ledger_pb2_grpc.LedgerAdminServiceStub
+    vault: keyvault_pb2_grpc.KeyVaultServiceStub
+
+
+@dataclass
+class PriceBook:
+    """Price catalogue versions fetched from the ledger, cached by version (they never change)."""
+
+    admin: ledger_pb2_grpc.LedgerAdminServiceStub
+    versions: dict[int, dict[str, ledger_pb2.ModelPrice]] = field(default_factory=dict)
+    current_version: int = 0
+    fetched_at: float = 0.0
+
+    async def get(self, version: int) -> dict[str, ledger_pb2.ModelPrice]:
+        """The prices of one version (0: the current one, refreshed every 30 s)."""
+        if version and version in self.versions:
+            return self.versions[version]
+        if not version and self.current_version and time.monotonic() - self.fetched_at < 30:
+            return self.versions[self.current_version]
+        resp = await self.admin.ListPrices(ledger_pb2.ListPricesRequest(version=version), timeout=5)
+        prices = {p.model: p for p in resp.prices}
+        self.versions[resp.version] = prices
+        if not version:
+            self.current_version, self.fetched_at = resp.version, time.monotonic()
+        return prices
+
+
+@dataclass
+class AttemptLog:
+    """The attempts of one call, for the answer and for metrics."""
+
+    items: list[router_pb2.Attempt] = field(default_factory=list)
+
+    def add(self, dep: Deployment, outcome: int, start: float, err: ProviderError | None = None) -> None:
+        att = router_pb2.Attempt(deployment=dep.name, provider=dep.provider, outcome=outcome)
+        att.latency.FromNanoseconds(int((time.perf_counter() - start) * 1e9))
+        if err is not None:
+            att.http_status = err.status_code or 0
+            if err.retry_after_s is not None:
+                att.retry_after.FromNanoseconds(int(err.retry_after_s * 1e9))
+        self.items.append(att)
+
+
+@dataclass
+class _Lease:
+    hold: ledger_pb2.ReserveResponse
+    secret: str
+
+
+class Router:
+    """Routes agent calls. One instance per process; the config can be swapped atomically."""
+
+    def __init__(
+        self,
+        config: RoutingConfig,
+        backends: Backends,
+        http: httpx.AsyncClient,
+        metrics: RouterMetrics,
+        *,
+        lease_ttl_s: int = 30,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backends = backends
+        self.http = http
+        self.metrics = metrics
+        self.prices = PriceBook(backends.ledger_admin)
+        self.lease_ttl_s = lease_ttl_s
+        self._clock = clock
+        self.breakers: dict[str, Breaker] = {}
+        self._in_flight = 0
+        self._settles: set[asyncio.Task[None]] = set()
+        self.config = config
+        self.apply_config(config)
+
+    # ------------------------------------------------------------------ config
+
+    def apply_config(self, config: RoutingConfig) -> None:
+        """Makes ``config`` active; breakers of deployments that stay are kept."""
+        breakers: dict[str, Breaker] = {}
+        for name in config.deployments:
+            old = self.breakers.get(name)
+            if old is not None and old.cfg == config.breaker:
+                breakers[name] = old
+            else:
+                breakers[name] = self._new_breaker(name, config)
+        self.breakers = breakers
+        old_sha = getattr(self, "config", None)
+        if old_sha is not None and old_sha.sha256 != config.sha256:
+            with contextlib.suppress(KeyError):
+                self.metrics.config_info.remove(old_sha.sha256)
+        self.config = config
+        self.metrics.config_info.labels(config.sha256).set(1)
+
+    def _new_breaker(self, name: str, config: RoutingConfig) -> Breaker:
+        gauge = self.metrics.breaker_state.labels(name)
+        gauge.set(0)
+        return Breaker(config.breaker, clock=self._clock, on_change=lambda st: gauge.set(_BREAKER_GAUGE[st]))
+
+    # ------------------------------------------------------------------ planning
+
+    def _alias(self, ident: Identity, model: str, cfg: RoutingConfig) -> Alias:
+        alias = cfg.aliases.get(model)
+        if alias is None:
+            raise E.NotFound("UNKNOWN_MODEL", "no such model alias", {"model": model[:128]})
+        if not alias.allows(ident.team):
+            raise E.PermissionDenied("MODEL_NOT_ALLOWED", "your team may not use this model", {"model": model})
+        return alias
+
+    def _order(self, alias: Alias, cfg: RoutingConfig, prices: dict[str, ledger_pb2.ModelPrice]) -> list[Deployment]:
+        deps = [cfg.deployments[c] for c in alias.candidates]
+        if alias.strategy == "cheapest":
+
+            def unit_cost(d: Deployment) -> int:
+                p = prices.get(d.price)
+                return (p.input_per_mtok_nanos + p.output_per_mtok_nanos) if p else 1 << 62
+
+            deps.sort(key=unit_cost)
+        elif alias.strategy == "latency":
+            # Unobserved deployments first (explore), then by smoothed first-byte latency.
+            def lat(d: Deployment) -> float:
+                ewma = self.breakers[d.name].latency_ewma_s
+                return -1.0 if ewma is None else ewma
+
+            deps.sort(key=lat)
+        elif alias.strategy == "weighted":
+            pool = [d for d in deps if d.weight > 0]
+            ordered: list[Deployment] = []
+            while pool:
+                pick = random.choices(pool, weights=[d.weight for d in pool])[0]
+                ordered.append(pick)
+                pool.remove(pick)
+            deps = ordered
+        return deps
+
+    # ------------------------------------------------------------------ one call
+
+    def _admit(self) -> None:
+        if self._in_flight >= self.config.limits.max_in_flight:
+            self.metrics.overload_rejections.inc()
+            raise E.ResourceExhausted("ROUTER_OVERLOADED", "too many calls in flight; retry shortly")
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    async def _lease(
+        self, ident: Identity, rid: str, attempt: int, dep: Deployment, prep: Prepared, cfg: RoutingConfig,
+        timeout: float,
+    ) -> _Lease:
+        """Reserve and IssueCredential concurrently. Raises IgwError or _SkipDeployment."""
+        provider = cfg.providers[dep.provider]
+        reserve = self.backends.ledger.Reserve(
+            ledger_pb2.ReserveRequest(
+                request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
+                prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
+                max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+            ),
+            timeout=timeout,
+        )
+        issue = self.backends.vault.IssueCredential(
+            keyvault_pb2.IssueCredentialRequest(
+                provider=dep.provider, team=ident.team, model=dep.model, request_id=rid,
+                ttl=duration_pb2.Duration(seconds=self.lease_ttl_s),
+            ),
+            timeout=timeout,
+        )
+        hold, lease = await asyncio.gather(reserve, issue, return_exceptions=True)
+        if isinstance(hold, BaseException):
+            raise _ledger_error(hold, ident.team, self.metrics)
+        if isinstance(lease, BaseException):
+            self._release(hold.reservation_id, "no_credential")
+            if isinstance(lease, grpc.RpcError) and lease.code() in (
+                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+            ):
+                info = error_info_from_rpc_error(lease)
+                raise _SkipDeployment(info.reason if info else lease.code().name)
+            raise lease
+        if lease.base_url.rstrip("/") != provider.base_url:
+            # The vault bound this secret to another host: never send it to ours.
+            self._release(hold.reservation_id, "lease_url_mismatch")
+            _LOGGER.error("lease base URL differs from the routing config", extra={"deployment": dep.name})
+            raise _SkipDeployment("LEASE_BASE_URL_MISMATCH")
+        return _Lease(hold, lease.secret)
+
+    def _release(self, reservation_id: str, reason: str) -> None:
+        self._background(self._release_now(reservation_id, reason))
+
+    async def _release_now(self, reservation_id: str, reason: str) -> None:
+        req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason=reason)
+        for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
+            try:
+                await self.backends.ledger.Release(req, timeout=5)
+                return
+            except grpc.RpcError:
+                await asyncio.sleep(delay)
+        # The hold expires and is captured: erring towards never overspending.
+        _LOGGER.warning("release not acknowledged; the hold will expire")
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._settles.add(task)
+        task.add_done_callback(self._settles.discard)
+
+    async def _settle_now(self, req: ledger_pb2.SettleRequest) -> None:
+        delay = 0.05
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                await self.backends.ledger.Settle(req, timeout=10)
+                return
+            except grpc.RpcError as err:
+                code = err.code()
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
+                    info = error_info_from_rpc_error(err)
+                    _LOGGER.error("settle refused", extra={"reason": info.reason if info else code.name})
+                    return
+                if time.monotonic() > deadline:
+                    _LOGGER.error("settle not acknowledged in time; the hold will be captured")
+                    return
+                self.metrics.settle_retries.inc()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _settle(
+        self, rid: str, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage, latency_s: float,
+        outcome: int,
+    ) -> None:
+        req = ledger_pb2.SettleRequest(
+            request_id=rid, reservation_id=hold.reservation_id,
+            usage=ledger_pb2.TokenUsage(
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cached_input_tokens=usage.cached_input_tokens,
+            ),
+            provider=dep.provider, provider_model=dep.model, outcome=outcome, usage_estimated=not usage.reported,
+        )
+        req.latency.FromNanoseconds(int(latency_s * 1e9))
+        self._background(self._settle_now(req))
+
+    async def drain(self, timeout: float) -> None:
+        """Waits for background settles and releases (graceful shutdown)."""
+        if self._settles:
+            await asyncio.wait(list(self._settles), timeout=timeout)
+
+    async def _cost(self, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage) -> int:
+        try:
+            prices = await self.prices.get(hold.price_version)
+        except grpc.RpcError:
+            return 0
+        p = prices.get(dep.price)
+        if p is None:
+            return 0
+        return call_cost(
+            usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+            p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos,
+        )
+
+    def _account(self, dep: Deployment, ident: Identity, usage: Usage, cost: int) -> None:
+        m = self.metrics
+        m.tokens.labels(dep.provider, dep.model, "input").inc(usage.input_tokens)
+        m.tokens.labels(dep.provider, dep.model, "output").inc(usage.output_tokens)
+        if usage.cached_input_tokens:
+            m.tokens.labels(dep.provider, dep.model, "cached_input").inc(usage.cached_input_tokens)
+        m.cost_nanos.labels(dep.provider, dep.model, ident.team).inc(cost)
+
+    def _timeouts(self, cfg: RoutingConfig, remaining: float | None, probe: bool) -> Timeouts:
+        t = cfg.timeouts
+        total = t.total_ms / 1000
+        if probe:
+            total = min(total, cfg.breaker.probe_timeout_ms / 1000)
+        if remaining is not None:
+            total = min(total, max(remaining - 0.05, 0.001))
+        return Timeouts(
+            connect_s=min(t.connect_ms / 1000, total), first_byte_s=min(t.first_byte_ms / 1000, total),
+            idle_s=t.idle_ms / 1000, total_s=total,
+        )
+
+    async def generate(
+        self, ident: Identity, req: router_pb2.GenerateRequest, remaining: float | None,
+    ) -> router_pb2.GenerateResponse:
+        """One unary call. Raises IgwError for the agent."""
+        return await _Call(self, ident, req, remaining).unary()
+
+    def generate_stream(
+        self, ident: Identity, req: router_pb2.GenerateRequest, remaining: float | None,
+    ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        """One streaming call."""
+        return _Call(self, ident, req, remaining).stream()
+
+
+class _SkipDeployment(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.IgwError:
+    if not isinstance(err, grpc.RpcError):
+        return E.Unavailable("LEDGER_UNAVAILABLE", "the budget ledger could not be reached")
+    info = error_info_from_rpc_error(err)
+    code = err.code()
+    meta = dict(info.metadata) if info else {}
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        metrics.budget_denials.labels(team).inc()
+        return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return E.FailedPrecondition(info.reason if info else "LEDGER_REFUSED", "the ledger refused the call", meta)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return E.InvalidArgument(info.reason if info else "LEDGER_REFUSED", "the ledger refused the request", meta)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed while reserving budget")
+    return E.Unavailable("LEDGER_UNAVAILABLE", "the budget ledger could not be reached")
+
+
+class _Call:
+    """One agent call's state machine (shared by unary and streaming)."""
+
+    def __init__(
+        self, router: Router, ident: Identity, req: router_pb2.GenerateRequest, remaining: float | None,
+    ) -> None:
+        self.r = router
+        self.ident = ident
+        self.req = req
+        self.cfg = router.config
+        self.start = time.perf_counter()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
+        if req.request_id and not valid_request_id(req.request_id):
+            raise E.InvalidArgument("BAD_REQUEST_ID", "request_id must be [A-Za-z0-9._:-], at most 128")
+        self.rid = req.request_id or uuid.uuid4().hex
+        self.alias = self.r._alias(ident, req.model, self.cfg)
+        self.prep = prepare(req, self.cfg.limits)
+        self.log = AttemptLog()
+        self.excluded: set[str] = set()
+        self.verdict: ProviderError | None = None
+
+    def _remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _rpc_timeout(self) -> float:
+        rem = self._remaining()
+        return 5.0 if rem is None else max(min(rem, 5.0), 0.001)
+
+    def _final_error(self) -> E.IgwError:
+        outcomes = [a.outcome for a in self.log.items]
+        meta = {"attempts": len(outcomes), "model": self.req.model}
+        if self._remaining() is not None and (self._remaining() or 0) <= 0:
+            return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed before any deployment answered", meta)
+        if outcomes and all(o == router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN for o in outcomes):
+            return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
+        if outcomes and outcomes[-1] == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
+            return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
+        return E.Unavailable("ALL_CANDIDATES_FAILED", "no deployment of this model could answer", meta)
+
+    def _failed(self, dep: Deployment, ticket: bool | str, err: ProviderError, t0: float) -> None:
+        """Bookkeeping for a failed attempt; raises for errors that go straight back."""
+        r = self.r
+        self.log.add(dep, _OUTCOME.get(err.kind, router_pb2.ATTEMPT_OUTCOME_SERVER_ERROR), t0, err)
+        r.metrics.attempts.labels(dep.name, err.kind.value).inc()
+        breaker = r.breakers[dep.name]
+        if err.retryable:
+            breaker.record_failure()
+            r.metrics.fallbacks.labels(err.kind.value).inc()
+        elif ticket == "probe":
+            breaker.release_probe()
+        if err.kind in _TERMINAL:
+            reason, cls = _TERMINAL[err.kind]
+            raise cls(reason, f"the provider refused the request ({err.kind.value})",
+                      {"deployment": dep.name, "http_status": err.status_code or 0})
+        if err.kind is ErrorKind.CONTEXT_TOO_LONG:
+            # Only a candidate with a larger window may be tried.
+            window = dep.context_window
+            for name, d in self.cfg.deployments.items():
+                if d.context_window <= window:
+                    self.excluded.add(name)
+            r.metrics.fallbacks.labels("context_too_long").inc()
+        if err.kind in _SKIP:
+            self.excluded.add(dep.name)
+            r.metrics.fallbacks.labels(err.kind.value).inc()
+
+    async def _plan(self) -> AsyncIterator[tuple[int, Deployment, bool | str]]:
+        """Yields (attempt number, deployment, breaker ticket) in order, with backoff between rounds.
+
+        The caller records each attempt's verdict in ``self.verdict`` before resuming.
+        """
+        r, alias, cfg, prep, log = self.r, self.alias, self.cfg, self.prep, self.log
+        try:
+            prices = await r.prices.get(0) if alias.strategy == "cheapest" else {}
+        except grpc.RpcError:
+            prices = {}
+        order = r._order(alias, cfg, prices)
+        order = [d for d in order if (not prep.has_tools or d.supports_tools)
+                 and (not prep.has_images or d.supports_images)]
+        if not order:
+            raise E.FailedPrecondition("NO_CAPABLE_DEPLOYMENT", "no deployment of this model takes these inputs")
+        attempt = 0
+        backoff = cfg.retries.backoff_initial_ms / 1000
+        skipped: set[str] = set()
+        breaker_logged: set[str] = set()
+        while attempt < cfg.retries.max_attempts:
+            progressed = False
+            wait_hint = 0.0
+            for dep in order:
+                if attempt >= cfg.retries.max_attempts:
+                    break
+                if dep.name in skipped or dep.name in self.excluded:
+                    continue
+                ticket = r.breakers[dep.name].try_acquire()
+                if not ticket:
+                    if dep.name not in breaker_logged:
+                        breaker_logged.add(dep.name)
+                        log.add(dep, router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN, time.perf_counter())
+                        r.metrics.attempts.labels(dep.name, "breaker_open").inc()
+                    continue
+                rem = self._remaining()
+                if rem is not None and rem <= 0:
+                    return
+                attempt += 1
+                progressed = True
+                self.verdict = None
+                yield attempt, dep, ticket
+                verdict = self.verdict
+                if verdict is not None and verdict.kind in _SKIP:
+                    skipped.add(dep.name)
+                if verdict is not None and verdict.retry_after_s:
+                    wait_hint = max(wait_hint, verdict.retry_after_s)
+            if not progressed:
+                return
+            # Another round over the same deployments: back off (retry-after honoured up to a cap).
+            wait = min(max(backoff, wait_hint), cfg.retries.retry_after_cap_ms / 1000)
+            wait = wait * (0.5 + random.random() / 2) if not wait_hint else wait
+            if self.deadline is not None and time.monotonic() + wait >= self.deadline:
+                return
+            if attempt < cfg.retries.max_attempts:
+                r.metrics.retries.labels("round").inc()
+                await asyncio.sleep(wait)
+            backoff = min(backoff * 2, cfg.retries.backoff_max_ms / 1000)
+
+    async def unary(self) -> router_pb2.GenerateResponse:
+        r = self.r
+        r._admit()
+        code = "OK"
+        try:
+            return await self._unary()
+        except E.IgwError as err:
+            code = err.code.name
+            raise
+        finally:
+            r._leave()
+            r.metrics.calls.labels(self.alias.name, code).inc()
+
+    async def _attempt_lease(self, attempt: int, dep: Deployment) -> _Lease | None:
+        t0 = time.perf_counter()
+        try:
+            return await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout())
+        except _SkipDeployment:
+            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0)
+            self.r.metrics.attempts.labels(dep.name, "no_credential").inc()
+            self.excluded.add(dep.name)
+            return None
+
+    async def _unary(self) -> router_pb2.GenerateResponse:
+        r, cfg = self.r, self.cfg
+        adapter_cache: dict[str, Any] = {}
+        plan = self._plan()
+        async for attempt, dep, ticket in plan:
+            lease = await self._attempt_lease(attempt, dep)
+            if lease is None:
+                if ticket == "probe":
+                    r.breakers[dep.name].release_probe()
+                continue
+            provider = cfg.providers[dep.provider]
+            adapter = adapter_cache.get(provider.type) or get_adapter(provider.type)
+            adapter_cache[provider.type] = adapter
+            t0 = time.perf_counter()
+            try:
+                resp: ChatResponse = await adapter.complete(
+                    r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
+                    r._timeouts(cfg, self._remaining(), ticket == "probe"),
+                )
+            except ProviderError as err:
+                r._release(lease.hold.reservation_id, err.kind.value)
+                self.verdict = err
+                self._failed(dep, ticket, err, t0)
+                continue
+            except asyncio.CancelledError:
+                r._release(lease.hold.reservation_id, "cancelled")
+                if ticket == "probe":
+                    r.breakers[dep.name].release_probe()
+                raise
+            finally:
+                lease.secret = ""
+            elapsed = time.perf_counter() - t0
+            r.breakers[dep.name].record_success(elapsed)
+            r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
+            r.metrics.attempts.labels(dep.name, "success").inc()
+            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
+            usage = resp.usage
+            cost = await r._cost(lease.hold, dep, usage)
+            r._settle(self.rid, lease.hold, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
+            r._account(dep, self.ident, usage, cost)
+            return self._response(dep, resp.text, resp.tool_calls, resp.finish_reason, usage, cost)
+        raise self._final_error()
+
+    def _response(
+        self, dep: Deployment, text: str, calls: tuple[ToolCall, ...] | list[ToolCall], finish: FinishReason,
+        usage: Usage, cost: int,
+    ) -> router_pb2.GenerateResponse:
+        out = router_pb2.GenerateResponse(
+            request_id=self.rid,
+            text=text,
+            tool_calls=[router_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json) for c in calls],
+            finish_reason=FINISH_TO_PB[finish],
+            usage=router_pb2.Usage(
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cached_input_tokens=usage.cached_input_tokens, estimated=not usage.reported,
+            ),
+            cost_nanos=cost,
+            served_by=router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model),
+            attempts=self.log.items,
+        )
+        out.latency.FromNanoseconds(int((time.perf_counter() - self.start) * 1e9))
+        return out
+
+    async def stream(self) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        r = self.r
+        r._admit()
+        code = "OK"
+        try:
+            async for item in self._stream():
+                yield item
+        except E.IgwError as err:
+            code = err.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            r._leave()
+            r.metrics.calls.labels(self.alias.name, code).inc()
+
+    async def _stream(self) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        r, cfg = self.r, self.cfg
+        async for attempt, dep, ticket in self._plan():
+            lease = await self._attempt_lease(attempt, dep)
+            if lease is None:
+                if ticket == "probe":
+                    r.breakers[dep.name].release_probe()
+                continue
+            provider = cfg.providers[dep.provider]
+            adapter = get_adapter(provider.type)
+            t0 = time.perf_counter()
+            upstream = adapter.stream(
+                r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
+                r._timeouts(cfg, self._remaining(), ticket == "probe"),
+            )
+            lease.secret = ""
+            try:
+                first = await upstream.__anext__()
+            except StopAsyncIteration:
+                first = None
+                err: ProviderError | None = ProviderError(
+                    ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
+            except ProviderError as exc:
+                first, err = None, exc
+            except asyncio.CancelledError:
+                r._release(lease.hold.reservation_id, "cancelled")
+                await _aclose(upstream)
+                if ticket == "probe":
+                    r.breakers[dep.name].release_probe()
+                raise
+            else:
+                err = None
+            if err is not None:
+                await _aclose(upstream)
+                r._release(lease.hold.reservation_id, err.kind.value)
+                self.verdict = err
+                self._failed(dep, ticket, err, t0)
+                continue
+            # Committed to this deployment: from here on, no fallback.
+            ttft = time.perf_counter() - t0
+            r.breakers[dep.name].record_success(ttft)
+            r.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
+            r.metrics.attempts.labels(dep.name, "success").inc()
+            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
+            async for msg in self._relay(dep, lease.hold, upstream, first, t0):
+                yield msg
+            return
+        raise self._final_error()
+
+    async def _relay(
+        self, dep: Deployment, hold: ledger_pb2.ReserveResponse, upstream: AsyncIterator[Any], first: Any,
+        t0: float,
+    ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        r = self.r
+        text_parts: list[str] = []
+        calls: dict[int, list[str]] = {}
+        usage: Usage | None = None
+        finish = FinishReason.OTHER
+        outcome = ledger_pb2.CALL_OUTCOME_CANCELLED
+        served = router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model)
+        try:
+            yield router_pb2.GenerateStreamResponse(
+                start=router_pb2.StreamStart(request_id=self.rid, served_by=served))
+            event = first
+            while True:
+                if isinstance(event, TextDelta):
+                    text_parts.append(event.text)
+                    yield router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=event.text))
+                elif isinstance(event, ToolCallDelta):
+                    slot = calls.setdefault(event.index, [event.id, event.name, ""])
+                    if event.id:
+                        slot[0] = event.id
+                    if event.name:
+                        slot[1] = event.name
+                    slot[2] += event.arguments_fragment
+                    yield router_pb2.GenerateStreamResponse(tool_call_delta=router_pb2.ToolCallDelta(
+                        index=event.index, id=event.id, name=event.name,
+                        arguments_fragment=event.arguments_fragment))
+                elif isinstance(event, StreamEnd):
+                    usage, finish = event.usage, event.finish_reason
+                try:
+                    event = await upstream.__anext__()
+                except StopAsyncIteration:
+                    break
+            outcome = ledger_pb2.CALL_OUTCOME_SUCCESS
+        except ProviderError as err:
+            outcome = ledger_pb2.CALL_OUTCOME_PROVIDER_ERROR
+            raise E.Unavailable("UPSTREAM_STREAM_BROKEN", f"the provider's stream broke ({err.kind.value})",
+                                {"deployment": dep.name}) from None
+        finally:
+            await _aclose(upstream)
+            elapsed = time.perf_counter() - t0
+            if usage is None or outcome != ledger_pb2.CALL_OUTCOME_SUCCESS:
+                # No final usage (hang-up, broken stream): count what was consumed; never less than seen.
+                counted = Usage(
+                    input_tokens=self.prep.prompt_tokens_upper_bound if usage is None else usage.input_tokens,
+                    output_tokens=max(estimate_tokens("".join(text_parts))
+                                      + sum(estimate_tokens(c[2]) for c in calls.values()),
+                                      usage.output_tokens if usage else 0),
+                    cached_input_tokens=0 if usage is None else usage.cached_input_tokens,
+                    reported=False,
+                )
+                usage = counted
+            r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
+            r._settle(self.rid, hold, dep, usage, elapsed, outcome)
+        cost = await r._cost(hold, dep, usage)
+        r._account(dep, self.ident, usage, cost)
+        tool_calls = [ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
+        yield router_pb2.GenerateStreamResponse(
+            final=self._response(dep, "".join(text_parts), tool_calls, finish, usage, cost))
+
+
+async def _aclose(gen: Any) -> None:
+    with contextlib.suppress(Exception):
+        await gen.aclose()
