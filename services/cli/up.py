@@ -1,0 +1,314 @@
+"""``igw up``: the whole gateway on one machine, as separate processes.
+
+Starts (in order) an embedded Postgres when no ``IGW_DATABASE_URL`` is given (the vault
+and the ledger get separate databases), the ledger, the keyvault, the fake providers and
+their keys (demo mode), and the router; waits until all are healthy; writes
+``<state>/endpoints.json``; prints how to call it; stops everything on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.pki import init_dev_pki
+from services.common.procs import ServiceProcess, start_service, tls_env
+
+FIXED_PORTS = {
+    "ledger": (50053, 50063, 9103),
+    "keyvault": (50052, 50062, 9102),
+    "router": (50051, 50061, 9101),
+}
+FAKE_PORTS = {"fake-openai": 18081, "fake-anthropic": 18082, "fake-gemini": 18083, "fake-flaky": 18084}
+FAKE_KINDS = {"fake-openai": "openai", "fake-anthropic": "anthropic", "fake-gemini": "gemini", "fake-flaky": "openai"}
+FAKE_BASE = {"openai": "/v1", "anthropic": "", "gemini": ""}
+
+
+def demo_config(fake_ports: dict[str, int]) -> str:
+    """The demo routing config: the built-in fakes, plus the real providers for `igw keys import-env`."""
+
+    def url(name: str) -> str:
+        return f"http://127.0.0.1:{fake_ports[name]}{FAKE_BASE[FAKE_KINDS[name]]}"
+
+    return f"""# igw demo routing config (written by `igw up --demo`). Keep yours in version control.
+version: 1
+providers:
+  fake-openai: {{type: openai, base_url: "{url('fake-openai')}", local: true}}
+  fake-anthropic: {{type: anthropic, base_url: "{url('fake-anthropic')}", local: true}}
+  fake-gemini: {{type: gemini, base_url: "{url('fake-gemini')}", local: true}}
+  fake-flaky: {{type: openai, base_url: "{url('fake-flaky')}", local: true}}
+  openai: {{type: openai, base_url: "https://api.openai.com/v1"}}
+  anthropic: {{type: anthropic, base_url: "https://api.anthropic.com"}}
+  gemini: {{type: gemini, base_url: "https://generativelanguage.googleapis.com"}}
+deployments:
+  fake-openai-small: {{provider: fake-openai, model: fake-small, price: fake-small, supports_images: true}}
+  fake-anthropic-large: {{provider: fake-anthropic, model: fake-large, price: fake-large, context_window: 200000}}
+  fake-gemini-small: {{provider: fake-gemini, model: fake-small, price: fake-small}}
+  fake-flaky-small: {{provider: fake-flaky, model: fake-small, price: fake-small}}
+  gpt-4o-mini: {{provider: openai, model: gpt-4o-mini, price: gpt-4o-mini, supports_images: true}}
+  claude-haiku-4-5: {{provider: anthropic, model: claude-haiku-4-5, price: claude-haiku-4-5, context_window: 200000}}
+  gemini-2.5-flash: {{provider: gemini, model: gemini-2.5-flash, price: gemini-2.5-flash, context_window: 1000000}}
+models:
+  fast:
+    description: "Demo: the fake OpenAI-style provider, falling back to the fake Gemini"
+    strategy: priority
+    candidates: [fake-openai-small, fake-gemini-small]
+  smart:
+    description: "Demo: the fake Anthropic-style provider"
+    candidates: [fake-anthropic-large, fake-openai-small]
+  cheapest:
+    description: "Demo: whichever fake is cheapest"
+    strategy: cheapest
+    candidates: [fake-anthropic-large, fake-gemini-small]
+  flaky:
+    description: "Demo: a primary that always answers 429, so every call falls back"
+    candidates: [fake-flaky-small, fake-anthropic-large]
+  gpt:
+    description: "Real OpenAI (after `igw keys import-env`)"
+    candidates: [gpt-4o-mini]
+  claude:
+    description: "Real Anthropic (after `igw keys import-env`)"
+    candidates: [claude-haiku-4-5]
+  gemini:
+    description: "Real Gemini (after `igw keys import-env`)"
+    candidates: [gemini-2.5-flash]
+retries: {{max_attempts: 3, backoff_initial_ms: 50, backoff_max_ms: 1000, retry_after_cap_ms: 2000}}
+timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 120000}}
+breaker: {{failure_threshold: 5, cooldown_ms: 10000, probe_timeout_ms: 5000}}
+limits: {{max_in_flight: 1024}}
+"""
+
+
+def _master_key(state: Path) -> Path:
+    path = state / "vault-master.key"
+    if not path.exists():
+        path.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        path.chmod(0o600)
+    return path
+
+
+def _demo_secrets(state: Path) -> dict[str, str]:
+    path = state / "demo-secrets.json"
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    values = {name: "sk-demo-" + secrets.token_hex(16) for name in FAKE_KINDS}
+    path.write_text(json.dumps(values))
+    path.chmod(0o600)
+    return values
+
+
+def _start_fake(name: str, port: int, secret: str, state: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port_file = state / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "services.fakes", "--kind", FAKE_KINDS[name], "--port", str(port),
+            "--api-key", secret, "--port-file", str(port_file)]
+    if name == "fake-flaky":
+        args += ["--fault", json.dumps({"status": 429, "retry_after": 1})]
+    log = open(state / f"{name}.log", "ab")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "IGW_SECRET": ""})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited: see {state / (name + '.log')}")
+        if port_file.exists() and port_file.read_text().strip():
+            return proc, int(port_file.read_text().strip())
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{name} did not start")
+
+
+def _wait_healthy(proc: ServiceProcess, timeout: float = 30) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{proc.probe_port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited:\n{proc.log_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{proc.name} did not become SERVING:\n{proc.log_text()[-3000:]}")
+
+
+def _operator_channel(pki: Path, addr: str) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        (pki / "ca.pem").read_bytes(), (pki / "operator-admin-key.pem").read_bytes(),
+        (pki / "operator-admin.pem").read_bytes(),
+    )
+    return grpc.secure_channel(addr, creds, options=(("grpc.ssl_target_name_override", "localhost"),))
+
+
+def _ensure_demo_keys(ch: grpc.Channel, fake_urls: dict[str, str], demo_secrets: dict[str, str]) -> None:
+    stub = keyvault_pb2_grpc.KeyVaultAdminServiceStub(ch)
+    existing = {k.name: k for k in stub.ListProviderKeys(keyvault_pb2.ListProviderKeysRequest(page_size=1000),
+                                                         timeout=10).keys}
+    for name, url in fake_urls.items():
+        key_name = f"demo-{name}-{url.rsplit(':', 1)[1].split('/')[0]}"
+        if key_name in existing:
+            continue
+        stub.CreateProviderKey(
+            keyvault_pb2.CreateProviderKeyRequest(
+                request_id=f"igw-up-{key_name}", name=key_name, provider=name, secret=demo_secrets[name],
+                base_url=url, all_teams=True, labels={"demo": "true"},
+            ),
+            timeout=10,
+        )
+
+
+def _ensure_demo_budget(ch: grpc.Channel) -> None:
+    stub = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
+    stub.SetBudget(
+        ledger_pb2.SetBudgetRequest(team="demo", window=ledger_pb2.BUDGET_WINDOW_DAILY, limit_nanos=5_000_000_000,
+                                    soft_limit_nanos=4_000_000_000),
+        timeout=10,
+    )
+
+
+def run_up(args: argparse.Namespace) -> int:
+    """Brings the gateway up and blocks until Ctrl-C/SIGTERM. Returns the exit code."""
+    state = Path(args.state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    auto = getattr(args, "ports", "fixed") == "auto"
+    demo = getattr(args, "demo", True)
+    pki = state / "pki"
+    init_dev_pki(pki)
+    stoppers: list[Callable[[], Any]] = []
+    stopping = {"flag": False}
+
+    def _stop(*_: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        base_url = os.environ.get("IGW_DATABASE_URL", "")
+        if base_url:
+            ledger_url = os.environ.get("IGW_LEDGER_DATABASE_URL", base_url)
+            vault_url = os.environ.get("IGW_KEYVAULT_DATABASE_URL", base_url)
+        else:
+            from services.common.pg import EmbeddedPostgres
+
+            pg = EmbeddedPostgres(state / "pg", stop_at_exit=False)
+            pg.start()
+            stoppers.append(pg.stop)
+            pg.create_database("igw_ledger")
+            pg.create_database("igw_keyvault")
+            ledger_url, vault_url = pg.url("igw_ledger"), pg.url("igw_keyvault")
+
+        def ports(name: str) -> dict[str, str]:
+            g, p, m = (0, 0, 0) if auto else FIXED_PORTS[name]
+            return {"IGW_LISTEN": f"127.0.0.1:{g}", "IGW_PROBE_LISTEN": f"127.0.0.1:{p}",
+                    "IGW_METRICS_LISTEN": f"127.0.0.1:{m}", "IGW_LOG_FORMAT": "json"}
+
+        procs: dict[str, ServiceProcess] = {}
+        ledger = start_service("ledger", {**ports("ledger"), **tls_env(pki, "ledger"),
+                                          "IGW_DATABASE_URL": ledger_url}, state)
+        procs["ledger"] = ledger
+        stoppers.append(ledger.terminate)
+        vault = start_service("keyvault", {**ports("keyvault"), **tls_env(pki, "keyvault"),
+                                           "IGW_DATABASE_URL": vault_url,
+                                           "IGW_VAULT_MASTER_KEY_FILE": str(_master_key(state))}, state)
+        procs["keyvault"] = vault
+        stoppers.append(vault.terminate)
+        _wait_healthy(ledger)
+        _wait_healthy(vault)
+
+        fake_ports: dict[str, int] = {}
+        if demo:
+            demo_secrets = _demo_secrets(state)
+            for name in FAKE_KINDS:
+                proc, port = _start_fake(name, 0 if auto else FAKE_PORTS[name], demo_secrets[name], state)
+                fake_ports[name] = port
+                stoppers.append(lambda p=proc: (p.terminate(), p.wait(5)))
+            config_path = Path(args.config) if getattr(args, "config", None) else state / "router.yaml"
+            if not getattr(args, "config", None):
+                config_path.write_text(demo_config(fake_ports))
+            fake_urls = {n: f"http://127.0.0.1:{p}{FAKE_BASE[FAKE_KINDS[n]]}" for n, p in fake_ports.items()}
+            with _operator_channel(pki, ledger.address) as ch:
+                _ensure_demo_budget(ch)
+            with _operator_channel(pki, vault.address) as ch:
+                _ensure_demo_keys(ch, fake_urls, demo_secrets)
+        else:
+            if not getattr(args, "config", None):
+                print("igw up --no-demo needs --config PATH (a routing config)", file=sys.stderr)
+                return 2
+            config_path = Path(args.config)
+        router = start_service("router", {**ports("router"), **tls_env(pki, "router"),
+                                          "IGW_ROUTER_CONFIG": str(config_path),
+                                          "IGW_LEDGER_ADDR": ledger.address,
+                                          "IGW_KEYVAULT_ADDR": vault.address}, state)
+        procs["router"] = router
+        stoppers.append(router.terminate)
+        _wait_healthy(router)
+
+        endpoints = {
+            "router": router.address, "keyvault": vault.address, "ledger": ledger.address,
+            "probes": {n: f"127.0.0.1:{p.probe_port}" for n, p in procs.items()},
+            "metrics": {n: f"http://127.0.0.1:{p.metrics_port}/metrics" for n, p in procs.items()},
+            "pids": {n: p.proc.pid for n, p in procs.items()},
+            "fakes": {n: f"http://127.0.0.1:{p}" for n, p in fake_ports.items()},
+            "ca": str(pki / "ca.pem"),
+            "operator_cert": str(pki / "operator-admin.pem"), "operator_key": str(pki / "operator-admin-key.pem"),
+            "agent_cert": str(pki / "agent-demo-quickstart.pem"),
+            "agent_key": str(pki / "agent-demo-quickstart-key.pem"),
+            "router_config": str(config_path), "state_dir": str(state),
+        }
+        (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+        print(f"""igw is up.
+  router    {router.address}   (probe {endpoints['probes']['router']}, metrics {endpoints['metrics']['router']})
+  keyvault  {vault.address}   ledger {ledger.address}
+  endpoints {state / 'endpoints.json'}
+
+Try, in another terminal:
+  .venv/bin/igw chat --model fast "Hello, gateway"
+  .venv/bin/igw chat --model flaky "Show me a fallback"
+  .venv/bin/igw spend --by team,model
+Ctrl-C stops everything.""", flush=True)
+        while not stopping["flag"]:
+            for p in procs.values():
+                if p.proc.poll() is not None:
+                    print(f"{p.name} exited with {p.proc.returncode}; stopping", file=sys.stderr)
+                    stopping["flag"] = True
+            time.sleep(0.2)
+        return 0
+    finally:
+        for stop in reversed(stoppers):
+            try:
+                stop()
+            except Exception as err:
+                print(f"while stopping: {err}", file=sys.stderr)
+        (state / "endpoints.json").unlink(missing_ok=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `igw up`."""
+    p.add_argument("--state-dir", default=".igw", help="where certificates, data and logs live")
+    p.add_argument("--demo", dest="demo", action="store_true", default=True, help="start the fake providers (default)")
+    p.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
+    p.add_argument("--ports", choices=["fixed", "auto"], default="fixed", help="fixed well-known ports or any free")
+    p.add_argument("--config", default=None, help="routing config (YAML); default: the demo config")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="igw up")
+    add_arguments(parser)
+    sys.exit(run_up(parser.parse_args()))
