@@ -1,0 +1,472 @@
+"""The router end to end: three real services, fake providers as real HTTP servers.
+
+A second router process runs here with a test routing config (short timeouts, a low
+breaker threshold, a dead provider, a canary-keyed provider) next to the gateway's own.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from igw.router.v1 import router_pb2, router_pb2_grpc
+from services.common import pki as pki_mod
+from services.common.errors import error_info_from_rpc_error
+from services.common.procs import ServiceProcess, ServiceStartError, start_service, tls_env
+from services.fakes.server import FakeProcess
+from tests.e2e.conftest import Gateway, mtls_channel
+
+CANARY = f"sk-CANARY-{uuid.uuid4()}"
+
+
+def _fake(root: str, method: str, path: str, body: Any = None) -> Any:
+    resp = httpx.request(method, root + path, json=body, timeout=10)
+    resp.raise_for_status()
+    return resp.json() if resp.content else None
+
+
+def _user(text: str) -> router_pb2.Message:
+    m = router_pb2.Message(role=router_pb2.ROLE_USER)
+    m.parts.add(text=text)
+    return m
+
+
+def _req(model: str, text: str = "hello there gateway", **kw: Any) -> router_pb2.GenerateRequest:
+    return router_pb2.GenerateRequest(model=model, messages=[_user(text)], max_output_tokens=64, **kw)
+
+
+class Rig:
+    """The second router and the handles a test needs."""
+
+    def __init__(self, gw: Gateway, router: ServiceProcess, fakes: dict[str, str], config: Path,
+                 canary: FakeProcess, evil: FakeProcess) -> None:
+        self.gw, self.router, self.fakes, self.config = gw, router, fakes, config
+        self.canary, self.evil = canary, evil
+        self.agent_ch = mtls_channel(router.address, gw.pki, "agent-demo-quickstart")
+        self.stub = router_pb2_grpc.RouterServiceStub(self.agent_ch)
+        self.op_ch = mtls_channel(router.address, gw.pki, "operator-admin")
+        self.admin = router_pb2_grpc.RouterAdminServiceStub(self.op_ch)
+        self.ledger_op = ledger_pb2_grpc.LedgerAdminServiceStub(gw.channel("ledger"))
+
+    def entries(self, request_id: str) -> list[ledger_pb2.SpendEntry]:
+        resp = self.ledger_op.ListSpendEntries(ledger_pb2.ListSpendEntriesRequest(page_size=1000), timeout=10)
+        return [e for e in resp.entries if e.request_id == request_id]
+
+    def wait_entry(self, request_id: str, timeout: float = 10) -> ledger_pb2.SpendEntry:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.entries(request_id)
+            if found:
+                assert len(found) == 1
+                return found[0]
+            time.sleep(0.1)
+        raise AssertionError(f"no spend entry for {request_id}")
+
+    def requests_seen(self, fake: str) -> int:
+        return int(_fake(self.fakes[fake], "GET", "/_fake/stats").get("requests", 0))
+
+
+def _config(fakes: dict[str, str], canary_url: str) -> str:
+    return f"""
+providers:
+  fake-openai: {{type: openai, base_url: "{fakes['fake-openai']}/v1", local: true}}
+  fake-anthropic: {{type: anthropic, base_url: "{fakes['fake-anthropic']}", local: true}}
+  fake-gemini: {{type: gemini, base_url: "{fakes['fake-gemini']}", local: true}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:9/v1", local: true}}
+  canary: {{type: openai, base_url: "{canary_url}", local: true}}
+deployments:
+  oa: {{provider: fake-openai, model: fake-small, price: fake-small}}
+  oa-solo: {{provider: fake-openai, model: fake-solo, price: fake-small}}
+  an: {{provider: fake-anthropic, model: fake-large, price: fake-large, context_window: 200000}}
+  an-small-window: {{provider: fake-anthropic, model: fake-ctx, price: fake-large, context_window: 1000}}
+  ge: {{provider: fake-gemini, model: fake-small, price: fake-small}}
+  ge-big: {{provider: fake-gemini, model: fake-big, price: fake-small, context_window: 2000000}}
+  dead-dep: {{provider: dead, model: fake-small, price: fake-small}}
+  br: {{provider: fake-gemini, model: fake-breaker, price: fake-small}}
+  can: {{provider: canary, model: fake-small, price: fake-small}}
+models:
+  openai-first: {{candidates: [oa, ge]}}
+  anthropic-first: {{candidates: [an, oa]}}
+  gemini-first: {{candidates: [ge, oa]}}
+  dead-first: {{candidates: [dead-dep, oa]}}
+  solo: {{candidates: [oa-solo]}}
+  ctx: {{candidates: [an-small-window, oa, ge-big]}}
+  breaker: {{candidates: [br]}}
+  canary: {{candidates: [can, oa]}}
+  canary-solo: {{candidates: [can]}}
+  other-team-only: {{candidates: [oa], teams: [someone-else]}}
+retries: {{max_attempts: 3, backoff_initial_ms: 20, backoff_max_ms: 100, retry_after_cap_ms: 2000}}
+timeouts: {{connect_ms: 500, first_byte_ms: 1500, idle_ms: 1000, total_ms: 5000}}
+breaker: {{failure_threshold: 3, cooldown_ms: 1500, probe_timeout_ms: 1000}}
+"""
+
+
+@pytest.fixture(scope="module")
+def rig(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    tmp = tmp_path_factory.mktemp("rig")
+    fakes = {k: str(v) for k, v in gateway.endpoints["fakes"].items()}
+    demo = json.loads((gateway.state_dir / "demo-secrets.json").read_text())
+    canary = FakeProcess.start("openai", api_key=CANARY)
+    evil = FakeProcess.start("openai")
+    vault = keyvault_pb2_grpc.KeyVaultAdminServiceStub(gateway.channel("keyvault"))
+    for provider, url, secret in (("dead", "http://127.0.0.1:9/v1", "sk-dead-key-0000"),
+                                  ("canary", canary.base_url, CANARY)):
+        vault.CreateProviderKey(keyvault_pb2.CreateProviderKeyRequest(
+            request_id=uuid.uuid4().hex, name=f"rig-{provider}", provider=provider, secret=secret,
+            base_url=url, all_teams=True), timeout=10)
+    assert demo  # the gateway's demo keys serve fake-openai / fake-anthropic / fake-gemini
+    config = tmp / "router.yaml"
+    config.write_text(_config(fakes, canary.base_url))
+    env = {**tls_env(gateway.pki, "router"), "IGW_ROUTER_CONFIG": str(config),
+           "IGW_LEDGER_ADDR": gateway.addr("ledger"), "IGW_KEYVAULT_ADDR": gateway.addr("keyvault"),
+           "IGW_LOG_LEVEL": "DEBUG"}
+    router = start_service("router", env, tmp)
+    r = Rig(gateway, router, fakes, config, canary, evil)
+    try:
+        yield r
+    finally:
+        router.terminate()
+        canary.stop()
+        evil.stop()
+
+
+@pytest.fixture(autouse=True)
+def _clean_faults(rig: Rig) -> Iterator[None]:
+    yield
+    for root in [*rig.fakes.values(), rig.canary.root_url]:
+        _fake(root, "DELETE", "/_fake/faults")
+
+
+@pytest.mark.parametrize(("alias", "deployment", "provider"), [
+    ("openai-first", "oa", "fake-openai"), ("anthropic-first", "an", "fake-anthropic"),
+    ("gemini-first", "ge", "fake-gemini"),
+])
+def test_each_provider_answers_unary_and_streaming_with_usage_and_exact_cost(
+    rig: Rig, alias: str, deployment: str, provider: str
+) -> None:
+    resp = rig.stub.Generate(_req(alias, "say hello to the gateway please"), timeout=15)
+    assert resp.text == "echo: say hello to the gateway please"
+    assert resp.served_by.deployment == deployment and resp.served_by.provider == provider
+    assert resp.finish_reason == router_pb2.FINISH_REASON_STOP
+    assert resp.usage.output_tokens == len(resp.text.split()) and resp.usage.input_tokens > 0
+    entry = rig.wait_entry(resp.request_id)
+    assert entry.cost_nanos == resp.cost_nanos > 0
+    assert entry.usage.input_tokens == resp.usage.input_tokens
+    assert entry.provider == provider
+
+    msgs = list(rig.stub.GenerateStream(_req(alias, "stream this text back"), timeout=15))
+    assert msgs[0].WhichOneof("event") == "start" and msgs[-1].WhichOneof("event") == "final"
+    text = "".join(m.text_delta.text for m in msgs if m.WhichOneof("event") == "text_delta")
+    final = msgs[-1].final
+    assert text == final.text == "echo: stream this text back"
+    assert final.usage.output_tokens == len(text.split()) and not final.usage.estimated
+    assert rig.wait_entry(final.request_id).cost_nanos == final.cost_nanos > 0
+
+
+@pytest.mark.parametrize("alias", ["openai-first", "anthropic-first", "gemini-first"])
+def test_tool_calls_come_back_unary_and_streamed(rig: Rig, alias: str) -> None:
+    tool = router_pb2.ToolDefinition(name="get_weather", description="weather by city",
+                                     parameters_json_schema='{"type":"object","properties":{"city":{"type":"string"}}}')
+    resp = rig.stub.Generate(_req(alias, "what is the weather in Paris", tools=[tool]), timeout=15)
+    assert resp.finish_reason == router_pb2.FINISH_REASON_TOOL_CALLS
+    assert [(c.name, json.loads(c.arguments_json)) for c in resp.tool_calls] == [("get_weather", {"city": "Paris"})]
+    msgs = list(rig.stub.GenerateStream(_req(alias, "what is the weather in Paris", tools=[tool]), timeout=15))
+    deltas = [m.tool_call_delta for m in msgs if m.WhichOneof("event") == "tool_call_delta"]
+    assert len(deltas) >= 2
+    assert json.loads("".join(d.arguments_fragment for d in deltas)) == {"city": "Paris"}
+    final = msgs[-1].final
+    assert final.tool_calls[0].name == "get_weather" and json.loads(final.tool_calls[0].arguments_json) == {
+        "city": "Paris"}
+
+
+@pytest.mark.parametrize(("fault", "outcome"), [
+    ({"status": 429, "retry_after": 0}, router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED),
+    ({"status": 500}, router_pb2.ATTEMPT_OUTCOME_SERVER_ERROR),
+    ({"status": 503}, router_pb2.ATTEMPT_OUTCOME_OVERLOADED),
+    ({"mode": "hang"}, router_pb2.ATTEMPT_OUTCOME_TIMEOUT),
+    ({"mode": "malformed_json"}, router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR),
+])
+def test_retryable_failures_fall_back_to_the_next_deployment(rig: Rig, fault: dict[str, Any], outcome: int) -> None:
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults", [{**fault, "match_model": "fake-small", "times": 1}])
+    resp = rig.stub.Generate(_req("openai-first"), timeout=15)
+    assert resp.served_by.deployment == "ge"
+    assert [a.outcome for a in resp.attempts] == [outcome, router_pb2.ATTEMPT_OUTCOME_SUCCESS]
+
+
+def test_anthropic_overloaded_529_falls_back(rig: Rig) -> None:
+    _fake(rig.fakes["fake-anthropic"], "POST", "/_fake/faults", [{"status": 529, "times": 1}])
+    resp = rig.stub.Generate(_req("anthropic-first"), timeout=15)
+    assert resp.served_by.deployment == "oa"
+    assert resp.attempts[0].outcome == router_pb2.ATTEMPT_OUTCOME_OVERLOADED and resp.attempts[0].http_status == 529
+
+
+def test_connection_refused_falls_back(rig: Rig) -> None:
+    resp = rig.stub.Generate(_req("dead-first"), timeout=15)
+    assert resp.served_by.deployment == "oa"
+    assert resp.attempts[0].outcome == router_pb2.ATTEMPT_OUTCOME_CONNECT_ERROR
+
+
+@pytest.mark.parametrize(("fault", "code", "reason"), [
+    ({"status": 400}, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_BAD_REQUEST"),
+    ({"status": 400, "error_type": "content_policy_violation"}, grpc.StatusCode.FAILED_PRECONDITION,
+     "CONTENT_REFUSED"),
+])
+def test_bad_request_and_content_refusal_do_not_fall_back(
+    rig: Rig, fault: dict[str, Any], code: grpc.StatusCode, reason: str
+) -> None:
+    before = rig.requests_seen("fake-gemini")
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults", [{**fault, "match_model": "fake-small", "times": 1}])
+    with pytest.raises(grpc.RpcError) as exc:
+        rig.stub.Generate(_req("openai-first"), timeout=15)
+    assert exc.value.code() == code
+    assert error_info_from_rpc_error(exc.value).reason == reason
+    assert rig.requests_seen("fake-gemini") == before
+
+
+def test_context_too_long_falls_back_only_to_a_larger_window(rig: Rig) -> None:
+    _fake(rig.fakes["fake-anthropic"], "POST", "/_fake/faults",
+          [{"status": 400, "match_model": "fake-ctx", "error_type": "invalid_request_error",
+            "message": "prompt is too long: 5000 tokens > 1000 maximum", "times": 1}])
+    resp = rig.stub.Generate(_req("ctx"), timeout=15)
+    # oa has the default 128k window (> 1000) so it is allowed; ge-big too. oa comes first.
+    assert resp.attempts[0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG
+    assert resp.served_by.deployment in ("oa", "ge-big")
+
+
+def test_retry_after_is_honoured_before_retrying_the_same_deployment(rig: Rig) -> None:
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults",
+          [{"status": 429, "retry_after": 1, "match_model": "fake-solo", "times": 1}])
+    t0 = time.monotonic()
+    resp = rig.stub.Generate(_req("solo"), timeout=15)
+    elapsed = time.monotonic() - t0
+    assert [a.outcome for a in resp.attempts] == [router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED,
+                                                  router_pb2.ATTEMPT_OUTCOME_SUCCESS]
+    assert resp.attempts[0].retry_after.seconds == 1
+    assert 1.0 <= elapsed < 2.5
+
+
+def test_breaker_opens_after_the_threshold_half_opens_after_cooldown_and_recovers(rig: Rig) -> None:
+    ge = rig.fakes["fake-gemini"]
+    _fake(ge, "POST", "/_fake/faults", [{"status": 500, "match_model": "fake-breaker"}])
+    for _ in range(1):  # max_attempts=3 against one deployment: three failures trip it (threshold 3)
+        with pytest.raises(grpc.RpcError):
+            rig.stub.Generate(_req("breaker"), timeout=15)
+    deps = {d.name: d for d in rig.admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
+    assert deps["br"].breaker_state == router_pb2.BREAKER_STATE_OPEN
+    seen = rig.requests_seen("fake-gemini")
+    with pytest.raises(grpc.RpcError) as exc:
+        rig.stub.Generate(_req("breaker"), timeout=15)
+    assert error_info_from_rpc_error(exc.value).reason == "ALL_BREAKERS_OPEN"
+    assert rig.requests_seen("fake-gemini") == seen  # skipped without calling upstream
+    # The probe after the cooldown hangs; it must not wedge the breaker.
+    _fake(ge, "POST", "/_fake/faults", [{"mode": "hang", "match_model": "fake-breaker"}])
+    time.sleep(1.6)
+    with pytest.raises(grpc.RpcError):
+        rig.stub.Generate(_req("breaker"), timeout=15)
+    _fake(ge, "DELETE", "/_fake/faults")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            resp = rig.stub.Generate(_req("breaker"), timeout=15)
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "breaker never recovered"
+            time.sleep(0.3)
+    assert resp.served_by.deployment == "br"
+    deps = {d.name: d for d in rig.admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
+    assert deps["br"].breaker_state == router_pb2.BREAKER_STATE_CLOSED
+
+
+def test_exhausted_budget_refuses_with_remaining_and_makes_no_upstream_call(rig: Rig) -> None:
+    team = f"broke{uuid.uuid4().hex[:6]}"
+    pki_mod.issue_to_dir(rig.gw.pki, "agent", team, "a1")
+    rig.ledger_op.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                                                        limit_nanos=10), timeout=10)
+    before = rig.requests_seen("fake-openai")
+    with mtls_channel(rig.router.address, rig.gw.pki, f"agent-{team}-a1") as ch:
+        with pytest.raises(grpc.RpcError) as exc:
+            router_pb2_grpc.RouterServiceStub(ch).Generate(_req("openai-first"), timeout=15)
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info_from_rpc_error(exc.value)
+    assert info.reason == "BUDGET_EXCEEDED" and "remaining_nanos" in info.metadata
+    assert rig.requests_seen("fake-openai") == before
+
+
+def test_an_alias_of_another_team_is_refused(rig: Rig) -> None:
+    with pytest.raises(grpc.RpcError) as exc:
+        rig.stub.Generate(_req("other-team-only"), timeout=15)
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_agent_cancel_mid_stream_cancels_upstream_and_settles_once(rig: Rig) -> None:
+    oa = rig.fakes["fake-openai"]
+    _fake(oa, "POST", "/_fake/faults", [{"mode": "slow_drip", "interval_ms": 300, "match_model": "fake-small"}])
+    cancelled_before = _fake(oa, "GET", "/_fake/stats").get("cancelled_streams", 0)
+    rid = uuid.uuid4().hex
+    call = rig.stub.GenerateStream(_req("openai-first", "one two three four five six seven eight", request_id=rid),
+                                   timeout=30)
+    got = []
+    for msg in call:
+        got.append(msg)
+        if len(got) >= 3:
+            break
+    call.cancel()
+    deadline = time.monotonic() + 1.5
+    while _fake(oa, "GET", "/_fake/stats").get("cancelled_streams", 0) == cancelled_before:
+        assert time.monotonic() < deadline, "upstream stream was not cancelled within a second"
+        time.sleep(0.05)
+    entry = rig.wait_entry(rid)
+    assert entry.outcome == ledger_pb2.CALL_OUTCOME_CANCELLED and entry.usage.output_tokens > 0
+    time.sleep(0.5)
+    assert len(rig.entries(rid)) == 1
+
+
+def test_nothing_in_a_request_can_redirect_a_call(rig: Rig) -> None:
+    evil_root = rig.evil.root_url
+    _fake(evil_root, "DELETE", "/_fake/requests")
+    # 1. A base URL in metadata.
+    resp = rig.stub.Generate(_req("openai-first"), timeout=15,
+                             metadata=(("x-base-url", evil_root + "/v1"), ("host", "evil.example"),
+                                       ("x-forwarded-host", "evil.example")))
+    assert resp.served_by.deployment == "oa"
+    # 2. A base URL in an unknown field (field 99) of the request.
+    raw = _req("openai-first").SerializeToString()
+    url = (evil_root + "/v1").encode()
+    raw += bytes([0x9A, 0x06, len(url)]) + url  # field 99, wire type 2
+    call = rig.agent_ch.unary_unary("/igw.router.v1.RouterService/Generate", request_serializer=lambda b: b,
+                                    response_deserializer=router_pb2.GenerateResponse.FromString)
+    assert call(raw, timeout=15).served_by.deployment == "oa"
+    # 3. Model names with URL-significant characters.
+    for name in ("oa/../evil", "oa#frag", "user@evil.example", "oa%2Fevil", "http://evil.example/v1"):
+        with pytest.raises(grpc.RpcError) as exc:
+            rig.stub.Generate(_req(name), timeout=15)
+        assert exc.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    # 4. An upstream that answers with a redirect to the evil host.
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults",
+          [{"mode": "redirect", "location": evil_root + "/v1/chat/completions", "match_model": "fake-small",
+            "times": 1}])
+    resp = rig.stub.Generate(_req("openai-first"), timeout=15)
+    assert resp.attempts[0].outcome == router_pb2.ATTEMPT_OUTCOME_PROTOCOL_ERROR
+    assert _fake(evil_root, "GET", "/_fake/requests") == [] or _fake(evil_root, "GET", "/_fake/requests").get(
+        "requests", []) == []
+    # And no client metadata travelled upstream.
+    seen = _fake(rig.fakes["fake-openai"], "GET", "/_fake/requests")
+    reqs = seen["requests"] if isinstance(seen, dict) else seen
+    assert reqs and all("x-base-url" not in {k.lower() for k in r["headers"]} for r in reqs)
+
+
+def test_a_pinned_config_refuses_a_changed_file_and_a_broken_reload_keeps_the_old_one(
+    rig: Rig, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_bytes(rig.config.read_bytes())
+    digest = hashlib.sha256(cfg.read_bytes()).hexdigest()
+    env = {**tls_env(rig.gw.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg), "IGW_ROUTER_CONFIG_SHA256": digest,
+           "IGW_LEDGER_ADDR": rig.gw.addr("ledger"), "IGW_KEYVAULT_ADDR": rig.gw.addr("keyvault")}
+    proc = start_service("router", env, tmp_path / "a")
+    try:
+        with mtls_channel(proc.address, rig.gw.pki, "operator-admin") as ch:
+            admin = router_pb2_grpc.RouterAdminServiceStub(ch)
+            assert admin.GetConfig(router_pb2.GetConfigRequest(), timeout=5).sha256 == digest
+            cfg.write_bytes(cfg.read_bytes() + b"\n# tampered\n")
+            with pytest.raises(grpc.RpcError) as exc:
+                admin.ReloadConfig(router_pb2.ReloadConfigRequest(), timeout=5)
+            assert error_info_from_rpc_error(exc.value).reason == "CONFIG_INVALID"
+            got = admin.GetConfig(router_pb2.GetConfigRequest(), timeout=5)
+            assert got.sha256 == digest and "pinned" in got.last_reload_error
+        with mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ch:
+            assert router_pb2_grpc.RouterServiceStub(ch).Generate(_req("openai-first"), timeout=15).text
+    finally:
+        proc.terminate()
+    # A pinned digest that does not match at start: the router refuses to start.
+    with pytest.raises(ServiceStartError):
+        start_service("router", env, tmp_path / "b", timeout=20)
+    # Unpinned: a broken file on reload keeps the old config serving.
+    env.pop("IGW_ROUTER_CONFIG_SHA256")
+    cfg.write_bytes(rig.config.read_bytes())
+    proc = start_service("router", env, tmp_path / "c")
+    try:
+        cfg.write_text("providers: [this is: not valid")
+        with mtls_channel(proc.address, rig.gw.pki, "operator-admin") as ch:
+            with pytest.raises(grpc.RpcError) as exc:
+                router_pb2_grpc.RouterAdminServiceStub(ch).ReloadConfig(router_pb2.ReloadConfigRequest(), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ch:
+            assert router_pb2_grpc.RouterServiceStub(ch).Generate(_req("openai-first"), timeout=15).text
+        assert "config reload rejected" in proc.log_text()
+    finally:
+        proc.terminate()
+
+
+def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
+    forms = {CANARY, base64.b64encode(CANARY.encode()).decode(), json.dumps(CANARY)[1:-1],
+             CANARY.replace("-", "\\u002d")}
+    errors: list[str] = []
+    # Success.
+    assert rig.stub.Generate(_req("canary-solo"), timeout=15).served_by.deployment == "can"
+    list(rig.stub.GenerateStream(_req("canary-solo"), timeout=15))
+    # Fallback after a provider error that echoes the key (like OpenAI's 401 body does).
+    _fake(rig.canary.root_url, "POST", "/_fake/faults", [{"mode": "echo_key_error", "status": 401, "times": 1}])
+    resp = rig.stub.Generate(_req("canary"), timeout=15)
+    assert resp.served_by.deployment == "oa"
+    # Provider error without fallback, and a timeout.
+    for fault in ({"mode": "echo_key_error", "status": 400}, {"mode": "hang"}, {"status": 500}):
+        _fake(rig.canary.root_url, "POST", "/_fake/faults", [fault])
+        with pytest.raises(grpc.RpcError) as exc:
+            rig.stub.Generate(_req("canary-solo"), timeout=15)
+        errors.append(exc.value.details() or "")
+        errors.append(repr(exc.value.trailing_metadata()))
+    metrics = "".join(httpx.get(u, timeout=10).text for u in rig.gw.endpoints["metrics"].values())
+    metrics += httpx.get(f"http://127.0.0.1:{rig.router.metrics_port}/metrics", timeout=10).text
+    haystacks = {"errors": "\n".join(errors), "metrics": metrics, "router log": rig.router.log_text(),
+                 "gateway logs": rig.gw.all_logs()}
+    for where, text in haystacks.items():
+        for form in forms:
+            assert form not in text, f"canary found in {where}"
+    # And the canary really was used upstream (the test is not vacuous).
+    assert _fake(rig.canary.root_url, "GET", "/_fake/stats").get("requests", 0) > 0
+
+
+def test_overload_is_refused_fast_instead_of_queueing(rig: Rig, tmp_path: Path) -> None:
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(rig.config.read_text() + "limits: {max_in_flight: 2}\n")
+    env = {**tls_env(rig.gw.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg),
+           "IGW_LEDGER_ADDR": rig.gw.addr("ledger"), "IGW_KEYVAULT_ADDR": rig.gw.addr("keyvault")}
+    proc = start_service("router", env, tmp_path)
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults", [{"mode": "ok", "delay_ms": 1500, "match_model": "fake-small"}])
+    results: list[Any] = []
+    try:
+        with mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ch:
+            stub = router_pb2_grpc.RouterServiceStub(ch)
+
+            def one() -> None:
+                try:
+                    results.append(stub.Generate(_req("openai-first"), timeout=15))
+                except grpc.RpcError as err:
+                    results.append(err)
+
+            threads = [threading.Thread(target=one) for _ in range(5)]
+            t0 = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        proc.terminate()
+    refused = [r for r in results if isinstance(r, grpc.RpcError)]
+    assert len(refused) == 3 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+    assert len(results) - len(refused) == 2
+    assert time.monotonic() - t0 < 10

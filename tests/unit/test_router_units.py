@@ -1,0 +1,162 @@
+"""Router units: strict config validation, digest pinning, breaker state machine, request checks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from igw.router.v1 import router_pb2
+from services.common.errors import InvalidArgument
+from services.common.money import call_cost
+from services.router.breaker import Breaker, State
+from services.router.routing import BreakerCfg, ConfigError, Limits, load_config, parse_config
+from services.router.translate import prepare
+
+GOOD = b"""
+providers:
+  p: {type: openai, base_url: "https://api.example.com/v1"}
+  local: {type: openai_compatible, base_url: "http://127.0.0.1:8000/v1", local: true}
+deployments:
+  d1: {provider: p, model: gpt-x, price: gpt-x}
+  d2: {provider: local, model: "meta-llama/Llama-3-8B", price: llama}
+models:
+  fast: {candidates: [d1, d2], strategy: priority, teams: [demo]}
+"""
+
+
+def test_a_valid_config_loads_with_its_sha256() -> None:
+    cfg = parse_config(GOOD)
+    assert cfg.sha256 == hashlib.sha256(GOOD).hexdigest()
+    assert cfg.aliases["fast"].candidates == ("d1", "d2")
+    assert cfg.aliases["fast"].allows("demo") and not cfg.aliases["fast"].allows("other")
+
+
+@pytest.mark.parametrize(
+    ("mutation", "needle"),
+    [
+        (lambda s: s.replace(b"models:", b"surprise: 1\nmodels:"), "unknown key"),
+        (lambda s: s.replace(b"strategy: priority", b"strategy: random"), "strategy"),
+        (lambda s: s.replace(b"https://api.example.com/v1", b"http://api.example.com/v1"), "https"),
+        (lambda s: s.replace(b"http://127.0.0.1:8000/v1", b"http://10.0.0.5:8000/v1"), "loopback"),
+        (lambda s: s.replace(b"https://api.example.com/v1", b"https://user:pw@api.example.com/v1"), "credentials"),
+        (lambda s: s.replace(b"model: gpt-x", b"model: gpt-x/../admin"), "safe name"),
+        (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt#x\""), "safe name"),
+        (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt@evil\""), "safe name"),
+        (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt%2Fx\""), "safe name"),
+        (lambda s: s.replace(b"[d1, d2]", b"[d1, nope]"), "unknown deployment"),
+        (lambda s: s + b"retries: {max_attempts: 0}\n", "max_attempts"),
+        (lambda s: s.replace(b"price: gpt-x}", b"price: gpt-x, base_url: 'https://evil'}"), "unknown key"),
+    ],
+)
+def test_an_invalid_config_is_refused_with_a_reason(mutation, needle: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as exc:
+        parse_config(mutation(GOOD))
+    assert needle in str(exc.value)
+
+
+def test_a_pinned_digest_refuses_a_changed_file(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_bytes(GOOD)
+    digest = hashlib.sha256(GOOD).hexdigest()
+    assert load_config(path, digest).sha256 == digest
+    path.write_bytes(GOOD + b"\n# changed\n")
+    with pytest.raises(ConfigError, match="pinned"):
+        load_config(path, digest)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_breaker_opens_at_the_threshold_and_half_opens_after_the_cooldown() -> None:
+    clock = FakeClock()
+    b = Breaker(BreakerCfg(failure_threshold=3, cooldown_ms=10_000, probe_timeout_ms=2_000), clock=clock)
+    for _ in range(2):
+        assert b.try_acquire() is True
+        b.record_failure()
+    assert b.state() is State.CLOSED
+    b.record_failure()
+    assert b.state() is State.OPEN and b.try_acquire() is False
+    clock.now += 10
+    assert b.state() is State.HALF_OPEN
+    assert b.try_acquire() == "probe"
+    assert b.try_acquire() is False  # only one probe at a time
+    b.record_success(0.1)
+    assert b.state() is State.CLOSED and b.failures == 0
+
+
+def test_a_failed_probe_reopens_the_breaker() -> None:
+    clock = FakeClock()
+    b = Breaker(BreakerCfg(failure_threshold=1, cooldown_ms=1_000, probe_timeout_ms=500), clock=clock)
+    b.record_failure()
+    clock.now += 1
+    assert b.try_acquire() == "probe"
+    b.record_failure()
+    assert b.state() is State.OPEN
+
+
+def test_a_hanging_probe_does_not_wedge_the_breaker() -> None:
+    clock = FakeClock()
+    b = Breaker(BreakerCfg(failure_threshold=1, cooldown_ms=1_000, probe_timeout_ms=500), clock=clock)
+    b.record_failure()
+    clock.now += 1
+    assert b.try_acquire() == "probe"  # this probe never returns
+    clock.now += 0.6  # past the probe's own deadline
+    assert b.try_acquire() is False  # counted failed: re-opened
+    assert b.state() is State.OPEN
+    clock.now += 1
+    assert b.try_acquire() == "probe"  # and a new probe goes after the cooldown
+
+
+def _req(**kw: object) -> router_pb2.GenerateRequest:
+    req = router_pb2.GenerateRequest(model="fast", **kw)  # type: ignore[arg-type]
+    if not req.messages:
+        req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="hello")
+    return req
+
+
+def test_the_prompt_bound_covers_every_byte_of_text() -> None:
+    req = _req()
+    req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="é" * 100)
+    prep = prepare(req, Limits())
+    assert prep.prompt_tokens_upper_bound >= len("hello".encode()) + len(("é" * 100).encode())
+    assert prep.chat.max_output_tokens == Limits().default_output_tokens
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda: router_pb2.GenerateRequest(model="fast"), "NO_MESSAGES"),
+        (lambda: _req(max_output_tokens=10_000_000), "BAD_MAX_OUTPUT_TOKENS"),
+        (lambda: _req(temperature=3.5), "BAD_TEMPERATURE"),
+        (lambda: _req(stop=["a"] * 9), "BAD_STOP_SEQUENCES"),
+        (lambda: _req(tools=[router_pb2.ToolDefinition(name="bad name!", parameters_json_schema="{}")]), "BAD_TOOL"),
+        (lambda: _req(tools=[router_pb2.ToolDefinition(name="t", parameters_json_schema="[1]")]), "BAD_JSON"),
+        (lambda: _req(tool_choice="nope"), "BAD_TOOL_CHOICE"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_reason(build, reason: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidArgument) as exc:
+        prepare(build(), Limits())
+    assert exc.value.reason == reason
+
+
+def test_message_without_role_is_refused() -> None:
+    req = router_pb2.GenerateRequest(model="fast")
+    req.messages.add().parts.add(text="x")
+    with pytest.raises(InvalidArgument, match="role"):
+        prepare(req, Limits())
+
+
+def test_cost_rounds_every_component_up_and_uses_integers_only() -> None:
+    # 1 token at $0.10 per million = 100 nanos; 1 token at $0.15/M = 150 nanos.
+    assert call_cost(1, 0, 0, 100_000_000, 400_000_000, 0) == 100
+    assert call_cost(3, 1, 0, 1, 1, 0) == 2  # ceil(3/1e6) + ceil(1/1e6)
+    assert call_cost(10, 0, 4, 1_000_000, 0, 500_000) == 6 + 2
+    assert isinstance(call_cost(2**40, 2**40, 0, 10**12, 10**12, 0), int)
