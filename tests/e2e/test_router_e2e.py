@@ -446,7 +446,8 @@ def test_overload_is_refused_fast_instead_of_queueing(rig: Rig, tmp_path: Path) 
     env = {**tls_env(rig.gw.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg),
            "IGW_LEDGER_ADDR": rig.gw.addr("ledger"), "IGW_KEYVAULT_ADDR": rig.gw.addr("keyvault")}
     proc = start_service("router", env, tmp_path)
-    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults", [{"mode": "ok", "delay_ms": 1500, "match_model": "fake-small"}])
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults",
+          [{"mode": "ok", "delay_ms": 1500, "match_model": "fake-small"}])
     results: list[Any] = []
     try:
         with mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ch:

@@ -1,0 +1,52 @@
+"""Provider adapters: translate a provider-neutral ChatRequest to each provider's HTTP API."""
+
+from __future__ import annotations
+
+from .base import (
+    SAFE_NAME,
+    ProviderAdapter,
+    build_url,
+    check_url_name,
+    get_adapter,
+    make_http_client,
+)
+from .domain import (
+    ChatRequest,
+    ChatResponse,
+    ContentPart,
+    FinishReason,
+    Message,
+    StreamEnd,
+    StreamEvent,
+    TextDelta,
+    Timeouts,
+    ToolCall,
+    ToolCallDelta,
+    ToolDef,
+    Usage,
+)
+from .errors import ErrorKind, ProviderError
+
+__all__ = [
+    "SAFE_NAME",
+    "ChatRequest",
+    "ChatResponse",
+    "ContentPart",
+    "ErrorKind",
+    "FinishReason",
+    "Message",
+    "ProviderAdapter",
+    "ProviderError",
+    "StreamEnd",
+    "StreamEvent",
+    "TextDelta",
+    "Timeouts",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolDef",
+    "Usage",
+    "build_url",
+    "check_url_name",
+    "get_adapter",
+    "make_http_client",
+]
