@@ -38,6 +38,7 @@ from services.common.identity import Identity, IdentityError, identity_from_cont
 from services.common.logs import method_var, request_id_var
 from services.common.settings import RuntimeSettings
 from services.common.tls import SERVER_OPTIONS, server_credentials
+from services.common.tracing import server_span, setup_tracing, shutdown_tracing
 
 _LOGGER = logging.getLogger(__name__)
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -90,8 +91,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates, authorises, tags logs, maps errors and counts, before any handler runs."""
 
     def __init__(
-        self, policy: Policy, trust_domain: str, domain: str, metrics: RpcMetrics, access_log: bool
+        self, policy: Policy, trust_domain: str, domain: str, metrics: RpcMetrics, access_log: bool,
+        tracer: Any = None,
     ) -> None:
+        self._tracer = tracer
         self._policy = policy
         self._trust_domain = trust_domain
         self._domain = domain
@@ -198,7 +201,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             code, err = "OK", None
             try:
                 self._admit(method, allowed, request, context)
-                return await behavior(request, context)
+                with server_span(self._tracer, method, context.invocation_metadata()):
+                    return await behavior(request, context)
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
                 await self._fail(context, exc)
@@ -227,8 +231,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 code, err = "OK", None
                 try:
                     self._admit(method, allowed, request, context)
-                    async for item in behavior(request, context):
-                        yield item
+                    with server_span(self._tracer, method, context.invocation_metadata()):
+                        async for item in behavior(request, context):
+                            yield item
                 except E.IgwError as exc:
                     code, err = exc.code.name, exc
                     await self._fail(context, exc)
@@ -287,9 +292,10 @@ class ServiceRuntime:
         self._service_names = list(service_names)
         self._closers = list(closers)
         self._stopping = asyncio.Event()
+        self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
         self.server = grpc.aio.server(
             interceptors=[
-                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log)
+                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer)
             ],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=None,
@@ -389,6 +395,7 @@ class ServiceRuntime:
             except Exception:
                 _LOGGER.exception("error while closing")
         await self.probe_server.stop(0)
+        shutdown_tracing()
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
         _LOGGER.info("stopped")

@@ -77,6 +77,7 @@ class RuntimeSettings:
     grace_seconds: float
     ready_file: Path | None
     otlp_endpoint: str
+    trace_file: str
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> RuntimeSettings:
@@ -97,4 +98,5 @@ class RuntimeSettings:
             grace_seconds=env_float(e, "IGW_GRACE_SECONDS", 10.0),
             ready_file=Path(ready) if ready else None,
             otlp_endpoint=e.get("IGW_OTLP_ENDPOINT", ""),
+            trace_file=e.get("IGW_TRACE_FILE", ""),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -43,8 +44,11 @@ def channel_credentials(cert: Path, key: Path, ca: Path) -> grpc.ChannelCredenti
 
 
 def secure_channel(
-    target: str, cert: Path, key: Path, ca: Path, *, server_name: str = "localhost"
+    target: str, cert: Path, key: Path, ca: Path, *, server_name: str = "localhost",
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """An aio mTLS channel to another igw service (or the router, for clients)."""
     options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", server_name))
-    return grpc.aio.secure_channel(target, channel_credentials(cert, key, ca), options=options)
+    return grpc.aio.secure_channel(
+        target, channel_credentials(cert, key, ca), options=options, interceptors=list(interceptors) or None
+    )

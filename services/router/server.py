@@ -15,6 +15,7 @@ from igw.ledger.v1 import ledger_pb2_grpc
 from igw.router.v1 import router_pb2_grpc
 from services.common.server import ServiceRuntime
 from services.common.tls import secure_channel
+from services.common.tracing import client_interceptors, setup_tracing
 from services.router.authz import POLICY
 from services.router.config import Settings
 from services.router.metrics import RouterMetrics
@@ -41,8 +42,10 @@ async def build(settings: Settings) -> ServiceRuntime:
         raise ConfigRefused(3) from None
     _LOGGER.info("routing config loaded", extra={"sha256": config.sha256, "source": config.source})
     rt = settings.runtime
-    ledger_ch = secure_channel(settings.ledger_addr, rt.tls_cert, rt.tls_key, rt.tls_ca)
-    vault_ch = secure_channel(settings.keyvault_addr, rt.tls_cert, rt.tls_key, rt.tls_ca)
+    tracer = setup_tracing("router", rt.otlp_endpoint, rt.trace_file)
+    hooks = client_interceptors(tracer)
+    ledger_ch = secure_channel(settings.ledger_addr, rt.tls_cert, rt.tls_key, rt.tls_ca, interceptors=hooks)
+    vault_ch = secure_channel(settings.keyvault_addr, rt.tls_cert, rt.tls_key, rt.tls_ca, interceptors=hooks)
     backends = Backends(
         ledger=ledger_pb2_grpc.LedgerServiceStub(ledger_ch),
         ledger_admin=ledger_pb2_grpc.LedgerAdminServiceStub(ledger_ch),
@@ -72,10 +75,8 @@ async def build(settings: Settings) -> ServiceRuntime:
 
     def on_sighup() -> None:
         async def _reload() -> None:
-            try:
+            with contextlib.suppress(Exception):  # a rejected reload is logged by reload()
                 await holder.reload()
-            except Exception:
-                pass
 
         asyncio.get_running_loop().create_task(_reload())
 

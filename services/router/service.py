@@ -30,6 +30,7 @@ from services.common import errors as E
 from services.common.errors import error_info_from_rpc_error
 from services.common.identity import Identity
 from services.common.money import call_cost
+from services.common.tracing import annotate_genai
 from services.router.breaker import Breaker, State
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import estimate_tokens, get_adapter
@@ -580,8 +581,13 @@ class _Call:
             cost = await r._cost(lease.hold, dep, usage)
             r._settle(self.rid, lease.hold, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
             r._account(dep, self.ident, usage, cost)
+            self._trace(dep, usage, cost)
             return self._response(dep, resp.text, resp.tool_calls, resp.finish_reason, usage, cost)
         raise self._final_error()
+
+    def _trace(self, dep: Deployment, usage: Usage, cost: int) -> None:
+        annotate_genai(self.alias.name, dep.provider, self.cfg.providers[dep.provider].type, dep.model,
+                       usage.input_tokens, usage.output_tokens, cost, self.rid)
 
     def _response(
         self, dep: Deployment, text: str, calls: tuple[ToolCall, ...] | list[ToolCall], finish: FinishReason,
@@ -727,6 +733,7 @@ class _Call:
             r._settle(self.rid, hold, dep, usage, elapsed, outcome)
         cost = await r._cost(hold, dep, usage)
         r._account(dep, self.ident, usage, cost)
+        self._trace(dep, usage, cost)
         tool_calls = [ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
         yield router_pb2.GenerateStreamResponse(
             final=self._response(dep, "".join(text_parts), tool_calls, finish, usage, cost))

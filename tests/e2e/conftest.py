@@ -68,7 +68,7 @@ def start_gateway(state_dir: Path, pg: object, extra_env: dict[str, str] | None 
         **(extra_env or {}),
     }
     state_dir.mkdir(parents=True, exist_ok=True)
-    log = open(state_dir / "up.log", "ab")  # noqa: SIM115
+    log = open(state_dir / "up.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.up", "--state-dir", str(state_dir), "--ports", "auto"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import grpc
@@ -18,9 +18,7 @@ import pytest
 from google.protobuf import descriptor_pool, symbol_database
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from igw.keyvault.v1 import keyvault_pb2
 from igw.ledger.v1 import ledger_pb2
-from igw.router.v1 import router_pb2
 from services.common import pki as pki_mod
 from services.common.errors import error_info_from_rpc_error
 from services.common.procs import start_service, tls_env
@@ -122,9 +120,9 @@ def test_clients_without_a_valid_certificate_can_call_nothing(gateway: Gateway, 
     c, k = pki_mod.issue_cert(other_ca, other_key, "spiffe://igw.local/operator/admin")
     (bad / "otherca.pem").write_bytes(c)
     (bad / "otherca-key.pem").write_bytes(k)
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    past = datetime.now(timezone.utc) - timedelta(days=10)
+    past = datetime.now(UTC) - timedelta(days=10)
     c, k = pki_mod.issue_cert(ca_pem, ca_key, "spiffe://igw.local/operator/admin", not_before=past,
                               valid_for=timedelta(days=1))
     (bad / "expired.pem").write_bytes(c)

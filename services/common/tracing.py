@@ -1,0 +1,168 @@
+"""OpenTelemetry traces across router, keyvault and ledger. Off by default.
+
+When ``IGW_OTLP_ENDPOINT`` is set spans go to an OTLP/gRPC collector; when
+``IGW_TRACE_FILE`` is set they are appended to a JSON-lines file (for local runs and
+tests). The W3C trace context travels in gRPC metadata (``traceparent``): the router's
+client interceptor injects it, every service's guard extracts it and opens a server
+span. Spans carry names, codes, models and token counts; never prompts, completions or
+secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+_provider: TracerProvider | None = None
+
+
+class JsonFileExporter(SpanExporter):
+    """Appends one JSON object per finished span to a file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        lines = []
+        for s in spans:
+            ctx = s.get_span_context()
+            parent = s.parent
+            lines.append(json.dumps({
+                "name": s.name,
+                "service": s.resource.attributes.get("service.name"),
+                "trace_id": f"{ctx.trace_id:032x}" if ctx else "",
+                "span_id": f"{ctx.span_id:016x}" if ctx else "",
+                "parent_span_id": f"{parent.span_id:016x}" if parent else "",
+                "kind": s.kind.name,
+                "start_ns": s.start_time,
+                "end_ns": s.end_time,
+                "status": s.status.status_code.name,
+                "attributes": dict(s.attributes or {}),
+            }, default=str))
+        with self._lock, self._path.open("a") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+
+def setup_tracing(service: str, otlp_endpoint: str, trace_file: str) -> trace.Tracer | None:
+    """Configures the process's tracer provider; returns None when tracing is off."""
+    global _provider
+    if not otlp_endpoint and not trace_file:
+        return None
+    if _provider is not None:
+        return _provider.get_tracer("igw")
+    provider = TracerProvider(resource=Resource.create({"service.name": f"igw-{service}"}))
+    if trace_file:
+        provider.add_span_processor(SimpleSpanProcessor(JsonFileExporter(Path(trace_file))))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+    _provider = provider
+    return provider.get_tracer("igw")
+
+
+def shutdown_tracing() -> None:
+    """Flushes and stops the exporters."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def extract(metadata: Any) -> otel_context.Context:
+    """The remote parent context from gRPC invocation metadata."""
+    carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
+    return propagate.extract(carrier)
+
+
+class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Opens a CLIENT span per call and injects ``traceparent`` into the metadata."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else method
+        with self._tracer.start_as_current_span(name.lstrip("/"), kind=trace.SpanKind.CLIENT) as span:
+            span.set_attribute("rpc.system", "grpc")
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            metadata = list(client_call_details.metadata or ()) + list(carrier.items())
+            details = client_call_details._replace(metadata=metadata)
+            call = await continuation(details, request)
+            await call  # keep the span open until the answer (or error) arrives
+            return call
+
+
+def client_interceptors(tracer: trace.Tracer | None) -> list[Any]:
+    """Interceptors for outgoing channels (empty when tracing is off)."""
+    return [] if tracer is None else [_ClientTracing(tracer)]
+
+
+def server_span(tracer: trace.Tracer | None, method: str, metadata: Any) -> Any:
+    """A context manager: a SERVER span child of the caller's trace, or nothing when off."""
+    if tracer is None:
+        return _NULL
+    svc, _, name = method.lstrip("/").rpartition("/")
+    return _ServerSpan(tracer, method.lstrip("/"), svc, name, extract(metadata))
+
+
+class _Null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _Null()
+
+
+class _ServerSpan:
+    def __init__(self, tracer: trace.Tracer, span_name: str, svc: str, name: str, parent: Any) -> None:
+        self._cm = tracer.start_as_current_span(
+            span_name, context=parent, kind=trace.SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": svc, "rpc.method": name},
+        )
+
+    def __enter__(self) -> Any:
+        return self._cm.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._cm.__exit__(*exc)
+
+
+def annotate_genai(
+    alias: str, provider: str, provider_type: str, model: str, input_tokens: int, output_tokens: int,
+    cost_nanos: int, request_id: str,
+) -> None:
+    """GenAI semantic-convention attributes on the current span (no content, ever)."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.set_attributes({
+        "gen_ai.operation.name": "chat",
+        "gen_ai.system": provider_type,
+        "gen_ai.provider.name": provider_type,
+        "gen_ai.request.model": alias,
+        "gen_ai.response.model": model,
+        "gen_ai.usage.input_tokens": input_tokens,
+        "gen_ai.usage.output_tokens": output_tokens,
+        "igw.provider": provider,
+        "igw.cost_nanos": cost_nanos,
+        "igw.request_id": request_id,
+    })
