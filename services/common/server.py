@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -198,7 +198,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             self._in_flight.inc()
-            code, err = "OK", None
+            code, err = "OK", cast(BaseException | None, None)
             try:
                 self._admit(method, allowed, request, context)
                 with server_span(self._tracer, method, context.invocation_metadata()):
@@ -228,7 +228,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
                 start = time.perf_counter()
                 self._in_flight.inc()
-                code, err = "OK", None
+                code, err = "OK", cast(BaseException | None, None)
                 try:
                     self._admit(method, allowed, request, context)
                     with server_span(self._tracer, method, context.invocation_metadata()):

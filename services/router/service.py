@@ -246,7 +246,9 @@ class Router:
             ),
             timeout=timeout,
         )
-        hold, lease = await asyncio.gather(reserve, issue, return_exceptions=True)
+        results = await asyncio.gather(reserve, issue, return_exceptions=True)
+        hold: ledger_pb2.ReserveResponse | BaseException = results[0]
+        lease: keyvault_pb2.IssueCredentialResponse | BaseException = results[1]
         if isinstance(hold, BaseException):
             raise _ledger_error(hold, ident.team, self.metrics)
         if isinstance(lease, BaseException):
