@@ -6,17 +6,56 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from services.common.settings import RuntimeSettings
+from services.common.settings import RuntimeSettings, SettingsError, env_bool, env_float, env_int, env_str
+
+MAX_HOLD_TTL_SECONDS = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    """The ledger's own settings (no runtime/TLS), so tests can build a service directly."""
+
+    database_url: str
+    hold_ttl_seconds: int = 300
+    sweep_interval_seconds: float = 5.0
+    pool_size: int = 20
+    migrate: bool = True
+    db_timeout_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, e: Mapping[str, str]) -> LedgerSettings:
+        """Reads IGW_DATABASE_URL and IGW_LEDGER_*; validates ranges."""
+        ttl = env_int(e, "IGW_LEDGER_HOLD_TTL_SECONDS", 300)
+        if not 1 <= ttl <= MAX_HOLD_TTL_SECONDS:
+            raise SettingsError(f"IGW_LEDGER_HOLD_TTL_SECONDS must be between 1 and {MAX_HOLD_TTL_SECONDS}")
+        sweep = env_float(e, "IGW_LEDGER_SWEEP_INTERVAL_SECONDS", 5.0)
+        if not 0.05 <= sweep <= 3600:
+            raise SettingsError("IGW_LEDGER_SWEEP_INTERVAL_SECONDS must be between 0.05 and 3600")
+        pool = env_int(e, "IGW_LEDGER_POOL_SIZE", 20)
+        if not 1 <= pool <= 500:
+            raise SettingsError("IGW_LEDGER_POOL_SIZE must be between 1 and 500")
+        timeout = env_float(e, "IGW_LEDGER_DB_TIMEOUT_SECONDS", 2.0)
+        if not 0.1 <= timeout <= 60:
+            raise SettingsError("IGW_LEDGER_DB_TIMEOUT_SECONDS must be between 0.1 and 60")
+        return cls(
+            database_url=env_str(e, "IGW_DATABASE_URL"),
+            hold_ttl_seconds=ttl,
+            sweep_interval_seconds=sweep,
+            pool_size=pool,
+            migrate=env_bool(e, "IGW_LEDGER_MIGRATE", True),
+            db_timeout_seconds=timeout,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything the ledger needs, typed and frozen."""
+    """Everything the ledger process needs, typed and frozen."""
 
     runtime: RuntimeSettings
+    ledger: LedgerSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Reads the settings (os.environ by default)."""
         e = os.environ if env is None else env
-        return cls(runtime=RuntimeSettings.from_env("ledger", e))
+        return cls(runtime=RuntimeSettings.from_env("ledger", e), ledger=LedgerSettings.from_env(e))

@@ -1,25 +1,75 @@
-"""Wires the ledger service: servicers, authorisation table, runtime."""
+"""Wires the ledger service: migrations, pool, servicers, sweeper, authorisation, runtime."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import grpc
+from prometheus_client import CollectorRegistry
 
 from igw.ledger.v1 import ledger_pb2_grpc
+from services.common import db
+from services.common.server import Registrar, ServiceRuntime
 from services.ledger.authz import POLICY
-from services.ledger.config import Settings
-from services.common.server import ServiceRuntime
+from services.ledger.config import LedgerSettings, Settings
+from services.ledger.repository import Repository
+from services.ledger.service import Clock, LedgerMetrics, LedgerService, utcnow
+from services.ledger.servicer import LedgerAdminServicer, LedgerServicer
+from services.ledger.sweeper import Sweeper
+
+_LOGGER = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("igw.ledger.v1.LedgerService", "igw.ledger.v1.LedgerAdminService")
 
 
-def _register(server: grpc.aio.Server) -> None:
-    # Skeleton: every method answers UNIMPLEMENTED until the ledger issue fills it in.
-    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(ledger_pb2_grpc.LedgerServiceServicer(), server)
-    ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(ledger_pb2_grpc.LedgerAdminServiceServicer(), server)
+async def open_service(
+    settings: LedgerSettings, registry: CollectorRegistry, *, now: Clock = utcnow
+) -> LedgerService:
+    """Migrates (if enabled, under the migration advisory lock), opens the pool, seeds prices."""
+    if settings.migrate:
+        await asyncio.to_thread(db.upgrade, "ledger", settings.database_url)
+        _LOGGER.info("ledger schema at head")
+    repo = await Repository.open(
+        settings.database_url, pool_size=settings.pool_size, timeout=settings.db_timeout_seconds
+    )
+    service = LedgerService(repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds)
+    try:
+        await service.seed_default_prices()
+    except BaseException:
+        await repo.close()
+        raise
+    return service
+
+
+def registrar(service: LedgerService) -> Registrar:
+    """A runtime registrar adding both ledger servicers."""
+
+    def register(server: grpc.aio.Server) -> None:
+        ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
+        ledger_pb2_grpc.add_LedgerAdminServiceServicer_to_server(LedgerAdminServicer(service), server)
+
+    return register
 
 
 async def build(settings: Settings) -> ServiceRuntime:
-    """Builds the ledger's runtime (not yet started)."""
-    return ServiceRuntime(
-        settings.runtime, policy=POLICY, registrars=[_register], service_names=SERVICE_NAMES
+    """Builds the ledger's runtime (not yet started); the sweeper runs while it serves."""
+    registry = CollectorRegistry()
+    service = await open_service(settings.ledger, registry)
+    sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds)
+
+    async def close() -> None:
+        await sweeper.stop()
+        await service.repo.close()
+
+    runtime = ServiceRuntime(
+        settings.runtime,
+        policy=POLICY,
+        registrars=[registrar(service)],
+        service_names=SERVICE_NAMES,
+        registry=registry,
+        closers=[close],
+        access_log=False,
     )
+    sweeper.start()
+    return runtime

@@ -1,0 +1,224 @@
+"""The ledger's schema as SQLAlchemy 2 typed models (alembic owns the DDL: migrations/ledger).
+
+Tables::
+
+    teams              one row per team ever seen (budgets or holds)
+    budgets            (team, agent, window) -> hard limit, soft limit; agent '' = team-wide
+    budget_counters    (budget, window start) -> spent, held, soft-limit crossed once
+    holds              reservations: amount, price version, the counters they count in, state
+    spend_entries      append-only, one per request id
+    price_versions     catalogue versions (immutable once written)
+    prices             (version, model) -> nano-dollars per million tokens
+
+Money columns are BIGINT nano-dollars (1e-9 USD) and carry CHECK constraints so
+nothing that must not be negative ever is. The hot paths (reserve, settle, release,
+capture) are plpgsql functions created by the migration; these models define the
+schema, the operator reads and the tests' view of it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Hold states (TEXT with a CHECK: readable in psql, cheap enough).
+HOLD_OPEN = "OPEN"
+HOLD_SETTLED = "SETTLED"
+HOLD_RELEASED = "RELEASED"
+HOLD_CAPTURED = "CAPTURED"
+
+# spend_entries.flags is a bitmask of these.
+FLAG_OVER_HOLD = 1
+FLAG_UNSETTLED_CAPTURE = 2
+FLAG_USAGE_ESTIMATED = 4
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming convention alembic relies on."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+TZ = DateTime(timezone=True)
+
+
+class Team(Base):
+    """A team: created by SetBudget or by its first Reserve."""
+
+    __tablename__ = "teams"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(TZ, server_default=text("now()"))
+
+
+class Budget(Base):
+    """A hard (and optional soft) limit for a team, or one agent of it, per window kind."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (
+        UniqueConstraint("team", "agent", "window"),
+        CheckConstraint("limit_nanos >= 0", name="limit_nonneg"),
+        CheckConstraint("soft_limit_nanos >= 0 AND soft_limit_nanos <= limit_nanos", name="soft_limit_range"),
+        CheckConstraint('"window" BETWEEN 1 AND 4', name="window_known"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    team: Mapped[str] = mapped_column(String(128), ForeignKey("teams.name"))
+    agent: Mapped[str] = mapped_column(String(128), server_default=text("''"))
+    window: Mapped[int] = mapped_column(SmallInteger)
+    limit_nanos: Mapped[int] = mapped_column(BigInteger)
+    soft_limit_nanos: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    updated_at: Mapped[dt.datetime] = mapped_column(TZ, server_default=text("now()"))
+
+
+class BudgetCounter(Base):
+    """Spent and held nano-dollars of one budget in one window (created on demand)."""
+
+    __tablename__ = "budget_counters"
+    __table_args__ = (
+        CheckConstraint("spent_nanos >= 0", name="spent_nonneg"),
+        CheckConstraint("held_nanos >= 0", name="held_nonneg"),
+        # Hot row: leave room on each page for HOT updates (no index covers spent/held).
+        {"postgresql_with": {"fillfactor": "50"}},
+    )
+
+    budget_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("budgets.id", ondelete="CASCADE"), primary_key=True
+    )
+    window_start: Mapped[dt.datetime] = mapped_column(TZ, primary_key=True)
+    spent_nanos: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    held_nanos: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    soft_crossed: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class Hold(Base):
+    """A reservation. ``budget_ids[i]``/``window_starts[i]`` are the counters it counts in."""
+
+    __tablename__ = "holds"
+    __table_args__ = (
+        UniqueConstraint("request_id", "attempt"),
+        CheckConstraint("amount_nanos >= 0", name="amount_nonneg"),
+        CheckConstraint("attempt >= 0", name="attempt_nonneg"),
+        CheckConstraint("state IN ('OPEN', 'SETTLED', 'RELEASED', 'CAPTURED')", name="state_known"),
+        CheckConstraint(
+            "cardinality(budget_ids) = cardinality(window_starts)", name="counters_aligned"
+        ),
+        Index("ix_holds_open_expires_at", "expires_at", postgresql_where=text("state = 'OPEN'")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128))
+    attempt: Mapped[int] = mapped_column(Integer)
+    # Not a foreign key: a team without any budget may reserve (unlimited) and needs no row.
+    team: Mapped[str] = mapped_column(String(128))
+    agent: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(128), server_default=text("''"))
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger)
+    max_output_tokens: Mapped[int] = mapped_column(BigInteger)
+    amount_nanos: Mapped[int] = mapped_column(BigInteger)
+    price_version: Mapped[int] = mapped_column(BigInteger)
+    budget_ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger))
+    window_starts: Mapped[list[dt.datetime]] = mapped_column(ARRAY(TZ))
+    state: Mapped[str] = mapped_column(String(16), server_default=text("'OPEN'"))
+    created_at: Mapped[dt.datetime] = mapped_column(TZ)
+    expires_at: Mapped[dt.datetime] = mapped_column(TZ)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(TZ, nullable=True)
+    release_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class SpendEntry(Base):
+    """One settled (or captured) call; append-only, one per request id."""
+
+    __tablename__ = "spend_entries"
+    __table_args__ = (
+        CheckConstraint(
+            "input_tokens >= 0 AND output_tokens >= 0 AND cached_input_tokens >= 0"
+            " AND cached_input_tokens <= input_tokens",
+            name="tokens_valid",
+        ),
+        CheckConstraint("cost_nanos >= 0 AND held_nanos >= 0", name="money_nonneg"),
+        CheckConstraint("latency_us >= 0", name="latency_nonneg"),
+        # Operator reads: newest first overall, and per team over a time range.
+        Index("ix_spend_entries_created_at_id", "created_at", "id"),
+        Index("ix_spend_entries_team_created_at_id", "team", "created_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    reservation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    team: Mapped[str] = mapped_column(String(128))
+    agent: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(128))
+    provider: Mapped[str] = mapped_column(String(128))
+    provider_model: Mapped[str] = mapped_column(String(256))
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    cached_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger)
+    held_nanos: Mapped[int] = mapped_column(BigInteger)
+    price_version: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[int] = mapped_column(SmallInteger)
+    flags: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    latency_us: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    created_at: Mapped[dt.datetime] = mapped_column(TZ)
+    reserve_time: Mapped[dt.datetime] = mapped_column(TZ)
+
+
+class PriceVersion(Base):
+    """One immutable catalogue version; ``request_id`` makes SetPrices idempotent."""
+
+    __tablename__ = "price_versions"
+    __table_args__ = (CheckConstraint("version >= 1", name="version_positive"),)
+
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    payload_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(TZ, server_default=text("now()"))
+
+
+class Price(Base):
+    """The price of one model in one catalogue version, nano-dollars per million tokens."""
+
+    __tablename__ = "prices"
+    __table_args__ = (
+        CheckConstraint(
+            "input_per_mtok_nanos >= 0 AND output_per_mtok_nanos >= 0 AND cached_input_per_mtok_nanos >= 0",
+            name="prices_nonneg",
+        ),
+    )
+
+    version: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("price_versions.version", ondelete="CASCADE"), primary_key=True
+    )
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    input_per_mtok_nanos: Mapped[int] = mapped_column(BigInteger)
+    output_per_mtok_nanos: Mapped[int] = mapped_column(BigInteger)
+    cached_input_per_mtok_nanos: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

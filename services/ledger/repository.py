@@ -1,0 +1,391 @@
+"""Postgres access for the ledger: one pooled psycopg 3 connection per call, one round trip
+on the hot paths (the plpgsql functions created by ``migrations/ledger``).
+
+Fault handling lives here, once:
+
+- a connection error (Postgres restarted, backend killed) drops the dead idle connections
+  (``pool.check()``) and retries once; every mutating call is idempotent (request id,
+  reservation id), so a retry after an ambiguous commit counts nothing twice;
+- serialization failures and deadlocks are retried a bounded number of times with jitter;
+- no connection within ``timeout`` seconds (Postgres down) fails fast.
+
+Whatever still fails becomes ``Unavailable("DATABASE_UNAVAILABLE")``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from sqlalchemy.engine import make_url
+
+from services.common import errors as E
+from services.ledger.pricing import ModelPrice
+
+_LOGGER = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONFLICT_RETRIES = 5
+# pg_advisory_xact_lock key serialising catalogue writes (SetPrices, default seeding).
+PRICES_LOCK_KEY = 0x16E0_1ED6_E6
+DEFAULT_CATALOGUE_REQUEST_ID = "igw-default-catalogue"
+
+Conn = psycopg.AsyncConnection[Any]
+
+_GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
+    "team": ("team",),
+    "agent": ("team", "agent"),
+    "model": ("model",),
+    "provider": ("provider",),
+    "day": ("date_trunc('day', created_at AT TIME ZONE 'UTC') AS day",),
+}
+
+
+def libpq_dsn(url: str) -> str:
+    """A SQLAlchemy URL (``postgresql+psycopg://...``) as a libpq URI."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+class Repository:
+    """The ledger's database, behind a bounded async connection pool."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 20, timeout: float = 2.0) -> Repository:
+        """Opens the pool (waits for one connection; raises Unavailable if none comes)."""
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            libpq_dsn(url),
+            min_size=min(4, pool_size),
+            max_size=pool_size,
+            timeout=timeout,
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": max(1, round(timeout)),
+                # A statement stuck behind a lock must not hold a connection forever.
+                "options": "-c statement_timeout=15000 -c TimeZone=UTC",
+            },
+            open=False,
+            name="ledger",
+        )
+        try:
+            await pool.open(wait=True, timeout=max(timeout, 5.0))
+        except PoolTimeout:
+            await pool.close()
+            raise E.Unavailable("DATABASE_UNAVAILABLE", "cannot connect to the ledger database") from None
+        return cls(pool, timeout)
+
+    async def close(self) -> None:
+        """Closes every connection."""
+        await self._pool.close()
+
+    async def _run(self, what: str, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        conflicts = 0
+        reconnected = False
+        while True:
+            try:
+                async with self._pool.connection(timeout=self._timeout) as conn:
+                    return await fn(conn)
+            except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected) as exc:
+                conflicts += 1
+                if conflicts > CONFLICT_RETRIES:
+                    _LOGGER.warning("giving up after %d conflicts", conflicts, extra={"op": what})
+                    raise E.Unavailable(
+                        "DATABASE_CONFLICT", "the ledger database is too contended; retry"
+                    ) from exc
+                await asyncio.sleep(random.uniform(0.001, 0.005) * conflicts)
+            except PoolTimeout:
+                raise E.Unavailable(
+                    "DATABASE_UNAVAILABLE", "the ledger database is unavailable; retry later"
+                ) from None
+            except psycopg.OperationalError as exc:
+                if reconnected:
+                    _LOGGER.warning("database unavailable: %s", type(exc).__name__, extra={"op": what})
+                    raise E.Unavailable(
+                        "DATABASE_UNAVAILABLE", "the ledger database is unavailable; retry later"
+                    ) from None
+                reconnected = True
+                _LOGGER.info("database connection lost (%s); retrying once", type(exc).__name__)
+                try:
+                    await asyncio.wait_for(self._pool.check(), timeout=self._timeout)
+                except (TimeoutError, psycopg.Error):
+                    pass
+
+    async def _call(self, what: str, sql: str, params: Sequence[Any]) -> Any:
+        async def go(conn: Conn) -> Any:
+            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            row = await cur.fetchone()
+            return row[0] if row else None
+
+        return await self._run(what, go)
+
+    # ------------------------------------------------------------ data plane
+
+    async def reserve(
+        self,
+        hold_id: uuid.UUID,
+        request_id: str,
+        attempt: int,
+        team: str,
+        agent: str,
+        model: str,
+        provider: str,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        ttl_us: int,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """Calls ``ledger_reserve``; the JSON result says OK / DENIED / MISMATCH / ..."""
+        return await self._call(  # type: ignore[no-any-return]
+            "reserve",
+            "SELECT ledger_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (hold_id, request_id, attempt, team, agent, model, provider, prompt_tokens,
+             max_output_tokens, ttl_us, now),
+        )
+
+    async def settle(
+        self,
+        request_id: str,
+        reservation_id: uuid.UUID,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int,
+        provider: str,
+        provider_model: str,
+        outcome: int,
+        latency_us: int,
+        usage_estimated: bool,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """Calls ``ledger_settle``."""
+        return await self._call(  # type: ignore[no-any-return]
+            "settle",
+            "SELECT ledger_settle(%s, %s, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s)",
+            (request_id, reservation_id, input_tokens, output_tokens, cached_input_tokens, provider,
+             provider_model, outcome, latency_us, usage_estimated, now),
+        )
+
+    async def release(self, reservation_id: uuid.UUID, reason: str, now: dt.datetime) -> dict[str, Any]:
+        """Calls ``ledger_release``."""
+        return await self._call(  # type: ignore[no-any-return]
+            "release", "SELECT ledger_release(%s, %s, %s)", (reservation_id, reason, now)
+        )
+
+    async def capture(self, now: dt.datetime, limit: int) -> dict[str, Any]:
+        """Calls ``ledger_capture`` for one batch of expired holds."""
+        return await self._call(  # type: ignore[no-any-return]
+            "capture", "SELECT ledger_capture(%s, %s)", (now, limit)
+        )
+
+    async def budgets(self, team: str, agent: str, now: dt.datetime) -> list[dict[str, Any]]:
+        """The budgets applying to (team, agent) in their current windows."""
+        return await self._call(  # type: ignore[no-any-return]
+            "budgets", "SELECT ledger_budgets(%s, %s, %s)", (team, agent, now)
+        )
+
+    # ------------------------------------------------------------ administration
+
+    async def set_budget(
+        self, team: str, agent: str, window: int, limit: int, soft: int, now: dt.datetime
+    ) -> dict[str, Any]:
+        """Upserts a budget (and its team); a changed soft limit may alert again this window."""
+
+        async def go(conn: Conn) -> dict[str, Any]:
+            async with conn.transaction():
+                await conn.execute("INSERT INTO teams (name) VALUES (%s) ON CONFLICT DO NOTHING", (team,))
+                cur = await conn.execute(
+                    'INSERT INTO budgets (team, agent, "window", limit_nanos, soft_limit_nanos, updated_at)'
+                    " VALUES (%s, %s, %s, %s, %s, %s)"
+                    ' ON CONFLICT (team, agent, "window") DO UPDATE SET limit_nanos = EXCLUDED.limit_nanos,'
+                    " soft_limit_nanos = EXCLUDED.soft_limit_nanos, updated_at = EXCLUDED.updated_at"
+                    ' RETURNING id, team, agent, "window", limit_nanos, soft_limit_nanos, updated_at',
+                    (team, agent, window, limit, soft, now),
+                )
+                row = await cur.fetchone()
+                assert row is not None
+                await conn.execute(
+                    "UPDATE budget_counters SET soft_crossed = false"
+                    " WHERE budget_id = %s AND soft_crossed AND (%s = 0 OR spent_nanos < %s)",
+                    (row[0], soft, soft),
+                )
+            return {
+                "team": row[1], "agent": row[2], "window": row[3], "limit": row[4], "soft": row[5],
+                "updated_at": row[6],
+            }
+
+        return await self._run("set_budget", go)
+
+    async def list_spend(
+        self,
+        start: dt.datetime,
+        end: dt.datetime,
+        group_by: Sequence[str],
+        team: str,
+    ) -> list[dict[str, Any]]:
+        """Totals over [start, end) grouped by a whitelist of dimensions (SQL GROUP BY)."""
+        cols: list[str] = []
+        for dim in group_by:
+            for col in _GROUP_COLUMNS[dim]:
+                if col not in cols:
+                    cols.append(col)
+        names = [c.rsplit(" AS ", 1)[-1] for c in cols]
+        select = ", ".join([*cols, ""]) if cols else ""
+        where = "created_at >= %s AND created_at < %s" + (" AND team = %s" if team else "")
+        params: list[Any] = [start, end] + ([team] if team else [])
+        sql = (
+            f"SELECT {select}count(*) AS n, coalesce(sum(input_tokens), 0) AS input,"  # noqa: S608
+            " coalesce(sum(output_tokens), 0) AS output,"
+            " coalesce(sum(cached_input_tokens), 0) AS cached, coalesce(sum(cost_nanos), 0) AS cost"
+            f" FROM spend_entries WHERE {where}"
+            + (f" GROUP BY {', '.join(names)} ORDER BY {', '.join(names)}" if names else "")
+        )
+
+        async def go(conn: Conn) -> list[dict[str, Any]]:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)  # type: ignore[arg-type]
+            return await cur.fetchall()
+
+        return await self._run("list_spend", go)
+
+    async def list_entries(
+        self,
+        team: str,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        limit: int,
+        before: tuple[dt.datetime, int] | None,
+    ) -> list[dict[str, Any]]:
+        """Entries newest first, keyset-paged on (created_at, id)."""
+        conds: list[str] = []
+        params: list[Any] = []
+        if team:
+            conds.append("team = %s")
+            params.append(team)
+        if start is not None:
+            conds.append("created_at >= %s")
+            params.append(start)
+        if end is not None:
+            conds.append("created_at < %s")
+            params.append(end)
+        if before is not None:
+            conds.append("(created_at, id) < (%s, %s)")
+            params.extend(before)
+        where = (" WHERE " + " AND ".join(conds)) if conds else ""
+        sql = (
+            f"SELECT ledger_entry_json(e) FROM spend_entries e{where}"  # noqa: S608
+            " ORDER BY created_at DESC, id DESC LIMIT %s"
+        )
+        params.append(limit)
+
+        async def go(conn: Conn) -> list[dict[str, Any]]:
+            cur = await conn.execute(sql, params)  # type: ignore[arg-type]
+            return [r[0] for r in await cur.fetchall()]
+
+        return await self._run("list_entries", go)
+
+    async def set_prices(
+        self,
+        request_id: str,
+        payload_sha256: str,
+        prices: Sequence[ModelPrice],
+        remove: Sequence[str],
+        now: dt.datetime,
+    ) -> tuple[int, bool] | None:
+        """Creates a new catalogue version: (version, replayed), or None on a payload mismatch."""
+
+        async def go(conn: Conn) -> tuple[int, bool] | None:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRICES_LOCK_KEY,))
+                cur = await conn.execute(
+                    "SELECT version, payload_sha256 FROM price_versions WHERE request_id = %s", (request_id,)
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    return (int(row[0]), True) if row[1] == payload_sha256 else None
+                cur = await conn.execute("SELECT coalesce(max(version), 0) FROM price_versions")
+                row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                new = current + 1
+                await conn.execute(
+                    "INSERT INTO price_versions (version, request_id, payload_sha256, created_at)"
+                    " VALUES (%s, %s, %s, %s)",
+                    (new, request_id, payload_sha256, now),
+                )
+                changed = [p.model for p in prices]
+                await conn.execute(
+                    "INSERT INTO prices (version, model, input_per_mtok_nanos, output_per_mtok_nanos,"
+                    " cached_input_per_mtok_nanos)"
+                    " SELECT %s, model, input_per_mtok_nanos, output_per_mtok_nanos, cached_input_per_mtok_nanos"
+                    " FROM prices WHERE version = %s AND NOT (model = ANY(%s))",
+                    (new, current, [*changed, *remove]),
+                )
+                if prices:
+                    async with conn.cursor() as c:
+                        await c.executemany(
+                            "INSERT INTO prices (version, model, input_per_mtok_nanos, output_per_mtok_nanos,"
+                            " cached_input_per_mtok_nanos) VALUES (%s, %s, %s, %s, %s)",
+                            [(new, p.model, p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok)
+                             for p in prices],
+                        )
+                return new, False
+
+        return await self._run("set_prices", go)
+
+    async def seed_prices(self, prices: Sequence[ModelPrice], now: dt.datetime) -> bool:
+        """Writes ``prices`` as version 1 if the catalogue is empty (safe across replicas)."""
+
+        async def go(conn: Conn) -> bool:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRICES_LOCK_KEY,))
+                cur = await conn.execute("SELECT EXISTS (SELECT 1 FROM price_versions)")
+                row = await cur.fetchone()
+                if row and row[0]:
+                    return False
+                await conn.execute(
+                    "INSERT INTO price_versions (version, request_id, created_at) VALUES (1, %s, %s)",
+                    (DEFAULT_CATALOGUE_REQUEST_ID, now),
+                )
+                async with conn.cursor() as c:
+                    await c.executemany(
+                        "INSERT INTO prices (version, model, input_per_mtok_nanos, output_per_mtok_nanos,"
+                        " cached_input_per_mtok_nanos) VALUES (1, %s, %s, %s, %s)",
+                        [(p.model, p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok) for p in prices],
+                    )
+                return True
+
+        return await self._run("seed_prices", go)
+
+    async def list_prices(self, version: int) -> tuple[int, dt.datetime, list[tuple[str, int, int, int]]] | None:
+        """One catalogue version (0 = current), or None when it does not exist."""
+
+        async def go(conn: Conn) -> tuple[int, dt.datetime, list[tuple[str, int, int, int]]] | None:
+            if version:
+                cur = await conn.execute(
+                    "SELECT version, created_at FROM price_versions WHERE version = %s", (version,)
+                )
+            else:
+                cur = await conn.execute(
+                    "SELECT version, created_at FROM price_versions ORDER BY version DESC LIMIT 1"
+                )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            cur = await conn.execute(
+                "SELECT model, input_per_mtok_nanos, output_per_mtok_nanos, cached_input_per_mtok_nanos"
+                " FROM prices WHERE version = %s ORDER BY model",
+                (row[0],),
+            )
+            return int(row[0]), row[1], [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+
+        return await self._run("list_prices", go)

@@ -1,0 +1,517 @@
+"""The ledger's use cases: validate, call the repository, turn results into domain values.
+
+Decisions where the issue is silent (also in the report):
+
+- A team with no budget configured is unlimited, but still gets a hold, so its spend is
+  exact and visible; a budget set later counts holds placed after it exists.
+- Reserve is idempotent on (request_id, attempt); the same key with another team, agent,
+  model or token bounds is ``ABORTED / IDEMPOTENCY_MISMATCH``. A Reserve for a request
+  that already has a spend entry is ``FAILED_PRECONDITION / ALREADY_SETTLED``.
+- Settle is idempotent on request_id. A different reservation, usage, provider, provider
+  model, outcome or usage_estimated under the same id is ``ABORTED / IDEMPOTENCY_MISMATCH``
+  (latency is reporting only and not compared). A Settle arriving after the sweeper
+  captured the hold returns the captured entry (full hold amount, UNSETTLED_CAPTURE) as a
+  replay and logs a warning: entries are append-only and one per request id, and the
+  capture never undercharges.
+- Settling a hold the router released earlier still records the spend (spend is never
+  lost), in the hold's windows, flagged OVER_HOLD when above the hold.
+- A captured hold's entry has outcome UNSPECIFIED (unknown) and the hold's token bounds.
+  An expired hold of a request that already has an entry (an earlier attempt that leaked)
+  is freed rather than captured: one entry per request id wins.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from services.common import errors as E
+from services.ledger import domain as D
+from services.ledger.config import MAX_HOLD_TTL_SECONDS
+from services.ledger.pricing import MAX_VALUE, ModelPrice, default_prices
+from services.ledger.repository import Repository
+
+_LOGGER = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    """The real clock."""
+    return dt.datetime.now(dt.UTC)
+
+
+class LedgerMetrics:
+    """The ledger's own Prometheus metrics, on the runtime's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.reserves = Counter(
+            "igw_ledger_reserves", "Reserve calls by outcome.", ["outcome"], registry=registry
+        )
+        self.settles = Counter("igw_ledger_settles", "Settle calls by outcome.", ["outcome"], registry=registry)
+        self.releases = Counter(
+            "igw_ledger_releases", "Release calls by outcome.", ["outcome"], registry=registry
+        )
+        self.denials = Counter(
+            "igw_ledger_budget_denials", "Reserves refused for budget, by team.", ["team"], registry=registry
+        )
+        self.captured = Counter(
+            "igw_ledger_holds_captured", "Expired holds captured at their full amount.", registry=registry
+        )
+        self.captured_nanos = Counter(
+            "igw_ledger_holds_captured_nanos", "Nano-dollars captured from expired holds.", registry=registry
+        )
+        self.soft_crossings = Counter(
+            "igw_ledger_soft_limit_crossings",
+            "Soft limits crossed (once per budget window), by team.",
+            ["team"],
+            registry=registry,
+        )
+        self.remaining = Gauge(
+            "igw_ledger_remaining_budget_nanos",
+            "Smallest remaining team-wide budget in the current window, by team.",
+            ["team"],
+            registry=registry,
+        )
+        self.spend = Counter(
+            "igw_ledger_spend_nanos", "Nano-dollars settled or captured, by team.", ["team"], registry=registry
+        )
+
+
+def _status(raw: dict[str, Any]) -> D.BudgetStatus:
+    return D.BudgetStatus(
+        team=raw["team"],
+        agent=raw["agent"],
+        window=D.Window(raw["window"]),
+        limit_nanos=int(raw["limit"]),
+        soft_limit_nanos=int(raw["soft"]),
+        spent_nanos=int(raw["spent"]),
+        held_nanos=int(raw["held"]),
+        window_start=D.from_us(int(raw["start_us"])),
+    )
+
+
+def _hold(raw: dict[str, Any]) -> D.Hold:
+    return D.Hold(
+        reservation_id=uuid.UUID(raw["id"]),
+        request_id=raw["request_id"],
+        attempt=int(raw["attempt"]),
+        team=raw["team"],
+        agent=raw["agent"],
+        model=raw["model"],
+        amount_nanos=int(raw["amount"]),
+        price_version=int(raw["price_version"]),
+        state=raw["state"],
+        created_at=D.from_us(int(raw["created_us"])),
+        expires_at=D.from_us(int(raw["expires_us"])),
+    )
+
+
+def entry_from_json(raw: dict[str, Any]) -> D.SpendEntry:
+    """A spend entry from ``ledger_entry_json``."""
+    return D.SpendEntry(
+        id=int(raw["id"]),
+        request_id=raw["request_id"],
+        reservation_id=uuid.UUID(raw["reservation_id"]),
+        team=raw["team"],
+        agent=raw["agent"],
+        model=raw["model"],
+        provider=raw["provider"],
+        provider_model=raw["provider_model"],
+        usage=D.Usage(int(raw["input"]), int(raw["output"]), int(raw["cached"])),
+        cost_nanos=int(raw["cost"]),
+        held_nanos=int(raw["held"]),
+        price_version=int(raw["price_version"]),
+        outcome=D.Outcome(int(raw["outcome"])),
+        flags=D.Flag(int(raw["flags"])),
+        latency_us=int(raw["latency_us"]),
+        created_at=D.from_us(int(raw["created_us"])),
+        reserve_time=D.from_us(int(raw["reserve_us"])),
+    )
+
+
+_MISMATCH = "IDEMPOTENCY_MISMATCH"
+
+
+class LedgerService:
+    """Reserve / Settle / Release / capture and the operator reads, over one repository."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        metrics: LedgerMetrics,
+        *,
+        now: Clock = utcnow,
+        hold_ttl_seconds: int = 300,
+    ) -> None:
+        self.repo = repo
+        self.metrics = metrics
+        self.now = now
+        self.hold_ttl_us = hold_ttl_seconds * 1_000_000
+
+    # ------------------------------------------------------------ startup
+
+    async def seed_default_prices(self) -> bool:
+        """Loads the shipped catalogue as version 1 when the catalogue is empty."""
+        seeded = await self.repo.seed_prices(default_prices(), self.now())
+        if seeded:
+            _LOGGER.info("loaded the default price catalogue as version 1")
+        return seeded
+
+    # ------------------------------------------------------------ data plane
+
+    async def reserve(
+        self,
+        *,
+        request_id: str,
+        attempt: int,
+        team: str,
+        agent: str,
+        model: str,
+        prompt_tokens_upper_bound: int,
+        max_output_tokens: int,
+        hold_ttl: dt.timedelta | None = None,
+        provider: str = "",
+    ) -> D.ReserveResult:
+        """Places a hold sized to the most the call can cost, or raises BUDGET_EXCEEDED."""
+        D.check_request_id(request_id)
+        D.check_name("team", team)
+        D.check_name("agent", agent)
+        D.check_name("model", model)
+        D.check_name("provider", provider, required=False)
+        if attempt < 0:
+            raise E.InvalidArgument("INVALID_ATTEMPT", "attempt must be >= 0", {"field": "attempt"})
+        D.check_tokens("prompt_tokens_upper_bound", prompt_tokens_upper_bound)
+        D.check_tokens("max_output_tokens", max_output_tokens)
+        ttl_us = self.hold_ttl_us
+        if hold_ttl is not None and hold_ttl != dt.timedelta(0):
+            if hold_ttl < dt.timedelta(0):
+                raise E.InvalidArgument("INVALID_TTL", "hold_ttl must be positive", {"field": "hold_ttl"})
+            ttl_us = min(hold_ttl // dt.timedelta(microseconds=1), MAX_HOLD_TTL_SECONDS * 1_000_000)
+        res = await self.repo.reserve(
+            uuid.uuid4(), request_id, attempt, team, agent, model, provider,
+            prompt_tokens_upper_bound, max_output_tokens, ttl_us, self.now(),
+        )
+        result = res["result"]
+        if result == "OK":
+            out = D.ReserveResult(_hold(res["hold"]), [_status(b) for b in res["budgets"]], bool(res["replayed"]))
+            self.metrics.reserves.labels("replayed" if out.replayed else "ok").inc()
+            self._update_remaining(team, out.budgets)
+            return out
+        self.metrics.reserves.labels(result.lower()).inc()
+        if result == "DENIED":
+            status = _status(res["budget"])
+            self.metrics.denials.labels(team).inc()
+            self.metrics.remaining.labels(team).set(status.remaining_nanos)
+            raise D.budget_exceeded(status, int(res["amount"]))
+        if result == "NOT_PRICED":
+            raise E.FailedPrecondition(
+                "MODEL_NOT_PRICED",
+                f"model {model} has no price in catalogue version {res['price_version']}",
+                {"model": model, "price_version": res["price_version"]},
+            )
+        if result == "MISMATCH":
+            raise E.Aborted(
+                _MISMATCH,
+                "a hold with this request_id and attempt exists with a different payload",
+                {"request_id": request_id, "attempt": attempt},
+            )
+        if result == "ALREADY_SETTLED":
+            raise E.FailedPrecondition(
+                "ALREADY_SETTLED", "this request_id is already settled", {"request_id": request_id}
+            )
+        if result == "COST_OVERFLOW":
+            raise E.InvalidArgument(
+                "INVALID_TOKENS", "the hold would exceed 2**62 nano-dollars", {"model": model}
+            )
+        raise E.Internal("INTERNAL", f"unexpected reserve result {result}")
+
+    async def settle(
+        self,
+        *,
+        request_id: str,
+        reservation_id: str,
+        usage: D.Usage,
+        provider: str,
+        provider_model: str,
+        outcome: int = 0,
+        latency: dt.timedelta | None = None,
+        usage_estimated: bool = False,
+    ) -> D.SettleResult:
+        """Turns the hold into the request's one spend entry (idempotent on request_id)."""
+        D.check_request_id(request_id)
+        rid = D.check_reservation_id(reservation_id)
+        D.check_name("provider", provider)
+        if not provider_model:
+            raise E.InvalidArgument("MISSING_FIELD", "provider_model is required", {"field": "provider_model"})
+        if len(provider_model) > 256 or not provider_model.isprintable():
+            raise E.InvalidArgument("INVALID_NAME", "provider_model is malformed", {"field": "provider_model"})
+        D.check_tokens("usage.input_tokens", usage.input_tokens)
+        D.check_tokens("usage.output_tokens", usage.output_tokens)
+        D.check_tokens("usage.cached_input_tokens", usage.cached_input_tokens)
+        if usage.cached_input_tokens > usage.input_tokens:
+            raise E.InvalidArgument(
+                "INVALID_TOKENS", "cached_input_tokens cannot exceed input_tokens",
+                {"field": "usage.cached_input_tokens"},
+            )
+        if outcome == 0:
+            outcome = D.Outcome.SUCCESS
+        if outcome not in (D.Outcome.SUCCESS, D.Outcome.CANCELLED, D.Outcome.PROVIDER_ERROR):
+            raise E.InvalidArgument("INVALID_OUTCOME", "unknown outcome", {"field": "outcome"})
+        latency_us = 0
+        if latency is not None:
+            latency_us = latency // dt.timedelta(microseconds=1)
+            if latency_us < 0 or latency_us > MAX_VALUE:
+                raise E.InvalidArgument("INVALID_LATENCY", "latency must be >= 0", {"field": "latency"})
+        res = await self.repo.settle(
+            request_id, rid, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+            provider, provider_model, int(outcome), latency_us, usage_estimated, self.now(),
+        )
+        result = res["result"]
+        if result == "OK":
+            entry = entry_from_json(res["entry"])
+            budgets = [_status(b) for b in res.get("budgets", [])]
+            if res.get("captured"):
+                _LOGGER.warning(
+                    "settle arrived after the hold was captured; the captured entry stands",
+                    extra={"reservation_id": str(rid), "captured_nanos": entry.cost_nanos},
+                )
+                self.metrics.settles.labels("after_capture").inc()
+            elif res["replayed"]:
+                self.metrics.settles.labels("replayed").inc()
+            else:
+                self.metrics.settles.labels("over_hold" if D.Flag.OVER_HOLD in entry.flags else "ok").inc()
+                self.metrics.spend.labels(entry.team).inc(entry.cost_nanos)
+                if res.get("was_state") == "RELEASED":
+                    _LOGGER.warning("settled a hold that had been released", extra={"reservation_id": str(rid)})
+                if D.Flag.OVER_HOLD in entry.flags:
+                    _LOGGER.warning(
+                        "actual cost above the hold; recorded in full",
+                        extra={"cost_nanos": entry.cost_nanos, "held_nanos": entry.held_nanos},
+                    )
+                self._crossings(res.get("crossings", []))
+                self._update_remaining(entry.team, budgets)
+            return D.SettleResult(entry, bool(res["replayed"]), budgets)
+        self.metrics.settles.labels(result.lower()).inc()
+        if result == "MISMATCH":
+            raise E.Aborted(
+                _MISMATCH,
+                "this request_id was settled with a different payload",
+                {"request_id": request_id},
+            )
+        if result == "NOT_FOUND":
+            raise E.NotFound(
+                "RESERVATION_NOT_FOUND", "no such reservation", {"reservation_id": str(rid)}
+            )
+        if result == "RESERVATION_MISMATCH":
+            raise E.FailedPrecondition(
+                "RESERVATION_MISMATCH",
+                "the reservation belongs to another request_id",
+                {"reservation_id": str(rid), "request_id": request_id},
+            )
+        if result == "COST_OVERFLOW":
+            raise E.InvalidArgument("INVALID_TOKENS", "the cost would exceed 2**62 nano-dollars", {})
+        if result == "NOT_PRICED":
+            raise E.FailedPrecondition(
+                "MODEL_NOT_PRICED", "the hold's price version has no price for its model",
+                {"price_version": res["price_version"]},
+            )
+        raise E.Internal("INTERNAL", f"unexpected settle result {result}")
+
+    async def release(self, *, reservation_id: str, reason: str = "") -> bool:
+        """Frees an open hold; False when it was already released, settled or captured."""
+        rid = D.check_reservation_id(reservation_id)
+        reason = reason[:200]
+        res = await self.repo.release(rid, reason, self.now())
+        if res["result"] == "NOT_FOUND":
+            self.metrics.releases.labels("not_found").inc()
+            raise E.NotFound("RESERVATION_NOT_FOUND", "no such reservation", {"reservation_id": str(rid)})
+        released = bool(res["released"])
+        self.metrics.releases.labels("released" if released else "noop").inc()
+        return released
+
+    async def sweep_once(self, batch: int = 500) -> int:
+        """Captures expired holds in batches until none is left; returns how many were captured."""
+        total = 0
+        while True:
+            res = await self.repo.capture(self.now(), batch)
+            captured = res["captured"]
+            for item in captured:
+                _LOGGER.warning(
+                    "captured an expired hold at its full amount",
+                    extra={"reservation_id": item["id"], "team": item["team"], "captured_nanos": item["amount"],
+                           "hold_request_id": item["request_id"]},
+                )
+                self.metrics.captured.inc()
+                self.metrics.captured_nanos.inc(int(item["amount"]))
+                self.metrics.spend.labels(item["team"]).inc(int(item["amount"]))
+            if res["freed"]:
+                _LOGGER.warning("freed %d expired holds of already-settled requests", res["freed"])
+            self._crossings(res["crossings"])
+            total += len(captured)
+            if len(captured) + int(res["freed"]) < batch:
+                return total
+
+    async def get_budget(self, *, team: str, agent: str = "") -> list[D.BudgetStatus]:
+        """Every budget that applies to the team (and agent), in its current window."""
+        D.check_name("team", team)
+        D.check_name("agent", agent, required=False)
+        return [_status(b) for b in await self.repo.budgets(team, agent, self.now())]
+
+    # ------------------------------------------------------------ administration
+
+    async def set_budget(
+        self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0
+    ) -> D.BudgetConfig:
+        """Creates or replaces a budget."""
+        D.check_name("team", team)
+        D.check_name("agent", agent, required=False)
+        if window not in (1, 2, 3, 4):
+            raise E.InvalidArgument("INVALID_WINDOW", "window is required", {"field": "window"})
+        D.check_amount("limit_nanos", limit_nanos)
+        D.check_amount("soft_limit_nanos", soft_limit_nanos)
+        if soft_limit_nanos > limit_nanos:
+            raise E.InvalidArgument(
+                "INVALID_AMOUNT", "soft_limit_nanos cannot exceed limit_nanos", {"field": "soft_limit_nanos"}
+            )
+        row = await self.repo.set_budget(team, agent, window, limit_nanos, soft_limit_nanos, self.now())
+        _LOGGER.info(
+            "budget set",
+            extra={"team": team, "agent": agent, "window": D.Window(window).name, "limit_nanos": limit_nanos},
+        )
+        return D.BudgetConfig(
+            row["team"], row["agent"], D.Window(row["window"]), int(row["limit"]), int(row["soft"]),
+            row["updated_at"],
+        )
+
+    async def list_spend(
+        self,
+        *,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        group_by: Sequence[str],
+        team: str = "",
+    ) -> list[D.SpendTotal]:
+        """Totals grouped by team/agent/model/provider/day over [start, end)."""
+        D.check_name("team", team, required=False)
+        now = self.now()
+        end = end or now
+        start = start or (end - dt.timedelta(days=30))
+        if start > end:
+            raise E.InvalidArgument("INVALID_TIME_RANGE", "start_time is after end_time", {})
+        rows = await self.repo.list_spend(start, end, list(dict.fromkeys(group_by)), team)
+        out = []
+        for r in rows:
+            day = r.get("day")
+            out.append(
+                D.SpendTotal(
+                    team=r.get("team") or "",
+                    agent=r.get("agent") or "",
+                    model=r.get("model") or "",
+                    provider=r.get("provider") or "",
+                    day=day.replace(tzinfo=dt.UTC) if day is not None else None,
+                    request_count=int(r["n"]),
+                    usage=D.Usage(int(r["input"]), int(r["output"]), int(r["cached"])),
+                    cost_nanos=int(r["cost"]),
+                )
+            )
+        return out
+
+    async def list_entries(
+        self,
+        *,
+        team: str = "",
+        start: dt.datetime | None = None,
+        end: dt.datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[D.SpendEntry], str]:
+        """Entries newest first; returns (entries, next_page_token)."""
+        D.check_name("team", team, required=False)
+        if page_size < 0:
+            raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
+        size = min(page_size or 100, 1000)
+        before = _decode_token(page_token) if page_token else None
+        rows = await self.repo.list_entries(team, start, end, size + 1, before)
+        entries = [entry_from_json(r) for r in rows[:size]]
+        token = ""
+        if len(rows) > size and entries:
+            last = rows[size - 1]
+            token = f"{int(last['created_us'])}.{int(last['id'])}"
+        return entries, token
+
+    async def set_prices(
+        self, *, request_id: str, prices: Sequence[ModelPrice], remove_models: Sequence[str]
+    ) -> int:
+        """Creates a new catalogue version from the current one plus the changes."""
+        D.check_request_id(request_id)
+        seen: set[str] = set()
+        for p in prices:
+            D.check_name("model", p.model)
+            if p.model in seen:
+                raise E.InvalidArgument("DUPLICATE_MODEL", f"model {p.model} appears twice", {"model": p.model})
+            seen.add(p.model)
+            D.check_amount("input_per_mtok_nanos", p.input_per_mtok)
+            D.check_amount("output_per_mtok_nanos", p.output_per_mtok)
+            D.check_amount("cached_input_per_mtok_nanos", p.cached_input_per_mtok)
+        for m in remove_models:
+            D.check_name("remove_models", m)
+            if m in seen:
+                raise E.InvalidArgument("DUPLICATE_MODEL", f"model {m} is both set and removed", {"model": m})
+        if not prices and not remove_models:
+            raise E.InvalidArgument("MISSING_FIELD", "prices or remove_models is required", {"field": "prices"})
+        digest = hashlib.sha256(
+            repr(
+                (
+                    sorted((p.model, p.input_per_mtok, p.output_per_mtok, p.cached_input_per_mtok) for p in prices),
+                    sorted(remove_models),
+                )
+            ).encode()
+        ).hexdigest()
+        res = await self.repo.set_prices(request_id, digest, list(prices), list(remove_models), self.now())
+        if res is None:
+            raise E.Aborted(_MISMATCH, "this request_id created a different price version", {"request_id": request_id})
+        version, replayed = res
+        if not replayed:
+            _LOGGER.info("price catalogue version %d created", version)
+        return version
+
+    async def list_prices(self, *, version: int = 0) -> D.PriceList:
+        """One catalogue version (0 = current)."""
+        if version < 0:
+            raise E.InvalidArgument("INVALID_VERSION", "version must be >= 0", {"field": "version"})
+        res = await self.repo.list_prices(version)
+        if res is None:
+            raise E.NotFound("PRICE_VERSION_NOT_FOUND", "no such price catalogue version", {"version": version})
+        return D.PriceList(res[0], res[1], res[2])
+
+    # ------------------------------------------------------------ helpers
+
+    def _crossings(self, crossings: list[dict[str, Any]]) -> None:
+        for c in crossings:
+            self.metrics.soft_crossings.labels(c["team"]).inc()
+            _LOGGER.warning(
+                "soft budget limit crossed",
+                extra={"event": "soft_limit_crossed", "team": c["team"], "agent": c["agent"],
+                       "window": D.Window(c["window"]).name, "soft_limit_nanos": c["soft"],
+                       "spent_nanos": c["spent"]},
+            )
+
+    def _update_remaining(self, team: str, budgets: list[D.BudgetStatus]) -> None:
+        team_wide = [b.remaining_nanos for b in budgets if not b.agent]
+        if team_wide:
+            self.metrics.remaining.labels(team).set(min(team_wide))
+
+
+def _decode_token(token: str) -> tuple[dt.datetime, int]:
+    try:
+        us, _, ident = token.partition(".")
+        return D.from_us(int(us)), int(ident)
+    except (ValueError, OverflowError):
+        raise E.InvalidArgument("INVALID_PAGE_TOKEN", "page_token is malformed", {"field": "page_token"}) from None

@@ -1,0 +1,208 @@
+"""Proto <-> domain for the two ledger services; no SQL and no business rules here."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from igw.ledger.v1 import ledger_pb2 as pb
+from igw.ledger.v1 import ledger_pb2_grpc
+from services.ledger import domain as D
+from services.ledger.pricing import ModelPrice
+from services.ledger.service import LedgerService
+
+_GROUP = {
+    pb.SPEND_GROUP_BY_TEAM: "team",
+    pb.SPEND_GROUP_BY_AGENT: "agent",
+    pb.SPEND_GROUP_BY_MODEL: "model",
+    pb.SPEND_GROUP_BY_PROVIDER: "provider",
+    pb.SPEND_GROUP_BY_DAY: "day",
+}
+_FLAGS = (
+    (D.Flag.OVER_HOLD, pb.SPEND_FLAG_OVER_HOLD),
+    (D.Flag.UNSETTLED_CAPTURE, pb.SPEND_FLAG_UNSETTLED_CAPTURE),
+    (D.Flag.USAGE_ESTIMATED, pb.SPEND_FLAG_USAGE_ESTIMATED),
+)
+
+
+def _ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _opt_dt(msg: Any, field: str) -> dt.datetime | None:
+    if not msg.HasField(field):
+        return None
+    return getattr(msg, field).ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+
+
+def budget_status_pb(s: D.BudgetStatus) -> pb.BudgetStatus:
+    """A domain budget status as its proto."""
+    out = pb.BudgetStatus(
+        team=s.team,
+        agent=s.agent,
+        window=int(s.window),
+        limit_nanos=s.limit_nanos,
+        soft_limit_nanos=s.soft_limit_nanos,
+        spent_nanos=s.spent_nanos,
+        held_nanos=s.held_nanos,
+        remaining_nanos=s.remaining_nanos,
+    )
+    end = s.window_end
+    if end is not None:
+        out.window_start.CopyFrom(_ts(s.window_start))
+        out.window_end.CopyFrom(_ts(end))
+    return out
+
+
+def spend_entry_pb(e: D.SpendEntry) -> pb.SpendEntry:
+    """A domain spend entry as its proto."""
+    return pb.SpendEntry(
+        request_id=e.request_id,
+        team=e.team,
+        agent=e.agent,
+        model=e.model,
+        provider=e.provider,
+        provider_model=e.provider_model,
+        usage=pb.TokenUsage(
+            input_tokens=e.usage.input_tokens,
+            output_tokens=e.usage.output_tokens,
+            cached_input_tokens=e.usage.cached_input_tokens,
+        ),
+        cost_nanos=e.cost_nanos,
+        held_nanos=e.held_nanos,
+        price_version=e.price_version,
+        outcome=int(e.outcome),
+        flags=[p for f, p in _FLAGS if f in e.flags],
+        create_time=_ts(e.created_at),
+        reserve_time=_ts(e.reserve_time),
+        latency=duration_pb2.Duration(seconds=e.latency_us // 1_000_000, nanos=(e.latency_us % 1_000_000) * 1000),
+    )
+
+
+class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[misc]
+    """igw.ledger.v1.LedgerService."""
+
+    def __init__(self, service: LedgerService) -> None:
+        self._svc = service
+
+    async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
+        res = await self._svc.reserve(
+            request_id=request.request_id,
+            attempt=request.attempt,
+            team=request.team,
+            agent=request.agent,
+            model=request.model,
+            prompt_tokens_upper_bound=request.prompt_tokens_upper_bound,
+            max_output_tokens=request.max_output_tokens,
+            hold_ttl=request.hold_ttl.ToTimedelta() if request.HasField("hold_ttl") else None,
+            provider=request.provider,
+        )
+        return pb.ReserveResponse(
+            reservation_id=str(res.hold.reservation_id),
+            held_nanos=res.hold.amount_nanos,
+            price_version=res.hold.price_version,
+            expire_time=_ts(res.hold.expires_at),
+            budgets=[budget_status_pb(b) for b in res.budgets],
+        )
+
+    async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:
+        res = await self._svc.settle(
+            request_id=request.request_id,
+            reservation_id=request.reservation_id,
+            usage=D.Usage(
+                request.usage.input_tokens, request.usage.output_tokens, request.usage.cached_input_tokens
+            ),
+            provider=request.provider,
+            provider_model=request.provider_model,
+            outcome=request.outcome,
+            latency=request.latency.ToTimedelta() if request.HasField("latency") else None,
+            usage_estimated=request.usage_estimated,
+        )
+        return pb.SettleResponse(entry=spend_entry_pb(res.entry), replayed=res.replayed)
+
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        released = await self._svc.release(reservation_id=request.reservation_id, reason=request.reason)
+        return pb.ReleaseResponse(released=released)
+
+    async def GetBudget(self, request: pb.GetBudgetRequest, context: Any) -> pb.GetBudgetResponse:
+        budgets = await self._svc.get_budget(team=request.team, agent=request.agent)
+        return pb.GetBudgetResponse(budgets=[budget_status_pb(b) for b in budgets])
+
+
+class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):  # type: ignore[misc]
+    """igw.ledger.v1.LedgerAdminService (operators only)."""
+
+    def __init__(self, service: LedgerService) -> None:
+        self._svc = service
+
+    async def SetBudget(self, request: pb.SetBudgetRequest, context: Any) -> pb.Budget:
+        b = await self._svc.set_budget(
+            team=request.team,
+            agent=request.agent,
+            window=request.window,
+            limit_nanos=request.limit_nanos,
+            soft_limit_nanos=request.soft_limit_nanos,
+        )
+        return pb.Budget(
+            team=b.team, agent=b.agent, window=int(b.window), limit_nanos=b.limit_nanos,
+            soft_limit_nanos=b.soft_limit_nanos, update_time=_ts(b.updated_at),
+        )
+
+    async def ListSpend(self, request: pb.ListSpendRequest, context: Any) -> pb.ListSpendResponse:
+        totals = await self._svc.list_spend(
+            start=_opt_dt(request, "start_time"),
+            end=_opt_dt(request, "end_time"),
+            group_by=[_GROUP[g] for g in request.group_by if g in _GROUP],
+            team=request.team,
+        )
+        out = pb.ListSpendResponse()
+        for t in totals:
+            row = out.totals.add(
+                team=t.team, agent=t.agent, model=t.model, provider=t.provider,
+                request_count=t.request_count, cost_nanos=t.cost_nanos,
+                usage=pb.TokenUsage(
+                    input_tokens=t.usage.input_tokens, output_tokens=t.usage.output_tokens,
+                    cached_input_tokens=t.usage.cached_input_tokens,
+                ),
+            )
+            if t.day is not None:
+                row.day.CopyFrom(_ts(t.day))
+        return out
+
+    async def ListSpendEntries(
+        self, request: pb.ListSpendEntriesRequest, context: Any
+    ) -> pb.ListSpendEntriesResponse:
+        entries, token = await self._svc.list_entries(
+            team=request.team,
+            start=_opt_dt(request, "start_time"),
+            end=_opt_dt(request, "end_time"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListSpendEntriesResponse(entries=[spend_entry_pb(e) for e in entries], next_page_token=token)
+
+    async def SetPrices(self, request: pb.SetPricesRequest, context: Any) -> pb.SetPricesResponse:
+        version = await self._svc.set_prices(
+            request_id=request.request_id,
+            prices=[
+                ModelPrice(p.model, p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos)
+                for p in request.prices
+            ],
+            remove_models=list(request.remove_models),
+        )
+        return pb.SetPricesResponse(version=version)
+
+    async def ListPrices(self, request: pb.ListPricesRequest, context: Any) -> pb.ListPricesResponse:
+        pl = await self._svc.list_prices(version=request.version)
+        return pb.ListPricesResponse(
+            version=pl.version,
+            create_time=_ts(pl.created_at),
+            prices=[
+                pb.ModelPrice(model=m, input_per_mtok_nanos=i, output_per_mtok_nanos=o, cached_input_per_mtok_nanos=c)
+                for m, i, o, c in pl.prices
+            ],
+        )

@@ -1,0 +1,120 @@
+"""Ledger migrations up and down (empty and populated) and the operator reads' plans."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from services.common import db
+from services.ledger import domain as D
+from tests.integration.ledger_support import FakeClock, ledger_service, sql
+
+TABLES = {"teams", "budgets", "budget_counters", "holds", "spend_entries", "price_versions", "prices"}
+
+
+def _tables(url: str) -> set[str]:
+    return {r[0] for r in sql(url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")} - {
+        "alembic_version"
+    }
+
+
+def test_migrations_go_up_and_down_on_an_empty_database(fresh_database: str) -> None:
+    db.upgrade("ledger", fresh_database)
+    assert _tables(fresh_database) == TABLES
+    db.upgrade("ledger", fresh_database)  # idempotent
+    db.downgrade("ledger", fresh_database, "base")
+    assert _tables(fresh_database) == set()
+    assert sql(fresh_database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'ledger%%'") == [(0,)]
+    db.upgrade("ledger", fresh_database)
+    assert _tables(fresh_database) == TABLES
+
+
+async def test_migrations_go_down_and_up_on_a_populated_database(fresh_database: str) -> None:
+    async with ledger_service(fresh_database) as svc:
+        await svc.set_budget(team="t", agent="", window=1, limit_nanos=10**9)
+        res = await svc.reserve(request_id="r1", attempt=0, team="t", agent="a", model="fake-small",
+                                prompt_tokens_upper_bound=10, max_output_tokens=10)
+        await svc.settle(request_id="r1", reservation_id=str(res.hold.reservation_id), usage=D.Usage(1, 1, 0),
+                         provider="p", provider_model="m")
+        await svc.reserve(request_id="r2", attempt=0, team="t", agent="a", model="fake-small",
+                          prompt_tokens_upper_bound=10, max_output_tokens=10)
+    db.downgrade("ledger", fresh_database, "base")
+    assert _tables(fresh_database) == set()
+    async with ledger_service(fresh_database) as svc:  # migrates and seeds again
+        assert (await svc.list_prices()).version == 1
+
+
+async def test_operator_reads_use_indexes_with_many_entries(fresh_database: str) -> None:
+    db.upgrade("ledger", fresh_database)
+    sql(
+        fresh_database,
+        """
+        INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider, provider_model,
+          input_tokens, output_tokens, cached_input_tokens, cost_nanos, held_nanos, price_version, outcome,
+          created_at, reserve_time)
+        SELECT 'r' || g, gen_random_uuid(), 'team' || (g % 500), 'a' || (g % 7), 'm' || (g % 5), 'p', 'pm',
+               g % 1000, g % 300, 0, g % 100000, g % 100000, 1, 1,
+               timestamptz '2025-01-01' + (g * interval '13 seconds'),
+               timestamptz '2025-01-01' + (g * interval '13 seconds')
+        FROM generate_series(1, 200000) AS g
+        """,
+    )
+    sql(fresh_database, "ANALYZE spend_entries")
+    day = (dt.datetime(2025, 1, 15, tzinfo=dt.UTC), dt.datetime(2025, 1, 16, tzinfo=dt.UTC))
+    plans = {
+        "list_spend_team_day": sql(
+            fresh_database,
+            "EXPLAIN SELECT model, count(*), sum(cost_nanos) FROM spend_entries"
+            " WHERE created_at >= %s AND created_at < %s AND team = %s GROUP BY model",
+            (*day, "team42"),
+        ),
+        "list_spend_all_day": sql(
+            fresh_database,
+            "EXPLAIN SELECT team, count(*), sum(cost_nanos) FROM spend_entries"
+            " WHERE created_at >= %s AND created_at < %s GROUP BY team",
+            day,
+        ),
+        "entries_team_day": sql(
+            fresh_database,
+            "EXPLAIN SELECT ledger_entry_json(e) FROM spend_entries e WHERE team = %s AND created_at >= %s"
+            " AND created_at < %s ORDER BY created_at DESC, id DESC LIMIT 101",
+            ("team42", *day),
+        ),
+        "entries_page_2": sql(
+            fresh_database,
+            "EXPLAIN SELECT ledger_entry_json(e) FROM spend_entries e WHERE (created_at, id) < (%s, %s)"
+            " ORDER BY created_at DESC, id DESC LIMIT 101",
+            (day[1], 10**9),
+        ),
+    }
+    for name, rows in plans.items():
+        text = "\n".join(r[0] for r in rows)
+        assert "Seq Scan on spend_entries" not in text, f"{name}:\n{text}"
+        assert "ix_spend_entries" in text, f"{name}:\n{text}"
+
+
+async def test_list_spend_and_entries_group_and_page(fresh_database: str) -> None:
+    clock = FakeClock(dt.datetime(2025, 5, 1, 10, tzinfo=dt.UTC))
+    async with ledger_service(fresh_database, clock=clock) as svc:
+        for i in range(25):
+            team = "x" if i % 2 else "y"
+            res = await svc.reserve(request_id=f"r{i}", attempt=0, team=team, agent="a", model="fake-small",
+                                    prompt_tokens_upper_bound=100, max_output_tokens=100)
+            await svc.settle(request_id=f"r{i}", reservation_id=str(res.hold.reservation_id),
+                             usage=D.Usage(100, 100, 0), provider="fake", provider_model="m")
+            clock.advance(hours=2)
+        totals = await svc.list_spend(start=None, end=None, group_by=["team", "day"])
+        assert sum(t.request_count for t in totals) == 25
+        assert {t.team for t in totals} == {"x", "y"} and all(t.day is not None for t in totals)
+        assert sum(t.cost_nanos for t in totals) == 25 * (10_000 + 40_000)
+        seen: list[str] = []
+        token = ""
+        while True:
+            page, token = await svc.list_entries(team="x", page_size=5, page_token=token)
+            seen += [e.request_id for e in page]
+            if not token:
+                break
+        assert seen == [f"r{i}" for i in range(23, 0, -2)]
+        v2 = await svc.set_prices(request_id="p1", prices=[], remove_models=["fake-large"])
+        assert await svc.set_prices(request_id="p1", prices=[], remove_models=["fake-large"]) == v2 == 2
+        assert "fake-large" not in {m for m, *_ in (await svc.list_prices()).prices}
+        assert "fake-large" in {m for m, *_ in (await svc.list_prices(version=1)).prices}
