@@ -1,0 +1,231 @@
+"""The asyncio igw client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from igw.client._config import ClientConfig
+from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
+from igw.client._messages import MessagesArg, ToolLike, build_request
+from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.client._sync import USER_AGENT
+from igw.router.v1 import router_pb2, router_pb2_grpc
+
+__all__ = ["AsyncIgwClient"]
+
+_LOGGER = logging.getLogger("igw.client")
+T = TypeVar("T")
+
+
+class AsyncIgwClient:
+    """An asyncio client of the igw Router, for agents (same behaviour as :class:`IgwClient`).
+
+    Channels are created on first use, inside the running event loop; use one client per loop::
+
+        async with AsyncIgwClient.from_env() as client:
+            async for event in client.stream("fast", "Tell me a story"):
+                if event.HasField("text_delta"):
+                    print(event.text_delta.text, end="")
+    """
+
+    def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
+        """Uses ``config``, or builds one from ``IGW_*`` variables with ``overrides``."""
+        if config is None:
+            config = ClientConfig.from_env(**overrides)
+        elif overrides:
+            raise ClientConfigError("pass either a ClientConfig or keyword settings, not both")
+        self._config = config
+        self._rotation = AddressRotation(len(config.addresses))
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._closed = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> AsyncIgwClient:
+        """A client configured from ``IGW_*`` environment variables (``overrides`` win)."""
+        return cls(ClientConfig.from_env(**overrides))
+
+    @property
+    def config(self) -> ClientConfig:
+        """The configuration in use."""
+        return self._config
+
+    # ------------------------------------------------------------------ channels
+
+    def _stub(self, index: int) -> router_pb2_grpc.RouterServiceStub:
+        if self._closed:
+            raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
+        channel = self._channels.get(index)
+        if channel is None:
+            if self._credentials is None:
+                self._credentials = self._config.credentials()
+            options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
+            channel = grpc.aio.secure_channel(self._config.addresses[index], self._credentials, options)
+            self._channels[index] = channel
+        return router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
+
+    async def close(self, grace: float | None = None) -> None:
+        """Closes every channel (waiting up to ``grace`` seconds for calls in flight)."""
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(grace)
+
+    async def __aenter__(self) -> AsyncIgwClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ retry loop
+
+    async def _unary(
+        self,
+        call: Callable[[router_pb2_grpc.RouterServiceStub, float], Awaitable[T]],
+        timeout: float | None,
+    ) -> T:
+        deadline = Deadline(timeout if timeout is not None else self._config.timeout)
+        index = self._rotation.current()
+        for attempt in range(self._config.max_attempts):
+            try:
+                return await call(self._stub(index), max(deadline.remaining(), 0.001))
+            except grpc.RpcError as err:
+                error = error_from_rpc_error(err)
+            if not self._should_retry(error, attempt, deadline):
+                raise error
+            index = await self._backoff(index, attempt, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _should_retry(self, error: IgwError, attempt: int, deadline: Deadline) -> bool:
+        return is_retryable(error.code) and attempt + 1 < self._config.max_attempts and deadline.allows(0)
+
+    async def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
+        next_index = self._rotation.failed(index)
+        delay = backoff_delay(attempt)
+        _LOGGER.debug(
+            "router %s unavailable (%s); retrying on %s in %.2fs",
+            self._config.addresses[index],
+            error.message,
+            self._config.addresses[next_index],
+            delay,
+        )
+        await asyncio.sleep(delay)
+        return next_index
+
+    # ------------------------------------------------------------------ agent RPCs
+
+    async def generate(
+        self,
+        model: str,
+        messages: MessagesArg,
+        *,
+        system: str | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> router_pb2.GenerateResponse:
+        """Sends one request to model alias ``model`` and returns the whole answer.
+
+        See :meth:`igw.client.IgwClient.generate`.
+        """
+        request = build_request(
+            model,
+            messages,
+            system=system,
+            tools=tools,
+            tool_choice=tool_choice,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            request_id=request_id,
+        )
+        response: router_pb2.GenerateResponse = await self._unary(
+            lambda stub, t: stub.Generate(request, timeout=t), timeout
+        )
+        return response
+
+    def stream(
+        self,
+        model: str,
+        messages: MessagesArg,
+        *,
+        system: str | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        """Yields the answer as it arrives (``async for``); see :meth:`igw.client.IgwClient.stream`."""
+        request = build_request(
+            model,
+            messages,
+            system=system,
+            tools=tools,
+            tool_choice=tool_choice,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            request_id=request_id,
+        )
+        return self._stream(request, timeout)
+
+    async def _stream(
+        self, request: router_pb2.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        deadline = Deadline(timeout if timeout is not None else self._config.timeout)
+        index = self._rotation.current()
+        for attempt in range(self._config.max_attempts):
+            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001))
+            yielded = False
+            try:
+                async for message in call:
+                    yielded = True
+                    yield message
+                return
+            except grpc.RpcError as err:
+                error = error_from_rpc_error(err)
+            finally:
+                # The consumer left early (or failed): do not keep the upstream call running.
+                call.cancel()
+            if yielded or not self._should_retry(error, attempt, deadline):
+                raise error
+            index = await self._backoff(index, attempt, error)
+
+    async def list_models(self, *, timeout: float | None = None) -> router_pb2.ListModelsResponse:
+        """The model aliases the caller's team may use, with prices and capabilities."""
+        request = router_pb2.ListModelsRequest()
+        response: router_pb2.ListModelsResponse = await self._unary(
+            lambda stub, t: stub.ListModels(request, timeout=t), timeout
+        )
+        return response
+
+    async def get_budget(self, *, timeout: float | None = None) -> router_pb2.GetBudgetResponse:
+        """The caller's own team's budgets (and its agent's, if any)."""
+        request = router_pb2.GetBudgetRequest()
+        response: router_pb2.GetBudgetResponse = await self._unary(
+            lambda stub, t: stub.GetBudget(request, timeout=t), timeout
+        )
+        return response
+
+    def __repr__(self) -> str:
+        return f"AsyncIgwClient(addresses={list(self._config.addresses)!r})"

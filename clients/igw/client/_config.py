@@ -1,0 +1,215 @@
+"""Client configuration: router addresses, mTLS files, deadline and retry budget.
+
+Read from arguments, or from ``IGW_*`` environment variables with :meth:`ClientConfig.from_env`
+(arguments win). Files are checked when the config is built, so a missing or expired
+certificate fails at once with a message that says what to do, not at the first call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from igw.client._errors import CertificateExpired, ClientConfigError
+
+__all__ = ["ENV_VARS", "ClientConfig", "certificate_not_after"]
+
+#: The environment variables :meth:`ClientConfig.from_env` reads.
+ENV_VARS = (
+    "IGW_ROUTER_ADDRS",
+    "IGW_TLS_CERT",
+    "IGW_TLS_KEY",
+    "IGW_TLS_CA",
+    "IGW_SERVER_NAME",
+    "IGW_TIMEOUT",
+    "IGW_MAX_ATTEMPTS",
+)
+
+# Long-lived channels: keepalive notices a dead router; no per-call TLS handshakes.
+_CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    # Our own retry loop rotates addresses and keeps the request id; grpc's would not.
+    ("grpc.enable_retries", 0),
+)
+
+
+def certificate_not_after(path: Path) -> dt.datetime | None:
+    """The certificate's notAfter (UTC), or ``None`` when it cannot be read without extra packages.
+
+    Uses the standard library's certificate decoder (``ssl._ssl._test_decode_cert``), which
+    takes a PEM file path; it is private API, so any failure degrades to "unknown".
+    """
+    decode = getattr(getattr(ssl, "_ssl", None), "_test_decode_cert", None)
+    if decode is None:
+        return None
+    try:
+        info = decode(str(path))
+        not_after = info["notAfter"]
+        return dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), tz=dt.UTC)
+    except Exception:  # unknown format, no notAfter: let the TLS handshake decide
+        return None
+
+
+def _check_file(what: str, env_var: str, value: Path) -> Path:
+    if not value.is_file():
+        raise ClientConfigError(
+            f"{what} file {value} does not exist (set it with the argument or {env_var})",
+            reason="FILE_NOT_FOUND",
+        )
+    if not os.access(value, os.R_OK):
+        raise ClientConfigError(f"{what} file {value} is not readable", reason="FILE_NOT_READABLE")
+    return value
+
+
+def _split_addresses(value: str | Sequence[str]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(a.strip() for a in items if a and a.strip())
+
+
+@dataclass(frozen=True, init=False)
+class ClientConfig:
+    """Where the router is and how to prove who we are.
+
+    Args:
+        addresses: one or more ``host:port`` of router replicas (a list, or a comma-separated
+            string); calls rotate across them when one is UNAVAILABLE.
+        cert: the agent's client certificate (PEM), carrying its SPIFFE identity.
+        key: its private key (PEM).
+        ca: the CA that signed the router's certificate (PEM).
+        server_name: the name the router's certificate is checked against.
+        timeout: the default deadline of a call, in seconds (a call may pass its own).
+        max_attempts: how many times a call is tried in all when the router is UNAVAILABLE.
+
+    Raises:
+        ClientConfigError: no address, a missing file, bad numbers.
+        CertificateExpired: the client certificate is past its notAfter.
+    """
+
+    addresses: tuple[str, ...]
+    cert: Path
+    key: Path
+    ca: Path
+    server_name: str
+    timeout: float
+    max_attempts: int
+
+    def __init__(
+        self,
+        addresses: Sequence[str] | str,
+        cert: str | os.PathLike[str],
+        key: str | os.PathLike[str],
+        ca: str | os.PathLike[str],
+        server_name: str = "localhost",
+        timeout: float = 60.0,
+        max_attempts: int = 4,
+    ) -> None:
+        addrs = _split_addresses(addresses)
+        if not addrs:
+            raise ClientConfigError(
+                "no router address given (pass addresses=[...] or set IGW_ROUTER_ADDRS=host:port,...)",
+                reason="NO_ADDRESS",
+            )
+        if not timeout > 0:
+            raise ClientConfigError(f"timeout must be positive, got {timeout}", reason="BAD_TIMEOUT")
+        if max_attempts < 1:
+            raise ClientConfigError(f"max_attempts must be at least 1, got {max_attempts}", reason="BAD_MAX_ATTEMPTS")
+        values = {
+            "addresses": addrs,
+            "cert": _check_file("client certificate", "IGW_TLS_CERT", Path(cert)),
+            "key": _check_file("client key", "IGW_TLS_KEY", Path(key)),
+            "ca": _check_file("CA certificate", "IGW_TLS_CA", Path(ca)),
+            "server_name": server_name,
+            "timeout": float(timeout),
+            "max_attempts": int(max_attempts),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+        self.check_certificate()
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        addresses: Sequence[str] | str | None = None,
+        cert: str | os.PathLike[str] | None = None,
+        key: str | os.PathLike[str] | None = None,
+        ca: str | os.PathLike[str] | None = None,
+        server_name: str | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> ClientConfig:
+        """Builds a config from ``IGW_*`` variables; any argument given overrides its variable.
+
+        ``IGW_ROUTER_ADDRS`` (comma separated), ``IGW_TLS_CERT``, ``IGW_TLS_KEY``, ``IGW_TLS_CA``,
+        ``IGW_SERVER_NAME`` (default ``localhost``), ``IGW_TIMEOUT`` (seconds, default 60),
+        ``IGW_MAX_ATTEMPTS`` (default 4).
+        """
+        source = os.environ if env is None else env
+
+        def need(value: str | os.PathLike[str] | None, var: str, what: str) -> Path:
+            if value is not None:
+                return Path(value)
+            text = source.get(var, "").strip()
+            if not text:
+                raise ClientConfigError(f"no {what} given (pass it or set {var})", reason="MISSING_SETTING")
+            return Path(text)
+
+        def number(var: str, default: float) -> float:
+            text = source.get(var, "").strip()
+            if not text:
+                return default
+            try:
+                return float(text)
+            except ValueError:
+                raise ClientConfigError(f"{var}={text!r} is not a number", reason="BAD_SETTING") from None
+
+        addrs = _split_addresses(addresses if addresses is not None else source.get("IGW_ROUTER_ADDRS", ""))
+        if not addrs:
+            raise ClientConfigError(
+                "no router address given (pass addresses=[...] or set IGW_ROUTER_ADDRS=host:port,...)",
+                reason="NO_ADDRESS",
+            )
+        return cls(
+            addresses=addrs,
+            cert=need(cert, "IGW_TLS_CERT", "client certificate"),
+            key=need(key, "IGW_TLS_KEY", "client key"),
+            ca=need(ca, "IGW_TLS_CA", "CA certificate"),
+            server_name=server_name or source.get("IGW_SERVER_NAME", "").strip() or "localhost",
+            timeout=timeout if timeout is not None else number("IGW_TIMEOUT", 60.0),
+            max_attempts=max_attempts if max_attempts is not None else int(number("IGW_MAX_ATTEMPTS", 4)),
+        )
+
+    def check_certificate(self, now: dt.datetime | None = None) -> None:
+        """Raises :class:`CertificateExpired` when the client certificate is past its notAfter."""
+        not_after = certificate_not_after(self.cert)
+        if not_after is None:
+            return
+        if (now or dt.datetime.now(dt.UTC)) >= not_after:
+            raise CertificateExpired(
+                f"client certificate {self.cert} expired at {not_after:%Y-%m-%dT%H:%M:%SZ}; "
+                "issue a new one (e.g. `igw pki issue agent TEAM AGENT --dir DIR`)"
+            )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """mTLS channel credentials: present our certificate, trust only our CA."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes(),
+            certificate_chain=self.cert.read_bytes(),
+        )
+
+    def channel_options(self) -> list[tuple[str, int | str]]:
+        """Channel options: keepalive, message sizes, the TLS name override."""
+        return [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]

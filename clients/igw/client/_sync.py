@@ -1,0 +1,247 @@
+"""The blocking igw client."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from igw.client._config import ClientConfig
+from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
+from igw.client._messages import MessagesArg, ToolLike, build_request
+from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.router.v1 import router_pb2, router_pb2_grpc
+
+__all__ = ["IgwClient"]
+
+_LOGGER = logging.getLogger("igw.client")
+T = TypeVar("T")
+USER_AGENT = "igw-client/0.1"
+
+
+class IgwClient:
+    """A blocking client of the igw Router, for agents.
+
+    One long-lived mTLS channel per router address, created on first use. Every call has a
+    deadline; UNAVAILABLE is retried on the next address with backoff, keeping the request
+    id; every other failure raises one typed :class:`~igw.client.IgwError`.
+
+    Use as a context manager, or call :meth:`close`::
+
+        with IgwClient.from_env() as client:
+            answer = client.generate("fast", "Say hello")
+            print(answer.text)
+    """
+
+    def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
+        """Uses ``config``, or builds one from ``IGW_*`` variables with ``overrides``
+        (``addresses``, ``cert``, ``key``, ``ca``, ``server_name``, ``timeout``, ``max_attempts``)."""
+        if config is None:
+            config = ClientConfig.from_env(**overrides)
+        elif overrides:
+            raise ClientConfigError("pass either a ClientConfig or keyword settings, not both")
+        self._config = config
+        self._rotation = AddressRotation(len(config.addresses))
+        self._channels: dict[int, grpc.Channel] = {}
+        self._credentials: grpc.ChannelCredentials | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> IgwClient:
+        """A client configured from ``IGW_*`` environment variables (``overrides`` win)."""
+        return cls(ClientConfig.from_env(**overrides))
+
+    @property
+    def config(self) -> ClientConfig:
+        """The configuration in use."""
+        return self._config
+
+    # ------------------------------------------------------------------ channels
+
+    def _stub(self, index: int) -> router_pb2_grpc.RouterServiceStub:
+        return router_pb2_grpc.RouterServiceStub(self._channel(index))  # type: ignore[no-untyped-call]
+
+    def _channel(self, index: int) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
+            channel = self._channels.get(index)
+            if channel is None:
+                if self._credentials is None:
+                    self._credentials = self._config.credentials()
+                options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
+                channel = grpc.secure_channel(self._config.addresses[index], self._credentials, options)
+                self._channels[index] = channel
+            return channel
+
+    def close(self) -> None:
+        """Closes every channel. The client cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> IgwClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ retry loop
+
+    def _unary(self, call: Callable[[router_pb2_grpc.RouterServiceStub, float], T], timeout: float | None) -> T:
+        deadline = Deadline(timeout if timeout is not None else self._config.timeout)
+        index = self._rotation.current()
+        for attempt in range(self._config.max_attempts):
+            try:
+                return call(self._stub(index), max(deadline.remaining(), 0.001))
+            except grpc.RpcError as err:
+                error = error_from_rpc_error(err)
+            if not self._should_retry(error, attempt, deadline):
+                raise error
+            index = self._backoff(index, attempt, error)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _should_retry(self, error: IgwError, attempt: int, deadline: Deadline) -> bool:
+        return is_retryable(error.code) and attempt + 1 < self._config.max_attempts and deadline.allows(0)
+
+    def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
+        next_index = self._rotation.failed(index)
+        delay = backoff_delay(attempt)
+        _LOGGER.debug(
+            "router %s unavailable (%s); retrying on %s in %.2fs",
+            self._config.addresses[index],
+            error.message,
+            self._config.addresses[next_index],
+            delay,
+        )
+        time.sleep(delay)
+        return next_index
+
+    # ------------------------------------------------------------------ agent RPCs
+
+    def generate(
+        self,
+        model: str,
+        messages: MessagesArg,
+        *,
+        system: str | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> router_pb2.GenerateResponse:
+        """Sends one request to model alias ``model`` and returns the whole answer.
+
+        ``messages`` is a prompt string or a list of messages (see :func:`user`,
+        :func:`assistant`, :func:`tool_result`). A request id is generated when none is given
+        and reused across retries, so the gateway counts the call once.
+
+        Raises:
+            BudgetExceeded: the team's budget cannot cover the call.
+            IgwError: any other failure, typed by code and reason.
+        """
+        request = build_request(
+            model,
+            messages,
+            system=system,
+            tools=tools,
+            tool_choice=tool_choice,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            request_id=request_id,
+        )
+        response: router_pb2.GenerateResponse = self._unary(lambda stub, t: stub.Generate(request, timeout=t), timeout)
+        return response
+
+    def stream(
+        self,
+        model: str,
+        messages: MessagesArg,
+        *,
+        system: str | None = None,
+        tools: Sequence[ToolLike] | None = None,
+        tool_choice: str | None = None,
+        max_output_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[router_pb2.GenerateStreamResponse]:
+        """Like :meth:`generate`, but yields the answer as it arrives.
+
+        The first message is ``start`` (the deployment committed to), then ``text_delta`` /
+        ``tool_call_delta`` pieces, and the last is ``final`` (usage and cost). A stream that
+        fails before its first message is retried like a unary call; after it, never.
+        Leaving the loop early cancels the call.
+        """
+        request = build_request(
+            model,
+            messages,
+            system=system,
+            tools=tools,
+            tool_choice=tool_choice,
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            request_id=request_id,
+        )
+        return self._stream(request, timeout)
+
+    def _stream(
+        self, request: router_pb2.GenerateRequest, timeout: float | None
+    ) -> Iterator[router_pb2.GenerateStreamResponse]:
+        deadline = Deadline(timeout if timeout is not None else self._config.timeout)
+        index = self._rotation.current()
+        for attempt in range(self._config.max_attempts):
+            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001))
+            yielded = False
+            try:
+                for message in call:
+                    yielded = True
+                    yield message
+                return
+            except grpc.RpcError as err:
+                error = error_from_rpc_error(err)
+            finally:
+                # The consumer left early (or failed): do not keep the upstream call running.
+                call.cancel()
+            if yielded or not self._should_retry(error, attempt, deadline):
+                raise error
+            index = self._backoff(index, attempt, error)
+
+    def list_models(self, *, timeout: float | None = None) -> router_pb2.ListModelsResponse:
+        """The model aliases the caller's team may use, with prices and capabilities."""
+        request = router_pb2.ListModelsRequest()
+        response: router_pb2.ListModelsResponse = self._unary(
+            lambda stub, t: stub.ListModels(request, timeout=t), timeout
+        )
+        return response
+
+    def get_budget(self, *, timeout: float | None = None) -> router_pb2.GetBudgetResponse:
+        """The caller's own team's budgets (and its agent's, if any)."""
+        request = router_pb2.GetBudgetRequest()
+        response: router_pb2.GetBudgetResponse = self._unary(
+            lambda stub, t: stub.GetBudget(request, timeout=t), timeout
+        )
+        return response
+
+    def __repr__(self) -> str:
+        return f"IgwClient(addresses={list(self._config.addresses)!r})"

@@ -1,0 +1,1 @@
+"""The `igw` command line: dev PKI, `igw up`, health probes, agent and operator commands."""
