@@ -1,25 +1,94 @@
-"""Wires the keyvault service: servicers, authorisation table, runtime."""
+"""Wires the keyvault service: database, master-key check, audit writer, servicers, runtime.
+
+Start-up order: migrate the vault's own database, check the master key against the stored
+check value, start the audit writer, then serve. A missing, malformed or wrong master key
+does not stop the process: it serves *sealed* — health NOT_SERVING, one clear error line
+in the log (never key bytes), and every RPC but health answers UNAVAILABLE
+``MASTER_KEY_UNAVAILABLE`` — so an orchestrator sees exactly what is wrong.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Callable
+
 import grpc
+from prometheus_client import CollectorRegistry
 
 from igw.keyvault.v1 import keyvault_pb2_grpc
+from services.common.db import make_async_engine, upgrade
+from services.common.server import ServiceRuntime
+from services.keyvault import domain as D
+from services.keyvault.audit import AuditMetrics, AuditWriter
 from services.keyvault.authz import POLICY
 from services.keyvault.config import Settings
-from services.common.server import ServiceRuntime
+from services.keyvault.repository import check_master_key
+from services.keyvault.service import VaultService
+from services.keyvault.servicer import KeyVaultAdminServicer, KeyVaultServicer
+
+_LOGGER = logging.getLogger(__name__)
 
 SERVICE_NAMES = ("igw.keyvault.v1.KeyVaultService", "igw.keyvault.v1.KeyVaultAdminService")
 
 
-def _register(server: grpc.aio.Server) -> None:
-    # Skeleton: every method answers UNIMPLEMENTED until the keyvault issue fills it in.
-    keyvault_pb2_grpc.add_KeyVaultServiceServicer_to_server(keyvault_pb2_grpc.KeyVaultServiceServicer(), server)
-    keyvault_pb2_grpc.add_KeyVaultAdminServiceServicer_to_server(keyvault_pb2_grpc.KeyVaultAdminServiceServicer(), server)
+async def build(
+    settings: Settings,
+    *,
+    clock: Callable[[], dt.datetime] = D.utcnow,
+) -> ServiceRuntime:
+    """Builds the keyvault's runtime (not yet started); ``runtime.vault`` is the VaultService."""
+    if settings.migrate:
+        await asyncio.to_thread(upgrade, "keyvault", settings.database_url)
+    engine = make_async_engine(settings.database_url, pool_size=10, max_overflow=20)
+    master = settings.master_key
+    if master is None:
+        _LOGGER.error(
+            "vault sealed: %s; every RPC answers UNAVAILABLE MASTER_KEY_UNAVAILABLE until restarted with it",
+            settings.master_key_problem,
+        )
+    else:
+        problem = await check_master_key(engine, master, clock)
+        if problem is not None:
+            _LOGGER.error(
+                "vault sealed: %s; every RPC answers UNAVAILABLE MASTER_KEY_UNAVAILABLE until restarted with "
+                "the right key",
+                problem,
+            )
+            master = None
+        else:
+            _LOGGER.info("vault unsealed", extra={"master_key_id": master.key_id})
 
-
-async def build(settings: Settings) -> ServiceRuntime:
-    """Builds the keyvault's runtime (not yet started)."""
-    return ServiceRuntime(
-        settings.runtime, policy=POLICY, registrars=[_register], service_names=SERVICE_NAMES
+    registry = CollectorRegistry()
+    metrics = AuditMetrics(registry)
+    writer = AuditWriter(engine, metrics, clock, lock_timeout_ms=settings.audit_lock_timeout_ms)
+    writer.start()
+    service = VaultService(
+        engine,
+        writer,
+        metrics,
+        master,
+        clock=clock,
+        lease_ttl=dt.timedelta(seconds=settings.lease_ttl_seconds),
+        lease_max_ttl=dt.timedelta(seconds=settings.lease_max_ttl_seconds),
+        default_grace=dt.timedelta(seconds=settings.grace_seconds),
+        key_cache_seconds=settings.key_cache_seconds,
     )
+
+    def register(server: grpc.aio.Server) -> None:
+        keyvault_pb2_grpc.add_KeyVaultServiceServicer_to_server(KeyVaultServicer(service), server)
+        keyvault_pb2_grpc.add_KeyVaultAdminServiceServicer_to_server(KeyVaultAdminServicer(service), server)
+
+    runtime = ServiceRuntime(
+        settings.runtime,
+        policy=POLICY,
+        registrars=[register],
+        service_names=SERVICE_NAMES,
+        registry=registry,
+        closers=[engine.dispose, writer.close],  # closed in reverse: writer first, then the engine
+        access_log=False,
+        initially_serving=not service.sealed,
+    )
+    runtime.vault = service  # type: ignore[attr-defined]
+    return runtime

@@ -1,0 +1,364 @@
+"""The hash-chained, append-only audit log: one writer per process, group commit.
+
+Every lease, denial and admin action becomes one record whose hash covers its fields and
+the previous record's hash. Appends are serialised so sequences have no gaps:
+
+* inside a process, one writer task takes every record waiting in its queue and writes
+  them in one transaction (group commit: concurrent callers share one commit);
+* across vault replicas, that transaction first takes ``pg_advisory_xact_lock`` and reads
+  the chain's head inside the lock, so all replicas extend one chain.
+
+A caller's ``append`` returns only once its record is committed (``synchronous_commit``
+forced on for that transaction, whatever the server default). If the write fails, every
+caller of that batch gets ``Unavailable(AUDIT_UNAVAILABLE)`` and must not hand out anything.
+
+Admin mutations run *inside* the batch transaction (``action`` callbacks, each in a
+savepoint), so a key change and its audit record commit or vanish together. A callback that
+raises an ``IgwError`` is recorded as a denial with that reason and its error re-raised;
+one that raises :class:`Replay` (an idempotent retry) writes no record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy import Connection, and_, func, insert, select, text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.common import errors as E
+from services.keyvault import domain as D
+from services.keyvault.orm import audit_events
+
+_LOGGER = logging.getLogger(__name__)
+
+#: One advisory lock id for the chain, shared by every replica and by ``igw vault rewrap``.
+CHAIN_LOCK_ID = int.from_bytes(hashlib.sha256(b"igw-keyvault-audit-chain").digest()[:8], "big", signed=True)
+
+_WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1, 2, 5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+Action = Callable[[AsyncConnection, D.AuditDraft], Awaitable[Any]]
+
+
+class Replay(Exception):
+    """Raised by an admin action that is an idempotent replay: no record, return ``result``."""
+
+    def __init__(self, result: Any) -> None:
+        super().__init__("replay")
+        self.result = result
+
+
+def audit_unavailable() -> E.Unavailable:
+    """The one error callers get when their record could not be made durable."""
+    return E.Unavailable("AUDIT_UNAVAILABLE", "the audit log cannot be written; nothing was issued")
+
+
+@dataclass
+class AuditMetrics:
+    """Vault metrics on the runtime's registry (labels never carry secrets)."""
+
+    registry: CollectorRegistry
+    write_seconds: Histogram = field(init=False)
+    batch_size: Histogram = field(init=False)
+    leases_issued: Counter = field(init=False)
+    leases_denied: Counter = field(init=False)
+    write_failures: Counter = field(init=False)
+    integrity_failures: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.write_seconds = Histogram(
+            "igw_keyvault_audit_write_seconds", "Time to commit one audit batch.", buckets=_WRITE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "igw_keyvault_audit_batch_size", "Audit records per committed batch.", buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.leases_issued = Counter(
+            "igw_keyvault_leases_issued", "Leases issued, by provider.", ["provider"], registry=r
+        )
+        self.leases_denied = Counter(
+            "igw_keyvault_leases_denied", "IssueCredential denials, by provider and reason.",
+            ["provider", "reason"], registry=r,
+        )
+        self.write_failures = Counter(
+            "igw_keyvault_audit_write_failures", "Audit batches that could not be committed.", registry=r
+        )
+        self.integrity_failures = Counter(
+            "igw_keyvault_integrity_failures", "Stored secrets or data keys that failed to authenticate.",
+            registry=r,
+        )
+
+
+@dataclass
+class _Item:
+    draft: D.AuditDraft
+    action: Action | None
+    future: asyncio.Future[tuple[D.AuditRecord | None, Any]]
+
+
+def build_records(
+    drafts: Sequence[D.AuditDraft], head: tuple[int, str] | None, now: dt.datetime
+) -> list[D.AuditRecord]:
+    """Chains ``drafts`` after ``head`` (the last stored sequence and hash, or None)."""
+    seq, prev = head if head is not None else (0, D.GENESIS_HASH)
+    out = []
+    for draft in drafts:
+        seq += 1
+        rec = D.chain(draft, seq, now, prev)
+        out.append(rec)
+        prev = rec.hash
+    return out
+
+
+_HEAD = select(audit_events.c.sequence, audit_events.c.hash).order_by(audit_events.c.sequence.desc()).limit(1)
+_LOCK = text(
+    "SELECT set_config('lock_timeout', :lock_ms, true), set_config('statement_timeout', :stmt_ms, true),"
+    " set_config('synchronous_commit', 'on', true), pg_advisory_xact_lock(:lock_id)"
+)
+
+
+def append_sync(conn: Connection, drafts: Sequence[D.AuditDraft], now: dt.datetime) -> list[D.AuditRecord]:
+    """Appends within the caller's (synchronous) transaction, e.g. ``igw vault rewrap``."""
+    conn.execute(_LOCK, {"lock_ms": "10000", "stmt_ms": "60000", "lock_id": CHAIN_LOCK_ID})
+    row = conn.execute(_HEAD).first()
+    records = build_records(drafts, (row[0], row[1]) if row else None, now)
+    if records:
+        conn.execute(insert(audit_events), [r.as_row() for r in records])
+    return records
+
+
+class AuditWriter:
+    """The single audit writer task of a vault process."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: AuditMetrics,
+        clock: Callable[[], dt.datetime] = D.utcnow,
+        *,
+        max_batch: int = 1024,
+        lock_timeout_ms: int = 2000,
+        statement_timeout_ms: int = 5000,
+    ) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._clock = clock
+        self._max_batch = max_batch
+        self._params = {
+            "lock_ms": str(lock_timeout_ms),
+            "stmt_ms": str(statement_timeout_ms),
+            "lock_id": CHAIN_LOCK_ID,
+        }
+        self._queue: asyncio.Queue[_Item | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Starts the writer task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="keyvault-audit-writer")
+
+    async def close(self) -> None:
+        """Writes what is queued, then stops."""
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        try:
+            await asyncio.wait_for(self._task, 10)
+        except (TimeoutError, asyncio.CancelledError):
+            self._task.cancel()
+        self._task = None
+
+    async def append(
+        self, draft: D.AuditDraft, action: Action | None = None
+    ) -> tuple[D.AuditRecord | None, Any]:
+        """Queues a record (and optional in-transaction action); returns once committed.
+
+        Raises ``Unavailable(AUDIT_UNAVAILABLE)`` if the batch could not be committed, or the
+        action's own ``IgwError`` (after its denial record was committed).
+        """
+        if self._task is None or self._task.done():
+            raise audit_unavailable()
+        fut: asyncio.Future[tuple[D.AuditRecord | None, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Item(draft, action, fut))
+        # Shield: a caller that goes away must not cancel a batch other callers share.
+        return await asyncio.shield(fut)
+
+    async def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                await self._write(batch)
+            except Exception:  # the writer must outlive any one failure
+                _LOGGER.exception("audit writer failed unexpectedly")
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(audit_unavailable())
+
+    async def _write(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        results: list[tuple[Any, BaseException | None, bool]] = []
+        try:
+            async with self._engine.connect() as conn:
+                async with conn.begin():
+                    await conn.execute(_LOCK, self._params)
+                    row = (await conn.execute(_HEAD)).first()
+                    drafts: list[D.AuditDraft] = []
+                    for item in batch:
+                        result, err, write = await self._run_action(conn, item)
+                        results.append((result, err, write))
+                        if write:
+                            drafts.append(item.draft)
+                    now = self._clock()
+                    records = build_records(drafts, (row[0], row[1]) if row else None, now)
+                    if records:
+                        await conn.execute(insert(audit_events), [r.as_row() for r in records])
+        except Exception as exc:
+            self._metrics.write_failures.inc()
+            _LOGGER.error(
+                "audit batch could not be committed; refusing the calls waiting on it",
+                extra={"batch_size": len(batch), "error_type": type(exc).__name__},
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(audit_unavailable())
+            return
+        elapsed = time.perf_counter() - start
+        self._metrics.write_seconds.observe(elapsed)
+        self._metrics.batch_size.observe(len(records))
+        it = iter(records)
+        for item, (result, err, write) in zip(batch, results, strict=True):
+            rec = next(it) if write else None
+            if item.future.done():
+                continue
+            if err is not None:
+                item.future.set_exception(err)
+            else:
+                item.future.set_result((rec, result))
+
+    async def _run_action(self, conn: AsyncConnection, item: _Item) -> tuple[Any, BaseException | None, bool]:
+        if item.action is None:
+            return None, None, True
+        savepoint = await conn.begin_nested()
+        try:
+            result = await item.action(conn, item.draft)
+        except Replay as replay:
+            await savepoint.rollback()
+            return replay.result, None, False
+        except E.IgwError as err:
+            await savepoint.rollback()
+            item.draft.outcome = D.AuditOutcome.DENIED
+            item.draft.reason = err.reason
+            return None, err, True
+        except Exception:
+            await savepoint.rollback()
+            _LOGGER.exception("admin action failed")
+            item.draft.outcome = D.AuditOutcome.DENIED
+            item.draft.reason = "INTERNAL"
+            return None, E.Internal("INTERNAL", "internal error"), True
+        await savepoint.commit()
+        return result, None, True
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _to_record(row: Row[Any]) -> D.AuditRecord:
+    m = row._mapping
+    return D.AuditRecord(**{c.name: m[c.name] for c in audit_events.columns})
+
+
+async def list_events(
+    engine: AsyncEngine, flt: D.AuditFilter, page_size: int, before_sequence: int | None
+) -> tuple[list[D.AuditRecord], int | None]:
+    """Newest first; returns the page and the sequence to continue below (None when done)."""
+    c = audit_events.c
+    conds = []
+    if before_sequence is not None:
+        conds.append(c.sequence < before_sequence)
+    if flt.action is not None:
+        conds.append(c.action == flt.action.value)
+    if flt.outcome is not None:
+        conds.append(c.outcome == flt.outcome.value)
+    if flt.key_name:
+        conds.append(c.key_name == flt.key_name)
+    if flt.team:
+        conds.append(c.team == flt.team)
+    if flt.request_id:
+        conds.append(c.request_id == flt.request_id)
+    if flt.start_time is not None:
+        conds.append(c.created_at >= flt.start_time)
+    if flt.end_time is not None:
+        conds.append(c.created_at < flt.end_time)
+    stmt = select(audit_events).order_by(c.sequence.desc()).limit(page_size + 1)
+    if conds:
+        stmt = stmt.where(and_(*conds))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    records = [_to_record(r) for r in rows[:page_size]]
+    more = len(rows) > page_size
+    return records, (records[-1].sequence if more and records else None)
+
+
+async def verify_chain(engine: AsyncEngine, page: int = 5000) -> D.VerifyResult:
+    """Walks the chain in sequence order; names the first record that does not verify."""
+    checked = 0
+    expected_seq = 1
+    prev = D.GENESIS_HASH
+    after = 0
+    c = audit_events.c
+    async with engine.connect() as conn:
+        # One snapshot for the whole walk, so concurrent appends cannot look like gaps.
+        async with conn.begin():
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            while True:
+                rows = (
+                    await conn.execute(
+                        select(audit_events).where(c.sequence > after).order_by(c.sequence).limit(page)
+                    )
+                ).all()
+                if not rows:
+                    break
+                for row in rows:
+                    rec = _to_record(row)
+                    if rec.sequence != expected_seq:
+                        return D.VerifyResult(False, checked, expected_seq, "SEQUENCE_GAP")
+                    checked += 1
+                    if D.recompute_hash(rec) != rec.hash:
+                        return D.VerifyResult(False, checked, rec.sequence, "HASH_MISMATCH")
+                    if rec.prev_hash != prev:
+                        return D.VerifyResult(False, checked, rec.sequence, "CHAIN_BROKEN")
+                    prev = rec.hash
+                    expected_seq += 1
+                    after = rec.sequence
+    return D.VerifyResult(True, checked)
+
+
+async def chain_head(engine: AsyncEngine) -> int:
+    """The last sequence (0 when empty)."""
+    async with engine.connect() as conn:
+        value = (await conn.execute(select(func.coalesce(func.max(audit_events.c.sequence), 0)))).scalar_one()
+    return int(value)

@@ -1,0 +1,447 @@
+"""KeyVault domain: provider keys, versions, leases, audit records, validation.
+
+Errors raised by the vault (all from ``services.common.errors``; the reason is the API):
+
+    IgwError
+    ├── InvalidArgument     INVALID_ARGUMENT   <FIELD>_INVALID (the message names the field,
+    │                                            never echoes the value)
+    ├── NotFound            NOT_FOUND          KEY_NOT_FOUND
+    ├── AlreadyExists       ALREADY_EXISTS     KEY_EXISTS
+    ├── FailedPrecondition  FAILED_PRECONDITION KEY_DISABLED
+    ├── Aborted             ABORTED            REQUEST_ID_REUSED (same id, other payload)
+    ├── PermissionDenied    PERMISSION_DENIED  NO_KEY_FOR_PROVIDER, TEAM_NOT_ALLOWED
+    │                                            (authz: METHOD_NOT_ALLOWED, from the guard)
+    ├── Unavailable         UNAVAILABLE        MASTER_KEY_UNAVAILABLE, AUDIT_UNAVAILABLE
+    └── Internal            INTERNAL           DECRYPTION_FAILED (fail closed)
+
+Key version lifecycle::
+
+    ACTIVE --rotate--> GRACE --(grace_end passes)--> DISABLED (effective; read-time)
+       \\______________disable (whole key)____________/
+
+Only the ACTIVE (newest) version of an ACTIVE key is ever leased. "The old version works
+during grace" means: leases already issued on it stay valid until they expire, and the
+provider-side key is expected to keep working until ``grace_end``; after that the vault
+reports it DISABLED and the operator may revoke it at the provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from services.common import errors as E
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+TEAM_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_SECRET_BYTES = 4096
+MAX_TEAMS = 1000
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
+MAX_URL = 2048
+MAX_GRACE = dt.timedelta(days=30)
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+GENESIS_HASH = "0" * 64
+
+
+class KeyState(enum.Enum):
+    """State of a key or version (names match the proto's KeyState without prefix)."""
+
+    ACTIVE = "ACTIVE"
+    GRACE = "GRACE"
+    DISABLED = "DISABLED"
+
+
+class AuditAction(enum.Enum):
+    """What an audit record is about."""
+
+    ISSUE_CREDENTIAL = "ISSUE_CREDENTIAL"
+    CREATE_KEY = "CREATE_KEY"
+    ROTATE_KEY = "ROTATE_KEY"
+    DISABLE_KEY = "DISABLE_KEY"
+    REWRAP = "REWRAP"
+
+
+class AuditOutcome(enum.Enum):
+    """How an audited action ended."""
+
+    ALLOWED = "ALLOWED"
+    DENIED = "DENIED"
+
+
+def utcnow() -> dt.datetime:
+    """Now, timezone-aware UTC (the default clock)."""
+    return dt.datetime.now(dt.UTC)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionInfo:
+    """One version's metadata (never the secret)."""
+
+    version: int
+    state: KeyState
+    created_at: dt.datetime
+    grace_end: dt.datetime | None
+    fingerprint: str
+
+    def effective_state(self, now: dt.datetime) -> KeyState:
+        """GRACE turns into DISABLED once ``grace_end`` has passed."""
+        if self.state is KeyState.GRACE and (self.grace_end is None or now >= self.grace_end):
+            return KeyState.DISABLED
+        return self.state
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderKeyInfo:
+    """A provider key's metadata and its versions (newest first). Never holds the secret."""
+
+    name: str
+    provider: str
+    base_url: str
+    allowed_teams: tuple[str, ...]
+    all_teams: bool
+    labels: Mapping[str, str]
+    rotation_period: dt.timedelta | None
+    state: KeyState
+    created_at: dt.datetime
+    versions: tuple[KeyVersionInfo, ...] = ()
+
+    @property
+    def current(self) -> KeyVersionInfo | None:
+        """The ACTIVE version, if any."""
+        return next((v for v in self.versions if v.state is KeyState.ACTIVE), None)
+
+    def rotation_due(self, now: dt.datetime) -> bool:
+        """True when the current version is older than the rotation period."""
+        cur = self.current
+        if self.state is not KeyState.ACTIVE or cur is None or self.rotation_period is None:
+            return False
+        return now >= cur.created_at + self.rotation_period
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A validated CreateProviderKey request. The secret never shows in repr."""
+
+    request_id: str
+    name: str
+    provider: str
+    secret: bytes = field(repr=False)
+    base_url: str
+    allowed_teams: tuple[str, ...]
+    all_teams: bool
+    labels: Mapping[str, str]
+    rotation_period: dt.timedelta | None
+
+    def __repr__(self) -> str:
+        return f"NewKey(name={self.name!r}, provider={self.provider!r}, secret=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A lease on one key version for one call. Holds the secret: repr hides it."""
+
+    lease_id: str
+    key_name: str
+    key_version: int
+    secret: str
+    base_url: str
+    expire_time: dt.datetime
+
+    def __repr__(self) -> str:
+        return (
+            f"Lease(key_name={self.key_name!r}, key_version={self.key_version}, "
+            f"expire_time={self.expire_time.isoformat()}, lease_id=<redacted>, secret=<redacted>)"
+        )
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True, slots=True)
+class IssueRequest:
+    """A validated IssueCredential request."""
+
+    provider: str
+    team: str
+    model: str
+    request_id: str
+    ttl: dt.timedelta | None
+
+
+# ---------------------------------------------------------------------------- audit
+
+
+@dataclass(slots=True)
+class AuditDraft:
+    """An audit record before it has a place in the chain."""
+
+    actor: str
+    action: AuditAction
+    outcome: AuditOutcome = AuditOutcome.ALLOWED
+    reason: str = ""
+    provider: str = ""
+    key_name: str = ""
+    key_version: int = 0
+    team: str = ""
+    model: str = ""
+    request_id: str = ""
+    lease_id_hmac: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """A chained audit record, as stored."""
+
+    sequence: int
+    created_at: dt.datetime
+    actor: str
+    action: str
+    outcome: str
+    reason: str
+    provider: str
+    key_name: str
+    key_version: int
+    team: str
+    model: str
+    request_id: str
+    lease_id_hmac: str
+    prev_hash: str
+    hash: str
+
+    def as_row(self) -> dict[str, object]:
+        """Column -> value."""
+        return dataclasses.asdict(self)
+
+
+def canonical_ts(ts: dt.datetime) -> str:
+    """UTC, microsecond precision (what Postgres timestamptz keeps), fixed format."""
+    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def record_hash(
+    *,
+    sequence: int,
+    created_at: dt.datetime,
+    actor: str,
+    action: str,
+    outcome: str,
+    reason: str,
+    provider: str,
+    key_name: str,
+    key_version: int,
+    team: str,
+    model: str,
+    request_id: str,
+    lease_id_hmac: str,
+    prev_hash: str,
+) -> str:
+    """SHA-256 over the canonical JSON array of every field and the previous hash."""
+    canonical = json.dumps(
+        [
+            "igw-audit/v1",
+            int(sequence),
+            canonical_ts(created_at),
+            actor,
+            action,
+            outcome,
+            reason,
+            provider,
+            key_name,
+            int(key_version),
+            team,
+            model,
+            request_id,
+            lease_id_hmac,
+            prev_hash,
+        ],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def chain(draft: AuditDraft, sequence: int, created_at: dt.datetime, prev_hash: str) -> AuditRecord:
+    """Gives a draft its place in the chain."""
+    fields: dict[str, object] = {
+        "sequence": sequence,
+        "created_at": created_at,
+        "actor": draft.actor,
+        "action": draft.action.value,
+        "outcome": draft.outcome.value,
+        "reason": draft.reason,
+        "provider": draft.provider,
+        "key_name": draft.key_name,
+        "key_version": draft.key_version,
+        "team": draft.team,
+        "model": draft.model,
+        "request_id": draft.request_id,
+        "lease_id_hmac": draft.lease_id_hmac,
+        "prev_hash": prev_hash,
+    }
+    return AuditRecord(**fields, hash=record_hash(**fields))  # type: ignore[arg-type]
+
+
+def recompute_hash(rec: AuditRecord) -> str:
+    """The hash a stored record should have."""
+    row = rec.as_row()
+    row.pop("hash")
+    return record_hash(**row)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """Outcome of walking the chain."""
+
+    ok: bool
+    records_checked: int
+    first_bad_sequence: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """ListAuditEvents filters (empty/None: any)."""
+
+    action: AuditAction | None = None
+    outcome: AuditOutcome | None = None
+    key_name: str = ""
+    team: str = ""
+    request_id: str = ""
+    start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _bad(field_name: str, rule: str) -> E.InvalidArgument:
+    # Never echo the value: it may be a secret pasted into the wrong field.
+    return E.InvalidArgument(
+        f"{field_name.upper()}_INVALID", f"{field_name} is invalid: {rule}", {"field": field_name}
+    )
+
+
+def check_name(value: str) -> str:
+    """A key name: ``^[A-Za-z0-9._-]{1,64}$``."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _bad("name", "1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def check_provider(value: str) -> str:
+    """A provider name: ``^[a-z0-9_-]{1,32}$``."""
+    if not isinstance(value, str) or not PROVIDER_RE.match(value):
+        raise _bad("provider", "1-32 characters of a-z 0-9 _ -")
+    return value
+
+
+def check_request_id(value: str) -> str:
+    """A request id: ``^[A-Za-z0-9._:-]{1,128}$``."""
+    if not isinstance(value, str) or not REQUEST_ID_RE.match(value):
+        raise _bad("request_id", "1-128 characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def check_team(value: str, field_name: str = "team") -> str:
+    """A team name (a SPIFFE path segment)."""
+    if not isinstance(value, str) or not TEAM_RE.match(value):
+        raise _bad(field_name, "1-64 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def check_model(value: str) -> str:
+    """A provider model name (audit only)."""
+    if not isinstance(value, str) or not MODEL_RE.match(value):
+        raise _bad("model", "1-128 characters of A-Z a-z 0-9 . _ : / @ -, starting alphanumeric")
+    return value
+
+
+def check_secret(value: str) -> bytes:
+    """Non-empty, at most 4096 UTF-8 bytes, no control characters (it ends up in a header)."""
+    raw = value.encode("utf-8") if isinstance(value, str) else b""
+    if not raw or len(raw) > MAX_SECRET_BYTES or _CONTROL.search(value):
+        raise _bad("secret", f"1-{MAX_SECRET_BYTES} bytes without control characters")
+    return raw
+
+
+def check_base_url(value: str) -> str:
+    """``https://host[:port][/path]``, or ``http://`` only for 127.0.0.1, localhost and ::1.
+
+    No user info, query or fragment: the URL is an allowlist entry, not a carrier.
+    """
+    rule = "https://host[:port][/path], or http:// on 127.0.0.1/localhost/::1 only"
+    if not isinstance(value, str) or not value or len(value) > MAX_URL or _CONTROL.search(value):
+        raise _bad("base_url", rule)
+    if any(ch.isspace() for ch in value) or "\\" in value:
+        raise _bad("base_url", rule)
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname or ""
+        _ = parts.port
+    except ValueError:
+        raise _bad("base_url", rule) from None
+    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
+        raise _bad("base_url", rule)
+    if "@" in parts.netloc or not host:
+        raise _bad("base_url", rule)
+    if parts.scheme == "https":
+        return value
+    if parts.scheme == "http" and _is_loopback_name(host):
+        return value
+    raise _bad("base_url", rule)
+
+
+def _is_loopback_name(host: str) -> bool:
+    if host.lower() in LOOPBACK_HOSTS:
+        return True
+    try:
+        return str(ipaddress.ip_address(host)) in LOOPBACK_HOSTS
+    except ValueError:
+        return False
+
+
+def check_teams(values: Sequence[str]) -> tuple[str, ...]:
+    """Allowed teams: each a valid team name; deduplicated and sorted."""
+    if len(values) > MAX_TEAMS:
+        raise _bad("allowed_teams", f"at most {MAX_TEAMS} teams")
+    return tuple(sorted({check_team(v, "allowed_teams") for v in values}))
+
+
+def check_labels(values: Mapping[str, str]) -> dict[str, str]:
+    """Labels: at most 64, keys ``^[A-Za-z0-9._/-]{1,63}$``, values ≤ 256 chars, no control chars."""
+    if len(values) > MAX_LABELS:
+        raise _bad("labels", f"at most {MAX_LABELS} labels")
+    out: dict[str, str] = {}
+    for k, v in values.items():
+        if not LABEL_KEY_RE.match(k) or len(v) > MAX_LABEL_VALUE or _CONTROL.search(v):
+            raise _bad("labels", "keys of A-Z a-z 0-9 . _ / - (1-63), values up to 256 printable characters")
+        out[k] = v
+    return out
+
+
+def check_duration(value: dt.timedelta | None, field_name: str, maximum: dt.timedelta | None = None,
+                   allow_zero: bool = True) -> dt.timedelta | None:
+    """A non-negative duration, optionally capped."""
+    if value is None:
+        return None
+    if value < dt.timedelta(0) or (not allow_zero and value == dt.timedelta(0)):
+        raise _bad(field_name, "must be a positive duration")
+    if maximum is not None and value > maximum:
+        raise _bad(field_name, f"at most {int(maximum.total_seconds())} seconds")
+    return value

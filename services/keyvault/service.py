@@ -1,0 +1,348 @@
+"""The vault's use cases: issue leases, manage keys, read and verify the audit log.
+
+Hot path (IssueCredential), per call:
+
+1. the provider's ACTIVE keys come from a short in-memory cache (``key_cache_seconds``,
+   default 5 s, at most 60 s) holding each key's policy, its *ciphertext* and its unwrapped
+   *data key*; a miss is one SELECT (single-flight per provider). The decrypted secret is
+   never cached: it is decrypted per lease (one AES-GCM open of ~100 bytes) and dropped
+   once the response is serialised. The cache trades at most ``key_cache_seconds`` of
+   staleness on *other* replicas after a rotate/disable for one DB round trip less per
+   call; this replica drops its cache on every admin change. (Anyone able to read this
+   process's memory also holds the master key, so caching the data key gives them nothing.)
+2. team check, round-robin pick among the keys the team may use, decrypt;
+3. the audit record is appended by the group-commit writer and is durable before the
+   lease is returned (the one mandatory DB round trip, shared by concurrent calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.common import errors as E
+from services.keyvault import audit as A
+from services.keyvault import crypto as C
+from services.keyvault import domain as D
+from services.keyvault import repository as R
+
+_LOGGER = logging.getLogger(__name__)
+DEFAULT_PAGE = 100
+_T = TypeVar("_T")
+MAX_PAGE = 1000
+
+
+def master_key_unavailable() -> E.Unavailable:
+    """What every RPC answers while the vault is sealed."""
+    return E.Unavailable(
+        "MASTER_KEY_UNAVAILABLE", "the vault is sealed: its master key is missing or wrong (see the vault log)"
+    )
+
+
+@dataclass(slots=True)
+class _Cached:
+    key: R.ActiveKey
+    data_key: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"_Cached(key={self.key.name!r}, version={self.key.version}, data_key=<redacted>)"
+
+
+class VaultService:
+    """Use cases of the KeyVault; raises ``services.common.errors`` only."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        writer: A.AuditWriter,
+        metrics: A.AuditMetrics,
+        master: C.MasterKey | None,
+        *,
+        clock: Callable[[], dt.datetime] = D.utcnow,
+        lease_ttl: dt.timedelta = dt.timedelta(seconds=30),
+        lease_max_ttl: dt.timedelta = dt.timedelta(seconds=60),
+        default_grace: dt.timedelta = dt.timedelta(hours=1),
+        key_cache_seconds: float = 5.0,
+    ) -> None:
+        self._engine = engine
+        self._writer = writer
+        self._metrics = metrics
+        self._master = master
+        self._clock = clock
+        self._lease_max_ttl = lease_max_ttl
+        self._lease_ttl = min(lease_ttl, lease_max_ttl)
+        self._default_grace = default_grace
+        self._cache_seconds = max(0.0, min(60.0, key_cache_seconds))
+        self._cache: dict[str, tuple[float, list[_Cached]]] = {}
+        self._fill_locks: dict[str, asyncio.Lock] = {}
+        self._rr: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def sealed(self) -> bool:
+        """True when no usable master key is loaded: every RPC is refused."""
+        return self._master is None
+
+    def seal(self) -> None:
+        """Forgets the master key and every cached data key (e.g. after a failed check)."""
+        self._master = None
+        self._cache.clear()
+
+    def _unsealed(self) -> C.MasterKey:
+        if self._master is None:
+            raise master_key_unavailable()
+        return self._master
+
+    def invalidate_cache(self) -> None:
+        """Drops every cached data key and ciphertext."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ IssueCredential
+
+    async def issue(self, actor: str, req: D.IssueRequest) -> D.Lease:
+        """A lease on an ACTIVE key of ``req.provider`` that ``req.team`` may use; audited first."""
+        master = self._unsealed()
+        keys = await self._active_keys(req.provider)
+        draft = D.AuditDraft(
+            actor=actor, action=D.AuditAction.ISSUE_CREDENTIAL, provider=req.provider, team=req.team,
+            model=req.model, request_id=req.request_id,
+        )
+        if not keys:
+            await self._deny(draft, "NO_KEY_FOR_PROVIDER")
+            raise E.PermissionDenied(
+                "NO_KEY_FOR_PROVIDER", "no active key for this provider", {"provider": req.provider}
+            )
+        eligible = [c for c in keys if c.key.allows(req.team)]
+        if not eligible:
+            await self._deny(draft, "TEAM_NOT_ALLOWED")
+            raise E.PermissionDenied(
+                "TEAM_NOT_ALLOWED", "the team may not use any key of this provider",
+                {"provider": req.provider, "team": req.team},
+            )
+        n = self._rr.get(req.provider, 0)
+        self._rr[req.provider] = (n + 1) % (1 << 30)
+        chosen = eligible[n % len(eligible)]
+        key = chosen.key
+        draft.key_name, draft.key_version = key.name, key.version
+        try:
+            if chosen.data_key is None:
+                chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
+            plaintext = C.open_secret(chosen.data_key, key.name, key.provider, key.version, key.sealed)
+        except C.DecryptionError:
+            # Fail closed: no fallback to another key, no partial output, an alarm in the log.
+            self._metrics.integrity_failures.inc()
+            self._cache.pop(req.provider, None)
+            _LOGGER.error(
+                "stored key version does not authenticate; refusing to issue",
+                extra={"key_name": key.name, "key_version": key.version},
+            )
+            await self._deny(draft, "DECRYPTION_FAILED")
+            raise E.Internal("DECRYPTION_FAILED", "the stored key could not be decrypted") from None
+        ttl = self._lease_ttl if req.ttl is None or req.ttl <= dt.timedelta(0) else min(req.ttl, self._lease_max_ttl)
+        lease_id = secrets.token_hex(16)
+        draft.lease_id_hmac = master.lease_hmac(lease_id)
+        await self._writer.append(draft)
+        self._metrics.leases_issued.labels(req.provider).inc()
+        # The clock is read after the audit commit, so the lease's life starts when it is handed out.
+        return D.Lease(
+            lease_id=lease_id, key_name=key.name, key_version=key.version, secret=plaintext.decode("utf-8"),
+            base_url=key.base_url, expire_time=self._clock() + ttl,
+        )
+
+    async def _deny(self, draft: D.AuditDraft, reason: str) -> None:
+        draft.outcome, draft.reason = D.AuditOutcome.DENIED, reason
+        self._metrics.leases_denied.labels(draft.provider, reason).inc()
+        await self._writer.append(draft)
+
+    async def _active_keys(self, provider: str) -> list[_Cached]:
+        now = time.monotonic()
+        hit = self._cache.get(provider)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        lock = self._fill_locks.setdefault(provider, asyncio.Lock())
+        async with lock:
+            hit = self._cache.get(provider)
+            if hit is not None and hit[0] > time.monotonic():
+                return hit[1]
+            try:
+                rows = await R.active_keys(self._engine, provider)
+            except Exception:
+                _LOGGER.exception("cannot read provider keys")
+                raise E.Unavailable("STORE_UNAVAILABLE", "the key store cannot be read") from None
+            entry = [_Cached(r) for r in rows]
+            if self._cache_seconds > 0:
+                self._cache[provider] = (time.monotonic() + self._cache_seconds, entry)
+            return entry
+
+    # ------------------------------------------------------------------ admin
+
+    async def create_key(self, actor: str, new: D.NewKey) -> D.ProviderKeyInfo:
+        """Stores a new key (version 1). Idempotent on ``request_id``; a taken name is ALREADY_EXISTS."""
+        master = self._unsealed()
+        fp = master.request_fingerprint(
+            _canonical(
+                "create", new.name, new.provider, base64.b64encode(new.secret).decode(), new.base_url,
+                list(new.allowed_teams), new.all_teams, sorted(new.labels.items()),
+                new.rotation_period.total_seconds() if new.rotation_period else 0,
+            )
+        )
+        sealed = C.seal(master, new.name, new.provider, 1, new.secret)
+        fingerprint = C.secret_fingerprint(new.secret)
+
+        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+            await self._replay_or_none(conn, new.request_id, "create", fp)
+            if await R.get_key(conn, new.name) is not None:
+                raise E.AlreadyExists("KEY_EXISTS", "a key with this name exists", {"name": new.name})
+            now = self._clock()
+            await R.insert_key(conn, new, sealed, fingerprint, now)
+            await R.record_request(conn, new.request_id, "create", fp, new.name, now)
+            draft.key_version = 1
+            info = await R.get_key(conn, new.name)
+            assert info is not None
+            return info
+
+        draft = D.AuditDraft(
+            actor=actor, action=D.AuditAction.CREATE_KEY, provider=new.provider, key_name=new.name,
+            request_id=new.request_id,
+        )
+        return await self._admin(draft, action)
+
+    async def rotate_key(
+        self, actor: str, request_id: str, name: str, secret: bytes, grace: dt.timedelta | None
+    ) -> D.ProviderKeyInfo:
+        """Adds a new ACTIVE version; the previous one is GRACE until ``grace`` (default 1 h) passes."""
+        master = self._unsealed()
+        grace = self._default_grace if grace is None else grace
+        fp = master.request_fingerprint(
+            _canonical("rotate", name, base64.b64encode(secret).decode(), grace.total_seconds())
+        )
+        fingerprint = C.secret_fingerprint(secret)
+
+        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+            await self._replay_or_none(conn, request_id, "rotate", fp)
+            info = await R.get_key(conn, name, for_update=True)
+            if info is None:
+                raise E.NotFound("KEY_NOT_FOUND", "no key with this name", {"name": name})
+            draft.provider = info.provider
+            if info.state is D.KeyState.DISABLED:
+                raise E.FailedPrecondition("KEY_DISABLED", "a disabled key cannot be rotated", {"name": name})
+            version = max((v.version for v in info.versions), default=0) + 1
+            sealed = C.seal(master, name, info.provider, version, secret)
+            now = self._clock()
+            await R.add_version(conn, name, version, sealed, fingerprint, now, now + grace)
+            await R.record_request(conn, request_id, "rotate", fp, name, now)
+            draft.key_version = version
+            out = await R.get_key(conn, name)
+            assert out is not None
+            return out
+
+        draft = D.AuditDraft(actor=actor, action=D.AuditAction.ROTATE_KEY, key_name=name, request_id=request_id)
+        return await self._admin(draft, action)
+
+    async def disable_key(self, actor: str, request_id: str, name: str) -> D.ProviderKeyInfo:
+        """Disables a key and all its versions at once (idempotent)."""
+        master = self._unsealed()
+        fp = master.request_fingerprint(_canonical("disable", name))
+
+        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+            await self._replay_or_none(conn, request_id, "disable", fp)
+            info = await R.get_key(conn, name, for_update=True)
+            if info is None:
+                raise E.NotFound("KEY_NOT_FOUND", "no key with this name", {"name": name})
+            draft.provider = info.provider
+            draft.key_version = info.current.version if info.current else 0
+            await R.disable_key(conn, name)
+            await R.record_request(conn, request_id, "disable", fp, name, self._clock())
+            out = await R.get_key(conn, name)
+            assert out is not None
+            return out
+
+        draft = D.AuditDraft(actor=actor, action=D.AuditAction.DISABLE_KEY, key_name=name, request_id=request_id)
+        return await self._admin(draft, action)
+
+    async def _admin(self, draft: D.AuditDraft, action: A.Action) -> D.ProviderKeyInfo:
+        try:
+            _, result = await self._writer.append(draft, action)
+        finally:
+            self._cache.clear()
+        assert isinstance(result, D.ProviderKeyInfo)
+        return result
+
+    async def _replay_or_none(self, conn: AsyncConnection, request_id: str, method: str, fp: str) -> None:
+        prior = await R.find_request(conn, request_id)
+        if prior is None:
+            return
+        prior_method, prior_fp, key_name = prior
+        if prior_method != method or prior_fp != fp:
+            raise E.Aborted(
+                "REQUEST_ID_REUSED", "this request id was used for a different request",
+                {"request_id": request_id},
+            )
+        raise A.Replay(await R.get_key(conn, key_name))
+
+    async def list_keys(
+        self, provider: str, page_size: int, page_token: str
+    ) -> tuple[list[D.ProviderKeyInfo], str]:
+        """Metadata only, by name."""
+        self._unsealed()
+        after = _decode_token(page_token, "after", str)
+        infos, last = await R.list_keys(self._engine, provider, _page_size(page_size), after)
+        return infos, _encode_token("after", last) if last is not None else ""
+
+    def now(self) -> dt.datetime:
+        """The service clock (for effective states and rotation_due)."""
+        return self._clock()
+
+    # ------------------------------------------------------------------ audit
+
+    async def list_audit(
+        self, flt: D.AuditFilter, page_size: int, page_token: str
+    ) -> tuple[list[D.AuditRecord], str]:
+        """Newest first."""
+        self._unsealed()
+        before = _decode_token(page_token, "before", int)
+        records, nxt = await A.list_events(self._engine, flt, _page_size(page_size), before)
+        return records, _encode_token("before", nxt) if nxt is not None else ""
+
+    async def verify_audit(self) -> D.VerifyResult:
+        """Walks the whole chain."""
+        self._unsealed()
+        return await A.verify_chain(self._engine)
+
+
+def _canonical(*parts: object) -> bytes:
+    return json.dumps(parts, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _page_size(value: int) -> int:
+    if value < 0:
+        raise E.InvalidArgument("PAGE_SIZE_INVALID", "page_size must not be negative", {"field": "page_size"})
+    return DEFAULT_PAGE if value == 0 else min(value, MAX_PAGE)
+
+
+def _encode_token(field: str, value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps({field: value}).encode()).decode()
+
+
+def _decode_token(token: str, field: str, kind: type[_T]) -> _T | None:
+    if not token:
+        return None
+    try:
+        value = json.loads(base64.urlsafe_b64decode(token.encode()))[field]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        value = None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise E.InvalidArgument("PAGE_TOKEN_INVALID", "page_token is invalid", {"field": "page_token"})
+    return value

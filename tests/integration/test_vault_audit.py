@@ -1,0 +1,206 @@
+"""The vault's audit log: fail closed, append-only, tamper-evident, gap-free under concurrency."""
+
+# ruff: noqa: F811  (the `vault` fixture is imported from test_vault_service)
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from igw.keyvault.v1 import keyvault_pb2 as pb
+from services.keyvault.crypto import MasterKey
+from services.keyvault.rewrap import RewrapError, rewrap
+from tests.integration.test_vault_service import (  # noqa: F401  (fixtures)
+    Vault,
+    libpq,
+    reason_of,
+    start_vault,
+    stop_vault,
+    vault,
+)
+
+
+async def test_issue_credential_refuses_when_the_database_turns_read_only(vault: Vault) -> None:
+    await vault.create("k")
+    await vault.issue()  # warm: the key is cached, so only the audit write can fail now
+    db = make_url(vault.url).database
+    vault.sql(f'ALTER DATABASE "{db}" SET default_transaction_read_only = on')
+    # Existing sessions keep their settings: drop them, as a failover to a read-only replica would.
+    vault.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+              (db,))
+    try:
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await vault.issue(request_id="ro-1")
+            assert (info.value.code(), reason_of(info.value)) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+            assert info.value.details() and "sk-" not in info.value.details()
+    finally:
+        with psycopg.connect(libpq(vault.url), autocommit=True) as conn:
+            conn.execute("SET default_transaction_read_only = off")
+            conn.execute(f'ALTER DATABASE "{db}" RESET default_transaction_read_only')
+    vault.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+              (db,))
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE request_id = 'ro-1'") == [(0,)]
+    # Once the store is writable again, leases flow again and the chain is intact.
+    assert (await vault.issue()).key_name == "k"
+    assert (await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+
+
+async def test_issue_credential_refuses_while_the_audit_table_is_locked(vault: Vault) -> None:
+    await vault.create("k")
+    await vault.issue()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with psycopg.connect(libpq(vault.url)) as conn:
+            conn.execute("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE")
+            locked.set()
+            release.wait(30)
+            conn.rollback()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert await asyncio.to_thread(locked.wait, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await vault.issue(request_id="locked-1")
+        assert (info.value.code(), reason_of(info.value)) == (grpc.StatusCode.UNAVAILABLE, "AUDIT_UNAVAILABLE")
+    finally:
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+    assert (await vault.issue(request_id="after-lock")).key_name == "k"
+
+
+async def test_the_database_refuses_updates_and_deletes_of_audit_records(vault: Vault) -> None:
+    await vault.create("k")
+    for stmt in ("UPDATE audit_events SET team = 'x'", "DELETE FROM audit_events", "TRUNCATE audit_events"):
+        with pytest.raises(psycopg.Error, match="append-only"):
+            vault.sql(stmt)
+    assert vault.sql("SELECT count(*) FROM audit_events") == [(1,)]
+
+
+async def test_one_edited_audit_row_is_named_by_verify(vault: Vault) -> None:
+    await vault.create("k", allowed_teams=["a"])
+    for i in range(6):
+        await vault.issue(team="a", request_id=f"r{i}")
+    assert (await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+    # An attacker with DB access (able to disable the triggers) rewrites one record.
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    vault.sql("UPDATE audit_events SET team = 'b' WHERE sequence = 4")
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 4, "HASH_MISMATCH")
+    assert verdict.records_checked == 4
+
+
+async def test_a_rehashed_edit_breaks_the_chain_at_the_next_record(vault: Vault) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from services.keyvault import domain as D
+    from services.keyvault.audit import _to_record
+    from services.keyvault.orm import audit_events
+
+    await vault.create("k")
+    for i in range(3):
+        await vault.issue(request_id=f"r{i}")
+    engine = create_async_engine(vault.url)
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(audit_events).where(audit_events.c.sequence == 2))).one()
+    await engine.dispose()
+    rec = _to_record(row)
+    forged = D.AuditRecord(**{**rec.as_row(), "team": "someone-else"})  # type: ignore[arg-type]
+    new_hash = D.recompute_hash(forged)
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    vault.sql("UPDATE audit_events SET team = 'someone-else', hash = %s WHERE sequence = 2", (new_hash,))
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 3, "CHAIN_BROKEN")
+
+
+async def test_a_deleted_audit_row_shows_as_a_sequence_gap(vault: Vault) -> None:
+    await vault.create("k")
+    for i in range(4):
+        await vault.issue(request_id=f"r{i}")
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    vault.sql("DELETE FROM audit_events WHERE sequence = 3")
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 3, "SEQUENCE_GAP")
+
+
+async def test_200_concurrent_leases_make_one_gap_free_verified_chain(vault: Vault) -> None:
+    await vault.create("k1")
+    await vault.create("k2")
+    results = await asyncio.gather(*(vault.issue(request_id=f"c{i}") for i in range(200)))
+    assert len({r.lease_id for r in results}) == 200
+    seqs = [s for (s,) in vault.sql("SELECT sequence FROM audit_events ORDER BY sequence")]
+    assert seqs == list(range(1, 203))
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert verdict.ok and verdict.records_checked == 202
+    # Group commit actually grouped: fewer batches than records.
+    hist = vault.runtime.registry.get_sample_value("igw_keyvault_audit_batch_size_count")
+    assert hist is not None and hist < 202
+
+
+async def test_two_replicas_extend_one_chain(pki: Path, vault: Vault) -> None:
+    other = await start_vault(pki, vault.url, vault.master)
+    try:
+        await vault.create("k")
+        calls = [v.issue(request_id=f"x{i}") for i in range(60) for v in (vault, other)]
+        await asyncio.gather(*calls)
+        seqs = [s for (s,) in vault.sql("SELECT sequence FROM audit_events ORDER BY sequence")]
+        assert seqs == list(range(1, 122))
+        assert (await other.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+    finally:
+        await stop_vault(other)
+
+
+async def test_rewrap_moves_every_data_key_to_the_new_master_key(pki: Path, fresh_database: str) -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    v = await start_vault(pki, fresh_database, old)
+    secrets = {f"k{i}": f"sk-rewrap-{uuid.uuid4().hex}" for i in range(3)}
+    try:
+        for name, secret in secrets.items():
+            await v.create(name, secret=secret)
+        await v.admin.RotateProviderKey(pb.RotateProviderKeyRequest(request_id="r", name="k0", secret="sk-k0-v2"))
+        before = v.sql("SELECT key_id, version, ciphertext, nonce, wrapped_data_key FROM key_versions ORDER BY 1, 2")
+    finally:
+        await stop_vault(v)
+    with pytest.raises(RewrapError):
+        await asyncio.to_thread(rewrap, fresh_database, os.urandom(32), new)  # not the vault's key
+    count = await asyncio.to_thread(rewrap, fresh_database, old, new)
+    assert count == 4
+    with psycopg.connect(libpq(fresh_database)) as conn:
+        after = conn.execute(
+            "SELECT key_id, version, ciphertext, nonce, wrapped_data_key, master_key_id FROM key_versions ORDER BY 1, 2"
+        ).fetchall()
+        rewrap_rows = conn.execute("SELECT action, outcome FROM audit_events WHERE action = 'REWRAP'").fetchall()
+    for b, a in zip(before, after, strict=True):
+        assert (b[2], b[3]) == (a[2], a[3])  # ciphertext and nonce untouched
+        assert b[4] != a[4] and a[5] == MasterKey(new).key_id
+    assert rewrap_rows == [("REWRAP", "ALLOWED")]
+
+    stale = await start_vault(pki, fresh_database, old)
+    try:
+        assert stale.service.sealed
+    finally:
+        await stop_vault(stale)
+    fresh = await start_vault(pki, fresh_database, new)
+    try:
+        got = {}
+        for _ in range(6):
+            lease = await fresh.issue()
+            got[lease.key_name] = lease.secret
+        assert got == {**secrets, "k0": "sk-k0-v2"}
+        assert (await fresh.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+    finally:
+        await stop_vault(fresh)
