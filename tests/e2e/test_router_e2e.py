@@ -110,7 +110,7 @@ models:
   other-team-only: {{candidates: [oa], teams: [someone-else]}}
 retries: {{max_attempts: 3, backoff_initial_ms: 20, backoff_max_ms: 100, retry_after_cap_ms: 2000}}
 timeouts: {{connect_ms: 500, first_byte_ms: 1500, idle_ms: 1000, total_ms: 5000}}
-breaker: {{failure_threshold: 3, cooldown_ms: 1500, probe_timeout_ms: 1000}}
+breaker: {{failure_threshold: 1000, cooldown_ms: 1500, probe_timeout_ms: 1000}}
 """
 
 
@@ -185,7 +185,8 @@ def test_tool_calls_come_back_unary_and_streamed(rig: Rig, alias: str) -> None:
     assert [(c.name, json.loads(c.arguments_json)) for c in resp.tool_calls] == [("get_weather", {"city": "Paris"})]
     msgs = list(rig.stub.GenerateStream(_req(alias, "what is the weather in Paris", tools=[tool]), timeout=15))
     deltas = [m.tool_call_delta for m in msgs if m.WhichOneof("event") == "tool_call_delta"]
-    assert len(deltas) >= 2
+    # OpenAI and Anthropic stream arguments in fragments; Gemini sends each call whole.
+    assert len(deltas) >= (1 if alias == "gemini-first" else 2)
     assert json.loads("".join(d.arguments_fragment for d in deltas)) == {"city": "Paris"}
     final = msgs[-1].final
     assert final.tool_calls[0].name == "get_weather" and json.loads(final.tool_calls[0].arguments_json) == {
@@ -258,35 +259,54 @@ def test_retry_after_is_honoured_before_retrying_the_same_deployment(rig: Rig) -
     assert 1.0 <= elapsed < 2.5
 
 
-def test_breaker_opens_after_the_threshold_half_opens_after_cooldown_and_recovers(rig: Rig) -> None:
+def _own_router(rig: Rig, tmp_path: Path, config_text: str) -> ServiceProcess:
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(config_text)
+    env = {**tls_env(rig.gw.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg),
+           "IGW_LEDGER_ADDR": rig.gw.addr("ledger"), "IGW_KEYVAULT_ADDR": rig.gw.addr("keyvault")}
+    return start_service("router", env, tmp_path)
+
+
+def test_breaker_opens_after_the_threshold_half_opens_after_cooldown_and_recovers(rig: Rig, tmp_path: Path) -> None:
+    # A router of its own, with a low threshold, so other tests' failures do not count.
+    proc = _own_router(rig, tmp_path, rig.config.read_text().replace("failure_threshold: 1000", "failure_threshold: 3"))
+    try:
+        with mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ach, \
+                mtls_channel(proc.address, rig.gw.pki, "operator-admin") as och:
+            _breaker_walk(rig, router_pb2_grpc.RouterServiceStub(ach), router_pb2_grpc.RouterAdminServiceStub(och))
+    finally:
+        proc.terminate()
+
+
+def _breaker_walk(rig: Rig, stub: Any, admin: Any) -> None:
     ge = rig.fakes["fake-gemini"]
     _fake(ge, "POST", "/_fake/faults", [{"status": 500, "match_model": "fake-breaker"}])
-    for _ in range(1):  # max_attempts=3 against one deployment: three failures trip it (threshold 3)
-        with pytest.raises(grpc.RpcError):
-            rig.stub.Generate(_req("breaker"), timeout=15)
-    deps = {d.name: d for d in rig.admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
+    # max_attempts=3 against one deployment: three failures in one call trip it (threshold 3).
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(_req("breaker"), timeout=15)
+    deps = {d.name: d for d in admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
     assert deps["br"].breaker_state == router_pb2.BREAKER_STATE_OPEN
     seen = rig.requests_seen("fake-gemini")
     with pytest.raises(grpc.RpcError) as exc:
-        rig.stub.Generate(_req("breaker"), timeout=15)
+        stub.Generate(_req("breaker"), timeout=15)
     assert error_info_from_rpc_error(exc.value).reason == "ALL_BREAKERS_OPEN"
     assert rig.requests_seen("fake-gemini") == seen  # skipped without calling upstream
     # The probe after the cooldown hangs; it must not wedge the breaker.
     _fake(ge, "POST", "/_fake/faults", [{"mode": "hang", "match_model": "fake-breaker"}])
     time.sleep(1.6)
     with pytest.raises(grpc.RpcError):
-        rig.stub.Generate(_req("breaker"), timeout=15)
+        stub.Generate(_req("breaker"), timeout=15)
     _fake(ge, "DELETE", "/_fake/faults")
     deadline = time.monotonic() + 10
     while True:
         try:
-            resp = rig.stub.Generate(_req("breaker"), timeout=15)
+            resp = stub.Generate(_req("breaker"), timeout=15)
             break
         except grpc.RpcError:
             assert time.monotonic() < deadline, "breaker never recovered"
             time.sleep(0.3)
     assert resp.served_by.deployment == "br"
-    deps = {d.name: d for d in rig.admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
+    deps = {d.name: d for d in admin.ListDeployments(router_pb2.ListDeploymentsRequest(), timeout=5).deployments}
     assert deps["br"].breaker_state == router_pb2.BREAKER_STATE_CLOSED
 
 
@@ -441,11 +461,7 @@ def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
 
 
 def test_overload_is_refused_fast_instead_of_queueing(rig: Rig, tmp_path: Path) -> None:
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(rig.config.read_text() + "limits: {max_in_flight: 2}\n")
-    env = {**tls_env(rig.gw.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg),
-           "IGW_LEDGER_ADDR": rig.gw.addr("ledger"), "IGW_KEYVAULT_ADDR": rig.gw.addr("keyvault")}
-    proc = start_service("router", env, tmp_path)
+    proc = _own_router(rig, tmp_path, rig.config.read_text() + "limits: {max_in_flight: 2}\n")
     _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults",
           [{"mode": "ok", "delay_ms": 1500, "match_model": "fake-small"}])
     results: list[Any] = []
