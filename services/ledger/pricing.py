@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
+from services.common.money import call_cost
+
 PER = 1_000_000
 # The largest token count, price or amount the ledger accepts (well inside int64).
 MAX_VALUE = 2**62
@@ -32,22 +34,14 @@ class ModelPrice:
     cached_input_per_mtok: int = 0
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def cost_nanos(price: ModelPrice, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0) -> int:
-    """The cost of a call in nano-dollars, each component rounded up."""
+    """The cost of a call in nano-dollars, each component rounded up (the router uses the same function)."""
     if min(input_tokens, output_tokens, cached_input_tokens) < 0:
         raise ValueError("token counts must be >= 0")
     if cached_input_tokens > input_tokens:
         raise ValueError("cached input tokens cannot exceed input tokens")
-    cached_price = price.cached_input_per_mtok or price.input_per_mtok
-    return (
-        _ceil_div((input_tokens - cached_input_tokens) * price.input_per_mtok, PER)
-        + _ceil_div(cached_input_tokens * cached_price, PER)
-        + _ceil_div(output_tokens * price.output_per_mtok, PER)
-    )
+    return call_cost(input_tokens, output_tokens, cached_input_tokens, price.input_per_mtok,
+                     price.output_per_mtok, price.cached_input_per_mtok)
 
 
 def hold_nanos(price: ModelPrice, prompt_tokens_upper_bound: int, max_output_tokens: int) -> int:
