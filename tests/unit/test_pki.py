@@ -80,7 +80,8 @@ def test_generate_ca(ca: tuple[bytes, bytes]) -> None:
     ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert ku.key_cert_sign
     cert.verify_directly_issued_by(cert)
-    assert dt.timedelta(days=29) < cert.not_valid_after_utc - NOW <= dt.timedelta(days=30, minutes=1)
+    now = dt.datetime.now(dt.UTC)
+    assert dt.timedelta(days=29) < cert.not_valid_after_utc - now <= dt.timedelta(days=30, minutes=1)
 
 
 @pytest.mark.parametrize("spiffe_id", IDS)
@@ -97,8 +98,9 @@ def test_issue_cert_one_uri_san_and_chain(ca: tuple[bytes, bytes], spiffe_id: st
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # backdated ~5 minutes, valid 7 days
-    assert NOW - dt.timedelta(minutes=6) < cert.not_valid_before_utc <= NOW - dt.timedelta(minutes=4)
-    assert dt.timedelta(days=6, hours=23) < cert.not_valid_after_utc - NOW <= dt.timedelta(days=7, minutes=1)
+    now = dt.datetime.now(dt.UTC)
+    assert now - dt.timedelta(minutes=6) < cert.not_valid_before_utc <= now - dt.timedelta(minutes=4)
+    assert dt.timedelta(days=6, hours=23) < cert.not_valid_after_utc - now <= dt.timedelta(days=7, minutes=1)
 
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)

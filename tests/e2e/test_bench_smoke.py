@@ -1,0 +1,53 @@
+"""`python -m bench run --quick --no-litellm` end to end with tiny durations: the harness works,
+every call answers, and the ledger holds exactly one spend entry per successful call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_quick_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--quick", "--no-litellm", "--no-profile", "--no-markdown",
+         "--teams", "5", "--step-seconds", "0.5", "--c1-n", "20", "--rates", "20", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, f"bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert elapsed < 60, f"quick bench took {elapsed:.0f} s"
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    assert results["rig"]["litellm"] is None
+    for name in SCENARIOS:
+        sc = results["scenarios"][name]
+        assert "error" not in sc, f"{name}: {sc['error']}"
+
+    from bench.report import errors_total, headline
+
+    assert not {k: v for k, v in errors_total(results).items() if v}
+    c1 = results["scenarios"]["c1"]["d0"]
+    assert c1["pooled_ms"]["igw"]["n"] == 20 and c1["pooled_ms"]["direct"]["n"] == 20
+    assert results["scenarios"]["rate"]["max_sustained_rps"]["igw"] == 20
+    assert results["scenarios"]["stream"]["ttft_ms"]["igw"]["n"] == 20
+    served = results["scenarios"]["fallback"]["c1_served_by"][0]
+    assert set(served) <= {"bench-flaky", "bench-backup"} and sum(p["n"] for p in served.values()) == 20
+    spend = results["spend_check"]
+    for name in ("c1", "rate", "hot", "stream", "fallback"):
+        check = spend[name]
+        assert check["successes"] > 0
+        assert check["entries"] == check["successes"], check
+        assert check["lost"] == 0 and check["duplicated"] == 0 and check["unexpected"] == 0, check
+    assert headline(results)["bar"]["spend_exact"] is True
