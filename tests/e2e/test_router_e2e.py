@@ -333,7 +333,7 @@ def test_an_alias_of_another_team_is_refused(rig: Rig) -> None:
 
 def test_agent_cancel_mid_stream_cancels_upstream_and_settles_once(rig: Rig) -> None:
     oa = rig.fakes["fake-openai"]
-    _fake(oa, "POST", "/_fake/faults", [{"mode": "slow_drip", "interval_ms": 300, "match_model": "fake-solo"}])
+    _fake(oa, "POST", "/_fake/faults", [{"mode": "endless", "interval_ms": 200, "match_model": "fake-solo"}])
     cancelled_before = _fake(oa, "GET", "/_fake/stats").get("cancelled_streams", 0)
     rid = uuid.uuid4().hex
     call = rig.stub.GenerateStream(_req("solo", "one two three four five six seven eight", request_id=rid),
