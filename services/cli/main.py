@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from services.cli import commands_admin, commands_agent, commands_pki, commands_probe
+from services.cli import commands_admin, commands_agent, commands_pki, commands_probe, metrics_plot
 from services.cli.common import CliError, IgwArgumentParser, SubParsers, common_options
 from services.cli.output import format_error
 
@@ -21,14 +21,10 @@ __all__ = ["build_parser", "main"]
 
 
 def _add_up(sub: SubParsers) -> None:
+    from services.cli.up import add_arguments
+
     up = sub.add_parser("up", help="start router, keyvault and ledger locally (Ctrl-C stops them)")
-    up.add_argument("--state-dir", default=".igw", help="certificates, data and logs (default .igw)")
-    up.add_argument("--demo", dest="demo", action="store_true", default=True, help="start the fake providers (default)")
-    up.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
-    up.add_argument(
-        "--ports", choices=["fixed", "auto"], default="fixed", help="well-known ports (default) or any free"
-    )
-    up.add_argument("--config", metavar="PATH", help="routing config (YAML); default: the demo config")
+    add_arguments(up)
     up.set_defaults(func=_cmd_up)
 
 
@@ -52,6 +48,7 @@ def build_parser() -> IgwArgumentParser:
     commands_probe.register(sub, parent)
     commands_agent.register(sub, parent)
     commands_admin.register(sub, parent)
+    metrics_plot.register(sub, parent)
     return parser
 
 
