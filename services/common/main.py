@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from services.common.logs import configure_logging
+from services.common.pki import PkiError, check_not_expired
 from services.common.server import ServiceRuntime
 from services.common.settings import RuntimeSettings, SettingsError
 
@@ -31,6 +32,12 @@ def run_main(
         sys.exit(2)
     rt = runtime_of(settings)
     configure_logging(service, rt.log_format, rt.log_level)
+    try:
+        check_not_expired(rt.tls_cert)
+    except (PkiError, OSError) as err:
+        # One clear line, then a non-zero exit: a service never serves with a bad certificate.
+        _LOGGER.error("cannot serve: %s", err)
+        sys.exit(2)
 
     async def _serve() -> None:
         runtime = await build(settings)

@@ -265,3 +265,23 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
         committed = ROOT / "clients" / rel
         assert committed.exists(), f"{rel} is generated but not committed (run make proto)"
         assert committed.read_bytes() == (out / rel).read_bytes(), f"{rel} differs: run make proto"
+
+
+def test_a_service_with_an_expired_certificate_refuses_to_start_with_a_clear_message(
+    gateway: Gateway, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    pki = gateway.pki
+    cert, key = pki_mod.issue_cert((pki / "ca.pem").read_bytes(), (pki / "ca-key.pem").read_bytes(),
+                                   "spiffe://igw.local/ledger", not_before=datetime.now(UTC) - timedelta(days=10),
+                                   valid_for=timedelta(days=1))
+    (tmp_path / "old.pem").write_bytes(cert)
+    (tmp_path / "old-key.pem").write_bytes(key)
+    env = {"IGW_TLS_CERT": str(tmp_path / "old.pem"), "IGW_TLS_KEY": str(tmp_path / "old-key.pem"),
+           "IGW_TLS_CA": str(pki / "ca.pem"), "IGW_DATABASE_URL": "postgresql+psycopg://unused@/x"}
+    from services.common.procs import ServiceStartError
+
+    with pytest.raises(ServiceStartError) as exc:
+        start_service("ledger", env, tmp_path, timeout=20)
+    assert "expired" in str(exc.value) and "old.pem" in str(exc.value)
