@@ -487,3 +487,27 @@ def test_overload_is_refused_fast_instead_of_queueing(rig: Rig, tmp_path: Path) 
     assert len(refused) == 3 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
     assert len(results) - len(refused) == 2
     assert time.monotonic() - t0 < 10
+
+
+def test_sighup_reloads_a_changed_config_and_the_new_alias_serves(rig: Rig, tmp_path: Path) -> None:
+    import signal as _signal
+
+    proc = _own_router(rig, tmp_path, rig.config.read_text())
+    cfg = Path(proc.env["IGW_ROUTER_CONFIG"])
+    try:
+        with mtls_channel(proc.address, rig.gw.pki, "operator-admin") as och, \
+                mtls_channel(proc.address, rig.gw.pki, "agent-demo-quickstart") as ach:
+            admin = router_pb2_grpc.RouterAdminServiceStub(och)
+            old = admin.GetConfig(router_pb2.GetConfigRequest(), timeout=5).sha256
+            cfg.write_text(cfg.read_text().replace("models:\n", "models:\n  added-later: {candidates: [oa]}\n", 1))
+            proc.proc.send_signal(_signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while admin.GetConfig(router_pb2.GetConfigRequest(), timeout=5).sha256 == old:
+                assert time.monotonic() < deadline, "SIGHUP did not reload the config"
+                time.sleep(0.1)
+            got = admin.GetConfig(router_pb2.GetConfigRequest(), timeout=5)
+            assert got.sha256 == hashlib.sha256(cfg.read_bytes()).hexdigest() and "added-later" in got.aliases
+            resp = router_pb2_grpc.RouterServiceStub(ach).Generate(_req("added-later"), timeout=15)
+            assert resp.served_by.deployment == "oa"
+    finally:
+        proc.terminate()

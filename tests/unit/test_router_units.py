@@ -160,3 +160,57 @@ def test_cost_rounds_every_component_up_and_uses_integers_only() -> None:
     assert call_cost(3, 1, 0, 1, 1, 0) == 2  # ceil(3/1e6) + ceil(1/1e6)
     assert call_cost(10, 0, 4, 1_000_000, 0, 500_000) == 6 + 2
     assert isinstance(call_cost(2**40, 2**40, 0, 10**12, 10**12, 0), int)
+
+
+def _router_for(cfg_text: bytes):  # type: ignore[no-untyped-def]
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from services.router.metrics import RouterMetrics
+    from services.router.service import Router
+
+    backends = SimpleNamespace(ledger=None, ledger_admin=None, vault=None)
+    return Router(parse_config(cfg_text), backends, http=None, metrics=RouterMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+
+
+STRATS = b"""
+providers:
+  p: {type: openai, base_url: "https://api.example.com/v1"}
+deployments:
+  pricey: {provider: p, model: a, price: pricey, weight: 1}
+  cheap: {provider: p, model: b, price: cheap, weight: 0}
+  mid: {provider: p, model: c, price: mid, weight: 3}
+models:
+  by-priority: {candidates: [pricey, cheap, mid]}
+  by-cost: {candidates: [pricey, cheap, mid], strategy: cheapest}
+  by-latency: {candidates: [pricey, cheap, mid], strategy: latency}
+  by-weight: {candidates: [pricey, cheap, mid], strategy: weighted}
+"""
+
+
+def test_strategies_order_candidates_by_config_price_latency_and_weight() -> None:
+    from igw.ledger.v1 import ledger_pb2
+
+    r = _router_for(STRATS)
+    cfg = r.config
+    prices = {
+        "pricey": ledger_pb2.ModelPrice(model="pricey", input_per_mtok_nanos=10_000, output_per_mtok_nanos=50_000),
+        "cheap": ledger_pb2.ModelPrice(model="cheap", input_per_mtok_nanos=1_000, output_per_mtok_nanos=2_000),
+        "mid": ledger_pb2.ModelPrice(model="mid", input_per_mtok_nanos=5_000, output_per_mtok_nanos=5_000),
+    }
+
+    def names(alias: str) -> list[str]:
+        return [d.name for d in r._order(cfg.aliases[alias], cfg, prices)]
+
+    assert names("by-priority") == ["pricey", "cheap", "mid"]
+    assert names("by-cost") == ["cheap", "mid", "pricey"]
+    r.breakers["pricey"].record_success(0.300)
+    r.breakers["cheap"].record_success(0.050)
+    # "mid" is unobserved: tried first (explore), then by observed latency.
+    assert names("by-latency") == ["mid", "cheap", "pricey"]
+    # Weighted: weight 0 is never picked; "mid" (3) leads "pricey" (1) about 3 times in 4.
+    firsts = [names("by-weight") for _ in range(2000)]
+    assert all("cheap" not in order for order in firsts)
+    share = sum(order[0] == "mid" for order in firsts) / len(firsts)
+    assert 0.68 < share < 0.82
