@@ -125,7 +125,7 @@ def test_the_prompt_bound_covers_every_byte_of_text() -> None:
     req = _req()
     req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="é" * 100)
     prep = prepare(req, Limits())
-    assert prep.prompt_tokens_upper_bound >= len("hello".encode()) + len(("é" * 100).encode())
+    assert prep.prompt_tokens_upper_bound >= len(b"hello") + len(("é" * 100).encode())
     assert prep.chat.max_output_tokens == Limits().default_output_tokens
 
 
