@@ -1,0 +1,94 @@
+"""``python -m bench run [--quick] [--scenarios ...] [--litellm/--no-litellm]``: the igw benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.scenarios import ALL_SCENARIOS, Options, run
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="igw overhead and throughput benchmark")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="start everything on loopback, measure, write results and BENCHMARKS.md")
+    r.add_argument("--quick", action="store_true", help="CI smoke: < 60 s, small rates, no LiteLLM by default")
+    r.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=ALL_SCENARIOS,
+        default=None,
+        help=f"subset to run (default: all: {' '.join(ALL_SCENARIOS)})",
+    )
+    r.add_argument("--litellm", dest="litellm", action="store_true", default=None, help="run LiteLLM side by side")
+    r.add_argument("--no-litellm", dest="litellm", action="store_false")
+    r.add_argument("--litellm-workers", type=int, default=1, help="LiteLLM proxy workers (default 1)")
+    r.add_argument(
+        "--profile",
+        dest="profile",
+        action="store_true",
+        default=None,
+        help="py-spy the services under load at the end (default for full runs)",
+    )
+    r.add_argument("--no-profile", dest="profile", action="store_false")
+    r.add_argument("--rates", type=int, nargs="+", default=None, help="open-loop ladder (calls/s)")
+    r.add_argument("--teams", type=int, default=None, help="teams in the many-teams scenario (default 100)")
+    r.add_argument("--step-seconds", type=float, default=None, help="seconds per open-loop step")
+    r.add_argument("--c1-n", type=int, default=None, help="calls per one-at-a-time series")
+    r.add_argument("--out", default=None, help="results JSON (default bench/results/<timestamp>.json)")
+    r.add_argument(
+        "--markdown",
+        dest="markdown",
+        action="store_true",
+        default=None,
+        help="rewrite BENCHMARKS.md and the plot (default for full runs)",
+    )
+    r.add_argument("--no-markdown", dest="markdown", action="store_false", help="JSON only (default for --quick)")
+    r.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs, profiles)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    quick = bool(args.quick)
+    scenarios = (
+        tuple(args.scenarios)
+        if args.scenarios
+        else (("ceiling", "c1", "rate", "hot", "stream", "fallback") if quick else ALL_SCENARIOS)
+    )
+    litellm = (not quick) if args.litellm is None else bool(args.litellm)
+    profile = (not quick) if args.profile is None else bool(args.profile)
+    opts = Options(
+        quick=quick,
+        scenarios=scenarios,
+        litellm=litellm,
+        litellm_workers=args.litellm_workers,
+        profile=profile,
+        teams=args.teams or (10 if quick else 100),
+        keep_state=args.keep_state,
+        rates=tuple(args.rates or ()),
+        step_override=args.step_seconds,
+        c1_n_override=args.c1_n,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    results = run(opts)
+    results["command"] = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = (
+        Path(args.out)
+        if args.out
+        else report.RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if quick else ''}.json"
+    )
+    path = report.write_json(results, out)
+    print(f"raw results: {path}", file=sys.stderr)
+    if (not quick) if args.markdown is None else args.markdown:
+        md = report.write_markdown(results, path)
+        print(f"summary: {md}", file=sys.stderr)
+    print(report.summary_text(results))
+    return 0 if report.healthy(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,449 @@
+"""Results: raw JSON in bench/results/, a summary in BENCHMARKS.md, a plot in bench/results/latency.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MARKDOWN = ROOT / "BENCHMARKS.md"
+PLOT = RESULTS / "latency.png"
+
+BAR_P50_MS = 2.0
+BAR_P99_MS = 5.0
+BAR_RATIO = 3.0
+
+
+def write_json(results: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=False, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def _g(d: Any, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, (int, float)):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def errors_total(results: dict[str, Any]) -> dict[str, int]:
+    """Errors of the scenarios that must have none (c1, stream, fallback at c=1 and the passing ladder steps)."""
+    out: dict[str, int] = {}
+    sc = results.get("scenarios", {})
+    for name in ("c1",):
+        for fake, entry in (sc.get(name) or {}).items():
+            if isinstance(entry, dict) and "errors" in entry:
+                for system, n in entry["errors"].items():
+                    out[f"c1.{fake}.{system}"] = n
+    for name in ("stream", "fallback"):
+        for system, n in (_g(sc, name, "errors") or {}).items():
+            out[f"{name}.{system}"] = n
+    for name in ("rate", "hot"):
+        for step in _g(sc, name, "steps") or []:
+            for system, res in step["results"].items():
+                if system == "direct" or res.get("pass"):
+                    out[f"{name}.{step['rate']}.{system}"] = sum(res["errors"].values())
+    return out
+
+
+def healthy(results: dict[str, Any]) -> bool:
+    """No scenario crashed, no error where none is allowed, spend entries == successes."""
+    sc = results.get("scenarios", {})
+    if any(isinstance(v, dict) and "error" in v for v in sc.values()):
+        return False
+    if any(errors_total(results).values()):
+        return False
+    return all(v.get("ok") for v in (results.get("spend_check") or {}).values())
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the issue asks for."""
+    sc = results.get("scenarios", {})
+    c1 = _g(sc, "c1", "d0") or {}
+    h: dict[str, Any] = {
+        "direct_c1_ms": c1.get("pooled_ms", {}).get("direct"),
+        "igw_c1_ms": c1.get("pooled_ms", {}).get("igw"),
+        "litellm_c1_ms": c1.get("pooled_ms", {}).get("litellm"),
+        "igw_added_c1_ms": _g(c1, "added_ms", "igw"),
+        "litellm_added_c1_ms": _g(c1, "added_ms", "litellm"),
+        "igw_max_rps": _g(sc, "rate", "max_sustained_rps", "igw"),
+        "litellm_max_rps": _g(sc, "rate", "max_sustained_rps", "litellm"),
+        "igw_hot_max_rps": _g(sc, "hot", "max_sustained_rps", "igw-hot"),
+        "fake_ceiling_rps": _g(sc, "ceiling", "ceiling_rps"),
+        "igw_added_ttft_ms": _g(sc, "stream", "added_ttft_ms", "igw"),
+        "litellm_added_ttft_ms": _g(sc, "stream", "added_ttft_ms", "litellm"),
+        "igw_fallback_added_c1_ms": _g(sc, "fallback", "c1_added_vs_direct_ms", "igw-fallback"),
+    }
+    if h["igw_max_rps"] and h["litellm_max_rps"]:
+        h["ratio"] = round(h["igw_max_rps"] / h["litellm_max_rps"], 2)
+    added = h["igw_added_c1_ms"] or {}
+    h["bar"] = {
+        "added_p50_le_2ms": added.get("p50") is not None and added["p50"] <= BAR_P50_MS,
+        "added_p99_le_5ms": added.get("p99") is not None and added["p99"] <= BAR_P99_MS,
+        "sustained_ge_3x_litellm": h.get("ratio") is not None and h["ratio"] >= BAR_RATIO,
+        "spend_exact": all(v.get("ok") for v in (results.get("spend_check") or {}).values()) or None,
+    }
+    ceiling = h["fake_ceiling_rps"]
+    h["near_fake_ceiling"] = {
+        k: bool(ceiling and v and v >= 0.9 * ceiling)
+        for k, v in (("igw", h["igw_max_rps"]), ("litellm", h["litellm_max_rps"]))
+    }
+    return h
+
+
+def summary_text(results: dict[str, Any]) -> str:
+    h = headline(results)
+    lines = [
+        f"run {results.get('run_id')} ({'quick' if results.get('quick') else 'full'}), {results.get('elapsed_s')} s"
+    ]
+    for who in ("igw", "litellm"):
+        a = h.get(f"{who}_added_c1_ms")
+        if a:
+            lines.append(f"  {who:8s} added at c=1: p50 {a['p50']:.2f} ms  p99 {a['p99']:.2f} ms")
+    for who in ("igw", "litellm", "igw_hot"):
+        v = h.get(f"{who}_max_rps")
+        if v is not None:
+            lines.append(f"  {who:8s} max sustained (added p99 < 50 ms, no errors): {v:.0f} calls/s")
+    if h.get("ratio") is not None:
+        lines.append(f"  igw / litellm sustained: {h['ratio']:.2f}x")
+    lines.append(f"  bar: {h['bar']}")
+    sc = results.get("spend_check") or {}
+    lines.append(
+        "  spend: "
+        + ", ".join(
+            f"{k} {v['entries']}/{v['successes']} lost {v['lost']} dup {v['duplicated']}" for k, v in sc.items()
+        )
+    )
+    bad = {k: v for k, v in errors_total(results).items() if v}
+    if bad:
+        lines.append(f"  ERRORS: {bad}")
+    for name, v in results.get("scenarios", {}).items():
+        if isinstance(v, dict) and "error" in v:
+            lines.append(f"  SCENARIO FAILED {name}: {v['error']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(results: dict[str, Any], path: Path = PLOT) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sc = results.get("scenarios", {})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    bars: list[tuple[str, dict[str, float]]] = []
+    for fake in ("d0", "d20"):
+        for who in ("igw", "litellm"):
+            a = _g(sc, "c1", fake, "added_ms", who)
+            if a:
+                bars.append((f"{who} c=1\nfake {fake[1:]} ms", a))
+    for who in ("igw", "litellm"):
+        a = _g(sc, "stream", "added_ttft_ms", who)
+        if a:
+            bars.append((f"{who}\nTTFT", a))
+    a = _g(sc, "fallback", "c1_added_vs_direct_ms", "igw-fallback")
+    if a:
+        bars.append(("igw 20% 429\nfallback", a))
+    if bars:
+        xs = range(len(bars))
+        ax1.bar([x - 0.2 for x in xs], [b[1].get("p50", 0) for b in bars], 0.4, label="added p50")
+        ax1.bar([x + 0.2 for x in xs], [b[1].get("p99", 0) for b in bars], 0.4, label="added p99")
+        ax1.set_xticks(list(xs))
+        ax1.set_xticklabels([b[0] for b in bars], fontsize=7)
+        ax1.axhline(BAR_P50_MS, color="C0", ls=":", lw=1)
+        ax1.axhline(BAR_P99_MS, color="C1", ls=":", lw=1)
+        ax1.set_ylabel("ms over a direct call to the fake")
+        ax1.set_title("Added latency, one call in flight")
+        ax1.legend(fontsize=8)
+    for name in ("rate", "hot"):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for step in _g(sc, name, "steps") or []:
+            for system, res in step["results"].items():
+                if name == "hot" and system == "direct":
+                    continue
+                p99 = _g(res, "latency_ms", "p99")
+                if p99 is not None and res.get("achieved_rps"):
+                    curves.setdefault(system, []).append((res["achieved_rps"], p99))
+        for system, pts in curves.items():
+            pts.sort()
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("achieved calls/s (open loop, fake delay 20 ms)")
+    ax2.set_ylabel("p99 latency, ms (from scheduled send)")
+    ax2.set_title("Throughput vs p99")
+    ax2.axhline(20 + 50, color="grey", ls=":", lw=1)
+    ax2.legend(fontsize=8)
+    fig.suptitle(
+        f"igw benchmark {results.get('run_id')} ({results.get('machine', {}).get('cpu_model', '')})", fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _pct_row(name: str, p: dict[str, Any] | None) -> str:
+    p = p or {}
+    return f"| {name} | {_f(p.get('p50'))} | {_f(p.get('p90'))} | {_f(p.get('p99'))} | {_f(p.get('p99.9'))} | {p.get('n', '-')} |"
+
+
+def markdown(results: dict[str, Any], json_path: Path) -> str:
+    sc = results.get("scenarios", {})
+    h = headline(results)
+    m = results.get("machine", {})
+    rel = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
+    L: list[str] = []
+    L += [
+        "# igw benchmarks",
+        "",
+        "Generated by `python -m bench run` (`make bench`); quick CI variant `make bench-quick`. "
+        "Every number below comes from one run on one machine; the raw data is in "
+        f"[`{rel}`]({rel}) and the plot in [`bench/results/latency.png`](bench/results/latency.png).",
+        "",
+        "## How it is measured",
+        "",
+        "- **Rig**: everything on loopback on this machine: the bench's own fake OpenAI-compatible providers "
+        "(`services.fakes`, aiohttp + uvloop; `d0` no delay, `d20` 20 ms, `flaky` 429 on 20 % of calls, `backup`), "
+        "the whole gateway from `python -m services.cli.up --ports auto --config <bench routing config>` "
+        "(embedded Postgres with fsync on, ledger, keyvault, router, all mTLS), the LiteLLM proxy against the same "
+        "fakes, and one load-generator process (`bench/loadgen.py`, grpc.aio / aiohttp on uvloop).",
+        "- **igw path**: every call is the full path: agent mTLS, `Ledger.Reserve` hold and `KeyVault.IssueCredential` "
+        "lease, provider call, `Ledger.Settle`. Bench teams have a TOTAL budget of 10^15 nano-dollars, so budget "
+        "enforcement is on. Access logs are left at their defaults (on).",
+        "- **Added latency** = gateway percentile - direct-to-fake percentile, same load generator, interleaved "
+        "rounds (direct, igw, LiteLLM, rotating order), samples pooled over rounds. The direct call is HTTP/1.1 "
+        "keep-alive (aiohttp); igw is gRPC over mTLS; LiteLLM is HTTP/1.1.",
+        "- **Open loop**: calls are sent on a fixed timetable whatever the answers, and latency is counted from "
+        "the *scheduled* send time (no coordinated omission). Each ladder step runs direct, igw and LiteLLM "
+        "back to back at the same rate. A step passes with zero errors, achieved ≥ 95 % of offered and added "
+        "p99 < 50 ms; a failing step is retried once (shared, noisy machine) and a system stops at its "
+        "first confirmed failure. *Max sustained* = the highest passing rate.",
+        "- **Spend check**: every igw request id is set by the bench; after the run, `LedgerAdminService."
+        "ListSpendEntries` must hold exactly one entry per call that answered OK, none lost, none duplicated.",
+        "- **CPU per call**: psutil user+system seconds of each process (Postgres: postmaster and backends) over "
+        "a run, divided by the calls it served. `other tenants` is the machine's busy CPU not used by the "
+        "processes under test (this machine is shared).",
+        "",
+    ]
+    L += [
+        "## Machine",
+        "",
+        f"- {m.get('cpu_model', '?')}, {m.get('usable_cpus', '?')} usable CPUs, {m.get('memory_gb', '?')} GB, "
+        f"kernel {m.get('kernel', '?')}, Python {m.get('python', '?')}, grpcio {m.get('grpcio', '?')}, "
+        f"governor {m.get('cpu_governor', '?')}",
+        f"- git {m.get('git', '?')}, load average at start {m.get('loadavg_at_start')}",
+        f"- run `{results.get('run_id')}` started {results.get('started')}, took {results.get('elapsed_s')} s",
+        f"- command: `{results.get('command') or 'python -m bench run'}`",
+        "",
+    ]
+    lit = _g(results, "rig", "litellm")
+    if lit:
+        L += [
+            f"- LiteLLM {lit['version']}, {lit['workers']} worker(s), config sha256 `{lit['config_sha256'][:16]}`: "
+            f"`{lit['command'].split('/')[-1]}`; env {lit['env']}",
+            "",
+        ]
+    L += ["## Headline", "", "| | igw | LiteLLM | bar |", "|---|---|---|---|"]
+    ia, la = h.get("igw_added_c1_ms") or {}, h.get("litellm_added_c1_ms") or {}
+    L.append(
+        f"| added p50 at one call in flight (ms) | {_f(ia.get('p50'))} | {_f(la.get('p50'))} | igw ≤ {BAR_P50_MS} "
+        f"{'✅' if h['bar']['added_p50_le_2ms'] else '❌'} |"
+    )
+    L.append(
+        f"| added p99 at one call in flight (ms) | {_f(ia.get('p99'))} | {_f(la.get('p99'))} | igw ≤ {BAR_P99_MS} "
+        f"{'✅' if h['bar']['added_p99_le_5ms'] else '❌'} |"
+    )
+    L.append(
+        f"| max sustained calls/s (added p99 < 50 ms, no errors; fake 20 ms, {results['options']['teams']} teams) "
+        f"| {_f(h.get('igw_max_rps'), 0)} | {_f(h.get('litellm_max_rps'), 0)} | ratio {_f(h.get('ratio'))} ≥ {BAR_RATIO} "
+        f"{'✅' if h['bar']['sustained_ge_3x_litellm'] else '❌'} |"
+    )
+    L.append(f"| max sustained calls/s, one hot team | {_f(h.get('igw_hot_max_rps'), 0)} | | |")
+    it, lt = h.get("igw_added_ttft_ms") or {}, h.get("litellm_added_ttft_ms") or {}
+    L.append(
+        f"| added time to first token p50 / p99 (ms) | {_f(it.get('p50'))} / {_f(it.get('p99'))} | "
+        f"{_f(lt.get('p50'))} / {_f(lt.get('p99'))} | |"
+    )
+    fb = h.get("igw_fallback_added_c1_ms") or {}
+    L.append(f"| added p50 / p99 with the primary 429-ing 20 % (ms) | {_f(fb.get('p50'))} / {_f(fb.get('p99'))} | | |")
+    sc_ok = h["bar"]["spend_exact"]
+    L.append(
+        f"| spend entries == successes (no loss, no duplicate) | {'✅' if sc_ok else '❌' if sc_ok is False else '-'} | | |"
+    )
+    L.append(
+        f"| fake's own ceiling (calls/s, as our load generator sees it) | {_f(h.get('fake_ceiling_rps'), 0)} | | "
+        f"{'⚠ igw near it' if h['near_fake_ceiling'].get('igw') else ''} |"
+    )
+    L.append("")
+    # c=1 detail
+    for fake in ("d0", "d20"):
+        e = _g(sc, "c1", fake)
+        if not e:
+            continue
+        L += [
+            f"### One call in flight, fake delay {fake[1:]} ms ({results['options']['c1_rounds']} interleaved rounds)",
+            "",
+            "| system | p50 | p90 | p99 | p99.9 | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s, p in e["pooled_ms"].items():
+            L.append(_pct_row(s, p))
+        for s, a in e.get("added_ms", {}).items():
+            L.append(
+                f"| **{s} added** | {_f(a.get('p50'))} | {_f(a.get('p90'))} | {_f(a.get('p99'))} | {_f(a.get('p99.9'))} | |"
+            )
+        L.append(
+            "\nPer-round p50 (ms): "
+            + "; ".join(f"{s} {', '.join(_f(x) for x in v)}" for s, v in e.get("round_p50s_ms", {}).items())
+        )
+        L.append("")
+    # ladders
+    for name, title in (
+        ("rate", "Open-loop ladder, many teams (fake delay 20 ms)"),
+        ("hot", "Open-loop ladder, one hot team (fake delay 20 ms)"),
+    ):
+        steps = _g(sc, name, "steps")
+        if not steps:
+            continue
+        L += [
+            f"### {title}",
+            "",
+            "| rate/s | system | achieved/s | p50 | p99 | p99.9 | added p99 | errors | pass | CPU ms/call (router / ledger / vault / postgres) | other tenants (cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for step in steps:
+            for s, r in step["results"].items():
+                lat = r.get("latency_ms", {})
+                pr = r.get("procs", {})
+                cpu = " / ".join(_f(_g(pr, p, "cpu_ms_per_call")) for p in ("router", "ledger", "keyvault", "postgres"))
+                if s == "litellm":
+                    cpu = f"litellm {_f(_g(pr, 'litellm', 'cpu_ms_per_call'))}"
+                elif s == "direct":
+                    cpu = f"fake {_f(_g(pr, 'fake-d20', 'cpu_ms_per_call'))}"
+                L.append(
+                    f"| {step['rate']} | {s} | {_f(r.get('achieved_rps'), 0)} | {_f(lat.get('p50'))} | "
+                    f"{_f(lat.get('p99'))} | {_f(lat.get('p99.9'))} | {_f(_g(r, 'added_ms', 'p99'))} | "
+                    f"{sum(r.get('errors', {}).values())} | {'' if s == 'direct' else ('✅' if r.get('pass') else '❌ ' + str(r.get('why', '')))} | "
+                    f"{cpu} | {_f(r.get('other_tenants_cores'))} |"
+                )
+        L.append(f"\nStopped: {_g(sc, name, 'stopped')}\n")
+    st = sc.get("stream")
+    if st and "ttft_ms" in st:
+        L += [
+            "### Streaming: time to first token at one call in flight (fake delay 0)",
+            "",
+            "| system | p50 | p90 | p99 | p99.9 | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s, p in st["ttft_ms"].items():
+            L.append(_pct_row(s, p))
+        for s, a in st.get("added_ttft_ms", {}).items():
+            L.append(
+                f"| **{s} added** | {_f(a.get('p50'))} | {_f(a.get('p90'))} | {_f(a.get('p99'))} | {_f(a.get('p99.9'))} | |"
+            )
+        ol = st.get("open_loop", {})
+        if ol:
+            L.append(
+                f"\nOpen loop at {ol['rate']}/s: "
+                + "; ".join(
+                    f"{s} TTFT p50 {_f(_g(r, 'ttft_ms', 'p50'))} p99 {_f(_g(r, 'ttft_ms', 'p99'))} ms, errors {sum(r['errors'].values())}"
+                    for s, r in ol["results"].items()
+                )
+            )
+        L.append("")
+    fb = sc.get("fallback")
+    if fb and "c1_pooled_ms" in fb:
+        L += [
+            "### Fallback: primary answers 429 to 20 % of calls (fake delay 0)",
+            "",
+            "| system | p50 | p90 | p99 | p99.9 | n |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s, p in fb["c1_pooled_ms"].items():
+            L.append(_pct_row(s, p))
+        served = fb.get("c1_served_by") or []
+        if served:
+            L.append(
+                "\nServed by (first round, latency ms): "
+                + "; ".join(
+                    f"{prov}: n {p.get('n')} p50 {_f(p.get('p50'))} p99 {_f(p.get('p99'))}"
+                    for prov, p in served[0].items()
+                )
+            )
+        for item in fb.get("open_loop", []):
+            r = item["igw-fallback"]
+            served_txt = ", ".join(f"{k}: {v.get('n')}" for k, v in (r.get("by_provider") or {}).items())
+            L.append(
+                f"\nOpen loop {item['rate']}/s: igw-fallback p50 {_f(_g(r, 'latency_ms', 'p50'))} p99 "
+                f"{_f(_g(r, 'latency_ms', 'p99'))} (added p99 {_f(_g(r, 'added_ms', 'p99'))}), errors "
+                f"{sum(r['errors'].values())}, served by {served_txt}"
+            )
+        L.append("")
+    spend = results.get("spend_check")
+    if spend:
+        L += [
+            "### Spend entries",
+            "",
+            "| scenario | calls answered OK | spend entries | lost | duplicated | unexpected |",
+            "|---|---|---|---|---|---|",
+        ]
+        for k, v in spend.items():
+            L.append(
+                f"| {k} | {v['successes']} | {v['entries']} | {v['lost']} | {v['duplicated']} | {v['unexpected']} |"
+            )
+        L.append("")
+    rss = results.get("rss_end")
+    if rss:
+        L += ["### Memory (RSS at the end of the run, MB)", "", "| process | RSS MB | processes |", "|---|---|---|"]
+        for k, v in rss.items():
+            L.append(f"| {k} | {_f(v.get('rss_mb'), 1)} | {v.get('procs')} |")
+        L.append("")
+    prof = results.get("profile")
+    if prof and prof.get("services"):
+        L += [f"### Profile (py-spy, {prof['duration_s']} s at {prof['rate']:.0f} calls/s, non-idle samples)", ""]
+        for svc, p in prof["services"].items():
+            if "error" in p:
+                L.append(f"- {svc}: {p['error'][:200]}")
+                continue
+            L += [f"**{svc}** ({p['total_samples']} samples), top self time:", "", "| function | % |", "|---|---|"]
+            for row in p["self"][:10]:
+                L.append(f"| `{row['function'][:110]}` | {row['pct']} |")
+            L.append("")
+    if results.get("notes"):
+        L += ["### Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    if PLOT.exists():
+        L += ["## Plot", "", "![added latency and throughput vs p99](bench/results/latency.png)", ""]
+    return "\n".join(L)
+
+
+def write_markdown(results: dict[str, Any], json_path: Path) -> Path:
+    try:
+        plot(results)
+    except Exception as err:
+        results.setdefault("notes", []).append(f"plot failed: {err!r}")
+    MARKDOWN.write_text(markdown(results, json_path))
+    return MARKDOWN
