@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -45,9 +46,9 @@ def run_main(
         await runtime.start()
         await runtime.wait()
 
-    try:
-        import uvloop
-
-        uvloop.run(_serve())
-    except ImportError:  # pragma: no cover - uvloop is a dependency
+    if os.environ.get("IGW_UVLOOP", "1") == "0":
         asyncio.run(_serve())
+        return
+    import uvloop
+
+    uvloop.run(_serve())

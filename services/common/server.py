@@ -102,6 +102,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._access_log = access_log
         self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
         self._labels: dict[str, tuple[Any, Callable[[str], Any]]] = {}
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def _method_metrics(self, method: str) -> tuple[Any, Callable[[str], Any]]:
         cached = self._labels.get(method)
@@ -129,6 +130,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # type: ignore[return-value]
         method: str = handler_call_details.method  # type: ignore[attr-defined]
+        # Registered handlers never change: wrap each one once, not on every call.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         allowed = self._policy.allowed(method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import http.cookiejar
 import json
 import logging
@@ -195,6 +196,45 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
+class UpstreamClient(httpx.AsyncClient):
+    """The shared upstream client; requests go straight to its transport.
+
+    Upstream calls need none of ``AsyncClient.send``'s machinery: redirects are refused,
+    there is no auth flow, and no cookies are kept. Skipping it (and caching parsed URLs)
+    removes a large share of the router's CPU per call; the request and response are
+    still httpx objects on httpx's public transport API.
+    """
+
+    def __init__(self, upstream: httpx.AsyncBaseTransport, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.upstream = upstream
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_url(url: str) -> httpx.URL:
+    # URLs are config base URL + a fixed path template + a validated model name: few and bounded.
+    return httpx.URL(url)
+
+
+def _build_request(
+    client: httpx.AsyncClient, url: str, headers: Mapping[str, str], body: bytes, timeouts: Timeouts
+) -> httpx.Request:
+    if not isinstance(client, UpstreamClient):
+        return client.build_request("POST", url, headers=headers, content=body, timeout=_httpx_timeout(timeouts))
+    all_headers = {"user-agent": USER_AGENT, "content-length": str(len(body)), **headers}
+    request = httpx.Request("POST", _parsed_url(url), headers=all_headers, content=body)
+    request.extensions = {"timeout": _httpx_timeout(timeouts).as_dict()}
+    return request
+
+
+async def _send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    if isinstance(client, UpstreamClient):
+        resp = await client.upstream.handle_async_request(request)
+        resp.request = request
+        return resp
+    return await client.send(request, stream=True, follow_redirects=False)
+
+
 def make_http_client(max_connections: int = 512, connect_timeout_s: float = 5.0) -> httpx.AsyncClient:
     """Create the shared upstream client: httpx over an aiohttp transport.
 
@@ -225,7 +265,8 @@ def make_http_client(max_connections: int = 512, connect_timeout_s: float = 5.0)
         )
 
     transport = AiohttpTransport(trust_env=False, limits=limits, client=_session)
-    return httpx.AsyncClient(
+    return UpstreamClient(
+        transport,
         transport=transport,
         follow_redirects=False,
         trust_env=False,
@@ -410,13 +451,11 @@ async def _open(
 ) -> tuple[httpx.Response, _Body]:
     """Send the request; return a 2xx response and its body reader, or raise."""
     clock = _Clock(timeouts)
-    request = client.build_request(
-        "POST", url, headers=headers, content=body, timeout=_httpx_timeout(timeouts)
-    )
+    request = _build_request(client, url, headers, body, timeouts)
     deadline, phase = clock.next_deadline()
     try:
         async with asyncio.timeout_at(deadline):
-            resp = await client.send(request, stream=True, follow_redirects=False)
+            resp = await _send(client, request)
     except TimeoutError:
         raise _timeout_error(provider, phase) from None
     except _TRANSPORT_ERRORS as exc:
