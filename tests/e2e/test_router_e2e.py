@@ -511,3 +511,13 @@ def test_sighup_reloads_a_changed_config_and_the_new_alias_serves(rig: Rig, tmp_
             assert resp.served_by.deployment == "oa"
     finally:
         proc.terminate()
+
+
+def test_the_agent_deadline_bounds_the_upstream_call(rig: Rig) -> None:
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults", [{"mode": "hang", "match_model": "fake-solo"}])
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as exc:
+        rig.stub.Generate(_req("solo"), timeout=0.7)
+    elapsed = time.monotonic() - t0
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 1.2  # not the 1.5 s first-byte timeout, not a retry round
