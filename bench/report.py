@@ -10,6 +10,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MARKDOWN = ROOT / "BENCHMARKS.md"
+ANALYSIS = ROOT / "bench" / "analysis.md"
 PLOT = RESULTS / "latency.png"
 
 BAR_P50_MS = 2.0
@@ -437,6 +438,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         L += ["### Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     if PLOT.exists():
         L += ["## Plot", "", "![added latency and throughput vs p99](bench/results/latency.png)", ""]
+    if ANALYSIS.exists():
+        # Hand-written: what changed between runs and what holds the bar back (kept across runs).
+        L += [ANALYSIS.read_text().rstrip(), ""]
     return "\n".join(L)
 
 
