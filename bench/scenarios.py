@@ -370,9 +370,24 @@ limits: {{max_in_flight: 4096}}
             **kw,
         }
 
+    def quiesce(self, limit_s: float = 30.0, idle_cores: float = 0.15) -> float:
+        """Waits until the processes under test are idle (an overloaded system keeps working off
+        its backlog after the load generator gave up, which would tax the next system's step)."""
+        t0 = time.monotonic()
+        prev = self.procs.snapshot()
+        while time.monotonic() - t0 < limit_s:
+            time.sleep(0.5)
+            cur = self.procs.snapshot()
+            used = sum(cur[k]["cpu_s"] - prev[k]["cpu_s"] for k in cur if k in prev)
+            prev = cur
+            if used / 0.5 < idle_cores:
+                break
+        return time.monotonic() - t0
+
     def measure(self, scenario: str, system: str, job: dict[str, Any], record: bool = True) -> dict[str, Any]:
         """Runs one job with CPU/RSS accounting; igw jobs get unique request ids for the spend check."""
         assert self.lg is not None
+        self.quiesce()
         self.seq += 1
         if job["kind"] == "grpc":
             job["rid_prefix"] = f"{self.run_id}.{scenario}.{self.seq}."
