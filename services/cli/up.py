@@ -131,6 +131,14 @@ def _start_fake(name: str, port: int, secret: str, state: Path) -> tuple[subproc
     raise RuntimeError(f"{name} did not start")
 
 
+def _stopper(proc: subprocess.Popen[bytes]) -> Callable[[], object]:
+    def stop() -> object:
+        proc.terminate()
+        return proc.wait(5)
+
+    return stop
+
+
 def _wait_healthy(proc: ServiceProcess, timeout: float = 30) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -238,7 +246,7 @@ def run_up(args: argparse.Namespace) -> int:
             for name in FAKE_KINDS:
                 proc, port = _start_fake(name, 0 if auto else FAKE_PORTS[name], demo_secrets[name], state)
                 fake_ports[name] = port
-                stoppers.append(lambda p=proc: (p.terminate(), p.wait(5)))
+                stoppers.append(_stopper(proc))
             config_path = Path(args.config) if getattr(args, "config", None) else state / "router.yaml"
             if not getattr(args, "config", None):
                 config_path.write_text(demo_config(fake_ports))
@@ -260,7 +268,7 @@ def run_up(args: argparse.Namespace) -> int:
         stoppers.append(router.terminate)
         _wait_healthy(router)
 
-        endpoints = {
+        endpoints: dict[str, Any] = {
             "router": router.address, "keyvault": vault.address, "ledger": ledger.address,
             "probes": {n: f"127.0.0.1:{p.probe_port}" for n, p in procs.items()},
             "metrics": {n: f"http://127.0.0.1:{p.metrics_port}/metrics" for n, p in procs.items()},

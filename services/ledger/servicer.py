@@ -44,7 +44,7 @@ def budget_status_pb(s: D.BudgetStatus) -> pb.BudgetStatus:
     out = pb.BudgetStatus(
         team=s.team,
         agent=s.agent,
-        window=int(s.window),
+        window=pb.BudgetWindow.ValueType(s.window),
         limit_nanos=s.limit_nanos,
         soft_limit_nanos=s.soft_limit_nanos,
         spent_nanos=s.spent_nanos,
@@ -75,7 +75,7 @@ def spend_entry_pb(e: D.SpendEntry) -> pb.SpendEntry:
         cost_nanos=e.cost_nanos,
         held_nanos=e.held_nanos,
         price_version=e.price_version,
-        outcome=int(e.outcome),
+        outcome=pb.CallOutcome.ValueType(e.outcome),
         flags=[p for f, p in _FLAGS if f in e.flags],
         create_time=_ts(e.created_at),
         reserve_time=_ts(e.reserve_time),
@@ -148,7 +148,7 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):  # type: 
             soft_limit_nanos=request.soft_limit_nanos,
         )
         return pb.Budget(
-            team=b.team, agent=b.agent, window=int(b.window), limit_nanos=b.limit_nanos,
+            team=b.team, agent=b.agent, window=pb.BudgetWindow.ValueType(b.window), limit_nanos=b.limit_nanos,
             soft_limit_nanos=b.soft_limit_nanos, update_time=_ts(b.updated_at),
         )
 

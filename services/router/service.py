@@ -111,7 +111,10 @@ class AttemptLog:
 
     items: list[router_pb2.Attempt] = field(default_factory=list)
 
-    def add(self, dep: Deployment, outcome: int, start: float, err: ProviderError | None = None) -> None:
+    def add(
+        self, dep: Deployment, outcome: router_pb2.AttemptOutcome, start: float,
+        err: ProviderError | None = None,
+    ) -> None:
         att = router_pb2.Attempt(deployment=dep.name, provider=dep.provider, outcome=outcome)
         att.latency.FromNanoseconds(int((time.perf_counter() - start) * 1e9))
         if err is not None:
@@ -309,7 +312,7 @@ class Router:
 
     def _settle(
         self, rid: str, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage, latency_s: float,
-        outcome: int,
+        outcome: ledger_pb2.CallOutcome,
     ) -> None:
         req = ledger_pb2.SettleRequest(
             request_id=rid, reservation_id=hold.reservation_id,
