@@ -274,5 +274,11 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
     assert attrs["gen_ai.request.model"] == "fast" and attrs["gen_ai.usage.input_tokens"] > 0
     names_in_trace = {s["name"] for s in spans if s["trace_id"] == trace_id}
     assert {"igw.ledger.v1.LedgerService/Reserve", "igw.keyvault.v1.KeyVaultService/IssueCredential"} <= names_in_trace
-    # No content in spans.
-    assert "count these words" not in trace_file.read_text()
+    # No content in spans, and no provider key anywhere the gateway writes or exports.
+    spans_text = trace_file.read_text()
+    assert "count these words" not in spans_text
+    secrets = json.loads((gw.state_dir / "demo-secrets.json").read_text()).values()
+    metrics_text = "".join(httpx.get(u, timeout=10).text for u in gw.endpoints["metrics"].values())
+    for secret in secrets:
+        for where, text in (("spans", spans_text), ("logs", gw.all_logs()), ("metrics", metrics_text)):
+            assert secret not in text, f"a provider key leaked into {where}"
