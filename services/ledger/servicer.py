@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 from typing import Any
 
+import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from igw.ledger.v1 import ledger_pb2 as pb
 from igw.ledger.v1 import ledger_pb2_grpc
+from services.common import errors as E
 from services.ledger import domain as D
 from services.ledger.pricing import ModelPrice
 from services.ledger.service import LedgerService
+
+_LOGGER = logging.getLogger(__name__)
+# Settles per SettleBatch call: enough to amortise the RPC, small enough to bound its latency.
+MAX_SETTLE_BATCH = 256
 
 _GROUP = {
     pb.SPEND_GROUP_BY_TEAM: "team",
@@ -110,6 +118,28 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
         )
 
     async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:
+        return await self._settle(request)
+
+    async def SettleBatch(self, request: pb.SettleBatchRequest, context: Any) -> pb.SettleBatchResponse:
+        if not 1 <= len(request.settles) <= MAX_SETTLE_BATCH:
+            raise E.InvalidArgument(
+                "INVALID_BATCH", f"a batch holds 1 to {MAX_SETTLE_BATCH} settles", {"field": "settles"}
+            )
+        outcomes = await asyncio.gather(*(self._settle(item) for item in request.settles), return_exceptions=True)
+        out = pb.SettleBatchResponse()
+        for item in outcomes:
+            if isinstance(item, pb.SettleResponse):
+                out.results.add(response=item)
+            elif isinstance(item, E.IgwError):
+                out.results.add(code=item.code.value[0], reason=item.reason)
+            elif isinstance(item, asyncio.CancelledError):
+                raise item
+            else:
+                _LOGGER.error("settle in a batch failed unexpectedly", exc_info=item)
+                out.results.add(code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL")
+        return out
+
+    async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
         res = await self._svc.settle(
             request_id=request.request_id,
             reservation_id=request.reservation_id,

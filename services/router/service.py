@@ -46,6 +46,7 @@ from services.router.providers.domain import (
 )
 from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.routing import Alias, Deployment, RoutingConfig
+from services.router.settler import Settler
 from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
 
 _LOGGER = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Router:
         self.breakers: dict[str, Breaker] = {}
         self._in_flight = 0
         self._settles: set[asyncio.Task[None]] = set()
+        self.settler = Settler(backends.ledger, metrics)
         self.config = config
         self.apply_config(config)
 
@@ -289,27 +291,6 @@ class Router:
         self._settles.add(task)
         task.add_done_callback(self._settles.discard)
 
-    async def _settle_now(self, req: ledger_pb2.SettleRequest) -> None:
-        delay = 0.05
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                await self.backends.ledger.Settle(req, timeout=10)
-                return
-            except grpc.RpcError as err:
-                code = err.code()
-                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ABORTED,
-                            grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
-                    info = error_info_from_rpc_error(err)
-                    _LOGGER.error("settle refused", extra={"reason": info.reason if info else code.name})
-                    return
-                if time.monotonic() > deadline:
-                    _LOGGER.error("settle not acknowledged in time; the hold will be captured")
-                    return
-                self.metrics.settle_retries.inc()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
     def _settle(
         self, rid: str, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage, latency_s: float,
         outcome: ledger_pb2.CallOutcome,
@@ -323,10 +304,11 @@ class Router:
             provider=dep.provider, provider_model=dep.model, outcome=outcome, usage_estimated=not usage.reported,
         )
         req.latency.FromNanoseconds(int(latency_s * 1e9))
-        self._background(self._settle_now(req))
+        self.settler.submit(req)
 
     async def drain(self, timeout: float) -> None:
-        """Waits for background settles and releases (graceful shutdown)."""
+        """Waits for queued settles and background releases (graceful shutdown)."""
+        await self.settler.drain(timeout)
         if self._settles:
             await asyncio.wait(list(self._settles), timeout=timeout)
 

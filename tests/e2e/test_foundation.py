@@ -45,6 +45,7 @@ EXPECTED = {
     "igw.keyvault.v1.KeyVaultAdminService/*": {"operator"},
     "igw.ledger.v1.LedgerService/Reserve": {"router"},
     "igw.ledger.v1.LedgerService/Settle": {"router"},
+    "igw.ledger.v1.LedgerService/SettleBatch": {"router"},
     "igw.ledger.v1.LedgerService/Release": {"router"},
     "igw.ledger.v1.LedgerService/GetBudget": {"router", "operator"},
     "igw.ledger.v1.LedgerAdminService/ListPrices": {"router", "operator"},

@@ -209,6 +209,28 @@ class SettleResponse(_message.Message):
     replayed: bool
     def __init__(self, entry: _Optional[_Union[SpendEntry, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
+class SettleBatchRequest(_message.Message):
+    __slots__ = ("settles",)
+    SETTLES_FIELD_NUMBER: _ClassVar[int]
+    settles: _containers.RepeatedCompositeFieldContainer[SettleRequest]
+    def __init__(self, settles: _Optional[_Iterable[_Union[SettleRequest, _Mapping]]] = ...) -> None: ...
+
+class SettleBatchResult(_message.Message):
+    __slots__ = ("response", "code", "reason")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    response: SettleResponse
+    code: int
+    reason: str
+    def __init__(self, response: _Optional[_Union[SettleResponse, _Mapping]] = ..., code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SettleBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SettleBatchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SettleBatchResult, _Mapping]]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id", "reason")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]

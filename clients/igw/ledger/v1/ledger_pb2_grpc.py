@@ -46,6 +46,11 @@ class LedgerServiceStub:
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleRequest.SerializeToString,
                 response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.SettleBatch = channel.unary_unary(
+                '/igw.ledger.v1.LedgerService/SettleBatch',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/igw.ledger.v1.LedgerService/Release',
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseRequest.SerializeToString,
@@ -79,6 +84,14 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SettleBatch(self, request, context):
+        """Settles several calls in one round trip (group commit of settles). Each item is settled
+        exactly as Settle would, independently of the others; idempotent per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Frees a hold whose call failed. Releasing twice is harmless.
         """
@@ -105,6 +118,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleRequest.FromString,
                     response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleResponse.SerializeToString,
+            ),
+            'SettleBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleBatch,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -173,6 +191,33 @@ class LedgerService:
             '/igw.ledger.v1.LedgerService/Settle',
             igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleRequest.SerializeToString,
             igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerService/SettleBatch',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.SettleBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

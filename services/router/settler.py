@@ -1,0 +1,145 @@
+"""Settles, batched: the settles ready at about the same time go to the ledger in one
+``SettleBatch`` call (group commit of settles), retried until acknowledged.
+
+Settling happens after the agent has its answer, so a few milliseconds of linger cost the
+agent nothing and save the router and the ledger one RPC each per call under load. Settle is
+idempotent per request id, so a batch that may or may not have landed is simply sent again.
+If the router dies with settles queued, their holds expire and the ledger captures them at
+their full amount: budgets err on the side of never overspending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.router.metrics import RouterMetrics
+
+_LOGGER = logging.getLogger(__name__)
+
+# Refusals that another try cannot change (the ledger said no to this payload).
+_FINAL = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.ABORTED.value[0],
+    grpc.StatusCode.FAILED_PRECONDITION.value[0], grpc.StatusCode.NOT_FOUND.value[0],
+    grpc.StatusCode.PERMISSION_DENIED.value[0],
+})
+_GIVE_UP_AFTER_S = 600.0
+
+
+class Settler:
+    """Queues settles and sends them in batches; ``drain`` waits for all to be acknowledged."""
+
+    def __init__(
+        self, ledger: ledger_pb2_grpc.LedgerServiceStub, metrics: RouterMetrics, *,
+        max_batch: int = 128, linger_s: float = 0.01, max_in_flight: int = 4,
+    ) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._queue: asyncio.Queue[tuple[ledger_pb2.SettleRequest, float]] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pump: asyncio.Task[None] | None = None
+        self._pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def submit(self, req: ledger_pb2.SettleRequest) -> None:
+        """Queues one settle; returns at once."""
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.get_running_loop().create_task(self._run(), name="router-settler")
+        self._pending += 1
+        self._idle.clear()
+        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S))
+
+    async def drain(self, timeout: float) -> bool:
+        """Waits until every queued settle was acknowledged (or given up); True when all were."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            _LOGGER.error("settles still pending at shutdown; their holds will be captured",
+                          extra={"pending": self._pending})
+            return False
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            # Linger briefly so the settles of concurrent calls share one round trip.
+            deadline = time.monotonic() + self._linger_s
+            while len(batch) < self._max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), left))
+                    except TimeoutError:
+                        break
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _done(self, n: int) -> None:
+        self._pending -= n
+        if self._pending <= 0:
+            self._pending = 0
+            self._idle.set()
+
+    async def _send(self, batch: list[tuple[ledger_pb2.SettleRequest, float]]) -> None:
+        pending = list(batch)
+        try:
+            delay = 0.05
+            while pending:
+                pending = await self._send_once(pending)
+                now = time.monotonic()
+                expired = [b for b in pending if b[1] <= now]
+                if expired:
+                    _LOGGER.error("settle not acknowledged in time; the hold will be captured",
+                                  extra={"count": len(expired)})
+                    self._done(len(expired))
+                pending = [b for b in pending if b[1] > now]
+                if pending:
+                    self._metrics.settle_retries.inc(len(pending))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        except Exception:  # a bug must not leave drain() waiting for settles nobody sends
+            _LOGGER.exception("settle batch failed unexpectedly; its holds will be captured")
+            self._done(len(pending))
+        finally:
+            self._slots.release()
+
+    async def _send_once(
+        self, batch: list[tuple[ledger_pb2.SettleRequest, float]],
+    ) -> list[tuple[ledger_pb2.SettleRequest, float]]:
+        """Sends one batch; returns the settles to try again."""
+        req = ledger_pb2.SettleBatchRequest(settles=[item for item, _ in batch])
+        try:
+            resp = await self._ledger.SettleBatch(req, timeout=10)
+        except grpc.RpcError as err:
+            code = err.code()
+            if code.value[0] in _FINAL:  # the batch itself was refused: a bug, not a fault
+                _LOGGER.error("settle batch refused", extra={"code": code.name, "size": len(batch)})
+                self._done(len(batch))
+                return []
+            return batch
+        if len(resp.results) != len(batch):
+            raise RuntimeError("the ledger answered a settle batch with the wrong number of results")
+        retry = []
+        for (item, give_up), result in zip(batch, resp.results, strict=True):
+            if result.code == 0:
+                self._done(1)
+            elif result.code in _FINAL:
+                _LOGGER.error("settle refused", extra={"reason": result.reason})
+                self._done(1)
+            else:
+                retry.append((item, give_up))
+        return retry

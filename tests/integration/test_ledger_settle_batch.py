@@ -1,0 +1,65 @@
+"""SettleBatch: many settles in one round trip, each exactly as Settle would do it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from igw.ledger.v1 import ledger_pb2 as pb
+from igw.ledger.v1 import ledger_pb2_grpc
+from services.common.errors import error_info_from_rpc_error
+from services.common.tls import secure_channel
+from tests.integration.ledger_support import check_invariants, grpc_server, ledger_service, sql
+
+
+def _settle(rid: str, reservation: str, out: int = 10) -> pb.SettleRequest:
+    return pb.SettleRequest(request_id=rid, reservation_id=reservation,
+                            usage=pb.TokenUsage(input_tokens=100, output_tokens=out),
+                            provider="p", provider_model="m")
+
+
+async def test_a_batch_settles_each_item_independently_and_exactly_once(fresh_database: str, pki: Path) -> None:
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team="bt", agent="", window=4, limit_nanos=10**12)
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
+        async with channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            holds = []
+            for i in range(5):
+                holds.append(await stub.Reserve(pb.ReserveRequest(
+                    request_id=f"b{i}", attempt=1, team="bt", agent="a", model="fake-small",
+                    prompt_tokens_upper_bound=1000, max_output_tokens=1000)))
+            first = await stub.Settle(_settle("b0", holds[0].reservation_id))
+            batch = pb.SettleBatchRequest(settles=[
+                _settle("b0", holds[0].reservation_id),          # a replay of a settled one
+                _settle("b1", holds[1].reservation_id),
+                _settle("b2", holds[2].reservation_id),
+                _settle("b1", holds[1].reservation_id),          # a duplicate inside the batch
+                _settle("b3", holds[3].reservation_id, out=99),
+                _settle("b4", "00000000-0000-0000-0000-000000000000"),  # no such hold
+            ])
+            resp, again = await asyncio.gather(stub.SettleBatch(batch), stub.SettleBatch(batch))
+            for r in (resp, again):
+                assert len(r.results) == 6
+                assert r.results[0].code == 0 and r.results[0].response.replayed
+                assert r.results[0].response.entry.cost_nanos == first.entry.cost_nanos
+                assert r.results[1].code == 0 and r.results[2].code == 0 and r.results[3].code == 0
+                assert r.results[4].code == 0
+                assert r.results[5].code == grpc.StatusCode.NOT_FOUND.value[0]
+                assert r.results[5].reason == "RESERVATION_NOT_FOUND"
+            # A different payload under a settled request id is refused, the rest still lands.
+            mixed = pb.SettleBatchRequest(settles=[_settle("b3", holds[3].reservation_id, out=5),
+                                                   _settle("b4", holds[4].reservation_id)])
+            res = await stub.SettleBatch(mixed)
+            assert res.results[0].reason == "IDEMPOTENCY_MISMATCH" and res.results[0].code != 0
+            assert res.results[1].code == 0
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.SettleBatch(pb.SettleBatchRequest())
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info_from_rpc_error(err.value).reason == "INVALID_BATCH"
+    rows = sql(fresh_database, "SELECT request_id, count(*) FROM spend_entries GROUP BY 1 ORDER BY 1")
+    assert rows == [(f"b{i}", 1) for i in range(5)]
+    check_invariants(fresh_database)
