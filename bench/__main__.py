@@ -34,6 +34,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="py-spy the services under load at the end (default for full runs)",
     )
     r.add_argument("--no-profile", dest="profile", action="store_false")
+    r.add_argument(
+        "--no-pause",
+        dest="pause_others",
+        action="store_false",
+        help="keep the other system running while one is measured (default: suspend it)",
+    )
     r.add_argument("--rates", type=int, nargs="+", default=None, help="open-loop ladder (calls/s)")
     r.add_argument("--teams", type=int, default=None, help="teams in the many-teams scenario (default 100)")
     r.add_argument("--step-seconds", type=float, default=None, help="seconds per open-loop step")
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios=scenarios,
         litellm=litellm,
         litellm_workers=args.litellm_workers,
+        pause_others=args.pause_others,
         profile=profile,
         teams=args.teams or (10 if quick else 100),
         keep_state=args.keep_state,

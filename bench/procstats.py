@@ -11,7 +11,7 @@ from typing import Any
 import psutil
 
 
-def _proc_group(pid: int, with_children: bool) -> list[psutil.Process]:
+def proc_group(pid: int, with_children: bool) -> list[psutil.Process]:
     try:
         p = psutil.Process(pid)
     except psutil.NoSuchProcess:
@@ -49,7 +49,7 @@ class ProcSet:
             cpu = 0.0
             rss = 0
             n = 0
-            for p in _proc_group(pid, children):
+            for p in proc_group(pid, children):
                 try:
                     with p.oneshot():
                         t = p.cpu_times()

@@ -238,6 +238,13 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "- **Added latency** = gateway percentile - direct-to-fake percentile, same load generator, interleaved "
         "rounds (direct, igw, LiteLLM, rotating order), samples pooled over rounds. The direct call is HTTP/1.1 "
         "keep-alive (aiohttp); igw is gRPC over mTLS; LiteLLM is HTTP/1.1.",
+        (
+            "- **Quiet neighbours**: while one system is measured, the other's processes are suspended (SIGSTOP, "
+            "resumed right after; for the direct floor, both are), so idle timers and background loops of one "
+            "gateway do not tax the other on two shared cores. `--no-pause` turns this off."
+            if results.get("options", {}).get("pause_others")
+            else "- **Neighbours running**: both gateways stay up while either is measured (`--no-pause`)."
+        ),
         "- **Open loop**: calls are sent on a fixed timetable whatever the answers, and latency is counted from "
         "the *scheduled* send time (no coordinated omission). Each ladder step runs direct, igw and LiteLLM "
         "back to back at the same rate. A step passes with zero errors, achieved ≥ 95 % of offered and added "
