@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PANELS: list[tuple[str, str, str, str]] = [
-    # (title, PromQL, legend, unit)
+Query = tuple[str, str]  # (PromQL, legend)
+PANELS: list[tuple[str, str | list[Query], str, str]] = [
+    # (title, PromQL, legend, unit), or (title, [(PromQL, legend), ...], "", unit) for several lines
     ("Calls per second by method and code",
      "sum by (service, method, code) (rate(igw_grpc_server_handled_total[1m]))", "{{method}} {{code}}", "reqps"),
     ("gRPC latency p50 / p99 by method",
-     "histogram_quantile(0.99, sum by (le, method) (rate(igw_grpc_server_handling_seconds_bucket[5m])))",
-     "p99 {{method}}", "s"),
+     [("histogram_quantile(0.5, sum by (le, method) (rate(igw_grpc_server_handling_seconds_bucket[5m])))",
+       "p50 {{method}}"),
+      ("histogram_quantile(0.99, sum by (le, method) (rate(igw_grpc_server_handling_seconds_bucket[5m])))",
+       "p99 {{method}}")], "", "s"),
     ("Agent calls by model alias and code",
      "sum by (alias, code) (rate(igw_router_calls_total[1m]))", "{{alias}} {{code}}", "reqps"),
     ("Upstream latency p99 by provider and model",
@@ -34,7 +37,9 @@ PANELS: list[tuple[str, str, str, str]] = [
     ("Soft-limit crossings by team", "sum by (team) (increase(igw_ledger_soft_limit_crossings_total[1h]))",
      "{{team}}", "short"),
     ("Leases issued / denied by provider",
-     "sum by (provider) (rate(igw_keyvault_leases_issued_total[5m]))", "issued {{provider}}", "ops"),
+     [("sum by (provider) (rate(igw_keyvault_leases_issued_total[5m]))", "issued {{provider}}"),
+      ("sum by (provider, reason) (rate(igw_keyvault_leases_denied_total[5m]))", "denied {{provider}} {{reason}}")],
+     "", "ops"),
     ("Audit write latency p99",
      "histogram_quantile(0.99, sum by (le) (rate(igw_keyvault_audit_write_seconds_bucket[5m])))", "p99", "s"),
     ("In-flight calls", "sum by (service) (igw_grpc_server_in_flight)", "{{service}}", "short"),
@@ -45,6 +50,7 @@ PANELS: list[tuple[str, str, str, str]] = [
 def build() -> dict[str, object]:
     panels = []
     for i, (title, expr, legend, unit) in enumerate(PANELS):
+        queries = [(expr, legend)] if isinstance(expr, str) else expr
         panels.append({
             "id": i + 1,
             "type": "timeseries",
@@ -52,7 +58,9 @@ def build() -> dict[str, object]:
             "datasource": {"type": "prometheus", "uid": "${datasource}"},
             "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
             "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-            "targets": [{"refId": "A", "expr": expr, "legendFormat": legend}],
+            "targets": [
+                {"refId": chr(ord("A") + j), "expr": q, "legendFormat": lg} for j, (q, lg) in enumerate(queries)
+            ],
         })
     return {
         "title": "igw: inference gateway",

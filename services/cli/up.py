@@ -211,7 +211,12 @@ def run_up(args: argparse.Namespace) -> int:
         base_url = os.environ.get("IGW_DATABASE_URL", "")
         if base_url:
             ledger_url = os.environ.get("IGW_LEDGER_DATABASE_URL", base_url)
-            vault_url = os.environ.get("IGW_KEYVAULT_DATABASE_URL", base_url)
+            vault_url = os.environ.get("IGW_KEYVAULT_DATABASE_URL", "")
+            if not vault_url or vault_url == ledger_url:
+                # The vault never shares the ledger's database (DESIGN "Storage").
+                print("IGW_DATABASE_URL is the ledger's; set IGW_KEYVAULT_DATABASE_URL to a separate "
+                      "database for the keyvault", file=sys.stderr)
+                return 2
         else:
             from services.common.pg import EmbeddedPostgres
 
@@ -291,13 +296,14 @@ Try, in another terminal:
   .venv/bin/igw chat --model flaky "Show me a fallback"
   .venv/bin/igw spend --by team,model
 Ctrl-C stops everything.""", flush=True)
+        crashed = False
         while not stopping["flag"]:
             for p in procs.values():
                 if p.proc.poll() is not None:
                     print(f"{p.name} exited with {p.proc.returncode}; stopping", file=sys.stderr)
-                    stopping["flag"] = True
+                    stopping["flag"] = crashed = True
             time.sleep(0.2)
-        return 0
+        return 1 if crashed else 0
     finally:
         for stop in reversed(stoppers):
             try:

@@ -273,6 +273,17 @@ def generate_ca(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
+def is_service_identity(parsed: SpiffeId) -> bool:
+    """True for a service's identity (``spiffe://<td>/<service>``), false for agents and operators."""
+    return len(parsed.segments) == 1
+
+
+def _usages(server: bool) -> list[x509.ObjectIdentifier]:
+    if server:
+        return [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    return [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
 def issue_cert(
     ca_cert_pem: bytes,
     ca_key_pem: bytes,
@@ -287,10 +298,12 @@ def issue_cert(
 ) -> tuple[bytes, bytes]:
     """Issue an ECDSA P-256 X.509-SVID leaf signed by the given CA.
 
-    The leaf has exactly one URI SAN (``spiffe_id``), the given DNS/IP SANs so
-    it also works as a server certificate on localhost, EKU
-    ``serverAuth``+``clientAuth``, critical ``keyUsage(digitalSignature)`` and
-    critical ``basicConstraints(CA=false)``.
+    The leaf has exactly one URI SAN (``spiffe_id``), critical
+    ``keyUsage(digitalSignature)`` and critical ``basicConstraints(CA=false)``.
+    A service identity (one path segment: router, keyvault, ledger) also gets
+    the DNS/IP SANs and EKU ``serverAuth``+``clientAuth``, so it can serve on
+    localhost. An agent or operator certificate gets EKU ``clientAuth`` only
+    and no DNS/IP SANs: a leaked agent key cannot pose as one of the services.
 
     Args:
         ca_cert_pem: issuing CA certificate (PEM).
@@ -341,12 +354,15 @@ def issue_cert(
     if not omit_spiffe_id:
         sans.append(x509.UniformResourceIdentifier(spiffe_id))
     sans.extend(x509.UniformResourceIdentifier(u) for u in extra_uri_sans)
-    sans.extend(x509.DNSName(d) for d in dns_names)
-    sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses)
+    parsed = parse_spiffe_id(spiffe_id)
+    server = is_service_identity(parsed)
+    # (an identity-less test certificate still needs some subjectAltName)
+    if server or (omit_spiffe_id and not extra_uri_sans):
+        sans.extend(x509.DNSName(d) for d in dns_names)
+        sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses)
     if not sans:
         raise ValueError("certificate would have no subjectAltName entries")
 
-    parsed = parse_spiffe_id(spiffe_id)
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, _x509_text(parsed.trust_domain)),
@@ -379,7 +395,7 @@ def issue_cert(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(_usages(server)),
             critical=False,
         )
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -654,6 +670,12 @@ def _leaf_ok(paths: CertKeyPaths, ca_cert_pem: bytes, spiffe_id: str, renew_befo
     except (OSError, ValueError, TypeError, InvalidSignature, PkiError):
         return False
     if not _same_public_key(cert, key) or _uri_sans(cert) != [spiffe_id]:
+        return False
+    try:  # leaves from before client-only certificates existed are reissued
+        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return False
+    if usages != _usages(is_service_identity(parse_spiffe_id(spiffe_id))):
         return False
     now = _utcnow()
     if cert.not_valid_before_utc > now or cert.not_valid_after_utc - now < renew_before:

@@ -42,6 +42,8 @@ from services.common.tracing import server_span, setup_tracing, shutdown_tracing
 
 _LOGGER = logging.getLogger(__name__)
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Extra seconds each closer gets past the grace period to release connections and files.
+_CLOSE_FLOOR_S = 2.0
 
 # The identity of the call being handled, for servicers (set by the guard).
 from contextvars import ContextVar  # noqa: E402
@@ -77,8 +79,8 @@ class RpcMetrics:
         )
         self.latency = Histogram(
             "igw_grpc_server_handling_seconds",
-            "Time to handle a gRPC call, by method.",
-            ["service", "method"],
+            "Time to handle a gRPC call, by method and status code.",
+            ["service", "method", "code"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -101,24 +103,27 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self._access_log = access_log
         self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
-        self._labels: dict[str, tuple[Any, Callable[[str], Any]]] = {}
+        self._labels: dict[str, Callable[[str], tuple[Any, Any]]] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    def _method_metrics(self, method: str) -> tuple[Any, Callable[[str], Any]]:
+    def _method_metrics(self, method: str) -> Callable[[str], tuple[Any, Any]]:
+        """For one method: status code -> (latency histogram, handled counter), label lookups cached."""
         cached = self._labels.get(method)
         if cached is None:
             svc, name = method.rsplit("/", 1)
             svc = svc.lstrip("/")
-            hist = self._metrics.latency.labels(svc, name)
-            counters: dict[str, Any] = {}
+            children: dict[str, tuple[Any, Any]] = {}
 
-            def counter(code: str, _svc: str = svc, _name: str = name) -> Any:
-                c = counters.get(code)
+            def by_code(code: str, _svc: str = svc, _name: str = name) -> tuple[Any, Any]:
+                c = children.get(code)
                 if c is None:
-                    c = counters[code] = self._metrics.handled.labels(_svc, _name, code)
+                    c = children[code] = (
+                        self._metrics.latency.labels(_svc, _name, code),
+                        self._metrics.handled.labels(_svc, _name, code),
+                    )
                 return c
 
-            cached = self._labels[method] = (hist, counter)
+            cached = self._labels[method] = by_code
         return cached
 
     async def intercept_service(
@@ -191,10 +196,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         await context.abort_with_status(E.to_status(err, self._domain))
 
     def _finish(self, method: str, start: float, code: str, err: BaseException | None) -> None:
-        hist, counter = self._method_metrics(method)
+        hist, counter = self._method_metrics(method)(code)
         elapsed = time.perf_counter() - start
         hist.observe(elapsed)
-        counter(code).inc()
+        counter.inc()
         if self._access_log or (code not in ("OK", "CANCELLED") and err is not None):
             level = logging.INFO if code in ("OK",) else logging.WARNING
             reason = getattr(err, "reason", "") if err is not None else ""
@@ -301,6 +306,7 @@ class ServiceRuntime:
         self.health = HealthServicer()
         self._service_names = list(service_names)
         self._closers = list(closers)
+        self._stop_deadline: float | None = None
         self._stopping = asyncio.Event()
         self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
         self.server = grpc.aio.server(
@@ -391,17 +397,27 @@ class ServiceRuntime:
         await self._stopping.wait()
         await self.stop()
 
+    def time_left(self) -> float:
+        """Seconds left of the grace period once a stop has begun (the whole grace before)."""
+        if self._stop_deadline is None:
+            return self.settings.grace_seconds
+        return max(self._stop_deadline - time.monotonic(), 0.0)
+
     async def stop(self) -> None:
-        """NOT_SERVING, drain in-flight calls within the grace period, close everything."""
+        """NOT_SERVING, drain in-flight calls, close everything: all within one grace period."""
         _LOGGER.info("shutting down", extra={"grace_seconds": self.settings.grace_seconds})
+        self._stop_deadline = time.monotonic() + self.settings.grace_seconds
         await self.health.enter_graceful_shutdown()
         self.serving = False
         # Give probes a moment to see NOT_SERVING before the port goes away.
         await asyncio.sleep(min(0.5, self.settings.grace_seconds / 4))
-        await self.server.stop(self.settings.grace_seconds)
+        await self.server.stop(self.time_left())
         for closer in reversed(self._closers):
             try:
-                await closer()
+                # Closers get what is left of the grace, and a moment more to release resources.
+                await asyncio.wait_for(closer(), self.time_left() + _CLOSE_FLOOR_S)
+            except TimeoutError:
+                _LOGGER.error("a closer did not finish within the grace period")
             except Exception:
                 _LOGGER.exception("error while closing")
         await self.probe_server.stop(0)

@@ -58,6 +58,17 @@ class JsonFileExporter(SpanExporter):
         """Nothing to release."""
 
 
+def otlp_insecure(endpoint: str) -> bool:
+    """Plaintext only when asked for (``http://``) or to a collector on this host; TLS otherwise
+    (``https://`` or a bare remote ``host:port``; CA from ``OTEL_EXPORTER_OTLP_CERTIFICATE``)."""
+    if endpoint.startswith("http://"):
+        return True
+    if endpoint.startswith("https://"):
+        return False
+    host = endpoint.rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
 def setup_tracing(service: str, otlp_endpoint: str, trace_file: str) -> trace.Tracer | None:
     """Configures the process's tracer provider; returns None when tracing is off."""
     global _provider
@@ -71,7 +82,8 @@ def setup_tracing(service: str, otlp_endpoint: str, trace_file: str) -> trace.Tr
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=otlp_insecure(otlp_endpoint))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     _provider = provider
     return provider.get_tracer("igw")
 

@@ -63,7 +63,7 @@ async def build(settings: Settings) -> ServiceRuntime:
         router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(holder), server)
 
     async def close() -> None:
-        await router.drain(settings.runtime.grace_seconds)
+        await router.drain(runtime.time_left())
         await http.aclose()
         await ledger_ch.close()
         await vault_ch.close()

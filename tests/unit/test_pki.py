@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
-from cryptography.x509.verification import DNSName, PolicyBuilder, Store  # type: ignore[attr-defined]
+from cryptography.x509.verification import DNSName, PolicyBuilder, Store, VerificationError  # type: ignore[attr-defined]
 
 from services.common import pki
 
@@ -92,10 +92,16 @@ def test_issue_cert_one_uri_san_and_chain(ca: tuple[bytes, bytes], spiffe_id: st
     cert.verify_directly_issued_by(ca_cert)
 
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    service = spiffe_id.count("/") == 3  # spiffe://<td>/<service>
+    if service:
+        assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+        assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    else:  # agents and operators are clients only: their key cannot pose as a service
+        assert san.get_values_for_type(x509.DNSName) == []
+        assert san.get_values_for_type(x509.IPAddress) == []
+        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     # backdated ~5 minutes, valid 7 days
     now = dt.datetime.now(dt.UTC)
@@ -111,7 +117,12 @@ def test_issue_cert_one_uri_san_and_chain(ca: tuple[bytes, bytes], spiffe_id: st
     store = Store([ca_cert])
     client = PolicyBuilder().store(store).build_client_verifier().verify(cert, [])
     assert x509.UniformResourceIdentifier(spiffe_id) in (client.subjects or [])
-    PolicyBuilder().store(store).build_server_verifier(DNSName("localhost")).verify(cert, [])
+    server = PolicyBuilder().store(store).build_server_verifier(DNSName("localhost"))
+    if service:
+        server.verify(cert, [])
+    else:
+        with pytest.raises(VerificationError):
+            server.verify(cert, [])
 
 
 def test_leaf_from_other_ca_does_not_verify(ca: tuple[bytes, bytes]) -> None:
