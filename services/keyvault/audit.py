@@ -1,7 +1,10 @@
 """The hash-chained, append-only audit log: one writer per process, group commit.
 
 Every lease, denial and admin action becomes one record whose hash covers its fields and
-the previous record's hash. Appends are serialised so sequences have no gaps:
+the previous record's hash. The hash is an HMAC-SHA256 under the vault's audit chain key
+(random, stored only wrapped by the master key: see ``crypto``), so someone who can write
+the database but has no master key cannot re-hash an edited record and the records after it.
+Appends are serialised so sequences have no gaps:
 
 * inside a process, one writer task takes every record waiting in its queue and writes
   them in one transaction (group commit: concurrent callers share one commit);
@@ -9,13 +12,22 @@ the previous record's hash. Appends are serialised so sequences have no gaps:
   the chain's head inside the lock, so all replicas extend one chain.
 
 A caller's ``append`` returns only once its record is committed (``synchronous_commit``
-forced on for that transaction, whatever the server default). If the write fails, every
+forced on for the locked path's transaction and for the fast path's session, whatever the
+database or role default). If the write fails, every
 caller of that batch gets ``Unavailable(AUDIT_UNAVAILABLE)`` and must not hand out anything.
 
 Admin mutations run *inside* the batch transaction (``action`` callbacks, each in a
 savepoint), so a key change and its audit record commit or vanish together. A callback that
 raises an ``IgwError`` is recorded as a denial with that reason and its error re-raised;
 one that raises :class:`Replay` (an idempotent retry) writes no record.
+
+Limit: the chain proves that no record was edited, inserted or removed *before* its last
+record, not that the last records are still there. Someone able to bypass the append-only
+triggers can cut the tail off and the shorter chain still verifies. Anchoring the head
+somewhere else is what detects that: the ``igw_keyvault_audit_head_sequence`` gauge (a
+scraped series that goes down), and ``VerifyAuditLog``'s ``records_checked`` compared with
+an earlier answer. A head record in the database would not help: whoever can truncate the
+table can also put back the head row as it was at that point.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Connection, and_, func, insert, select, text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -74,6 +86,7 @@ class AuditMetrics:
     leases_denied: Counter = field(init=False)
     write_failures: Counter = field(init=False)
     integrity_failures: Counter = field(init=False)
+    head_sequence: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -99,6 +112,12 @@ class AuditMetrics:
             "igw_keyvault_integrity_failures", "Stored secrets or data keys that failed to authenticate.",
             registry=r,
         )
+        self.head_sequence = Gauge(
+            "igw_keyvault_audit_head_sequence",
+            "Sequence of the last audit record this vault wrote or saw (it never goes down unless "
+            "the log was truncated).",
+            registry=r,
+        )
 
 
 @dataclass
@@ -109,14 +128,14 @@ class _Item:
 
 
 def build_records(
-    drafts: Sequence[D.AuditDraft], head: tuple[int, str] | None, now: dt.datetime
+    drafts: Sequence[D.AuditDraft], head: tuple[int, str] | None, now: dt.datetime, chain_key: bytes
 ) -> list[D.AuditRecord]:
     """Chains ``drafts`` after ``head`` (the last stored sequence and hash, or None)."""
     seq, prev = head if head is not None else (0, D.GENESIS_HASH)
     out = []
     for draft in drafts:
         seq += 1
-        rec = D.chain(draft, seq, now, prev)
+        rec = D.chain(draft, seq, now, prev, chain_key)
         out.append(rec)
         prev = rec.hash
     return out
@@ -129,18 +148,23 @@ _LOCK = text(
 )
 
 
-def append_sync(conn: Connection, drafts: Sequence[D.AuditDraft], now: dt.datetime) -> list[D.AuditRecord]:
+def append_sync(
+    conn: Connection, drafts: Sequence[D.AuditDraft], now: dt.datetime, chain_key: bytes
+) -> list[D.AuditRecord]:
     """Appends within the caller's (synchronous) transaction, e.g. ``igw vault rewrap``."""
     conn.execute(_LOCK, {"lock_ms": "10000", "stmt_ms": "60000", "lock_id": CHAIN_LOCK_ID})
     row = conn.execute(_HEAD).first()
-    records = build_records(drafts, (row[0], row[1]) if row else None, now)
+    records = build_records(drafts, (row[0], row[1]) if row else None, now, chain_key)
     if records:
         conn.execute(insert(audit_events), [r.as_row() for r in records])
     return records
 
 
 class AuditWriter:
-    """The single audit writer task of a vault process."""
+    """The single audit writer task of a vault process.
+
+    ``chain_key`` is the unwrapped audit chain key; None (a sealed vault) refuses every append.
+    """
 
     def __init__(
         self,
@@ -148,6 +172,7 @@ class AuditWriter:
         metrics: AuditMetrics,
         clock: Callable[[], dt.datetime] = D.utcnow,
         *,
+        chain_key: bytes | None = None,
         max_batch: int = 1024,
         lock_timeout_ms: int = 2000,
         statement_timeout_ms: int = 5000,
@@ -156,6 +181,7 @@ class AuditWriter:
         self._metrics = metrics
         self._clock = clock
         self._max_batch = max_batch
+        self._chain_key = chain_key
         self._params = {
             "lock_ms": str(lock_timeout_ms),
             "stmt_ms": str(statement_timeout_ms),
@@ -168,6 +194,15 @@ class AuditWriter:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._statement_timeout_ms = statement_timeout_ms
+
+    @property
+    def chain_key(self) -> bytes | None:
+        """The audit chain key (None while sealed)."""
+        return self._chain_key
+
+    def forget_key(self) -> None:
+        """Drops the chain key (the vault was sealed): every later append is refused."""
+        self._chain_key = None
 
     def start(self) -> None:
         """Starts the writer task on the running loop."""
@@ -196,7 +231,7 @@ class AuditWriter:
         Raises ``Unavailable(AUDIT_UNAVAILABLE)`` if the batch could not be committed, or the
         action's own ``IgwError`` (after its denial record was committed).
         """
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._chain_key is None:
             raise audit_unavailable()
         fut: asyncio.Future[tuple[D.AuditRecord | None, Any]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(draft, action, fut))
@@ -234,9 +269,10 @@ class AuditWriter:
         saw the head, the INSERT fails as a whole and the locked path takes over: every
         record still chains onto the true previous one. Returns None to ask for that path.
         """
-        if self._head is None:
+        key = self._chain_key
+        if self._head is None or key is None:
             return None
-        records = build_records([item.draft for item in batch], self._head, self._clock())
+        records = build_records([item.draft for item in batch], self._head, self._clock(), key)
         rows = [r.as_row() for r in records]
         cols = list(rows[0])
         values = ", ".join("(" + ", ".join(["%s"] * len(cols)) + ")" for _ in rows)
@@ -250,8 +286,14 @@ class AuditWriter:
         params = [row[c] for row in rows for c in cols] + [self._params["lock_id"]]
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-                await self._conn.execute(f"SET statement_timeout = {int(self._statement_timeout_ms)}")
+                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                self._conn = conn
+                # Session-wide, once per connection: every autocommitted INSERT on it waits for
+                # its WAL flush even if the database or role default turns synchronous_commit off.
+                await conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false), set_config('synchronous_commit', 'on', false)",
+                    [str(int(self._statement_timeout_ms))],
+                )
             await self._conn.execute(sql, params)  # autocommit: durable when it returns
         except psycopg.errors.UniqueViolation:
             self._head = None
@@ -262,8 +304,12 @@ class AuditWriter:
                 await self._conn.close()
             self._conn = None
             raise
-        self._head = (records[-1].sequence, records[-1].hash)
+        self._set_head(records[-1].sequence, records[-1].hash)
         return records
+
+    def _set_head(self, sequence: int, hash_: str) -> None:
+        self._head = (sequence, hash_)
+        self._metrics.head_sequence.set(sequence)
 
     async def _write(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
@@ -277,6 +323,10 @@ class AuditWriter:
                 self._done(batch, fast, [(None, None, True)] * len(batch), start)
                 return
         results: list[tuple[Any, BaseException | None, bool]] = []
+        key = self._chain_key
+        if key is None:
+            self._fail(batch, RuntimeError("no audit chain key"))
+            return
         try:
             async with self._engine.connect() as conn:
                 async with conn.begin():
@@ -289,7 +339,7 @@ class AuditWriter:
                         if write:
                             drafts.append(item.draft)
                     now = self._clock()
-                    records = build_records(drafts, (row[0], row[1]) if row else None, now)
+                    records = build_records(drafts, (row[0], row[1]) if row else None, now, key)
                     if records:
                         await conn.execute(insert(audit_events), [r.as_row() for r in records])
         except Exception as exc:
@@ -297,9 +347,9 @@ class AuditWriter:
             self._fail(batch, exc)
             return
         if records:
-            self._head = (records[-1].sequence, records[-1].hash)
+            self._set_head(records[-1].sequence, records[-1].hash)
         elif row is not None:
-            self._head = (row[0], row[1])
+            self._set_head(row[0], row[1])
         self._done(batch, records, results, start)
 
     def _fail(self, batch: list[_Item], exc: BaseException) -> None:
@@ -393,8 +443,13 @@ async def list_events(
     return records, (records[-1].sequence if more and records else None)
 
 
-async def verify_chain(engine: AsyncEngine, page: int = 5000) -> D.VerifyResult:
-    """Walks the chain in sequence order; names the first record that does not verify."""
+async def verify_chain(engine: AsyncEngine, chain_key: bytes, page: int = 5000) -> D.VerifyResult:
+    """Walks the chain in sequence order; names the first record that does not verify.
+
+    A record whose MAC is not the HMAC under ``chain_key`` is HASH_MISMATCH, whatever else
+    it holds: records hashed with plain SHA-256 (the unkeyed ``igw-audit/v1`` format, or a
+    forger without the key) never verify.
+    """
     checked = 0
     expected_seq = 1
     prev = D.GENESIS_HASH
@@ -417,7 +472,7 @@ async def verify_chain(engine: AsyncEngine, page: int = 5000) -> D.VerifyResult:
                     if rec.sequence != expected_seq:
                         return D.VerifyResult(False, checked, expected_seq, "SEQUENCE_GAP")
                     checked += 1
-                    if D.recompute_hash(rec) != rec.hash:
+                    if not D.hash_matches(rec, chain_key):
                         return D.VerifyResult(False, checked, rec.sequence, "HASH_MISMATCH")
                     if rec.prev_hash != prev:
                         return D.VerifyResult(False, checked, rec.sequence, "CHAIN_BROKEN")

@@ -7,13 +7,18 @@ IGW_DATABASE_URL                   required   the vault's own Postgres (never th
 IGW_VAULT_MASTER_KEY               -          base64 of exactly 32 bytes
 IGW_VAULT_MASTER_KEY_FILE          -          a file holding the same (used if the above is unset)
 IGW_VAULT_LEASE_TTL_SECONDS        30         lease lifetime when the router asks for none
-IGW_VAULT_LEASE_MAX_TTL_SECONDS    60         cap on any requested lifetime
+IGW_VAULT_LEASE_MAX_TTL_SECONDS    60         cap on any requested lifetime; at most 60
+                                              (``MAX_LEASE_TTL_SECONDS``, a hard limit)
 IGW_VAULT_GRACE_SECONDS            3600       default grace of the previous version on rotation
 IGW_VAULT_KEY_CACHE_SECONDS        5          how long unwrapped data keys + ciphertexts are
                                               cached per provider (0 = off, at most 60)
 IGW_VAULT_MIGRATE                  true       run the vault's alembic migrations at start
 IGW_VAULT_AUDIT_LOCK_TIMEOUT_MS    2000       give up on an audit batch after waiting this long
 =================================  =========  ==================================================
+
+Leases live "a few seconds to a minute" (issue 4; DESIGN: "seconds, not minutes"), so the
+lease lifetimes are refused above one minute rather than silently clamped: a deployment that
+asks for longer has misunderstood what a lease is for, and should hear so at start.
 
 A bad master key is *not* a settings error: the vault starts sealed (NOT_SERVING) so the
 orchestrator sees a live process that clearly says what is wrong.
@@ -27,6 +32,9 @@ from dataclasses import dataclass, field
 
 from services.common.settings import RuntimeSettings, SettingsError, env_bool, env_int, env_str
 from services.keyvault.crypto import MasterKey, MasterKeyError, load_master_key
+from services.keyvault.domain import MAX_LEASE_TTL_SECONDS
+
+__all__ = ["MAX_LEASE_TTL_SECONDS", "Settings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,10 @@ class Settings:
     migrate: bool = True
     audit_lock_timeout_ms: int = 2000
 
+    def __post_init__(self) -> None:
+        # Also guards Settings built directly (tests, embedding), not only from_env.
+        _check_ttls(self.lease_ttl_seconds, self.lease_max_ttl_seconds)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Reads the settings (os.environ by default)."""
@@ -55,8 +67,7 @@ class Settings:
             master, problem = None, str(err)
         ttl = env_int(e, "IGW_VAULT_LEASE_TTL_SECONDS", 30)
         max_ttl = env_int(e, "IGW_VAULT_LEASE_MAX_TTL_SECONDS", 60)
-        if ttl <= 0 or max_ttl <= 0:
-            raise SettingsError("IGW_VAULT_LEASE_TTL_SECONDS and IGW_VAULT_LEASE_MAX_TTL_SECONDS must be > 0")
+        _check_ttls(ttl, max_ttl)
         cache = env_int(e, "IGW_VAULT_KEY_CACHE_SECONDS", 5)
         if not 0 <= cache <= 60:
             raise SettingsError("IGW_VAULT_KEY_CACHE_SECONDS must be between 0 and 60")
@@ -75,3 +86,9 @@ class Settings:
             migrate=env_bool(e, "IGW_VAULT_MIGRATE", True),
             audit_lock_timeout_ms=env_int(e, "IGW_VAULT_AUDIT_LOCK_TIMEOUT_MS", 2000),
         )
+
+
+def _check_ttls(ttl: int, max_ttl: int) -> None:
+    for name, value in (("IGW_VAULT_LEASE_TTL_SECONDS", ttl), ("IGW_VAULT_LEASE_MAX_TTL_SECONDS", max_ttl)):
+        if not 0 < value <= MAX_LEASE_TTL_SECONDS:
+            raise SettingsError(f"{name} must be between 1 and {MAX_LEASE_TTL_SECONDS} seconds")

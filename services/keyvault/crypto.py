@@ -4,6 +4,8 @@
       ├── wraps one fresh data key per key version   AES-256-GCM, AD = wrap binding
       │     └── encrypts that version's secret         AES-256-GCM, AD = secret binding
       ├── encrypts the check value in vault_meta       detects a wrong master key at start
+      ├── HKDF -> audit-chain wrapping key
+      │     └── wraps the audit chain key (vault_meta)  HMAC-SHA256 key of every audit record
       ├── HKDF -> lease-id HMAC key                    audit records hold HMAC(lease id) only
       └── HKDF -> request fingerprint HMAC key         admin idempotency without storing hashes
                                                        of secrets that anyone could recompute
@@ -12,6 +14,11 @@ Associated data binds every ciphertext to (key name, provider, version), and eve
 data key additionally to the master key id, so a ciphertext or wrapped key copied into
 another row fails to decrypt. Nonces are 96 bits from the OS CSPRNG; a data key encrypts
 exactly one secret, so nonce reuse under one key cannot happen by construction.
+
+The audit chain key is random (32 bytes, made once per vault) rather than derived directly
+from the master key, so that ``igw vault rewrap`` can move it to a new master key like any
+data key: a chain keyed straight off the master key would stop verifying at the first
+rewrap, since the old master key is gone by then. Only its wrapped form is stored.
 
 Every failure to decrypt raises :class:`DecryptionError` (fail closed): no partial plaintext
 is ever returned, and the error carries no key or ciphertext bytes.
@@ -40,6 +47,7 @@ NONCE_BYTES = 12
 _SECRET_AD = b"igw-keyvault/v1|"
 _WRAP_AD = b"igw-keyvault/v1/wrap|"
 _CHECK_AD = b"igw-keyvault/v1/check|"
+_CHAIN_KEY_AD = b"igw-keyvault/v1/audit-chain-key|"
 _CHECK_PLAINTEXT = b"igw-keyvault master key check v1"
 _KEY_ID_PREFIX = b"igw-master-key-id"
 _URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
@@ -59,7 +67,7 @@ class DecryptionError(Exception):
 class MasterKey:
     """The 32-byte master key. Its repr and str never show the bytes."""
 
-    __slots__ = ("_fingerprint_hmac_key", "_key", "_lease_hmac_key", "key_id")
+    __slots__ = ("_chain_wrap_key", "_fingerprint_hmac_key", "_key", "_lease_hmac_key", "key_id")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
@@ -68,6 +76,7 @@ class MasterKey:
         self.key_id = master_key_id(key)
         self._lease_hmac_key = _hkdf(key, b"igw-keyvault/v1/lease-id-hmac")
         self._fingerprint_hmac_key = _hkdf(key, b"igw-keyvault/v1/request-fingerprint")
+        self._chain_wrap_key = _hkdf(key, b"igw-keyvault/v1/audit-chain-key-wrap")
 
     def __repr__(self) -> str:
         return f"MasterKey(key_id={self.key_id!r})"
@@ -82,6 +91,24 @@ class MasterKey:
         """``hmac-sha256:<hex>`` of a lease id, with a key derived from the master key."""
         mac = hmac.new(self._lease_hmac_key, lease_id.encode(), hashlib.sha256).hexdigest()
         return f"hmac-sha256:{mac}"
+
+    def wrap_chain_key(self, chain_key: bytes) -> bytes:
+        """nonce || AES-GCM(HKDF(master), chain key): the audit chain key as stored in vault_meta."""
+        if len(chain_key) != KEY_BYTES:
+            raise ValueError("the audit chain key must be 32 bytes")
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + AESGCM(self._chain_wrap_key).encrypt(nonce, chain_key, _CHAIN_KEY_AD + self.key_id.encode())
+
+    def unwrap_chain_key(self, value: bytes) -> bytes:
+        """The audit chain key from its stored form; DecryptionError if it does not authenticate."""
+        nonce, body = value[:NONCE_BYTES], value[NONCE_BYTES:]
+        try:
+            key = AESGCM(self._chain_wrap_key).decrypt(nonce, body, _CHAIN_KEY_AD + self.key_id.encode())
+        except (InvalidTag, ValueError):
+            raise DecryptionError("the audit chain key does not authenticate") from None
+        if len(key) != KEY_BYTES:
+            raise DecryptionError("the audit chain key has the wrong length")
+        return key
 
     def request_fingerprint(self, payload: bytes) -> str:
         """A keyed fingerprint of an admin request (which may contain a secret)."""
@@ -207,6 +234,11 @@ def rewrap_data_key(
     wrap_nonce = os.urandom(NONCE_BYTES)
     wrapped = new.aead().encrypt(wrap_nonce, data_key, wrap_ad(name, provider, version, new.key_id))
     return SealedSecret(sealed.ciphertext, sealed.nonce, wrapped, wrap_nonce, new.key_id)
+
+
+def generate_chain_key() -> bytes:
+    """A fresh audit chain key (HMAC-SHA256 key of the audit log), made once per vault."""
+    return os.urandom(KEY_BYTES)
 
 
 def make_check_value(master: MasterKey) -> bytes:

@@ -23,6 +23,13 @@ Only the ACTIVE (newest) version of an ACTIVE key is ever leased. "The old versi
 during grace" means: leases already issued on it stay valid until they expire, and the
 provider-side key is expected to keep working until ``grace_end``; after that the vault
 reports it DISABLED and the operator may revoke it at the provider.
+
+Audit records are chained by ``hash = HMAC-SHA256(chain key, canonical record)``, the
+canonical record including the previous record's hash and the tag ``igw-audit/v2-hmac-sha256``.
+The unkeyed ``igw-audit/v1`` format (plain SHA-256) is not accepted by the verifier at all:
+accepting it for old records would let a forger downgrade any record to it. A database
+written before the chain was keyed (pre-release development data) reports HASH_MISMATCH at
+sequence 1; re-create it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import dataclasses
 import datetime as dt
 import enum
 import hashlib
+import hmac
 import ipaddress
 import json
 import re
@@ -53,6 +61,8 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 MAX_URL = 2048
 MAX_GRACE = dt.timedelta(days=30)
+#: Hard limit on a lease's lifetime: leases live "a few seconds to a minute" (issue 4).
+MAX_LEASE_TTL_SECONDS = 60
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 GENESIS_HASH = "0" * 64
 
@@ -234,7 +244,10 @@ def canonical_ts(ts: dt.datetime) -> str:
     return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def record_hash(
+AUDIT_HASH_TAG = "igw-audit/v2-hmac-sha256"
+
+
+def canonical_record(
     *,
     sequence: int,
     created_at: dt.datetime,
@@ -250,11 +263,11 @@ def record_hash(
     request_id: str,
     lease_id_hmac: str,
     prev_hash: str,
-) -> str:
-    """SHA-256 over the canonical JSON array of every field and the previous hash."""
-    canonical = json.dumps(
+) -> bytes:
+    """The canonical JSON array of every field and the previous hash: what a record's MAC covers."""
+    return json.dumps(
         [
-            "igw-audit/v1",
+            AUDIT_HASH_TAG,
             int(sequence),
             canonical_ts(created_at),
             actor,
@@ -273,10 +286,22 @@ def record_hash(
         separators=(",", ":"),
         ensure_ascii=True,
     ).encode()
-    return hashlib.sha256(canonical).hexdigest()
 
 
-def chain(draft: AuditDraft, sequence: int, created_at: dt.datetime, prev_hash: str) -> AuditRecord:
+def record_hash(chain_key: bytes, **fields: object) -> str:
+    """HMAC-SHA256 under the audit chain key of :func:`canonical_record` (hex).
+
+    Keyed, so that someone able to write the database but without the master key (which
+    unwraps the chain key) cannot re-hash an edited record and everything after it.
+    """
+    if len(chain_key) < 32:
+        raise ValueError("the audit chain key must be at least 32 bytes")
+    return hmac.new(chain_key, canonical_record(**fields), hashlib.sha256).hexdigest()  # type: ignore[arg-type]
+
+
+def chain(
+    draft: AuditDraft, sequence: int, created_at: dt.datetime, prev_hash: str, chain_key: bytes
+) -> AuditRecord:
     """Gives a draft its place in the chain."""
     fields: dict[str, object] = {
         "sequence": sequence,
@@ -294,14 +319,19 @@ def chain(draft: AuditDraft, sequence: int, created_at: dt.datetime, prev_hash: 
         "lease_id_hmac": draft.lease_id_hmac,
         "prev_hash": prev_hash,
     }
-    return AuditRecord(**fields, hash=record_hash(**fields))  # type: ignore[arg-type]
+    return AuditRecord(**fields, hash=record_hash(chain_key, **fields))  # type: ignore[arg-type]
 
 
-def recompute_hash(rec: AuditRecord) -> str:
-    """The hash a stored record should have."""
+def recompute_hash(rec: AuditRecord, chain_key: bytes) -> str:
+    """The MAC a stored record should have."""
     row = rec.as_row()
     row.pop("hash")
-    return record_hash(**row)  # type: ignore[arg-type]
+    return record_hash(chain_key, **row)
+
+
+def hash_matches(rec: AuditRecord, chain_key: bytes) -> bool:
+    """Constant-time check of a stored record's MAC."""
+    return hmac.compare_digest(recompute_hash(rec, chain_key), rec.hash)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Data access for provider keys, versions, idempotency and the master-key check.
+"""Data access for provider keys, versions, idempotency, the master-key check and chain key.
 
 Plain parameterised SQLAlchemy Core statements on the typed tables of ``orm``; every
 mutation runs on a connection whose transaction the caller owns (the audit writer's
@@ -8,20 +8,25 @@ batch transaction for admin actions, so a change and its audit record commit tog
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, exists, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.keyvault import crypto as C
 from services.keyvault import domain as D
-from services.keyvault.orm import admin_requests, key_versions, provider_keys, vault_meta
+from services.keyvault.orm import admin_requests, audit_events, key_versions, provider_keys, vault_meta
+
+_LOGGER = logging.getLogger(__name__)
 
 MASTER_CHECK = "master_check"
+#: vault_meta row holding the audit chain key, wrapped by (a key derived from) the master key.
+CHAIN_KEY = "audit_chain_key"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,45 @@ async def check_master_key(
                 f"(id {row.master_key_id})"
             )
     return None
+
+
+class ChainKeyError(Exception):
+    """The stored audit chain key does not unwrap with this master key (no key bytes in it)."""
+
+
+async def load_chain_key(
+    engine: AsyncEngine, master: C.MasterKey, clock: Callable[[], dt.datetime] = D.utcnow
+) -> bytes:
+    """The audit chain key, made and stored (wrapped) on the first start; raises ChainKeyError.
+
+    Replicas starting together agree on one key: the insert does nothing when another got
+    there first, and everyone reads back the row that won.
+    """
+    m = vault_meta.c
+    async with engine.begin() as conn:
+        row = (await conn.execute(select(m.master_key_id, m.value).where(m.name == CHAIN_KEY))).first()
+        if row is None:
+            if (await conn.execute(select(exists().select_from(audit_events)))).scalar():
+                _LOGGER.warning(
+                    "audit log has records but no audit chain key: making one now; the existing records "
+                    "(unkeyed igw-audit/v1 hashes, or a deleted key row) will not verify"
+                )
+            await conn.execute(
+                pg_insert(vault_meta)
+                .values(name=CHAIN_KEY, master_key_id=master.key_id,
+                        value=master.wrap_chain_key(C.generate_chain_key()), updated_at=clock())
+                .on_conflict_do_nothing(index_elements=["name"])
+            )
+            row = (await conn.execute(select(m.master_key_id, m.value).where(m.name == CHAIN_KEY))).first()
+            assert row is not None
+    if row.master_key_id != master.key_id:
+        raise ChainKeyError(
+            f"the audit chain key is wrapped by master key id {row.master_key_id}, not {master.key_id}"
+        )
+    try:
+        return master.unwrap_chain_key(bytes(row.value))
+    except C.DecryptionError:
+        raise ChainKeyError("the stored audit chain key does not authenticate under this master key") from None
 
 
 async def _check_against_a_version(conn: AsyncConnection, master: C.MasterKey) -> str | None:

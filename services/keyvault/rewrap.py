@@ -2,7 +2,9 @@
 
 In one transaction (holding the audit chain's advisory lock, so no vault replica appends
 meanwhile): lock every key version, unwrap its data key with the old master key, wrap it
-with the new one, replace the master-key check value, and append one REWRAP audit record.
+with the new one, replace the master-key check value, re-wrap the audit chain key (the
+chain's HMAC key does not change, so the records before and after the rewrap form one chain
+that verifies), and append one REWRAP audit record under that key.
 The secrets' ciphertexts and nonces are not read into plaintext and not changed. Any data
 key that does not unwrap with the old key aborts the whole transaction: nothing changes.
 
@@ -23,7 +25,7 @@ from services.keyvault import crypto as C
 from services.keyvault import domain as D
 from services.keyvault.audit import CHAIN_LOCK_ID, append_sync
 from services.keyvault.orm import key_versions, provider_keys, vault_meta
-from services.keyvault.repository import MASTER_CHECK
+from services.keyvault.repository import CHAIN_KEY, MASTER_CHECK
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,17 +91,34 @@ def rewrap(
                 check.master_key_id == old.key_id and C.verify_check_value(old, bytes(check.value))
             ):
                 raise RewrapError(f"the old master key (id {old.key_id}) is not this vault's key")
-            stmt = pg_insert(vault_meta).values(
-                name=MASTER_CHECK, master_key_id=new.key_id, value=C.make_check_value(new), updated_at=now
-            )
-            conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=["name"],
-                    set_={"master_key_id": stmt.excluded.master_key_id, "value": stmt.excluded.value,
-                          "updated_at": stmt.excluded.updated_at},
+            chain_row = conn.execute(
+                select(vault_meta.c.master_key_id, vault_meta.c.value)
+                .where(vault_meta.c.name == CHAIN_KEY)
+                .with_for_update()
+            ).first()
+            if chain_row is None:
+                # No vault has started on this database since the chain became keyed: start it now.
+                chain_key = C.generate_chain_key()
+            else:
+                try:
+                    if chain_row.master_key_id != old.key_id:
+                        raise C.DecryptionError("wrapped by another master key")
+                    chain_key = old.unwrap_chain_key(bytes(chain_row.value))
+                except C.DecryptionError:
+                    raise RewrapError(
+                        f"the audit chain key does not unwrap with the old master key (id {old.key_id}); "
+                        "nothing was changed"
+                    ) from None
+            for name, value in ((MASTER_CHECK, C.make_check_value(new)), (CHAIN_KEY, new.wrap_chain_key(chain_key))):
+                stmt = pg_insert(vault_meta).values(name=name, master_key_id=new.key_id, value=value, updated_at=now)
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["name"],
+                        set_={"master_key_id": stmt.excluded.master_key_id, "value": stmt.excluded.value,
+                              "updated_at": stmt.excluded.updated_at},
+                    )
                 )
-            )
-            append_sync(conn, [draft], now)
+            append_sync(conn, [draft], now, chain_key)
     finally:
         engine.dispose()
     _LOGGER.info("rewrapped data keys", extra={"count": count, "old_key_id": old.key_id, "new_key_id": new.key_id})

@@ -1,7 +1,8 @@
 """Wires the keyvault service: database, master-key check, audit writer, servicers, runtime.
 
 Start-up order: migrate the vault's own database, check the master key against the stored
-check value, start the audit writer, then serve. A missing, malformed or wrong master key
+check value, unwrap (or on the first start make) the audit chain key, start the audit
+writer, then serve. A missing, malformed or wrong master key
 does not stop the process: it serves *sealed* — health NOT_SERVING, one clear error line
 in the log (never key bytes), and every RPC but health answers UNAVAILABLE
 ``MASTER_KEY_UNAVAILABLE`` — so an orchestrator sees exactly what is wrong.
@@ -21,10 +22,10 @@ from igw.keyvault.v1 import keyvault_pb2_grpc
 from services.common.db import make_async_engine, upgrade
 from services.common.server import ServiceRuntime
 from services.keyvault import domain as D
-from services.keyvault.audit import AuditMetrics, AuditWriter
+from services.keyvault.audit import AuditMetrics, AuditWriter, chain_head
 from services.keyvault.authz import POLICY
 from services.keyvault.config import Settings
-from services.keyvault.repository import check_master_key
+from services.keyvault.repository import ChainKeyError, check_master_key, load_chain_key
 from services.keyvault.service import VaultService
 from services.keyvault.servicer import KeyVaultAdminServicer, KeyVaultServicer
 
@@ -43,6 +44,7 @@ async def build(
         await asyncio.to_thread(upgrade, "keyvault", settings.database_url)
     engine = make_async_engine(settings.database_url, pool_size=10, max_overflow=20)
     master = settings.master_key
+    chain_key: bytes | None = None
     if master is None:
         _LOGGER.error(
             "vault sealed: %s; every RPC answers UNAVAILABLE MASTER_KEY_UNAVAILABLE until restarted with it",
@@ -58,11 +60,26 @@ async def build(
             )
             master = None
         else:
-            _LOGGER.info("vault unsealed", extra={"master_key_id": master.key_id})
+            try:
+                chain_key = await load_chain_key(engine, master, clock)
+            except ChainKeyError as err:
+                _LOGGER.error(
+                    "vault sealed: %s; every RPC answers UNAVAILABLE MASTER_KEY_UNAVAILABLE until the audit "
+                    "chain key is restored",
+                    err,
+                )
+                master = None
+            else:
+                _LOGGER.info("vault unsealed", extra={"master_key_id": master.key_id})
 
     registry = CollectorRegistry()
     metrics = AuditMetrics(registry)
-    writer = AuditWriter(engine, metrics, clock, lock_timeout_ms=settings.audit_lock_timeout_ms)
+    if chain_key is not None:
+        # From the start, so a restart does not look like a truncated log to whoever watches it.
+        metrics.head_sequence.set(await chain_head(engine))
+    writer = AuditWriter(
+        engine, metrics, clock, chain_key=chain_key, lock_timeout_ms=settings.audit_lock_timeout_ms
+    )
     writer.start()
     service = VaultService(
         engine,

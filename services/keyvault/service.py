@@ -80,8 +80,9 @@ class VaultService:
         self._metrics = metrics
         self._master = master
         self._clock = clock
-        self._lease_max_ttl = lease_max_ttl
-        self._lease_ttl = min(lease_ttl, lease_max_ttl)
+        # The same hard limit Settings enforces, for services built without Settings.
+        self._lease_max_ttl = min(lease_max_ttl, dt.timedelta(seconds=D.MAX_LEASE_TTL_SECONDS))
+        self._lease_ttl = min(lease_ttl, self._lease_max_ttl)
         self._default_grace = default_grace
         self._cache_seconds = max(0.0, min(60.0, key_cache_seconds))
         self._cache: dict[str, tuple[float, list[_Cached]]] = {}
@@ -96,8 +97,9 @@ class VaultService:
         return self._master is None
 
     def seal(self) -> None:
-        """Forgets the master key and every cached data key (e.g. after a failed check)."""
+        """Forgets the master key, the audit chain key and every cached data key (e.g. after a failed check)."""
         self._master = None
+        self._writer.forget_key()
         self._cache.clear()
 
     def _unsealed(self) -> C.MasterKey:
@@ -319,7 +321,10 @@ class VaultService:
     async def verify_audit(self) -> D.VerifyResult:
         """Walks the whole chain."""
         self._unsealed()
-        return await A.verify_chain(self._engine)
+        key = self._writer.chain_key
+        if key is None:
+            raise master_key_unavailable()
+        return await A.verify_chain(self._engine, key)
 
 
 def _canonical(*parts: object) -> bytes:

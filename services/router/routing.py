@@ -33,10 +33,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from services.router.providers.base import check_body_model, check_url_name
+
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "openai_compatible")
 STRATEGIES = ("priority", "cheapest", "latency", "weighted")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
 _TEAM = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -169,6 +170,15 @@ def _name(where: str, value: Any, pattern: re.Pattern[str] = _NAME) -> str:
     return value
 
 
+def _model(where: str, value: Any, provider_type: str) -> str:
+    """A provider model name, checked by the very rule its adapter applies (no config the adapter refuses)."""
+    check = check_url_name if provider_type == "gemini" else check_body_model  # Gemini: a URL path segment
+    try:
+        return check(value)
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not a safe name") from None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -238,11 +248,10 @@ def parse_config(data: bytes, source: str = "<memory>") -> RoutingConfig:
         )
         if d["provider"] not in providers:
             raise ConfigError(f"{w}.provider: unknown provider {d['provider']!r}")
-        model_pat = _NAME if providers[d["provider"]].type == "gemini" else _MODEL
         deployments[name] = Deployment(
             name=name,
             provider=d["provider"],
-            model=_name(f"{w}.model", d["model"], model_pat),
+            model=_model(f"{w}.model", d["model"], providers[d["provider"]].type),
             price=_name(f"{w}.price", d["price"]),
             context_window=_int(f"{w}.context_window", d.get("context_window", 128_000), 1, 10_000_000),
             supports_tools=_bool(f"{w}.supports_tools", d.get("supports_tools", True)),

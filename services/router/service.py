@@ -307,10 +307,11 @@ class Router:
         self.settler.submit(req)
 
     async def drain(self, timeout: float) -> None:
-        """Waits for queued settles and background releases (graceful shutdown)."""
+        """Waits for queued settles and background releases (graceful shutdown), ``timeout`` in all."""
+        deadline = time.monotonic() + timeout
         await self.settler.drain(timeout)
         if self._settles:
-            await asyncio.wait(list(self._settles), timeout=timeout)
+            await asyncio.wait(list(self._settles), timeout=max(deadline - time.monotonic(), 0.0))
 
     async def _cost(self, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage) -> int:
         try:
@@ -520,7 +521,11 @@ class _Call:
             r._leave()
             r.metrics.calls.labels(self.alias.name, code).inc()
 
-    async def _attempt_lease(self, attempt: int, dep: Deployment) -> _Lease | None:
+    async def _attempt_lease(self, attempt: int, dep: Deployment, ticket: bool | str) -> _Lease | None:
+        """A hold and a credential for one attempt; None: skip this deployment.
+
+        Whenever no lease comes back, the breaker probe (if this attempt holds it) is released.
+        """
         t0 = time.perf_counter()
         try:
             return await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout())
@@ -528,21 +533,55 @@ class _Call:
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0)
             self.r.metrics.attempts.labels(dep.name, "no_credential").inc()
             self.excluded.add(dep.name)
+            if ticket == "probe":
+                self.r.breakers[dep.name].release_probe()
             return None
+        except BaseException:
+            if ticket == "probe":
+                self.r.breakers[dep.name].release_probe()
+            raise
+
+    def _abandon(
+        self, dep: Deployment, ticket: bool | str, lease: _Lease, exc: BaseException,
+    ) -> E.InvalidArgument | None:
+        """Cleans up an attempt that ended in an exception other than a ProviderError.
+
+        Releases the hold and the breaker probe (the deployment gets no verdict). Returns the
+        error for the agent when ``exc`` is a ValueError from an adapter (the request cannot be
+        translated for this provider); None when ``exc`` should propagate unchanged.
+        """
+        r = self.r
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            reason = "cancelled"
+        elif isinstance(exc, ValueError):
+            reason = "untranslatable"
+        else:
+            reason = "router_error"
+        r._release(lease.hold.reservation_id, reason)
+        if ticket == "probe":
+            r.breakers[dep.name].release_probe()
+        if not isinstance(exc, ValueError):
+            return None
+        # The exception text is not logged: it may quote the request.
+        _LOGGER.warning("request cannot be translated for the provider",
+                        extra={"deployment": dep.name, "error_type": type(exc).__name__})
+        r.metrics.attempts.labels(dep.name, "untranslatable").inc()
+        return E.InvalidArgument(
+            "UNTRANSLATABLE_REQUEST", "the request cannot be expressed in this provider's API",
+            {"deployment": dep.name, "provider": dep.provider},
+        )
 
     async def _unary(self) -> router_pb2.GenerateResponse:
         r, cfg = self.r, self.cfg
         adapter_cache: dict[str, Any] = {}
         plan = self._plan()
         async for attempt, dep, ticket in plan:
-            lease = await self._attempt_lease(attempt, dep)
-            if lease is None:
-                if ticket == "probe":
-                    r.breakers[dep.name].release_probe()
-                continue
             provider = cfg.providers[dep.provider]
             adapter = adapter_cache.get(provider.type) or get_adapter(provider.type)
             adapter_cache[provider.type] = adapter
+            lease = await self._attempt_lease(attempt, dep, ticket)
+            if lease is None:
+                continue
             t0 = time.perf_counter()
             try:
                 resp: ChatResponse = await adapter.complete(
@@ -554,11 +593,11 @@ class _Call:
                 self.verdict = err
                 self._failed(dep, ticket, err, t0)
                 continue
-            except asyncio.CancelledError:
-                r._release(lease.hold.reservation_id, "cancelled")
-                if ticket == "probe":
-                    r.breakers[dep.name].release_probe()
-                raise
+            except BaseException as exc:
+                refusal = self._abandon(dep, ticket, lease, exc)
+                if refusal is None:
+                    raise
+                raise refusal from None
             finally:
                 lease.secret = ""
             elapsed = time.perf_counter() - t0
@@ -567,8 +606,9 @@ class _Call:
             r.metrics.attempts.labels(dep.name, "success").inc()
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
             usage = resp.usage
-            cost = await r._cost(lease.hold, dep, usage)
+            # Settle before anything else can fail: the hold must never outlive a served call.
             r._settle(self.rid, lease.hold, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
+            cost = await r._cost(lease.hold, dep, usage)
             r._account(dep, self.ident, usage, cost)
             self._trace(dep, usage, cost)
             return self._response(dep, resp.text, resp.tool_calls, resp.finish_reason, usage, cost)
@@ -618,35 +658,35 @@ class _Call:
     async def _stream(self) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         r, cfg = self.r, self.cfg
         async for attempt, dep, ticket in self._plan():
-            lease = await self._attempt_lease(attempt, dep)
-            if lease is None:
-                if ticket == "probe":
-                    r.breakers[dep.name].release_probe()
-                continue
             provider = cfg.providers[dep.provider]
             adapter = get_adapter(provider.type)
+            lease = await self._attempt_lease(attempt, dep, ticket)
+            if lease is None:
+                continue
             t0 = time.perf_counter()
-            upstream = adapter.stream(
-                r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
-                r._timeouts(cfg, self._remaining(), ticket == "probe"),
-            )
-            lease.secret = ""
+            upstream: AsyncIterator[Any] | None = None
+            first: Any = None
+            err: ProviderError | None = None
             try:
+                upstream = adapter.stream(
+                    r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
+                    r._timeouts(cfg, self._remaining(), ticket == "probe"),
+                )
                 first = await upstream.__anext__()
             except StopAsyncIteration:
-                first = None
-                err: ProviderError | None = ProviderError(
-                    ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
+                err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
             except ProviderError as exc:
-                first, err = None, exc
-            except asyncio.CancelledError:
-                r._release(lease.hold.reservation_id, "cancelled")
-                await _aclose(upstream)
-                if ticket == "probe":
-                    r.breakers[dep.name].release_probe()
-                raise
-            else:
-                err = None
+                err = exc
+            except BaseException as exc:
+                refusal = self._abandon(dep, ticket, lease, exc)
+                if upstream is not None:
+                    await _aclose(upstream)
+                if refusal is None:
+                    raise
+                raise refusal from None
+            finally:
+                lease.secret = ""
+            assert upstream is not None  # adapter.stream() returned, or the handler above raised
             if err is not None:
                 await _aclose(upstream)
                 r._release(lease.hold.reservation_id, err.kind.value)
@@ -705,7 +745,6 @@ class _Call:
             raise E.Unavailable("UPSTREAM_STREAM_BROKEN", f"the provider's stream broke ({err.kind.value})",
                                 {"deployment": dep.name}) from None
         finally:
-            await _aclose(upstream)
             elapsed = time.perf_counter() - t0
             if usage is None or outcome != ledger_pb2.CALL_OUTCOME_SUCCESS:
                 # No final usage (hang-up, broken stream): count what was consumed; never less than seen.
@@ -719,7 +758,9 @@ class _Call:
                 )
                 usage = counted
             r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
+            # Settle before closing upstream: a second cancellation during the close must not skip it.
             r._settle(self.rid, hold, dep, usage, elapsed, outcome)
+            await _aclose(upstream)
         cost = await r._cost(hold, dep, usage)
         r._account(dep, self.ident, usage, cost)
         self._trace(dep, usage, cost)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from igw.router.v1 import router_pb2
@@ -26,6 +27,7 @@ IMAGE_TOKEN_BOUND = 2000  # above every provider's per-image charge for a 5 MiB 
 MESSAGE_OVERHEAD_TOKENS = 8
 MAX_TOOLS = 128
 MAX_STOP = 8
+MAX_NAME_CHARS = 64
 
 _ROLE = {
     router_pb2.ROLE_SYSTEM: "system",
@@ -55,6 +57,11 @@ class Prepared:
 
 def _bad(reason: str, message: str) -> InvalidArgument:
     return InvalidArgument(reason, message)
+
+
+def _valid_name(name: str) -> bool:
+    """A participant name: 1-64 characters, none of them control, format or unassigned (category C)."""
+    return 0 < len(name) <= MAX_NAME_CHARS and not any(unicodedata.category(ch)[0] == "C" for ch in name)
 
 
 def valid_request_id(value: str) -> bool:
@@ -87,10 +94,13 @@ def prepare(req: router_pb2.GenerateRequest, limits: Limits) -> Prepared:
     bound = 0
     has_images = False
     messages: list[Message] = []
+    call_ids: set[str] = set()  # ids of the assistant tool calls seen so far
     for i, m in enumerate(req.messages):
         role = _ROLE.get(m.role)
         if role is None:
             raise _bad("BAD_ROLE", f"messages[{i}].role is not set")
+        if m.name and not _valid_name(m.name):
+            raise _bad("BAD_NAME", f"messages[{i}].name must be 1-{MAX_NAME_CHARS} characters, no control characters")
         parts: list[ContentPart] = []
         for p in m.parts:
             kind = p.WhichOneof("kind")
@@ -120,10 +130,14 @@ def prepare(req: router_pb2.GenerateRequest, limits: Limits) -> Prepared:
                 raise _bad("BAD_TOOL_CALL", f"messages[{i}]: tool call id or name is malformed")
             _json_object(c.arguments_json or "{}", f"messages[{i}].tool_calls arguments")
             calls.append(ToolCall(c.id, c.name, c.arguments_json or "{}"))
+            call_ids.add(c.id)
             bound += len(c.arguments_json.encode()) + len(c.name)
         if role == "tool":
             if not _CALL_ID.match(m.tool_call_id) or (m.name and not _TOOL_NAME.match(m.name)):
                 raise _bad("BAD_TOOL_RESULT", f"messages[{i}]: tool results need a valid tool_call_id")
+            # Providers map results to calls (Gemini by the call's function name): an orphan cannot be sent.
+            if m.tool_call_id not in call_ids:
+                raise _bad("BAD_TOOL_RESULT", f"messages[{i}]: tool_call_id matches no earlier assistant tool call")
         if not parts and not calls:
             raise _bad("EMPTY_MESSAGE", f"messages[{i}] has no content")
         messages.append(Message(role, tuple(parts), tuple(calls), m.tool_call_id, m.name))  # type: ignore[arg-type]
@@ -154,7 +168,7 @@ def prepare(req: router_pb2.GenerateRequest, limits: Limits) -> Prepared:
 def _json_object(text: str, what: str) -> None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _bad("BAD_JSON", f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise _bad("BAD_JSON", f"{what} must be a JSON object")

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -102,6 +103,12 @@ def test_every_cli_command_works_with_tables_and_json(gateway: Gateway, tmp_path
     assert team in run("budgets", "get", "--team", team)
     # Spend, audit, config, deployments, prices.
     assert "demo" in run("spend", "--by", "team,model", "--since", "24h")
+    said: Any = igw_json(gw, "chat", "--model", "fast", "json please")
+    assert "echo: json please" in said["text"] and said["request_id"]
+    by: Any = igw_json(gw, "spend", "--by", "agent,provider,day", "--since", "24h")
+    assert any(t.get("agent") == "quickstart" and t.get("provider") and t.get("day") for t in by["totals"])
+    long_ago: Any = igw_json(gw, "spend", "--by", "team", "--since", "2020-01-01", "--until", "2020-01-02")
+    assert not long_ago.get("totals")
     totals = igw_json(gw, "spend", "--by", "team")
     assert any(t.get("team") == "demo" for t in totals["totals"])  # type: ignore[index]
     assert igw_json(gw, "spend", "entries", "--limit", "3")["entries"]  # type: ignore[index]
@@ -277,6 +284,12 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
     # No content in spans, and no provider key anywhere the gateway writes or exports.
     spans_text = trace_file.read_text()
     assert "count these words" not in spans_text
+    metrics_all = "".join(httpx.get(u, timeout=10).text for u in gw.endpoints["metrics"].values())
+    logs = gw.all_logs()
+    assert "count these words" not in logs and "count these words" not in metrics_all
+    # JSON log lines carry the call's request id (the router's access log line for this call).
+    tagged = [json.loads(line) for line in logs.splitlines() if line.startswith("{") and rid in line]
+    assert any(rec.get("request_id") == rid for rec in tagged), "no log line carries the request id"
     secrets = json.loads((gw.state_dir / "demo-secrets.json").read_text()).values()
     metrics_text = "".join(httpx.get(u, timeout=10).text for u in gw.endpoints["metrics"].values())
     for secret in secrets:

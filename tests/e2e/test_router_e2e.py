@@ -521,3 +521,61 @@ def test_the_agent_deadline_bounds_the_upstream_call(rig: Rig) -> None:
     elapsed = time.monotonic() - t0
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert elapsed < 1.2  # not the 1.5 s first-byte timeout, not a retry round
+
+
+def test_generate_stream_falls_back_before_the_first_byte(rig: Rig) -> None:
+    _fake(rig.fakes["fake-openai"], "POST", "/_fake/faults",
+          [{"status": 429, "retry_after": 0, "match_model": "fake-small", "match_stream": True, "times": 1}])
+    msgs = list(rig.stub.GenerateStream(_req("openai-first", "stream this text back"), timeout=15))
+    assert msgs[0].WhichOneof("event") == "start" and msgs[0].start.served_by.deployment == "ge"
+    final = msgs[-1].final
+    assert final.text == "echo: stream this text back" and final.served_by.deployment == "ge"
+    assert [a.outcome for a in final.attempts] == [router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED,
+                                                   router_pb2.ATTEMPT_OUTCOME_SUCCESS]
+    # Nothing of the failed attempt reached the agent, and only the serving attempt is charged.
+    assert sum(m.WhichOneof("event") == "start" for m in msgs) == 1
+    entry = rig.wait_entry(final.request_id)
+    assert entry.provider == "fake-gemini" and entry.cost_nanos == final.cost_nanos > 0
+
+
+@pytest.mark.parametrize(("alias", "fake", "model"), [
+    ("anthropic-first", "fake-anthropic", "fake-large"), ("gemini-first", "fake-gemini", "fake-small"),
+])
+def test_a_provider_that_reports_no_usage_is_counted_from_the_text(rig: Rig, alias: str, fake: str, model: str) -> None:
+    _fake(rig.fakes[fake], "POST", "/_fake/faults", [{"mode": "no_usage", "match_model": model, "times": 2}])
+    resp = rig.stub.Generate(_req(alias, "count me without usage"), timeout=15)
+    assert resp.text == "echo: count me without usage" and resp.usage.estimated
+    assert [a.outcome for a in resp.attempts] == [router_pb2.ATTEMPT_OUTCOME_SUCCESS]
+    # The stream that sent all its text ends with a final answer, not UPSTREAM_STREAM_BROKEN.
+    msgs = list(rig.stub.GenerateStream(_req(alias, "stream me without usage"), timeout=15))
+    final = msgs[-1].final
+    assert msgs[-1].WhichOneof("event") == "final" and final.text == "echo: stream me without usage"
+    assert final.usage.estimated and final.usage.output_tokens > 0 and final.usage.input_tokens > 0
+    for rid, cost in ((resp.request_id, resp.cost_nanos), (final.request_id, final.cost_nanos)):
+        entry = rig.wait_entry(rid)
+        assert entry.outcome == ledger_pb2.CALL_OUTCOME_SUCCESS and entry.cost_nanos == cost > 0
+        assert ledger_pb2.SPEND_FLAG_USAGE_ESTIMATED in entry.flags
+
+
+def test_an_orphan_tool_result_is_refused_before_any_hold_or_upstream_call(rig: Rig) -> None:
+    team = f"orphan{uuid.uuid4().hex[:6]}"
+    pki_mod.issue_to_dir(rig.gw.pki, "agent", team, "a1")
+    rig.ledger_op.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_DAILY,
+                                                        limit_nanos=10**12), timeout=10)
+    tool = router_pb2.Message(role=router_pb2.ROLE_TOOL, tool_call_id="call_nowhere")
+    tool.parts.add(text='{"temp_c": 21}')
+    req = _req("gemini-first")
+    req.messages.append(tool)
+    before = {f: rig.requests_seen(f) for f in ("fake-gemini", "fake-openai")}
+    with mtls_channel(rig.router.address, rig.gw.pki, f"agent-{team}-a1") as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+            with pytest.raises(grpc.RpcError) as exc:
+                call(req, timeout=15)
+            assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info_from_rpc_error(exc.value).reason == "BAD_TOOL_RESULT"
+            assert "temp_c" not in (exc.value.details() or "")
+    ledger = ledger_pb2_grpc.LedgerServiceStub(rig.gw.channel("ledger"))
+    (budget,) = ledger.GetBudget(ledger_pb2.GetBudgetRequest(team=team), timeout=10).budgets
+    assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
+    assert {f: rig.requests_seen(f) for f in before} == before

@@ -35,6 +35,7 @@ from services.router.providers import (
     get_adapter,
     make_http_client,
 )
+from services.router.providers.base import estimate_tokens
 
 pytestmark = pytest.mark.asyncio
 
@@ -215,6 +216,46 @@ async def test_openai_compatible_counts_tokens_when_no_usage(client: httpx.Async
     assert isinstance(end, StreamEnd)
     assert end.usage.reported is False
     assert (end.usage.input_tokens, end.usage.output_tokens) == (6, 6)
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_anthropic_and_gemini_count_tokens_when_no_usage(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    adapter = get_adapter(kind)
+    async with running_fake(kind) as fk:
+        await set_faults(ctl, fk, {"mode": "no_usage"})
+        resp = await adapter.complete(client, fk.base_url, SECRET, simple_request(), FAST)
+        events = await collect(adapter.stream(client, fk.base_url, SECRET, simple_request(), FAST))
+        assert (await stats(ctl, fk))["faults_applied"] == 2  # both answers really came without usage
+    # Estimated exactly as for OpenAI-compatible servers: ceil(chars / 4) of the prompt and the reply.
+    assert resp.text == "echo: hello there world" and resp.finish_reason is FinishReason.STOP
+    assert resp.usage.reported is False
+    assert (resp.usage.input_tokens, resp.usage.output_tokens, resp.usage.cached_input_tokens) == (6, 6, 0)
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and end.finish_reason is FinishReason.STOP
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "echo: hello there world"
+    assert end.usage == resp.usage
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_tool_call_arguments_count_as_output_when_no_usage(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    adapter = get_adapter(kind)
+    req = simple_request("weather please", tools=(WEATHER,))
+    async with running_fake(kind) as fk:
+        await set_faults(ctl, fk, {"mode": "no_usage"})
+        resp = await adapter.complete(client, fk.base_url, SECRET, req, FAST)
+        events = await collect(adapter.stream(client, fk.base_url, SECRET, req, FAST))
+    unary_out = resp.text + "".join(c.arguments_json for c in resp.tool_calls)
+    assert resp.usage.reported is False and resp.usage.output_tokens == estimate_tokens(unary_out) > 0
+    streamed = "".join(e.text if isinstance(e, TextDelta) else e.arguments_fragment
+                       for e in events if isinstance(e, TextDelta | ToolCallDelta))
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and end.finish_reason is FinishReason.TOOL_CALLS
+    assert end.usage.reported is False and end.usage.output_tokens == estimate_tokens(streamed) > 0
+    assert end.usage.input_tokens == resp.usage.input_tokens > 0
 
 
 # --------------------------------------------------------------------------- request translation

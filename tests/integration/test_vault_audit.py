@@ -5,10 +5,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
+import json
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -16,6 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from igw.keyvault.v1 import keyvault_pb2 as pb
+from services.keyvault import domain as D
 from services.keyvault.crypto import MasterKey
 from services.keyvault.rewrap import RewrapError, rewrap
 from tests.integration.test_vault_service import (  # noqa: F401  (fixtures)
@@ -101,29 +107,189 @@ async def test_one_edited_audit_row_is_named_by_verify(vault: Vault) -> None:
     assert verdict.records_checked == 4
 
 
-async def test_a_rehashed_edit_breaks_the_chain_at_the_next_record(vault: Vault) -> None:
+async def _records(url: str) -> list[Any]:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from services.keyvault import domain as D
     from services.keyvault.audit import _to_record
     from services.keyvault.orm import audit_events
 
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(select(audit_events).order_by(audit_events.c.sequence))).all()
+    finally:
+        await engine.dispose()
+    return [_to_record(r) for r in rows]
+
+
+def _forge(vault: Vault, sequence: int, team: str, new_hash: str, prev_hash: str) -> None:
+    vault.sql("UPDATE audit_events SET team = %s, hash = %s, prev_hash = %s WHERE sequence = %s",
+              (team, new_hash, prev_hash, sequence))
+
+
+def _unkeyed_v1_hash(rec: Any, prev_hash: str) -> str:
+    """The record hash as it was before the chain was keyed: plain SHA-256, anyone can compute it."""
+    fields = [
+        "igw-audit/v1", rec.sequence, D.canonical_ts(rec.created_at), rec.actor, rec.action, rec.outcome,
+        rec.reason, rec.provider, rec.key_name, rec.key_version, rec.team, rec.model, rec.request_id,
+        rec.lease_id_hmac, prev_hash,
+    ]
+    return hashlib.sha256(json.dumps(fields, separators=(",", ":"), ensure_ascii=True).encode()).hexdigest()
+
+
+def _unkeyed_v2_hash(rec: Any, prev_hash: str) -> str:
+    """Today's canonical form, but hashed with plain SHA-256 (a forger who read the code, not the key)."""
+    fields = {**rec.as_row(), "prev_hash": prev_hash}
+    fields.pop("hash")
+    return hashlib.sha256(D.canonical_record(**fields)).hexdigest()
+
+
+async def test_a_rehashed_edit_by_the_key_holder_breaks_the_chain_at_the_next_record(vault: Vault) -> None:
     await vault.create("k")
     for i in range(3):
         await vault.issue(request_id=f"r{i}")
-    engine = create_async_engine(vault.url)
-    async with engine.connect() as conn:
-        row = (await conn.execute(select(audit_events).where(audit_events.c.sequence == 2))).one()
-    await engine.dispose()
-    rec = _to_record(row)
+    rec = (await _records(vault.url))[1]
+    assert rec.sequence == 2
     forged = D.AuditRecord(**{**rec.as_row(), "team": "someone-else"})  # type: ignore[arg-type]
-    new_hash = D.recompute_hash(forged)
+    # Even with the chain key, an edit cannot be hidden without rewriting every later record.
+    new_hash = D.recompute_hash(forged, vault.service._writer.chain_key)
     vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
     vault.sql("UPDATE audit_events SET team = 'someone-else', hash = %s WHERE sequence = 2", (new_hash,))
     vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
     verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
     assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 3, "CHAIN_BROKEN")
+
+
+@pytest.mark.parametrize("unkeyed", [_unkeyed_v1_hash, _unkeyed_v2_hash], ids=["v1-format", "v2-format"])
+async def test_an_edit_with_the_whole_tail_rehashed_without_the_key_is_named(
+    vault: Vault, unkeyed: Callable[[Any, str], str]
+) -> None:
+    """The old attack: edit one record, re-hash it and every later one with plain SHA-256."""
+    await vault.create("k", allowed_teams=["a"])
+    for i in range(6):
+        await vault.issue(team="a", request_id=f"r{i}")
+    records = await _records(vault.url)
+    assert len(records) == 7
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    prev = records[2].hash  # the tail from sequence 4 on is rewritten; 1..3 stay genuine
+    for rec in records[3:]:
+        team = "b" if rec.sequence == 4 else rec.team
+        new_hash = unkeyed(D.AuditRecord(**{**rec.as_row(), "team": team}), prev)  # type: ignore[arg-type]
+        _forge(vault, rec.sequence, team, new_hash, prev)
+        prev = new_hash
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    # The forged chain is internally consistent: every prev_hash matches, so only the MAC can tell.
+    forged = await _records(vault.url)
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(forged))
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 4, "HASH_MISMATCH")
+    assert verdict.records_checked == 4
+
+
+async def test_a_whole_chain_rewritten_without_the_key_fails_at_the_first_record(vault: Vault) -> None:
+    await vault.create("k")
+    for i in range(3):
+        await vault.issue(request_id=f"r{i}")
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    prev = D.GENESIS_HASH
+    for rec in await _records(vault.url):
+        new_hash = _unkeyed_v2_hash(rec, prev)
+        _forge(vault, rec.sequence, rec.team, new_hash, prev)
+        prev = new_hash
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    verdict = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 1, "HASH_MISMATCH")
+
+
+async def test_the_chain_key_lives_in_the_database_only_wrapped(vault: Vault) -> None:
+    await vault.create("k")
+    await vault.issue()
+    key = vault.service._writer.chain_key
+    assert key is not None and len(key) == 32
+    ((key_id, value),) = vault.sql("SELECT master_key_id, value FROM vault_meta WHERE name = 'audit_chain_key'")
+    assert key_id == MasterKey(vault.master).key_id and key not in bytes(value)
+    assert MasterKey(vault.master).unwrap_chain_key(bytes(value)) == key
+    dump = vault.sql("SELECT string_agg(t::text, '|') FROM (SELECT * FROM audit_events) t")[0][0]
+    assert key.hex() not in dump
+
+
+async def test_a_replica_started_later_uses_the_same_chain_key(pki: Path, vault: Vault) -> None:
+    await vault.create("k")
+    other = await start_vault(pki, vault.url, vault.master)
+    try:
+        assert other.service._writer.chain_key == vault.service._writer.chain_key
+    finally:
+        await stop_vault(other)
+
+
+async def test_a_tampered_chain_key_seals_the_vault(pki: Path, fresh_database: str) -> None:
+    master = os.urandom(32)
+    v = await start_vault(pki, fresh_database, master)
+    try:
+        await v.create("k")
+    finally:
+        await stop_vault(v)
+    v.sql("UPDATE vault_meta SET value = %s WHERE name = 'audit_chain_key'",
+          (MasterKey(master).wrap_chain_key(os.urandom(32))[:-1] + b"\0",))
+    sealed = await start_vault(pki, fresh_database, master)
+    try:
+        assert sealed.service.sealed
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await sealed.issue()
+        assert reason_of(info.value) == "MASTER_KEY_UNAVAILABLE"
+    finally:
+        await stop_vault(sealed)
+
+
+async def test_a_deleted_chain_key_cannot_be_replaced_unnoticed(pki: Path, fresh_database: str) -> None:
+    master = os.urandom(32)
+    v = await start_vault(pki, fresh_database, master)
+    try:
+        await v.create("k")
+        await v.issue()
+    finally:
+        await stop_vault(v)
+    v.sql("DELETE FROM vault_meta WHERE name = 'audit_chain_key'")
+    again = await start_vault(pki, fresh_database, master)
+    try:
+        await again.issue()  # a new key is made, so the vault serves ...
+        verdict = await again.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+        # ... but the records made under the lost key no longer verify.
+        assert (verdict.ok, verdict.first_bad_sequence, verdict.reason) == (False, 1, "HASH_MISMATCH")
+    finally:
+        await stop_vault(again)
+
+
+async def test_the_fast_path_forces_synchronous_commit_on_whatever_the_database_default(vault: Vault) -> None:
+    db = make_url(vault.url).database
+    vault.sql(f'ALTER DATABASE "{db}" SET synchronous_commit = off')
+    try:
+        with psycopg.connect(libpq(vault.url), autocommit=True) as conn:  # the default now says off
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        await vault.create("k")  # locked path: learns the chain head
+        await vault.issue()  # fast path: opens its own connection, after the ALTER
+        await vault.issue()
+        writer = vault.service._writer
+        conn = writer._conn
+        assert conn is not None and not conn.closed
+        cur = await conn.execute("SHOW synchronous_commit")
+        assert await cur.fetchone() == ("on",)
+        assert vault.sql("SELECT count(*) FROM audit_events") == [(3,)]
+    finally:
+        vault.sql(f'ALTER DATABASE "{db}" RESET synchronous_commit')
+
+
+async def test_the_head_sequence_gauge_follows_the_chain(pki: Path, vault: Vault) -> None:
+    await vault.create("k")
+    for i in range(4):
+        await vault.issue(request_id=f"g{i}")
+    assert vault.runtime.registry.get_sample_value("igw_keyvault_audit_head_sequence") == 5
+    other = await start_vault(pki, vault.url, vault.master)
+    try:  # a replica (or a restart) starts from the stored head, not from 0
+        assert other.runtime.registry.get_sample_value("igw_keyvault_audit_head_sequence") == 5
+    finally:
+        await stop_vault(other)
 
 
 async def test_a_deleted_audit_row_shows_as_a_sequence_gap(vault: Vault) -> None:
@@ -201,6 +367,11 @@ async def test_rewrap_moves_every_data_key_to_the_new_master_key(pki: Path, fres
             lease = await fresh.issue()
             got[lease.key_name] = lease.secret
         assert got == {**secrets, "k0": "sk-k0-v2"}
-        assert (await fresh.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+        # The chain key moved to the new master key with the data keys: one chain, still verifying.
+        verdict = await fresh.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+        assert verdict.ok and verdict.records_checked >= 5
     finally:
         await stop_vault(fresh)
+    with psycopg.connect(libpq(fresh_database)) as conn:
+        meta = conn.execute("SELECT name, master_key_id FROM vault_meta ORDER BY name").fetchall()
+    assert meta == [("audit_chain_key", MasterKey(new).key_id), ("master_check", MasterKey(new).key_id)]

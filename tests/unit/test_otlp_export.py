@@ -21,7 +21,7 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[m
     def __init__(self) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:  # noqa: N802
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 

@@ -45,6 +45,9 @@ def test_a_valid_config_loads_with_its_sha256() -> None:
         (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt#x\""), "safe name"),
         (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt@evil\""), "safe name"),
         (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt%2Fx\""), "safe name"),
+        # Exactly what the adapters refuse (check_body_model): no empty path segment, no trailing slash.
+        (lambda s: s.replace(b"meta-llama/Llama-3-8B", b"meta-llama//Llama-3-8B"), "safe name"),
+        (lambda s: s.replace(b"meta-llama/Llama-3-8B", b"meta-llama/"), "safe name"),
         (lambda s: s.replace(b"[d1, d2]", b"[d1, nope]"), "unknown deployment"),
         (lambda s: s + b"retries: {max_attempts: 0}\n", "max_attempts"),
         (lambda s: s.replace(b"price: gpt-x}", b"price: gpt-x, base_url: 'https://evil'}"), "unknown key"),
@@ -121,6 +124,21 @@ def _req(**kw: object) -> router_pb2.GenerateRequest:
     return req
 
 
+def _msg(role: int, text: str = "hi", **kw: object) -> router_pb2.Message:
+    m = router_pb2.Message(role=role, **kw)  # type: ignore[arg-type]
+    if text:
+        m.parts.add(text=text)
+    return m
+
+
+def _call(call_id: str = "call_1") -> router_pb2.Message:
+    return _msg(router_pb2.ROLE_ASSISTANT, "", tool_calls=[router_pb2.ToolCall(id=call_id, name="f")])
+
+
+def _tool_result(call_id: str = "call_1") -> router_pb2.Message:
+    return _msg(router_pb2.ROLE_TOOL, "{}", tool_call_id=call_id)
+
+
 def test_the_prompt_bound_covers_every_byte_of_text() -> None:
     req = _req()
     req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="é" * 100)
@@ -139,12 +157,31 @@ def test_the_prompt_bound_covers_every_byte_of_text() -> None:
         (lambda: _req(tools=[router_pb2.ToolDefinition(name="bad name!", parameters_json_schema="{}")]), "BAD_TOOL"),
         (lambda: _req(tools=[router_pb2.ToolDefinition(name="t", parameters_json_schema="[1]")]), "BAD_JSON"),
         (lambda: _req(tool_choice="nope"), "BAD_TOOL_CHOICE"),
+        (lambda: _req(tools=[router_pb2.ToolDefinition(name="t", parameters_json_schema="[" * 100_000)]), "BAD_JSON"),
+        # Names are checked for every role, not only tool results.
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_USER, name="al\x1bice")]), "BAD_NAME"),
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_SYSTEM, name="ops\n")]), "BAD_NAME"),
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_ASSISTANT, name="bob\u202e")]), "BAD_NAME"),
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_USER, name="x" * 65)]), "BAD_NAME"),
+        # A tool result must answer an earlier assistant tool call (Gemini cannot send an orphan).
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_USER), _tool_result()]), "BAD_TOOL_RESULT"),
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_USER), _call("call_1"), _tool_result("call_2")]),
+         "BAD_TOOL_RESULT"),
+        (lambda: _req(messages=[_msg(router_pb2.ROLE_USER), _tool_result(), _call("call_1")]), "BAD_TOOL_RESULT"),
     ],
 )
 def test_bad_requests_are_refused_with_a_reason(build, reason: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(InvalidArgument) as exc:
         prepare(build(), Limits())
     assert exc.value.reason == reason
+
+
+def test_tool_results_of_earlier_calls_and_printable_names_are_accepted() -> None:
+    req = _req(messages=[_msg(router_pb2.ROLE_USER, name="Zoë Smith"), _call("call_1"), _tool_result("call_1"),
+                         _msg(router_pb2.ROLE_ASSISTANT, "done", name="x" * 64)])
+    prep = prepare(req, Limits())
+    assert [m.role for m in prep.chat.messages] == ["user", "assistant", "tool", "assistant"]
+    assert prep.chat.messages[0].name == "Zoë Smith"
 
 
 def test_message_without_role_is_refused() -> None:

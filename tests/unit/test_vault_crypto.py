@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import os
 
 import pytest
@@ -182,15 +184,56 @@ def test_reprs_of_objects_holding_secrets_hide_them() -> None:
     assert "sk-CANARY-repr" not in repr(new)
 
 
-def test_audit_hash_covers_every_field_and_the_previous_hash() -> None:
+CHAIN_KEY = bytes(range(32))
+
+
+def _record() -> D.AuditRecord:
     draft = D.AuditDraft(actor="spiffe://igw.local/router", action=D.AuditAction.ISSUE_CREDENTIAL,
                          provider="openai", key_name="k", key_version=1, team="t", model="m", request_id="r")
-    now = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
-    rec = D.chain(draft, 1, now, D.GENESIS_HASH)
-    assert D.recompute_hash(rec) == rec.hash
+    return D.chain(draft, 1, dt.datetime(2025, 1, 1, tzinfo=dt.UTC), D.GENESIS_HASH, CHAIN_KEY)
+
+
+def test_audit_hash_covers_every_field_and_the_previous_hash() -> None:
+    rec = _record()
+    now = rec.created_at
+    assert D.recompute_hash(rec, CHAIN_KEY) == rec.hash and D.hash_matches(rec, CHAIN_KEY)
     for name, value in [("team", "u"), ("key_version", 2), ("prev_hash", "1" * 64), ("sequence", 2),
                         ("created_at", now + dt.timedelta(microseconds=1)), ("outcome", "DENIED")]:
-        assert D.recompute_hash(dataclasses.replace(rec, **{name: value})) != rec.hash
+        assert D.recompute_hash(dataclasses.replace(rec, **{name: value}), CHAIN_KEY) != rec.hash
+
+
+def test_audit_hash_is_an_hmac_under_the_chain_key_not_a_plain_sha256() -> None:
+    rec = _record()
+    fields = rec.as_row()
+    fields.pop("hash")
+    canonical = D.canonical_record(**fields)  # type: ignore[arg-type]
+    assert rec.hash == hmac.new(CHAIN_KEY, canonical, hashlib.sha256).hexdigest()
+    assert rec.hash != hashlib.sha256(canonical).hexdigest()
+    other_key = bytes(32)
+    assert not D.hash_matches(rec, other_key)
+    forged = dataclasses.replace(rec, team="u")
+    forged = dataclasses.replace(forged, hash=hashlib.sha256(D.canonical_record(
+        **{**fields, "team": "u"})).hexdigest())  # type: ignore[arg-type]
+    assert not D.hash_matches(forged, CHAIN_KEY)
+    with pytest.raises(ValueError):
+        D.record_hash(b"short", **fields)
+
+
+def test_the_chain_key_is_stored_only_wrapped_and_only_this_master_key_unwraps_it(master: C.MasterKey) -> None:
+    key = C.generate_chain_key()
+    wrapped = master.wrap_chain_key(key)
+    assert key not in wrapped and len(wrapped) == 12 + 32 + 16
+    assert master.unwrap_chain_key(wrapped) == key
+    assert master.wrap_chain_key(key) != wrapped  # fresh nonce each time
+    with pytest.raises(C.DecryptionError):
+        C.MasterKey(os.urandom(32)).unwrap_chain_key(wrapped)
+    for bit in (0, 12 * 8 + 3, len(wrapped) * 8 - 1):
+        with pytest.raises(C.DecryptionError):
+            master.unwrap_chain_key(_flip(wrapped, bit))
+    # Not interchangeable with the other things the master key wraps.
+    with pytest.raises(C.DecryptionError):
+        master.unwrap_chain_key(C.make_check_value(master))
+    assert not C.verify_check_value(master, wrapped)
 
 
 @pytest.mark.parametrize(

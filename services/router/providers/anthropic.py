@@ -16,6 +16,7 @@ from .base import (
     check_body_model,
     check_secret,
     dumps,
+    estimate_usage,
     image_mime,
     load_json_arg,
     open_sse,
@@ -151,10 +152,10 @@ class AnthropicAdapter:
         """Unary Messages call."""
         url, headers, body = self._prepare(base_url, secret, req, stream=False)
         _, data = await send_unary(self.name, client, url, headers, body, timeouts, self.map_error)
-        return self.parse_response(data)
+        return self.parse_response(data, req)
 
-    def parse_response(self, data: bytes) -> ChatResponse:
-        """Translate a Messages JSON body."""
+    def parse_response(self, data: bytes, req: ChatRequest) -> ChatResponse:
+        """Translate a Messages JSON body (usage counted from the text when none is reported)."""
         name = self.name
         obj = parse_json_object(name, data)
         if obj.get("type") == "error":
@@ -183,7 +184,7 @@ class AnthropicAdapter:
                 )
         usage = _usage(name, obj.get("usage"), None)
         if usage is None:
-            raise protocol_error(name, "response has no usage")
+            usage = estimate_usage(req, "".join(texts) + "".join(c.arguments_json for c in calls))
         rid = obj.get("id")
         return ChatResponse(
             text="".join(texts),
@@ -212,6 +213,7 @@ class AnthropicAdapter:
         rid = ""
         done = False
         tool_ordinal: dict[int, int] = {}  # content block index -> tool call ordinal
+        out_text: list[str] = []  # to count usage when the stream reports none
         async with aclosing(open_sse(name, client, url, headers, body, timeouts, self.map_error)) as events:
             async for ev in events:
                 obj = parse_json_object(name, ev.data)
@@ -226,6 +228,7 @@ class AnthropicAdapter:
                         if not isinstance(text, str):
                             raise protocol_error(name, "bad text_delta")
                         if text:
+                            out_text.append(text)
                             yield TextDelta(text)
                     elif dtype == "input_json_delta":
                         frag = delta.get("partial_json")
@@ -235,6 +238,7 @@ class AnthropicAdapter:
                         if ordinal is None:
                             raise protocol_error(name, "input_json_delta for unknown block")
                         if frag:
+                            out_text.append(frag)
                             yield ToolCallDelta(ordinal, "", "", frag)
                 elif etype == "content_block_start":
                     block = obj.get("content_block")
@@ -250,6 +254,7 @@ class AnthropicAdapter:
                             "",
                         )
                     elif block.get("type") == "text" and block.get("text"):
+                        out_text.append(str(block["text"]))
                         yield TextDelta(str(block["text"]))
                 elif etype == "message_start":
                     msg = obj.get("message")
@@ -276,7 +281,7 @@ class AnthropicAdapter:
             raise protocol_error(name, "stream ended without message_stop")
         usage = _usage(name, start_usage, final_usage)
         if usage is None:
-            raise protocol_error(name, "stream has no usage")
+            usage = estimate_usage(req, "".join(out_text))
         yield StreamEnd(_FINISH.get(str(stop_reason), FinishReason.OTHER), usage, rid)
 
     # ------------------------------------------------------------------ errors

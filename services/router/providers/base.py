@@ -32,7 +32,7 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
-from .domain import ChatRequest, ChatResponse, StreamEvent, Timeouts
+from .domain import ChatRequest, ChatResponse, StreamEvent, Timeouts, Usage
 from .errors import ErrorKind, ProviderError, summarize
 from .sse import SSEEvent, SSEParser, SSEProtocolError
 
@@ -47,6 +47,7 @@ __all__ = [
     "check_url_name",
     "dumps",
     "estimate_tokens",
+    "estimate_usage",
     "get_adapter",
     "image_mime",
     "load_json_arg",
@@ -89,7 +90,10 @@ class ProviderAdapter(Protocol):
         req: ChatRequest,
         timeouts: Timeouts,
     ) -> ChatResponse:
-        """Run a unary call; raise :class:`ProviderError` on failure."""
+        """Run a unary call; raise :class:`ProviderError` on failure.
+
+        Raises ValueError, before anything is sent, on a request this provider's API cannot express.
+        """
         ...
 
     def stream(
@@ -103,7 +107,8 @@ class ProviderAdapter(Protocol):
         """Stream a call (async generator ending with ``StreamEnd``).
 
         Closing the generator (``aclose()``) or cancelling the consuming task
-        closes the upstream response immediately.
+        closes the upstream response immediately. Like :meth:`complete`, the
+        first ``__anext__`` raises ValueError on an untranslatable request.
         """
         ...
 
@@ -284,6 +289,20 @@ def estimate_tokens(text: str) -> int:
     if not text:
         return 0
     return max(1, (len(text) + 3) // 4)
+
+
+def estimate_usage(req: ChatRequest, output_text: str) -> Usage:
+    """Usage counted from the text when the provider reports none (``reported=False``)."""
+    pieces: list[str] = []
+    for m in req.messages:
+        pieces.append(m.text)
+        pieces.extend(tc.arguments_json for tc in m.tool_calls)
+    return Usage(
+        input_tokens=estimate_tokens("".join(pieces)),
+        output_tokens=estimate_tokens(output_text),
+        cached_input_tokens=0,
+        reported=False,
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -25,6 +25,7 @@ from .base import (
     check_secret,
     check_url_name,
     dumps,
+    estimate_usage,
     image_mime,
     load_json_arg,
     open_sse,
@@ -205,14 +206,14 @@ class GeminiAdapter:
         """Unary generateContent call."""
         url, headers, body = self._prepare(base_url, secret, req, stream=False)
         _, data = await send_unary(self.name, client, url, headers, body, timeouts, self.map_error)
-        return self.parse_response(data)
+        return self.parse_response(data, req)
 
-    def parse_response(self, data: bytes) -> ChatResponse:
-        """Translate a GenerateContentResponse JSON body."""
+    def parse_response(self, data: bytes, req: ChatRequest) -> ChatResponse:
+        """Translate a GenerateContentResponse JSON body (usage counted from the text when none is reported)."""
         obj = parse_json_object(self.name, data)
         acc = _Accumulator(self.name)
         list(acc.feed(obj))
-        return acc.response()
+        return acc.response(req)
 
     # ------------------------------------------------------------------ streaming
 
@@ -237,7 +238,7 @@ class GeminiAdapter:
                     yield event
         if not acc.finished:
             raise protocol_error(name, "stream ended without finishReason")
-        resp = acc.response()
+        resp = acc.response(req)
         yield StreamEnd(resp.finish_reason, resp.usage, resp.response_id)
 
     # ------------------------------------------------------------------ errors
@@ -318,7 +319,7 @@ class _Accumulator:
                 self.finish = fr
         return events
 
-    def response(self) -> ChatResponse:
+    def response(self, req: ChatRequest) -> ChatResponse:
         provider = self._provider
         if self.blocked and self.finish is None:
             finish = FinishReason.CONTENT_FILTER
@@ -329,16 +330,18 @@ class _Accumulator:
         else:
             finish = _FINISH.get(self.finish, FinishReason.OTHER)
         u = self.usage or {}
-        if not u:
-            raise protocol_error(provider, "response has no usageMetadata")
-        usage = Usage(
-            input_tokens=token_count(provider, u.get("promptTokenCount")),
-            output_tokens=token_count(provider, u.get("candidatesTokenCount"))
-            + token_count(provider, u.get("thoughtsTokenCount")),
-            cached_input_tokens=token_count(provider, u.get("cachedContentTokenCount")),
-        )
+        text = "".join(self.texts)
+        if u:
+            usage = Usage(
+                input_tokens=token_count(provider, u.get("promptTokenCount")),
+                output_tokens=token_count(provider, u.get("candidatesTokenCount"))
+                + token_count(provider, u.get("thoughtsTokenCount")),
+                cached_input_tokens=token_count(provider, u.get("cachedContentTokenCount")),
+            )
+        else:
+            usage = estimate_usage(req, text + "".join(c.arguments_json for c in self.calls))
         return ChatResponse(
-            text="".join(self.texts),
+            text=text,
             tool_calls=tuple(self.calls),
             finish_reason=finish,
             usage=usage,
@@ -349,7 +352,7 @@ class _Accumulator:
 def _tool_response(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {"result": text}
     return value if isinstance(value, dict) else {"result": value}
 

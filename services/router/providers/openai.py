@@ -16,7 +16,7 @@ from .base import (
     check_body_model,
     check_secret,
     dumps,
-    estimate_tokens,
+    estimate_usage,
     image_mime,
     load_json_arg,
     open_sse,
@@ -192,7 +192,7 @@ class OpenAIAdapter:
             finish = FinishReason.CONTENT_FILTER
         usage = self._usage(obj.get("usage"))
         if usage is None:
-            usage = _estimate(req, text + "".join(c.arguments_json for c in calls))
+            usage = estimate_usage(req, text + "".join(c.arguments_json for c in calls))
         rid = obj.get("id")
         return ChatResponse(
             text=text,
@@ -284,7 +284,7 @@ class OpenAIAdapter:
         if not done:
             raise protocol_error(name, "stream ended without [DONE]")
         if usage is None:
-            usage = _estimate(req, "".join(out_text))
+            usage = estimate_usage(req, "".join(out_text))
         yield StreamEnd(finish or FinishReason.OTHER, usage, rid)
 
     # ------------------------------------------------------------------ errors
@@ -374,19 +374,3 @@ def _message(msg: Message) -> dict[str, Any]:
         out["name"] = msg.name
     return out
 
-
-def _request_text(req: ChatRequest) -> str:
-    pieces: list[str] = []
-    for m in req.messages:
-        pieces.append(m.text)
-        pieces.extend(tc.arguments_json for tc in m.tool_calls)
-    return "".join(pieces)
-
-
-def _estimate(req: ChatRequest, output_text: str) -> Usage:
-    return Usage(
-        input_tokens=estimate_tokens(_request_text(req)),
-        output_tokens=estimate_tokens(output_text),
-        cached_input_tokens=0,
-        reported=False,
-    )

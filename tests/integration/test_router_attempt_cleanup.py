@@ -1,0 +1,129 @@
+"""The router's attempt path against a real ledger (Postgres, mTLS): an attempt that ends in an
+exception other than a ProviderError releases its budget hold and its breaker probe before the
+error reaches the agent; an adapter's ValueError (untranslatable request) is INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from igw.keyvault.v1 import keyvault_pb2
+from igw.ledger.v1 import ledger_pb2_grpc
+from igw.router.v1 import router_pb2
+from services.common import errors as E
+from services.common.identity import Identity, Kind
+from services.common.tls import secure_channel
+from services.ledger.service import LedgerService
+from services.router import service as service_mod
+from services.router.metrics import RouterMetrics
+from services.router.providers import make_http_client
+from services.router.routing import parse_config
+from services.router.service import Backends, Router
+from tests.integration.ledger_support import check_invariants, grpc_server, ledger_service, sql
+
+BASE_URL = "http://127.0.0.1:9"
+CONFIG = f"""
+providers:
+  p: {{type: gemini, base_url: "{BASE_URL}", local: true}}
+deployments:
+  d: {{provider: p, model: fake-small, price: fake-small}}
+models:
+  m: {{candidates: [d]}}
+retries: {{max_attempts: 1}}
+breaker: {{failure_threshold: 1, cooldown_ms: 1, probe_timeout_ms: 600000}}
+""".encode()
+TEAM = "cleanup"
+AGENT = Identity(f"spiffe://igw.local/team/{TEAM}/agent/a1", Kind.AGENT, team=TEAM, agent="a1")
+
+
+class _Vault:
+    """Stands in for the KeyVault: every lease is good for the configured base URL."""
+
+    async def IssueCredential(self, req: Any, timeout: float) -> keyvault_pb2.IssueCredentialResponse:
+        return keyvault_pb2.IssueCredentialResponse(lease_id="l1", secret="sk-test-key", base_url=BASE_URL)
+
+
+class _BrokenAdapter:
+    """An adapter that fails with ``exc`` before sending anything, unary and streaming."""
+
+    name = "broken"
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def complete(self, *args: Any) -> Any:
+        raise self.exc
+
+    async def stream(self, *args: Any) -> AsyncIterator[Any]:
+        raise self.exc
+        yield  # an async generator, like the real adapters
+
+
+@asynccontextmanager
+async def _router(database: str, pki: Path) -> AsyncIterator[tuple[Router, LedgerService]]:
+    async with ledger_service(database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team=TEAM, agent="", window=4, limit_nanos=10**12)
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
+        http = make_http_client()
+        try:
+            backends = Backends(ledger=ledger_pb2_grpc.LedgerServiceStub(channel),
+                                ledger_admin=ledger_pb2_grpc.LedgerAdminServiceStub(channel),
+                                vault=_Vault())  # type: ignore[arg-type]
+            yield Router(parse_config(CONFIG), backends, http, RouterMetrics(CollectorRegistry())), svc
+        finally:
+            await http.aclose()
+            await channel.close()
+
+
+def _request(rid: str) -> router_pb2.GenerateRequest:
+    req = router_pb2.GenerateRequest(model="m", request_id=rid, max_output_tokens=64)
+    req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="hello there")
+    return req
+
+
+async def _call(router: Router, rid: str, streaming: bool) -> None:
+    if streaming:
+        async for _ in router.generate_stream(AGENT, _request(rid), 10.0):
+            pass
+    else:
+        await router.generate(AGENT, _request(rid), 10.0)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [(ValueError("tool result cannot be matched"), E.InvalidArgument), (RuntimeError("a bug"), RuntimeError)],
+    ids=["untranslatable", "unexpected"],
+)
+async def test_an_attempt_that_raises_releases_its_hold_and_its_breaker_probe(
+    fresh_database: str, pki: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool, exc: BaseException,
+    expected: type[BaseException],
+) -> None:
+    monkeypatch.setattr(service_mod, "get_adapter", lambda kind: _BrokenAdapter(exc))
+    rid = f"r-{uuid.uuid4().hex}"
+    async with _router(fresh_database, pki) as (router, svc):
+        breaker = router.breakers["d"]
+        breaker.record_failure()  # threshold 1: open; the 1 ms cooldown makes the next call the probe
+        await asyncio.sleep(0.01)
+        with pytest.raises(expected) as info:
+            await _call(router, rid, streaming)
+        if isinstance(info.value, E.InvalidArgument):
+            assert info.value.reason == "UNTRANSLATABLE_REQUEST"
+            assert info.value.metadata == {"deployment": "d", "provider": "p"}
+            assert "tool result" not in info.value.message  # the adapter's words stay out of the answer
+        await router.drain(5)
+        # The ledger saw a hold for this request, and it is released: nothing held, nothing spent.
+        assert sql(fresh_database, "SELECT state FROM holds WHERE request_id = %s", (rid,)) == [("RELEASED",)]
+        (budget,) = await svc.get_budget(team=TEAM)
+        assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
+        # The probe ticket was handed back: another probe may go (a held one would block it for 10 min).
+        assert breaker.try_acquire() == "probe"
+    assert sql(fresh_database, "SELECT count(*) FROM spend_entries") == [(0,)]
+    check_invariants(fresh_database)
