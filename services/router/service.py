@@ -472,6 +472,7 @@ class _Call:
         while attempt < cfg.retries.max_attempts:
             progressed = False
             wait_hint = 0.0
+            last_kind = "unknown"
             for dep in order:
                 if attempt >= cfg.retries.max_attempts:
                     break
@@ -492,6 +493,8 @@ class _Call:
                 self.verdict = None
                 yield attempt, dep, ticket
                 verdict = self.verdict
+                if verdict is not None:
+                    last_kind = verdict.kind.value
                 if verdict is not None and verdict.kind in _SKIP:
                     skipped.add(dep.name)
                 if verdict is not None and verdict.retry_after_s:
@@ -504,7 +507,7 @@ class _Call:
             if self.deadline is not None and time.monotonic() + wait >= self.deadline:
                 return
             if attempt < cfg.retries.max_attempts:
-                r.metrics.retries.labels("round").inc()
+                r.metrics.retries.labels(last_kind).inc()  # why the round before failed
                 await asyncio.sleep(wait)
             backoff = min(backoff * 2, cfg.retries.backoff_max_ms / 1000)
 

@@ -127,3 +127,23 @@ async def test_an_attempt_that_raises_releases_its_hold_and_its_breaker_probe(
         assert breaker.try_acquire() == "probe"
     assert sql(fresh_database, "SELECT count(*) FROM spend_entries") == [(0,)]
     check_invariants(fresh_database)
+
+
+async def test_retry_rounds_are_counted_by_the_reason_the_round_before_failed(
+    fresh_database: str, pki: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.router.providers.errors import ErrorKind, ProviderError
+
+    monkeypatch.setattr(service_mod, "get_adapter", lambda kind: _BrokenAdapter(
+        ProviderError(ErrorKind.SERVER_ERROR, "HTTP 500", status_code=500)))
+    async with _router(fresh_database, pki) as (router, _svc):
+        cfg = parse_config(CONFIG.replace(b"max_attempts: 1", b"max_attempts: 3, backoff_initial_ms: 1")
+                           .replace(b"failure_threshold: 1,", b"failure_threshold: 100,"))
+        router.apply_config(cfg)
+        with pytest.raises(E.IgwError):
+            await router.generate(AGENT, _request(f"r-{uuid.uuid4().hex}"), 10.0)
+        await router.drain(5)
+        retries = router.metrics.retries
+        assert retries.labels("server_error")._value.get() == 2  # three attempts: two retry rounds
+        assert {s.labels["reason"] for s in retries.collect()[0].samples if s.value} == {"server_error"}
+    check_invariants(fresh_database)

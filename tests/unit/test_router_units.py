@@ -39,7 +39,7 @@ def test_a_valid_config_loads_with_its_sha256() -> None:
         (lambda s: s.replace(b"models:", b"surprise: 1\nmodels:"), "unknown key"),
         (lambda s: s.replace(b"strategy: priority", b"strategy: random"), "strategy"),
         (lambda s: s.replace(b"https://api.example.com/v1", b"http://api.example.com/v1"), "https"),
-        (lambda s: s.replace(b"http://127.0.0.1:8000/v1", b"http://10.0.0.5:8000/v1"), "loopback"),
+        (lambda s: s.replace(b"https://api.example.com/v1", b"http://api.example.com/v1"), "must be https"),
         (lambda s: s.replace(b"https://api.example.com/v1", b"https://user:pw@api.example.com/v1"), "credentials"),
         (lambda s: s.replace(b"model: gpt-x", b"model: gpt-x/../admin"), "safe name"),
         (lambda s: s.replace(b"model: gpt-x", b"model: \"gpt#x\""), "safe name"),
@@ -251,3 +251,11 @@ def test_strategies_order_candidates_by_config_price_latency_and_weight() -> Non
     assert all("cheap" not in order for order in firsts)
     share = sum(order[0] == "mid" for order in firsts) / len(firsts)
     assert 0.68 < share < 0.82
+
+
+def test_a_local_provider_may_use_http_inside_the_cluster_but_a_remote_one_may_not() -> None:
+    cluster = GOOD.replace(b"http://127.0.0.1:8000/v1", b"http://vllm.inference.svc:8000/v1")
+    assert parse_config(cluster).providers["local"].base_url == "http://vllm.inference.svc:8000/v1"
+    remote = GOOD.replace(b"local: true", b"local: false").replace(b"http://127.0.0.1", b"http://vllm.inference.svc")
+    with pytest.raises(ConfigError, match="must be https"):
+        parse_config(remote)
