@@ -87,6 +87,7 @@ providers:
   fake-gemini: {{type: gemini, base_url: "{fakes['fake-gemini']}", local: true}}
   dead: {{type: openai, base_url: "http://127.0.0.1:9/v1", local: true}}
   canary: {{type: openai, base_url: "{canary_url}", local: true}}
+  mismatch: {{type: openai, base_url: "{fakes['fake-openai']}/v1", local: true}}
 deployments:
   oa: {{provider: fake-openai, model: fake-small, price: fake-small}}
   oa-solo: {{provider: fake-openai, model: fake-solo, price: fake-small}}
@@ -94,19 +95,22 @@ deployments:
   an-small-window: {{provider: fake-anthropic, model: fake-ctx, price: fake-large, context_window: 1000}}
   ge: {{provider: fake-gemini, model: fake-small, price: fake-small}}
   ge-big: {{provider: fake-gemini, model: fake-big, price: fake-small, context_window: 2000000}}
+  ge-tiny: {{provider: fake-gemini, model: fake-tiny, price: fake-small, context_window: 800}}
   dead-dep: {{provider: dead, model: fake-small, price: fake-small}}
   br: {{provider: fake-gemini, model: fake-breaker, price: fake-small}}
   can: {{provider: canary, model: fake-small, price: fake-small}}
+  mm: {{provider: mismatch, model: fake-small, price: fake-small}}
 models:
   openai-first: {{candidates: [oa, ge]}}
   anthropic-first: {{candidates: [an, oa]}}
   gemini-first: {{candidates: [ge, oa]}}
   dead-first: {{candidates: [dead-dep, oa]}}
   solo: {{candidates: [oa-solo]}}
-  ctx: {{candidates: [an-small-window, oa, ge-big]}}
+  ctx: {{candidates: [an-small-window, ge-tiny, oa, ge-big]}}
   breaker: {{candidates: [br]}}
   canary: {{candidates: [can, oa]}}
   canary-solo: {{candidates: [can]}}
+  mismatch-first: {{candidates: [mm, oa]}}
   other-team-only: {{candidates: [oa], teams: [someone-else]}}
 retries: {{max_attempts: 3, backoff_initial_ms: 20, backoff_max_ms: 100, retry_after_cap_ms: 2000}}
 timeouts: {{connect_ms: 500, first_byte_ms: 1500, idle_ms: 1000, total_ms: 5000}}
@@ -123,7 +127,9 @@ def rig(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     evil = FakeProcess.start("openai")
     vault = keyvault_pb2_grpc.KeyVaultAdminServiceStub(gateway.channel("keyvault"))
     for provider, url, secret in (("dead", "http://127.0.0.1:9/v1", "sk-dead-key-0000"),
-                                  ("canary", canary.base_url, CANARY)):
+                                  ("canary", canary.base_url, CANARY),
+                                  # a key whose URL is not the one the config allowlists for its provider
+                                  ("mismatch", evil.base_url, "sk-mismatch-key-0000")):
         vault.CreateProviderKey(keyvault_pb2.CreateProviderKeyRequest(
             request_id=uuid.uuid4().hex, name=f"rig-{provider}", provider=provider, secret=secret,
             base_url=url, all_teams=True), timeout=10)
@@ -242,9 +248,11 @@ def test_context_too_long_falls_back_only_to_a_larger_window(rig: Rig) -> None:
           [{"status": 400, "match_model": "fake-ctx", "error_type": "invalid_request_error",
             "message": "prompt is too long: 5000 tokens > 1000 maximum", "times": 1}])
     resp = rig.stub.Generate(_req("ctx"), timeout=15)
-    # oa has the default 128k window (> 1000) so it is allowed; ge-big too. oa comes first.
-    assert resp.attempts[0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG
-    assert resp.served_by.deployment in ("oa", "ge-big")
+    # ge-tiny (800) is no larger than the window that overflowed (1000): never tried, although it
+    # comes next. oa has the default 128k window, so it is allowed and serves.
+    assert [(a.deployment, a.outcome) for a in resp.attempts] == [
+        ("an-small-window", router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG), ("oa", router_pb2.ATTEMPT_OUTCOME_SUCCESS)]
+    assert resp.served_by.deployment == "oa"
 
 
 def test_retry_after_is_honoured_before_retrying_the_same_deployment(rig: Rig) -> None:
@@ -323,6 +331,43 @@ def test_exhausted_budget_refuses_with_remaining_and_makes_no_upstream_call(rig:
     info = error_info_from_rpc_error(exc.value)
     assert info.reason == "BUDGET_EXCEEDED" and "remaining_nanos" in info.metadata
     assert rig.requests_seen("fake-openai") == before
+
+
+def test_a_lease_for_another_url_than_the_allowlisted_one_is_never_used(rig: Rig) -> None:
+    _fake(rig.evil.root_url, "DELETE", "/_fake/requests")
+    resp = rig.stub.Generate(_req("mismatch-first"), timeout=15)
+    assert [(a.deployment, a.outcome) for a in resp.attempts] == [
+        ("mm", router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL), ("oa", router_pb2.ATTEMPT_OUTCOME_SUCCESS)]
+    assert _fake(rig.evil.root_url, "GET", "/_fake/requests") == []  # the key's own URL saw nothing
+
+
+def test_list_models_shows_the_teams_aliases_with_prices_and_capabilities(rig: Rig) -> None:
+    models = {m.alias: m for m in rig.stub.ListModels(router_pb2.ListModelsRequest(), timeout=10).models}
+    assert "other-team-only" not in models and {"openai-first", "ctx", "solo"} <= set(models)
+    ctx = {c.deployment: c for c in models["ctx"].candidates}
+    assert list(ctx) == ["an-small-window", "ge-tiny", "oa", "ge-big"]
+    assert ctx["an-small-window"].context_window == 1000 and ctx["ge-big"].context_window == 2_000_000
+    assert ctx["oa"].provider == "fake-openai" and ctx["oa"].provider_model == "fake-small"
+    assert ctx["oa"].price.input_per_mtok_nanos > 0 and ctx["oa"].price.output_per_mtok_nanos > 0
+    assert ctx["oa"].supports_streaming
+
+
+def test_get_budget_returns_the_callers_own_team_budget(rig: Rig) -> None:
+    team = f"own{uuid.uuid4().hex[:6]}"
+    pki_mod.issue_to_dir(rig.gw.pki, "agent", team, "a1")
+    rig.ledger_op.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_MONTHLY,
+                                                        limit_nanos=7_000_000_000), timeout=10)
+    with mtls_channel(rig.router.address, rig.gw.pki, f"agent-{team}-a1") as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        resp = stub.Generate(_req("openai-first"), timeout=15)
+        time.sleep(0.5)  # the settle follows the answer
+        budgets = stub.GetBudget(router_pb2.GetBudgetRequest(), timeout=10).budgets
+    assert [(b.team, b.window, b.limit_nanos) for b in budgets] == [
+        (team, ledger_pb2.BUDGET_WINDOW_MONTHLY, 7_000_000_000)]
+    assert budgets[0].spent_nanos == resp.cost_nanos > 0
+    assert budgets[0].remaining_nanos == 7_000_000_000 - resp.cost_nanos
+    # The demo agent sees its own team's budgets, never this one.
+    assert all(b.team != team for b in rig.stub.GetBudget(router_pb2.GetBudgetRequest(), timeout=10).budgets)
 
 
 def test_an_alias_of_another_team_is_refused(rig: Rig) -> None:
@@ -509,6 +554,10 @@ def test_sighup_reloads_a_changed_config_and_the_new_alias_serves(rig: Rig, tmp_
             assert got.sha256 == hashlib.sha256(cfg.read_bytes()).hexdigest() and "added-later" in got.aliases
             resp = router_pb2_grpc.RouterServiceStub(ach).Generate(_req("added-later"), timeout=15)
             assert resp.served_by.deployment == "oa"
+            # The config-digest metric follows: the new digest reads 1, the old one is gone.
+            metrics = httpx.get(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).text
+            assert f'igw_router_config_info{{sha256="{got.sha256}"}} 1.0' in metrics
+            assert old not in metrics
     finally:
         proc.terminate()
 
