@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STATE_DIR ?= .igw
+PROTO_OUT ?= clients
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
 .PHONY: venv run test test-fast proto proto-check lint bench bench-quick clean
@@ -26,8 +27,8 @@ test-fast: venv
 	$(PY) -m pytest -q tests/unit
 
 proto: venv
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=clients --pyi_out=clients \
-		--grpc_python_out=clients $(PROTO_FILES)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $(PROTO_FILES)
 
 lint: venv
 	$(VENV)/bin/ruff check services clients tests bench
