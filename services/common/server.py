@@ -44,6 +44,10 @@ _LOGGER = logging.getLogger(__name__)
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Extra seconds each closer gets past the grace period to release connections and files.
 _CLOSE_FLOOR_S = 2.0
+# How long the guard waits for a service to record a refused call before answering anyway.
+_DENIAL_HOOK_TIMEOUT_S = 2.0
+# (method, request or None for streams, caller's SPIFFE id or "unidentified:<reason>", reason)
+DenialHook = Callable[[str, Any, str, str], Awaitable[None]]
 
 # The identity of the call being handled, for servicers (set by the guard).
 from contextvars import ContextVar  # noqa: E402
@@ -94,9 +98,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(
         self, policy: Policy, trust_domain: str, domain: str, metrics: RpcMetrics, access_log: bool,
-        tracer: Any = None,
+        tracer: Any = None, on_denied: DenialHook | None = None,
     ) -> None:
         self._tracer = tracer
+        self._on_denied = on_denied
         self._policy = policy
         self._trust_domain = trust_domain
         self._domain = domain
@@ -192,6 +197,19 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         method_var.set(method)
         return ident
 
+    async def _denied(self, method: str, request: Any, context: Any, err: E.IgwError) -> None:
+        """Tells the service about a call the authorisation table refused (the vault audits them)."""
+        if self._on_denied is None:
+            return
+        try:
+            actor = identity_from_context(context, self._trust_domain).spiffe_id
+        except IdentityError as ident_err:
+            actor = f"unidentified:{ident_err.reason}"
+        try:
+            await asyncio.wait_for(self._on_denied(method, request, actor, err.reason), _DENIAL_HOOK_TIMEOUT_S)
+        except Exception:
+            _LOGGER.exception("a refused call could not be recorded")
+
     async def _fail(self, context: Any, err: E.IgwError) -> None:
         await context.abort_with_status(E.to_status(err, self._domain))
 
@@ -214,12 +232,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             self._in_flight.inc()
             code, err = "OK", cast(BaseException | None, None)
+            admitted = False
             try:
                 self._admit(method, allowed, request, context)
+                admitted = True
                 with server_span(self._tracer, method, context.invocation_metadata()):
                     return await behavior(request, context)
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
+                if not admitted:
+                    await self._denied(method, request, context, exc)
                 await self._fail(context, exc)
             except grpc.aio.AbortError:
                 code = (context.code() or grpc.StatusCode.UNKNOWN).name
@@ -244,13 +266,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 self._in_flight.inc()
                 code, err = "OK", cast(BaseException | None, None)
+                admitted = False
                 try:
                     self._admit(method, allowed, request, context)
+                    admitted = True
                     with server_span(self._tracer, method, context.invocation_metadata()):
                         async for item in behavior(request, context):
                             yield item
                 except E.IgwError as exc:
                     code, err = exc.code.name, exc
+                    if not admitted:
+                        await self._denied(method, request, context, exc)
                     await self._fail(context, exc)
                 except grpc.aio.AbortError:
                     code = (context.code() or grpc.StatusCode.UNKNOWN).name
@@ -298,6 +324,7 @@ class ServiceRuntime:
         closers: Iterable[Closer] = (),
         access_log: bool = True,
         initially_serving: bool = True,
+        on_denied: DenialHook | None = None,
     ) -> None:
         self.settings = settings
         self.domain = f"{settings.service}.igw"
@@ -311,7 +338,8 @@ class ServiceRuntime:
         self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
         self.server = grpc.aio.server(
             interceptors=[
-                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer)
+                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer,
+                                 on_denied)
             ],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=None,

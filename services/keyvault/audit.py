@@ -87,6 +87,7 @@ class AuditMetrics:
     write_failures: Counter = field(init=False)
     integrity_failures: Counter = field(init=False)
     head_sequence: Gauge = field(init=False)
+    refusals: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -111,6 +112,10 @@ class AuditMetrics:
         self.integrity_failures = Counter(
             "igw_keyvault_integrity_failures", "Stored secrets or data keys that failed to authenticate.",
             registry=r,
+        )
+        self.refusals = Counter(
+            "igw_keyvault_refused_calls", "Calls the authorisation table refused, by method and whether they "
+            "were audited (a flood from one identity is counted, not written).", ["method", "audited"], registry=r,
         )
         self.head_sequence = Gauge(
             "igw_keyvault_audit_head_sequence",

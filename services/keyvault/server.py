@@ -106,6 +106,7 @@ async def build(
         closers=[engine.dispose, writer.close],  # closed in reverse: writer first, then the engine
         access_log=False,
         initially_serving=not service.sealed,
+        on_denied=service.record_refusal,  # refused calls are audited too
     )
     runtime.vault = service  # type: ignore[attr-defined]
     return runtime

@@ -27,7 +27,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -40,6 +40,23 @@ from services.keyvault import repository as R
 _LOGGER = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
 _T = TypeVar("_T")
+# Refused calls audited per identity a minute (the rest are counted in a metric).
+_REFUSALS_PER_MINUTE = 20
+# The key actions a refused call was attempting; refused reads are counted, not audited.
+_ACTION_OF_METHOD = {
+    "IssueCredential": D.AuditAction.ISSUE_CREDENTIAL,
+    "CreateProviderKey": D.AuditAction.CREATE_KEY,
+    "RotateProviderKey": D.AuditAction.ROTATE_KEY,
+    "DisableProviderKey": D.AuditAction.DISABLE_KEY,
+}
+
+
+def _str_field(request: Any, name: str) -> str:
+    """A string field of an unauthorised caller's request, made safe to store: printable, capped."""
+    value = getattr(request, name, "")
+    if not isinstance(value, str):
+        return ""
+    return "".join(c for c in value if c.isprintable())[:128]
 MAX_PAGE = 1000
 
 
@@ -88,6 +105,7 @@ class VaultService:
         self._cache: dict[str, tuple[float, list[_Cached]]] = {}
         self._fill_locks: dict[str, asyncio.Lock] = {}
         self._rr: dict[str, int] = {}
+        self._refusals: dict[str, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ state
 
@@ -162,6 +180,33 @@ class VaultService:
             lease_id=lease_id, key_name=key.name, key_version=key.version, secret=plaintext.decode("utf-8"),
             base_url=key.base_url, expire_time=self._clock() + ttl,
         )
+
+    async def record_refusal(self, method: str, request: Any, actor: str, reason: str) -> None:
+        """Audits a call the authorisation table refused (e.g. an agent certificate asking for a
+        lease). At most ``_REFUSALS_PER_MINUTE`` records per identity a minute: beyond that they
+        are only counted, so one stolen certificate cannot flood the log."""
+        name = method.rsplit("/", 1)[-1]
+        action = _ACTION_OF_METHOD.get(name)
+        if action is None:  # reads (lists, verify, reflection) are not key actions: counted only
+            self._metrics.refusals.labels(name, "no").inc()
+            return
+        now = time.monotonic()
+        start, count = self._refusals.get(actor, (now, 0))
+        if now - start >= 60:
+            start, count = now, 0
+        if count >= _REFUSALS_PER_MINUTE:
+            self._metrics.refusals.labels(name, "no").inc()
+            return
+        if len(self._refusals) >= 10_000:
+            self._refusals.clear()
+        self._refusals[actor] = (start, count + 1)
+        draft = D.AuditDraft(
+            actor=actor, action=action, outcome=D.AuditOutcome.DENIED, reason=reason,
+            provider=_str_field(request, "provider"), team=_str_field(request, "team"),
+            key_name=_str_field(request, "name"), request_id=_str_field(request, "request_id"),
+        )
+        await self._writer.append(draft)
+        self._metrics.refusals.labels(name, "yes").inc()
 
     async def _deny(self, draft: D.AuditDraft, reason: str) -> None:
         draft.outcome, draft.reason = D.AuditOutcome.DENIED, reason

@@ -7,7 +7,8 @@ Errors are the shared tree of :mod:`services.common.errors` with stable reasons:
     FailedPrecondition   MODEL_NOT_PRICED, RESERVATION_MISMATCH, ALREADY_SETTLED
     ResourceExhausted    BUDGET_EXCEEDED   (metadata: limit/spent/held/remaining nanos, window, ...)
     Aborted              IDEMPOTENCY_MISMATCH (same request id, different payload: a conflict)
-    NotFound             RESERVATION_NOT_FOUND, PRICE_VERSION_NOT_FOUND
+    NotFound             RESERVATION_NOT_FOUND, OPEN_HOLD_NOT_FOUND (Settle by request id alone),
+                         PRICE_VERSION_NOT_FOUND
     Unavailable          DATABASE_UNAVAILABLE (Postgres down or unreachable; retry later)
 
 Money is ``int`` nano-dollars everywhere; times are aware UTC datetimes.

@@ -126,6 +126,8 @@ class Hold(Base):
         UniqueConstraint("request_id", "attempt"),
         CheckConstraint("amount_nanos >= 0", name="amount_nonneg"),
         CheckConstraint("attempt >= 0", name="attempt_nonneg"),
+        CheckConstraint("prompt_tokens >= 0", name="prompt_tokens_nonneg"),
+        CheckConstraint("max_output_tokens >= 0", name="max_output_tokens_nonneg"),
         CheckConstraint("state IN ('OPEN', 'SETTLED', 'RELEASED', 'CAPTURED')", name="state_known"),
         CheckConstraint(
             "cardinality(budget_ids) = cardinality(window_starts)", name="counters_aligned"

@@ -35,6 +35,7 @@ _LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONFLICT_RETRIES = 5
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # pg_advisory_xact_lock key serialising catalogue writes (SetPrices, default seeding).
 PRICES_LOCK_KEY = 0x16E0_1ED6_E6
 DEFAULT_CATALOGUE_REQUEST_ID = "igw-default-catalogue"
@@ -157,7 +158,7 @@ class Repository:
     async def settle(
         self,
         request_id: str,
-        reservation_id: uuid.UUID,
+        reservation_id: uuid.UUID | None,
         input_tokens: int,
         output_tokens: int,
         cached_input_tokens: int,
@@ -168,10 +169,10 @@ class Repository:
         usage_estimated: bool,
         now: dt.datetime,
     ) -> dict[str, Any]:
-        """Calls ``ledger_settle``."""
+        """Calls ``ledger_settle``; no reservation id settles the request's latest open hold."""
         return await self._call(  # type: ignore[no-any-return]
             "settle",
-            "SELECT ledger_settle(%s, %s, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s)",
+            "SELECT ledger_settle(%s, %s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s)",
             (request_id, reservation_id, input_tokens, output_tokens, cached_input_tokens, provider,
              provider_model, outcome, latency_us, usage_estimated, now),
         )
@@ -199,32 +200,14 @@ class Repository:
     async def set_budget(
         self, team: str, agent: str, window: int, limit: int, soft: int, now: dt.datetime
     ) -> dict[str, Any]:
-        """Upserts a budget (and its team); a changed soft limit may alert again this window."""
-
-        async def go(conn: Conn) -> dict[str, Any]:
-            async with conn.transaction():
-                await conn.execute("INSERT INTO teams (name) VALUES (%s) ON CONFLICT DO NOTHING", (team,))
-                cur = await conn.execute(
-                    'INSERT INTO budgets (team, agent, "window", limit_nanos, soft_limit_nanos, updated_at)'
-                    " VALUES (%s, %s, %s, %s, %s, %s)"
-                    ' ON CONFLICT (team, agent, "window") DO UPDATE SET limit_nanos = EXCLUDED.limit_nanos,'
-                    " soft_limit_nanos = EXCLUDED.soft_limit_nanos, updated_at = EXCLUDED.updated_at"
-                    ' RETURNING id, team, agent, "window", limit_nanos, soft_limit_nanos, updated_at',
-                    (team, agent, window, limit, soft, now),
-                )
-                row = await cur.fetchone()
-                assert row is not None
-                await conn.execute(
-                    "UPDATE budget_counters SET soft_crossed = false"
-                    " WHERE budget_id = %s AND soft_crossed AND (%s = 0 OR spent_nanos < %s)",
-                    (row[0], soft, soft),
-                )
-            return {
-                "team": row[1], "agent": row[2], "window": row[3], "limit": row[4], "soft": row[5],
-                "updated_at": row[6],
-            }
-
-        return await self._run("set_budget", go)
+        """Calls ``ledger_set_budget``: upserts a budget (and its team); a new budget's current
+        window starts from the spend and open holds its team (or agent) already has there."""
+        row: dict[str, Any] = await self._call(
+            "set_budget",
+            "SELECT ledger_set_budget(%s, %s, %s::smallint, %s, %s, %s)",
+            (team, agent, window, limit, soft, now),
+        )
+        return {**row, "updated_at": EPOCH + dt.timedelta(microseconds=int(row["updated_us"]))}
 
     async def list_spend(
         self,

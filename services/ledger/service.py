@@ -3,7 +3,13 @@
 Decisions where the issue is silent (also in the report):
 
 - A team with no budget configured is unlimited, but still gets a hold, so its spend is
-  exact and visible; a budget set later counts holds placed after it exists.
+  exact and visible. A budget created later (mid-window) starts from what the team (or the
+  agent) already spent in the current window, counting entries in the window of their
+  reservation, and the team's holds still open in that window count in it too; all in SQL
+  (``ledger_set_budget``), under the team's advisory lock that Reserve takes shared.
+- Settle with an empty reservation_id settles the request's open hold of its latest attempt
+  (``NOT_FOUND / OPEN_HOLD_NOT_FOUND`` when there is none); a replay without reservation_id
+  is judged on the payload alone.
 - Reserve is idempotent on (request_id, attempt); the same key with another team, agent,
   model or token bounds is ``ABORTED / IDEMPOTENCY_MISMATCH``. A Reserve for a request
   that already has a spend entry is ``FAILED_PRECONDITION / ALREADY_SETTLED``.
@@ -244,9 +250,12 @@ class LedgerService:
         latency: dt.timedelta | None = None,
         usage_estimated: bool = False,
     ) -> D.SettleResult:
-        """Turns the hold into the request's one spend entry (idempotent on request_id)."""
+        """Turns the hold into the request's one spend entry (idempotent on request_id).
+
+        An empty ``reservation_id`` settles the request's open hold of its latest attempt.
+        """
         D.check_request_id(request_id)
-        rid = D.check_reservation_id(reservation_id)
+        rid = D.check_reservation_id(reservation_id) if reservation_id else None
         D.check_name("provider", provider)
         if not provider_model:
             raise E.InvalidArgument("MISSING_FIELD", "provider_model is required", {"field": "provider_model"})
@@ -280,7 +289,7 @@ class LedgerService:
             if res.get("captured"):
                 _LOGGER.warning(
                     "settle arrived after the hold was captured; the captured entry stands",
-                    extra={"reservation_id": str(rid), "captured_nanos": entry.cost_nanos},
+                    extra={"reservation_id": str(entry.reservation_id), "captured_nanos": entry.cost_nanos},
                 )
                 self.metrics.settles.labels("after_capture").inc()
             elif res["replayed"]:
@@ -289,7 +298,9 @@ class LedgerService:
                 self.metrics.settles.labels("over_hold" if D.Flag.OVER_HOLD in entry.flags else "ok").inc()
                 self.metrics.spend.labels(entry.team).inc(entry.cost_nanos)
                 if res.get("was_state") == "RELEASED":
-                    _LOGGER.warning("settled a hold that had been released", extra={"reservation_id": str(rid)})
+                    _LOGGER.warning(
+                        "settled a hold that had been released", extra={"reservation_id": str(entry.reservation_id)}
+                    )
                 if D.Flag.OVER_HOLD in entry.flags:
                     _LOGGER.warning(
                         "actual cost above the hold; recorded in full",
@@ -308,6 +319,12 @@ class LedgerService:
         if result == "NOT_FOUND":
             raise E.NotFound(
                 "RESERVATION_NOT_FOUND", "no such reservation", {"reservation_id": str(rid)}
+            )
+        if result == "NO_OPEN_HOLD":
+            raise E.NotFound(
+                "OPEN_HOLD_NOT_FOUND",
+                "this request_id has no open hold to settle; pass the reservation_id",
+                {"request_id": request_id},
             )
         if result == "RESERVATION_MISMATCH":
             raise E.FailedPrecondition(

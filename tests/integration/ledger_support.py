@@ -85,38 +85,62 @@ def sql(url: str, query: str, params: Any = ()) -> list[tuple[Any, ...]]:
 
 
 def check_invariants(url: str) -> None:
-    """What must hold in the database after any sequence of operations."""
-    # Hard budget: no counter ever above its limit.
+    """What must hold in the database after any sequence of operations.
+
+    A counter's spend is every entry of its team (for an agent budget, of that agent) reserved
+    in its window, whether the entry's hold counted in the budget or was settled before the
+    budget was created mid-window ("carried in": ``ledger_set_budget`` seeds it). Its held
+    amount is the open holds counting in it.
+    """
+    # Counters equal what entries and open holds say, for every counter.
+    mismatch = sql(
+        url,
+        """
+        WITH held AS (
+          SELECT u.b, u.w, sum(h.amount_nanos) AS held
+          FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)
+          WHERE h.state = 'OPEN' GROUP BY u.b, u.w
+        ), spent AS (
+          SELECT c.budget_id AS b, c.window_start AS w, sum(e.cost_nanos) AS spent
+          FROM budget_counters c JOIN budgets bu ON bu.id = c.budget_id
+          JOIN spend_entries e ON e.team = bu.team AND (bu.agent = '' OR e.agent = bu.agent)
+           AND ledger_window_start(bu."window", e.reserve_time) = c.window_start
+          GROUP BY c.budget_id, c.window_start
+        )
+        SELECT c.budget_id, c.window_start, c.spent_nanos, c.held_nanos, s.spent, h.held
+        FROM budget_counters c
+        LEFT JOIN spent s ON s.b = c.budget_id AND s.w = c.window_start
+        LEFT JOIN held h ON h.b = c.budget_id AND h.w = c.window_start
+        WHERE c.spent_nanos <> coalesce(s.spent, 0) OR c.held_nanos <> coalesce(h.held, 0)
+        """,
+    )
+    assert mismatch == [], f"counters disagree with entries/holds: {mismatch}"
+    # Hard budget: what was admitted under a budget never passes its limit. Spend carried in
+    # from before the budget existed may (Reserve then refuses everything), and is set aside.
     over = sql(
         url,
-        "SELECT b.team, b.agent, b.window, c.window_start, c.spent_nanos, c.held_nanos, b.limit_nanos"
-        " FROM budget_counters c JOIN budgets b ON b.id = c.budget_id"
-        " WHERE c.spent_nanos + c.held_nanos > b.limit_nanos",
+        """
+        WITH carried AS (
+          SELECT c.budget_id AS b, c.window_start AS w, sum(e.cost_nanos) AS carried
+          FROM budget_counters c JOIN budgets bu ON bu.id = c.budget_id
+          JOIN spend_entries e ON e.team = bu.team AND (bu.agent = '' OR e.agent = bu.agent)
+           AND ledger_window_start(bu."window", e.reserve_time) = c.window_start
+          JOIN holds h ON h.id = e.reservation_id
+          WHERE NOT EXISTS (SELECT 1 FROM unnest(h.budget_ids, h.window_starts) AS u(b, w)
+                            WHERE u.b = c.budget_id AND u.w = c.window_start)
+          GROUP BY c.budget_id, c.window_start
+        )
+        SELECT b.team, b.agent, b.window, c.window_start, c.spent_nanos, c.held_nanos, b.limit_nanos,
+               coalesce(k.carried, 0)
+        FROM budget_counters c JOIN budgets b ON b.id = c.budget_id
+        LEFT JOIN carried k ON k.b = c.budget_id AND k.w = c.window_start
+        WHERE c.spent_nanos - coalesce(k.carried, 0) + c.held_nanos > b.limit_nanos
+        """,
     )
     assert over == [], f"budgets overspent: {over}"
     # One entry per request id (also a UNIQUE constraint; checked anyway).
     dup = sql(url, "SELECT request_id FROM spend_entries GROUP BY request_id HAVING count(*) > 1")
     assert dup == []
-    # Counters equal what entries and open holds say, for every counter.
-    mismatch = sql(
-        url,
-        """
-        WITH k AS (
-          SELECT h.id, h.state, h.amount_nanos, u.b, u.w
-          FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)
-        ), expect AS (
-          SELECT k.b, k.w,
-                 coalesce(sum(e.cost_nanos), 0) AS spent,
-                 coalesce(sum(k.amount_nanos) FILTER (WHERE k.state = 'OPEN'), 0) AS held
-          FROM k LEFT JOIN spend_entries e ON e.reservation_id = k.id
-          GROUP BY k.b, k.w
-        )
-        SELECT c.budget_id, c.window_start, c.spent_nanos, c.held_nanos, x.spent, x.held
-        FROM budget_counters c LEFT JOIN expect x ON x.b = c.budget_id AND x.w = c.window_start
-        WHERE c.spent_nanos <> coalesce(x.spent, 0) OR c.held_nanos <> coalesce(x.held, 0)
-        """,
-    )
-    assert mismatch == [], f"counters disagree with entries/holds: {mismatch}"
     # Every entry belongs to a closed hold of its request.
     orphans = sql(
         url,

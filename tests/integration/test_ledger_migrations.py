@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 
+import psycopg
+import pytest
+from sqlalchemy import CheckConstraint
+
 from services.common import db
 from services.ledger import domain as D
-from tests.integration.ledger_support import FakeClock, ledger_service, sql
+from services.ledger.orm import Base
+from tests.integration.ledger_support import FakeClock, check_invariants, ledger_service, sql
 
 TABLES = {"teams", "budgets", "budget_counters", "holds", "spend_entries", "price_versions", "prices"}
 
@@ -17,10 +22,66 @@ def _tables(url: str) -> set[str]:
     }
 
 
+def _checks(url: str) -> set[tuple[str, str]]:
+    return {
+        (r[0], r[1])
+        for r in sql(url, "SELECT conrelid::regclass::text, conname FROM pg_constraint"
+                          " WHERE contype = 'c' AND connamespace = 'public'::regnamespace")
+    }
+
+
+def _orm_checks() -> set[tuple[str, str]]:
+    return {
+        (table.name, str(c.name))
+        for table in Base.metadata.tables.values()
+        for c in table.constraints
+        if isinstance(c, CheckConstraint)
+    }
+
+
+def _insert_hold(url: str, prompt: int, max_out: int) -> None:
+    sql(url, "INSERT INTO holds (id, request_id, attempt, team, agent, model, prompt_tokens, max_output_tokens,"
+             " amount_nanos, price_version, budget_ids, window_starts, created_at, expires_at)"
+             " VALUES (gen_random_uuid(), gen_random_uuid()::text, 0, 't', 'a', 'm', %s, %s, 0, 1, '{}', '{}',"
+             " now(), now())", (prompt, max_out))
+
+
+HEAD_ONLY_FUNCTIONS = {"ledger_set_budget", "ledger_team_lock_key", "ledger_window_end"}
+
+
+def _functions(url: str) -> set[str]:
+    return {r[0] for r in sql(url, "SELECT proname FROM pg_proc WHERE proname LIKE 'ledger%%'")}
+
+
+def _function_defs(url: str) -> list[tuple[str, str]]:
+    return sql(url, "SELECT proname, pg_get_functiondef(oid) FROM pg_proc WHERE proname LIKE 'ledger%%' ORDER BY 1")
+
+
 def test_migrations_go_up_and_down_on_an_empty_database(fresh_database: str) -> None:
+    db.upgrade("ledger", fresh_database, "0001")
+    defs_0001 = _function_defs(fresh_database)
     db.upgrade("ledger", fresh_database)
     assert _tables(fresh_database) == TABLES
     db.upgrade("ledger", fresh_database)  # idempotent
+    # The database has exactly the CHECK constraints the ORM declares, by name.
+    assert _checks(fresh_database) == _orm_checks()
+    assert {("holds", "ck_holds_prompt_tokens_nonneg"), ("holds", "ck_holds_max_output_tokens_nonneg")} <= (
+        _checks(fresh_database)
+    )
+    for prompt, max_out in [(-1, 0), (0, -1)]:
+        with pytest.raises(psycopg.errors.CheckViolation):
+            _insert_hold(fresh_database, prompt, max_out)
+    assert HEAD_ONLY_FUNCTIONS <= _functions(fresh_database)
+    # 0002 down: its constraints and functions go, 0001's functions are back as they were.
+    db.downgrade("ledger", fresh_database, "0001")
+    assert not {n for _, n in _checks(fresh_database)} & {"ck_holds_prompt_tokens_nonneg",
+                                                           "ck_holds_max_output_tokens_nonneg"}
+    assert not HEAD_ONLY_FUNCTIONS & _functions(fresh_database)
+    assert _function_defs(fresh_database) == defs_0001
+    _insert_hold(fresh_database, -1, -1)  # 0001 allowed it (why 0002 exists)
+    sql(fresh_database, "DELETE FROM holds")
+    db.upgrade("ledger", fresh_database)
+    assert _checks(fresh_database) == _orm_checks()
     db.downgrade("ledger", fresh_database, "base")
     assert _tables(fresh_database) == set()
     assert sql(fresh_database, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'ledger%%'") == [(0,)]
@@ -37,6 +98,18 @@ async def test_migrations_go_down_and_up_on_a_populated_database(fresh_database:
                          provider="p", provider_model="m")
         await svc.reserve(request_id="r2", attempt=0, team="t", agent="a", model="fake-small",
                           prompt_tokens_upper_bound=10, max_output_tokens=10)
+    before = sql(fresh_database, "SELECT request_id, state, prompt_tokens, max_output_tokens FROM holds ORDER BY 1")
+    db.downgrade("ledger", fresh_database, "0001")
+    db.upgrade("ledger", fresh_database)  # 0002 again, over the data
+    assert sql(fresh_database, "SELECT request_id, state, prompt_tokens, max_output_tokens FROM holds"
+                               " ORDER BY 1") == before == [("r1", "SETTLED", 10, 10), ("r2", "OPEN", 10, 10)]
+    async with ledger_service(fresh_database) as svc:
+        [status] = await svc.get_budget(team="t")
+        assert status.spent_nanos > 0 and status.held_nanos > 0
+        out = await svc.settle(request_id="r2", reservation_id="", usage=D.Usage(1, 1, 0), provider="p",
+                               provider_model="m")
+        assert out.entry.request_id == "r2"
+    check_invariants(fresh_database)
     db.downgrade("ledger", fresh_database, "base")
     assert _tables(fresh_database) == set()
     async with ledger_service(fresh_database) as svc:  # migrates and seeds again

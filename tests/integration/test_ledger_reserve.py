@@ -38,17 +38,21 @@ async def _race(svc: LedgerService, team: str, n: int, *, agent: str = "a") -> l
     return await asyncio.gather(*tasks)
 
 
-@pytest.mark.parametrize("warm", [True, False], ids=["existing-counters", "brand-new-team"])
-async def test_200_concurrent_reserves_exactly_n_fit_the_budget(fresh_database: str, warm: bool) -> None:
+@pytest.mark.parametrize("case", ["existing-counters", "brand-new-team", "new-window"])
+async def test_200_concurrent_reserves_exactly_n_fit_the_budget(fresh_database: str, case: str) -> None:
     n_fit = 37
-    async with ledger_service(fresh_database, pool_size=20) as svc:
+    clock = FakeClock()
+    async with ledger_service(fresh_database, pool_size=20, clock=clock) as svc:
         await svc.set_budget(team="t", agent="", window=1, limit_nanos=n_fit * HOLD + HOLD - 1)
-        if warm:  # counters exist already (a reserve in this window, then released)
+        if case == "existing-counters":  # a reserve in this window, then released
             r = await svc.reserve(request_id="warm", attempt=0, team="t", agent="a", model="fake-small",
                                   prompt_tokens_upper_bound=1000, max_output_tokens=1000)
             assert await svc.release(reservation_id=str(r.hold.reservation_id))
-        else:
-            assert sql(fresh_database, "SELECT count(*) FROM budget_counters") == [(0,)]
+        elif case == "new-window":  # the racing reserves create today's counter themselves
+            clock.advance(days=1)
+            sql(fresh_database, "DELETE FROM budget_counters")  # yesterday's, empty: one row to check below
+        else:  # SetBudget created the team and its counter just now, with nothing spent
+            assert sql(fresh_database, "SELECT spent_nanos, held_nanos FROM budget_counters") == [(0, 0)]
         results = await _race(svc, "t", 200)
     ok = [r for r in results if not isinstance(r, E.IgwError)]
     denied = [r for r in results if isinstance(r, E.IgwError)]

@@ -226,3 +226,83 @@ async def test_settling_a_released_hold_still_records_the_spend(fresh_database: 
         [status] = await svc.get_budget(team="t")
         assert (status.spent_nanos, status.held_nanos) == (COST, 0)
     check_invariants(fresh_database)
+
+
+async def _settle_by_request(svc: LedgerService, rid: str, usage: D.Usage = USAGE) -> D.SettleResult:
+    return await svc.settle(request_id=rid, reservation_id="", usage=usage, provider="fake",
+                            provider_model="fake-small-v1")
+
+
+async def test_settle_by_request_id_alone_settles_the_latest_open_attempt(fresh_database: str) -> None:
+    async with ledger_service(fresh_database) as svc:
+        await svc.set_budget(team="t", agent="", window=1, limit_nanos=10 * HOLD)
+        first = await _reserve(svc, "r1", attempt=0)
+        assert await svc.release(reservation_id=str(first.hold.reservation_id))  # attempt 0 failed over
+        second = await _reserve(svc, "r1", attempt=1)
+        third = await _reserve(svc, "r1", attempt=2)  # the latest open attempt
+        out = await _settle_by_request(svc, "r1")
+        assert not out.replayed and out.entry.reservation_id == third.hold.reservation_id
+        assert out.entry.cost_nanos == COST and out.entry.request_id == "r1"
+        # Replays: without a reservation id, and with the settled one; the same entry each time.
+        again = await _settle_by_request(svc, "r1")
+        assert again.replayed and again.entry == out.entry
+        explicit = await _settle(svc, "r1", third)
+        assert explicit.replayed and explicit.entry == out.entry
+        # A different payload, or another attempt's reservation, is a mismatch.
+        with pytest.raises(E.Aborted) as err:
+            await _settle_by_request(svc, "r1", usage=D.Usage(801, 300, 0))
+        assert err.value.reason == "IDEMPOTENCY_MISMATCH"
+        with pytest.raises(E.Aborted):
+            await _settle(svc, "r1", second)
+        [status] = await svc.get_budget(team="t")
+        assert (status.spent_nanos, status.held_nanos) == (COST, HOLD)  # attempt 1 is still open
+    assert sql(fresh_database, "SELECT count(*) FROM spend_entries") == [(1,)]
+    check_invariants(fresh_database)
+
+
+async def test_settle_by_request_id_without_an_open_hold_is_not_found(fresh_database: str) -> None:
+    async with ledger_service(fresh_database) as svc:
+        with pytest.raises(E.NotFound) as err:
+            await _settle_by_request(svc, "never-reserved")
+        assert err.value.reason == "OPEN_HOLD_NOT_FOUND"
+        assert err.value.metadata == {"request_id": "never-reserved"}
+        released = await _reserve(svc, "released")
+        assert await svc.release(reservation_id=str(released.hold.reservation_id))
+        with pytest.raises(E.NotFound) as err:
+            await _settle_by_request(svc, "released")
+        assert err.value.reason == "OPEN_HOLD_NOT_FOUND"
+    assert sql(fresh_database, "SELECT count(*) FROM spend_entries") == [(0,)]
+    check_invariants(fresh_database)
+
+
+async def test_concurrent_settles_by_request_id_write_one_entry(fresh_database: str) -> None:
+    async with ledger_service(fresh_database) as svc:
+        await svc.set_budget(team="t", agent="", window=1, limit_nanos=10 * HOLD)
+        res = await _reserve(svc, "conc")
+        gate = asyncio.Event()
+
+        async def one(i: int) -> D.SettleResult:
+            await gate.wait()
+            if i % 2:
+                return await _settle(svc, "conc", res)
+            return await _settle_by_request(svc, "conc")
+
+        tasks = [asyncio.create_task(one(i)) for i in range(30)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        outs = await asyncio.gather(*tasks)
+        assert sum(not o.replayed for o in outs) == 1
+        assert {o.entry.id for o in outs} == {outs[0].entry.id}
+    assert sql(fresh_database, "SELECT spent_nanos, held_nanos FROM budget_counters") == [(COST, 0)]
+    check_invariants(fresh_database)
+
+
+async def test_settle_by_request_id_after_capture_returns_the_captured_entry(fresh_database: str) -> None:
+    clock = FakeClock()
+    async with ledger_service(fresh_database, clock=clock) as svc:
+        await _reserve(svc, "r1", hold_ttl=dt.timedelta(seconds=30))
+        clock.advance(seconds=31)
+        assert await svc.sweep_once() == 1
+        late = await _settle_by_request(svc, "r1")
+        assert late.replayed and D.Flag.UNSETTLED_CAPTURE in late.entry.flags and late.entry.cost_nanos == HOLD
+    check_invariants(fresh_database)

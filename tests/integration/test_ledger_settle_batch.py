@@ -63,3 +63,39 @@ async def test_a_batch_settles_each_item_independently_and_exactly_once(fresh_da
     rows = sql(fresh_database, "SELECT request_id, count(*) FROM spend_entries GROUP BY 1 ORDER BY 1")
     assert rows == [(f"b{i}", 1) for i in range(5)]
     check_invariants(fresh_database)
+
+
+async def test_a_batch_settles_by_request_id_alone_like_settle(fresh_database: str, pki: Path) -> None:
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
+        async with channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            holds = [await stub.Reserve(pb.ReserveRequest(
+                request_id="q", attempt=attempt, team="bt", agent="a", model="fake-small",
+                prompt_tokens_upper_bound=1000, max_output_tokens=1000)) for attempt in (0, 1)]
+            batch = pb.SettleBatchRequest(settles=[
+                _settle("q", ""),            # the latest open attempt (1)
+                _settle("q", ""),            # a duplicate inside the batch
+                _settle("nothing", ""),      # no hold at all
+            ])
+            resp = await stub.SettleBatch(batch)
+            assert [r.code for r in resp.results[:2]] == [0, 0]
+            assert sorted(r.response.replayed for r in resp.results[:2]) == [False, True]
+            assert resp.results[2].code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert resp.results[2].reason == "OPEN_HOLD_NOT_FOUND"
+            replay = await stub.SettleBatch(pb.SettleBatchRequest(settles=[
+                _settle("q", ""), _settle("q", holds[1].reservation_id), _settle("q", "", out=11)]))
+            assert [r.code for r in replay.results[:2]] == [0, 0]
+            assert all(r.response.replayed for r in replay.results[:2])
+            assert replay.results[2].reason == "IDEMPOTENCY_MISMATCH"
+            # The plain Settle RPC takes the same path.
+            single = await stub.Settle(_settle("q", ""))
+            assert single.replayed and single.entry.cost_nanos == resp.results[0].response.entry.cost_nanos
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Settle(_settle("nothing", ""))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert error_info_from_rpc_error(err.value).reason == "OPEN_HOLD_NOT_FOUND"
+    assert sql(fresh_database, "SELECT request_id, reservation_id::text FROM spend_entries") == [
+        ("q", holds[1].reservation_id)
+    ]
+    check_invariants(fresh_database)

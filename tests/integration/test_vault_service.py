@@ -196,6 +196,23 @@ async def test_agent_and_operator_certificates_may_not_issue_credentials(vault: 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await vault.router_admin.ListProviderKeys(pb.ListProviderKeysRequest())
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The refused lease requests are in the audit log, with who asked; the refused read is not a key action.
+    rows = vault.sql("SELECT actor, action, outcome, reason, provider, team FROM audit_events "
+                     "WHERE request_id = 'x1' ORDER BY sequence")
+    assert rows == [
+        ("spiffe://igw.local/team/demo/agent/quickstart", "ISSUE_CREDENTIAL", "DENIED", "METHOD_NOT_ALLOWED",
+         "openai", "demo"),
+        ("spiffe://igw.local/operator/admin", "ISSUE_CREDENTIAL", "DENIED", "METHOD_NOT_ALLOWED", "openai", "demo"),
+    ]
+    assert (await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+
+
+async def test_a_flood_of_refused_calls_from_one_identity_is_audited_only_up_to_a_limit(vault: Vault) -> None:
+    req = pb.IssueCredentialRequest(provider="openai", team="demo", model="m", request_id="flood")
+    for _ in range(30):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await vault.agent.IssueCredential(req)
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE request_id = 'flood'") == [(20,)]
 
 
 async def test_a_team_not_allowed_on_any_key_is_denied_and_audited(vault: Vault) -> None:
