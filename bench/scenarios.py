@@ -326,6 +326,8 @@ limits: {{max_in_flight: 4096}}
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
 
     def stop(self) -> None:
+        # Nothing may be left suspended: a stopped process would not even act on SIGTERM.
+        self._resume([p for pid, ch in self.procs.groups.values() for p in procstats.proc_group(pid, ch)])
         if self.lg is not None:
             self.lg.close()
         if self.litellm is not None:
@@ -394,8 +396,9 @@ limits: {{max_in_flight: 4096}}
         if not self.opts.pause_others:
             return []
         stopped: list[psutil.Process] = []
+        mine = system.split("-", 1)[0]  # "igw-hot" is igw
         for owner, groups in _SYSTEM_GROUPS.items():
-            if owner == system:
+            if owner == mine:
                 continue
             for group in groups:
                 if group not in self.procs.groups:
