@@ -92,7 +92,8 @@ class Options:
             return self.rates
         if self.quick:
             return (20, 50)
-        return (50, 75, 100, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2000)
+        # Low steps too: a slow or busy machine (or LiteLLM) may not hold 50/s.
+        return (10, 20, 30, 40, 50, 60, 75, 100, 125, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1200, 1600, 2000)
 
 
 @dataclass
