@@ -32,7 +32,7 @@ PANELS: list[tuple[str, str | list[Query], str, str]] = [
     ("Circuit breakers (0 closed, 1 open, 2 half-open)", "max by (deployment) (igw_router_breaker_state)",
      "{{deployment}}", "short"),
     ("Budget denials by team", "sum by (team) (rate(igw_router_budget_denials_total[5m]))", "{{team}}", "ops"),
-    ("Remaining budget by team (USD)", "min by (team) (igw_ledger_remaining_budget_nanos) / 1e9", "{{team}}",
+    ("Remaining budget by team (USD)", "min by (team) (igw_ledger_remaining_budget_nanodollars) / 1e9", "{{team}}",
      "currencyUSD"),
     ("Soft-limit crossings by team", "sum by (team) (increase(igw_ledger_soft_limit_crossings_total[1h]))",
      "{{team}}", "short"),

@@ -10,9 +10,10 @@ secrets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,3 +179,38 @@ def annotate_genai(
         "igw.cost_nanos": cost_nanos,
         "igw.request_id": request_id,
     })
+
+
+@contextlib.contextmanager
+def attempt_span(
+    provider_type: str, provider: str, deployment: str, model: str, attempt: int,
+) -> Iterator[trace.Span | None]:
+    """A CLIENT span per upstream attempt (``chat <provider model>``), so fallbacks show in the
+    trace; None (and no cost) when the call is not traced. No content, no error text, ever."""
+    parent = trace.get_current_span()
+    if _provider is None or not parent.is_recording():
+        yield None
+        return
+    tracer = _provider.get_tracer("igw")
+    with tracer.start_as_current_span(
+        f"chat {model}", kind=trace.SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
+        attributes={
+            "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider_type,
+            "gen_ai.request.model": model, "igw.provider": provider, "igw.deployment": deployment,
+            "igw.attempt": attempt,
+        },
+    ) as span:
+        yield span
+
+
+def attempt_failed(span: trace.Span | None, error_type: str) -> None:
+    """Marks an attempt span failed with a bounded error type (an ErrorKind value)."""
+    if span is not None:
+        span.set_attribute("error.type", error_type)
+        span.set_status(trace.Status(trace.StatusCode.ERROR))
+
+
+def attempt_usage(span: trace.Span | None, input_tokens: int, output_tokens: int) -> None:
+    """Token counts on a successful attempt span."""
+    if span is not None:
+        span.set_attributes({"gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens})

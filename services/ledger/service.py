@@ -71,7 +71,7 @@ class LedgerMetrics:
             "igw_ledger_holds_captured", "Expired holds captured at their full amount.", registry=registry
         )
         self.captured_nanos = Counter(
-            "igw_ledger_holds_captured_nanos", "Nano-dollars captured from expired holds.", registry=registry
+            "igw_ledger_holds_captured_nanodollars", "Nano-dollars captured from expired holds.", registry=registry
         )
         self.soft_crossings = Counter(
             "igw_ledger_soft_limit_crossings",
@@ -80,13 +80,13 @@ class LedgerMetrics:
             registry=registry,
         )
         self.remaining = Gauge(
-            "igw_ledger_remaining_budget_nanos",
+            "igw_ledger_remaining_budget_nanodollars",
             "Smallest remaining team-wide budget in the current window, by team.",
             ["team"],
             registry=registry,
         )
         self.spend = Counter(
-            "igw_ledger_spend_nanos", "Nano-dollars settled or captured, by team.", ["team"], registry=registry
+            "igw_ledger_spend_nanodollars", "Nano-dollars settled or captured, by team.", ["team"], registry=registry
         )
 
 

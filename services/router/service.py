@@ -30,7 +30,7 @@ from services.common import errors as E
 from services.common.errors import error_info_from_rpc_error
 from services.common.identity import Identity
 from services.common.money import call_cost
-from services.common.tracing import annotate_genai
+from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage
 from services.router.breaker import Breaker, State
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import estimate_tokens, get_adapter
@@ -586,23 +586,27 @@ class _Call:
             if lease is None:
                 continue
             t0 = time.perf_counter()
-            try:
-                resp: ChatResponse = await adapter.complete(
-                    r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
-                    r._timeouts(cfg, self._remaining(), ticket == "probe"),
-                )
-            except ProviderError as err:
-                r._release(lease.hold.reservation_id, err.kind.value)
-                self.verdict = err
-                self._failed(dep, ticket, err, t0)
-                continue
-            except BaseException as exc:
-                refusal = self._abandon(dep, ticket, lease, exc)
-                if refusal is None:
-                    raise
-                raise refusal from None
-            finally:
-                lease.secret = ""
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt) as span:
+                try:
+                    resp: ChatResponse = await adapter.complete(
+                        r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
+                        r._timeouts(cfg, self._remaining(), ticket == "probe"),
+                    )
+                except ProviderError as err:
+                    attempt_failed(span, err.kind.value)
+                    r._release(lease.hold.reservation_id, err.kind.value)
+                    self.verdict = err
+                    self._failed(dep, ticket, err, t0)
+                    continue
+                except BaseException as exc:
+                    attempt_failed(span, type(exc).__name__)
+                    refusal = self._abandon(dep, ticket, lease, exc)
+                    if refusal is None:
+                        raise
+                    raise refusal from None
+                finally:
+                    lease.secret = ""
+                attempt_usage(span, resp.usage.input_tokens, resp.usage.output_tokens)
             elapsed = time.perf_counter() - t0
             r.breakers[dep.name].record_success(elapsed)
             r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
@@ -670,25 +674,31 @@ class _Call:
             upstream: AsyncIterator[Any] | None = None
             first: Any = None
             err: ProviderError | None = None
-            try:
-                upstream = adapter.stream(
-                    r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
-                    r._timeouts(cfg, self._remaining(), ticket == "probe"),
-                )
-                first = await upstream.__anext__()
-            except StopAsyncIteration:
-                err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
-            except ProviderError as exc:
-                err = exc
-            except BaseException as exc:
-                refusal = self._abandon(dep, ticket, lease, exc)
-                if upstream is not None:
-                    await _aclose(upstream)
-                if refusal is None:
-                    raise
-                raise refusal from None
-            finally:
-                lease.secret = ""
+            # The attempt's span covers the connection up to the first event (the relay that
+            # follows is on the GenerateStream span).
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt) as span:
+                try:
+                    upstream = adapter.stream(
+                        r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
+                        r._timeouts(cfg, self._remaining(), ticket == "probe"),
+                    )
+                    first = await upstream.__anext__()
+                except StopAsyncIteration:
+                    err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
+                except ProviderError as exc:
+                    err = exc
+                except BaseException as exc:
+                    attempt_failed(span, type(exc).__name__)
+                    refusal = self._abandon(dep, ticket, lease, exc)
+                    if upstream is not None:
+                        await _aclose(upstream)
+                    if refusal is None:
+                        raise
+                    raise refusal from None
+                finally:
+                    lease.secret = ""
+                if err is not None:
+                    attempt_failed(span, err.kind.value)
             assert upstream is not None  # adapter.stream() returned, or the handler above raised
             if err is not None:
                 await _aclose(upstream)

@@ -55,6 +55,13 @@ def test_the_client_alone_in_a_fresh_venv_calls_the_gateway(gateway: Gateway, tm
     assert result["stream"]["kinds"][0] == "start" and result["stream"]["kinds"][-1] == "final"
     assert result["stream"]["text"] == "echo: stream from a fresh venv"
     assert "fast" in result["models"]
+    # The shipped example agent runs as documented, from the venv, outside the repo.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGW_") and k != "PYTHONPATH"}
+    example = subprocess.run([str(python), str(ROOT / "clients/examples/agent.py"), "--model", "fast", "example",
+                              "agent"], env={**clean, **env}, cwd=python.parent, capture_output=True, text=True,
+                             timeout=120)
+    assert example.returncode == 0, example.stderr
+    assert "echo: example agent" in example.stdout
     # A team with no money left: the typed error says what remains.
     team = f"venv{uuid.uuid4().hex[:6]}"
     cert, key = pki_mod.issue_to_dir(gateway.pki, "agent", team, "bot")
@@ -251,7 +258,7 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
     assert _sum(router, "igw_router_cost_nanodollars_total", team="demo") == sum(r.cost_nanos for r in responses)
     assert _sum(router, "igw_grpc_server_handled_total", method="Generate", code="OK") == 5
     ledger = _scrape(gw.endpoints["metrics"]["ledger"])
-    assert _sum(ledger, "igw_ledger_spend_nanos_total", team="demo") == sum(r.cost_nanos for r in responses)
+    assert _sum(ledger, "igw_ledger_spend_nanodollars_total", team="demo") == sum(r.cost_nanos for r in responses)
     vault = _scrape(gw.endpoints["metrics"]["keyvault"])
     assert _sum(vault, "igw_keyvault_leases_issued_total") >= 7  # 3 + 2 x (429 then fallback)
     # Every metric the Grafana dashboard plots is declared by one of the services.
@@ -281,6 +288,13 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
     assert attrs["gen_ai.request.model"] == "fast" and attrs["gen_ai.usage.input_tokens"] > 0
     names_in_trace = {s["name"] for s in spans if s["trace_id"] == trace_id}
     assert {"igw.ledger.v1.LedgerService/Reserve", "igw.keyvault.v1.KeyVaultService/IssueCredential"} <= names_in_trace
+    # Every upstream attempt is a span of its own: the fallback call shows the 429 and then the success.
+    flaky_rid = responses[3].request_id
+    flaky_root = next(s for s in spans if s["attributes"].get("igw.request_id") == flaky_rid)
+    attempts = sorted((s for s in spans if s["trace_id"] == flaky_root["trace_id"] and s["name"].startswith("chat ")),
+                      key=lambda s: s["attributes"]["igw.attempt"])
+    assert [a["attributes"].get("error.type") for a in attempts] == ["rate_limited", None]
+    assert attempts[1]["attributes"]["gen_ai.usage.output_tokens"] == responses[3].usage.output_tokens
     # No content in spans, and no provider key anywhere the gateway writes or exports.
     spans_text = trace_file.read_text()
     assert "count these words" not in spans_text
