@@ -172,6 +172,16 @@ def test_each_provider_answers_unary_and_streaming_with_usage_and_exact_cost(
     assert entry.cost_nanos == resp.cost_nanos > 0
     assert entry.usage.input_tokens == resp.usage.input_tokens
     assert entry.provider == provider
+    # The cost, worked out here from the published prices (not with the gateway's own formula):
+    # each component rounded up to a whole nano-dollar.
+    catalogue = rig.ledger_op.ListPrices(ledger_pb2.ListPricesRequest(version=entry.price_version), timeout=10)
+    price = next(p for p in catalogue.prices if p.model == entry.model)
+
+    def up(tokens: int, per_mtok: int) -> int:
+        return (tokens * per_mtok + 999_999) // 1_000_000
+
+    assert resp.cost_nanos == (up(resp.usage.input_tokens, price.input_per_mtok_nanos)
+                               + up(resp.usage.output_tokens, price.output_per_mtok_nanos))
 
     msgs = list(rig.stub.GenerateStream(_req(alias, "stream this text back"), timeout=15))
     assert msgs[0].WhichOneof("event") == "start" and msgs[-1].WhichOneof("event") == "final"
