@@ -50,6 +50,7 @@ class JsonFileExporter(SpanExporter):
                 "end_ns": s.end_time,
                 "status": s.status.status_code.name,
                 "attributes": dict(s.attributes or {}),
+                "links": [f"{link.context.trace_id:032x}" for link in s.links or ()],
             }, default=str))
         with self._lock, self._path.open("a") as fh:
             fh.write("\n".join(lines) + "\n")
@@ -214,3 +215,25 @@ def attempt_usage(span: trace.Span | None, input_tokens: int, output_tokens: int
     """Token counts on a successful attempt span."""
     if span is not None:
         span.set_attributes({"gen_ai.usage.input_tokens": input_tokens, "gen_ai.usage.output_tokens": output_tokens})
+
+
+def current_span_context() -> trace.SpanContext | None:
+    """The current span's context when the call is traced, else None (cheap when tracing is off)."""
+    if _provider is None:
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    return ctx if ctx.is_valid else None
+
+
+@contextlib.contextmanager
+def linked_span(name: str, contexts: Sequence[trace.SpanContext | None], attributes: dict[str, Any]) -> Iterator[None]:
+    """A new root span linked to ``contexts`` (work done for many traced calls at once, such as a
+    settle batch); nothing when tracing is off or none of the calls was traced."""
+    links = [trace.Link(c) for c in contexts if c is not None]
+    if _provider is None or not links:
+        yield
+        return
+    with _provider.get_tracer("igw").start_as_current_span(
+        name, context=otel_context.Context(), kind=trace.SpanKind.INTERNAL, links=links, attributes=attributes,
+    ):
+        yield

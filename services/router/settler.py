@@ -11,12 +11,15 @@ their full amount: budgets err on the side of never overspending.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 
 import grpc
+from opentelemetry.trace import SpanContext
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.tracing import current_span_context, linked_span
 from services.router.metrics import RouterMetrics
 
 _LOGGER = logging.getLogger(__name__)
@@ -28,6 +31,8 @@ _FINAL = frozenset({
     grpc.StatusCode.PERMISSION_DENIED.value[0],
 })
 _GIVE_UP_AFTER_S = 600.0
+# A queued settle: the request, when to give up on it, the span of the call it settles (or None).
+_Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None]
 
 
 class Settler:
@@ -41,7 +46,7 @@ class Settler:
         self._metrics = metrics
         self._max_batch = max_batch
         self._linger_s = linger_s
-        self._queue: asyncio.Queue[tuple[ledger_pb2.SettleRequest, float]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._pump: asyncio.Task[None] | None = None
@@ -52,10 +57,12 @@ class Settler:
     def submit(self, req: ledger_pb2.SettleRequest) -> None:
         """Queues one settle; returns at once."""
         if self._pump is None or self._pump.done():
-            self._pump = asyncio.get_running_loop().create_task(self._run(), name="router-settler")
+            # A fresh context: the pump must not carry the first caller's span, request id or identity.
+            self._pump = asyncio.get_running_loop().create_task(
+                self._run(), name="router-settler", context=contextvars.Context())
         self._pending += 1
         self._idle.clear()
-        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S))
+        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S, current_span_context()))
 
     async def drain(self, timeout: float) -> bool:
         """Waits until every queued settle was acknowledged (or given up); True when all were."""
@@ -94,7 +101,7 @@ class Settler:
             self._pending = 0
             self._idle.set()
 
-    async def _send(self, batch: list[tuple[ledger_pb2.SettleRequest, float]]) -> None:
+    async def _send(self, batch: list[_Item]) -> None:
         pending = list(batch)
         try:
             delay = 0.05
@@ -118,12 +125,14 @@ class Settler:
             self._slots.release()
 
     async def _send_once(
-        self, batch: list[tuple[ledger_pb2.SettleRequest, float]],
-    ) -> list[tuple[ledger_pb2.SettleRequest, float]]:
+        self, batch: list[_Item],
+    ) -> list[_Item]:
         """Sends one batch; returns the settles to try again."""
-        req = ledger_pb2.SettleBatchRequest(settles=[item for item, _ in batch])
+        req = ledger_pb2.SettleBatchRequest(settles=[item for item, _, _ in batch])
         try:
-            resp = await self._ledger.SettleBatch(req, timeout=10)
+            # Traced calls: the batch is its own trace, linked to the trace of every call it settles.
+            with linked_span("igw.router.SettleBatch", [ctx for _, _, ctx in batch], {"igw.batch_size": len(batch)}):
+                resp = await self._ledger.SettleBatch(req, timeout=10)
         except grpc.RpcError as err:
             code = err.code()
             if code.value[0] in _FINAL:  # the batch itself was refused: a bug, not a fault
@@ -134,12 +143,12 @@ class Settler:
         if len(resp.results) != len(batch):
             raise RuntimeError("the ledger answered a settle batch with the wrong number of results")
         retry = []
-        for (item, give_up), result in zip(batch, resp.results, strict=True):
+        for (item, give_up, ctx), result in zip(batch, resp.results, strict=True):
             if result.code == 0:
                 self._done(1)
             elif result.code in _FINAL:
                 _LOGGER.error("settle refused", extra={"reason": result.reason})
                 self._done(1)
             else:
-                retry.append((item, give_up))
+                retry.append((item, give_up, ctx))
         return retry

@@ -295,6 +295,13 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
                       key=lambda s: s["attributes"]["igw.attempt"])
     assert [a["attributes"].get("error.type") for a in attempts] == ["rate_limited", None]
     assert attempts[1]["attributes"]["gen_ai.usage.output_tokens"] == responses[3].usage.output_tokens
+    # Settles go in batches after the answers: a batch is its own trace, linked to each call's, and the
+    # ledger's SettleBatch span is in the batch's trace.
+    batches = [s for s in spans if s["name"] == "igw.router.SettleBatch"]
+    linked = {t for b in batches for t in b["links"]}
+    assert {trace_id, flaky_root["trace_id"]} <= linked
+    batch_traces = {b["trace_id"] for b in batches}
+    assert any(s["service"] == "igw-ledger" and s["trace_id"] in batch_traces for s in spans)
     # No content in spans, and no provider key anywhere the gateway writes or exports.
     spans_text = trace_file.read_text()
     assert "count these words" not in spans_text
