@@ -162,6 +162,36 @@ async def test_operator_reads_use_indexes_with_many_entries(fresh_database: str)
     for name, rows in plans.items():
         text = "\n".join(r[0] for r in rows)
         assert "Seq Scan on spend_entries" not in text, f"{name}:\n{text}"
+    # The same, for the SQL the repository itself builds: capture each statement the service runs
+    # for the operator reads, then EXPLAIN it with its own parameters.
+    captured: list[tuple[str, tuple[object, ...]]] = []
+    real_execute = psycopg.AsyncCursor.execute
+
+    async def capture(self: psycopg.AsyncCursor[object], query: object, params: object = None,
+                      **kw: object) -> object:
+        if isinstance(query, str) and "spend_entries" in query:
+            captured.append((query, tuple(params or ())))  # type: ignore[arg-type]
+        return await real_execute(self, query, params, **kw)  # type: ignore[arg-type]
+
+    # "Now" is a month after most of the history, so the default 30-day range is the recent slice an
+    # operator looks at every minute (a range that covers most of the table is rightly a full scan).
+    clock = FakeClock(dt.datetime(2025, 3, 1, tzinfo=dt.UTC))
+    async with ledger_service(fresh_database, clock=clock, migrate=False) as svc:
+        psycopg.AsyncCursor.execute = capture  # type: ignore[method-assign]
+        try:
+            await svc.list_spend(start=day[0], end=day[1], group_by=["model"], team="team42")
+            await svc.list_spend(start=day[0], end=day[1], group_by=["team", "day"])
+            await svc.list_spend(start=None, end=None, group_by=["agent", "provider"])  # default range
+            page, token = await svc.list_entries(team="team42", start=day[0], end=day[1], page_size=5)
+            assert page and token
+            await svc.list_entries(team="team42", start=day[0], end=day[1], page_size=5, page_token=token)
+            await svc.list_entries(page_size=50)
+        finally:
+            psycopg.AsyncCursor.execute = real_execute  # type: ignore[method-assign]
+    assert len(captured) == 6
+    for query, params in captured:
+        text = "\n".join(r[0] for r in sql(fresh_database, "EXPLAIN " + query, params))
+        assert "Seq Scan on spend_entries" not in text, f"{query}:\n{text}"
         assert "ix_spend_entries" in text, f"{name}:\n{text}"
 
 
