@@ -471,3 +471,20 @@ def test_certs_work_for_grpc_mtls(tmp_path: Path) -> None:
         assert len(seen) == 1
     finally:
         server.stop(None)
+
+
+def test_init_dev_pki_reissues_agent_leaves_made_under_the_old_server_capable_rule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    d = tmp_path / "pki"
+    with monkeypatch.context() as m:  # how agent and operator leaves used to be issued
+        m.setattr(pki, "_usages", lambda server: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        pki.init_dev_pki(d)
+    old_eku = _cert((d / "agent-demo-quickstart.pem").read_bytes()).extensions.get_extension_for_class(
+        x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.SERVER_AUTH in list(old_eku)
+    again = pki.init_dev_pki(d)
+    assert set(again.issued) == {"agent-demo-quickstart", "operator-admin"}
+    for stem in again.issued:
+        eku = _cert((d / f"{stem}.pem").read_bytes()).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
