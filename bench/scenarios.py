@@ -148,15 +148,14 @@ class Rig:
             "0",
             "--port-file",
             str(port_file),
-            "--api-key",
-            self.api_key,
             "--delay-ms",
             str(delay_ms),
         ]
         if fault:
             args += ["--fault", fault]
         log = open(self.state / f"{name}.log", "ab")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                                env={**os.environ, "IGW_FAKE_API_KEY": self.api_key})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:

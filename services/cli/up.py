@@ -115,11 +115,12 @@ def _start_fake(name: str, port: int, secret: str, state: Path) -> tuple[subproc
     port_file = state / f"{name}.port"
     port_file.unlink(missing_ok=True)
     args = [sys.executable, "-m", "services.fakes", "--kind", FAKE_KINDS[name], "--port", str(port),
-            "--api-key", secret, "--port-file", str(port_file)]
+            "--port-file", str(port_file)]
     if name == "fake-flaky":
         args += ["--fault", json.dumps({"status": 429, "retry_after": 1})]
     log = open(state / f"{name}.log", "ab")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "IGW_SECRET": ""})
+    env = {**os.environ, "IGW_SECRET": "", "IGW_FAKE_API_KEY": secret}  # the key stays out of `ps`
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -22,7 +22,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kind", required=True, choices=[*KINDS, "openai_compatible"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--api-key", default=None, help="accept only this key (default: any non-empty key)")
+    p.add_argument("--api-key", default=os.environ.get("IGW_FAKE_API_KEY") or None,
+                   help="accept only this key (default: $IGW_FAKE_API_KEY, which keeps it out of `ps`; "
+                        "else any non-empty key)")
     p.add_argument("--delay-ms", type=int, default=0, help="latency added before every answer")
     p.add_argument("--chunk-delay-ms", type=int, default=0, help="pause between streamed events")
     p.add_argument("--port-file", default=None, help="write the bound port to this file")

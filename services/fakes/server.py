@@ -1321,11 +1321,12 @@ class FakeProcess:
             "--port-file",
             str(port_file),
         ]
-        if api_key is not None:
-            cmd += ["--api-key", api_key]
         if faults:
             cmd += ["--fault", json.dumps(faults)]
         env = dict(os.environ)
+        env.pop("IGW_FAKE_API_KEY", None)
+        if api_key is not None:
+            env["IGW_FAKE_API_KEY"] = api_key  # not on the command line, where `ps` would show it
         env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         proc = subprocess.Popen(cmd, cwd=str(root), env=env, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + startup_timeout_s

@@ -313,6 +313,10 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
     assert any(rec.get("request_id") == rid for rec in tagged), "no log line carries the request id"
     secrets = json.loads((gw.state_dir / "demo-secrets.json").read_text()).values()
     metrics_text = "".join(httpx.get(u, timeout=10).text for u in gw.endpoints["metrics"].values())
+    import psutil
+
+    cmdlines = " ".join(" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
     for secret in secrets:
-        for where, text in (("spans", spans_text), ("logs", gw.all_logs()), ("metrics", metrics_text)):
+        for where, text in (("spans", spans_text), ("logs", gw.all_logs()), ("metrics", metrics_text),
+                            ("process command lines", cmdlines)):
             assert secret not in text, f"a provider key leaked into {where}"
