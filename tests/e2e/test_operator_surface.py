@@ -73,6 +73,13 @@ def test_the_client_alone_in_a_fresh_venv_calls_the_gateway(gateway: Gateway, tm
     assert broke["budget_exceeded"]["remaining_nanos"] is not None
 
 
+def test_metrics_plot_drives_traffic_and_renders_what_metrics_said(gateway: Gateway, tmp_path: Path) -> None:
+    out = tmp_path / "metrics.png"
+    printed = igw(gateway, "metrics", "plot", "--seconds", "4", "--out", str(out)).stdout
+    assert str(out) in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
 def test_every_cli_command_works_with_tables_and_json(gateway: Gateway, tmp_path: Path) -> None:
     gw = gateway
     outputs: list[str] = []
