@@ -25,6 +25,7 @@ from services.keyvault import domain as D
 from services.keyvault.audit import AuditMetrics, AuditWriter, chain_head
 from services.keyvault.authz import POLICY
 from services.keyvault.config import Settings
+from services.keyvault.keywatch import KeyWatch
 from services.keyvault.repository import ChainKeyError, check_master_key, load_chain_key
 from services.keyvault.service import VaultService
 from services.keyvault.servicer import KeyVaultAdminServicer, KeyVaultServicer
@@ -92,6 +93,10 @@ async def build(
         default_grace=dt.timedelta(seconds=settings.grace_seconds),
         key_cache_seconds=settings.key_cache_seconds,
     )
+    # Key changes made through any replica drop this replica's cached keys at once.
+    watch = KeyWatch(engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                     service.invalidate_cache)
+    watch.start()
 
     def register(server: grpc.aio.Server) -> None:
         keyvault_pb2_grpc.add_KeyVaultServiceServicer_to_server(KeyVaultServicer(service), server)
@@ -103,7 +108,7 @@ async def build(
         registrars=[register],
         service_names=SERVICE_NAMES,
         registry=registry,
-        closers=[engine.dispose, writer.close],  # closed in reverse: writer first, then the engine
+        closers=[engine.dispose, writer.close, watch.close],  # closed in reverse: watch, writer, engine
         access_log=False,
         initially_serving=not service.sealed,
         on_denied=service.record_refusal,  # refused calls are audited too

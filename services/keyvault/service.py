@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common import errors as E
@@ -36,6 +37,7 @@ from services.keyvault import audit as A
 from services.keyvault import crypto as C
 from services.keyvault import domain as D
 from services.keyvault import repository as R
+from services.keyvault.keywatch import NOTIFY_SQL
 
 _LOGGER = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
@@ -320,8 +322,14 @@ class VaultService:
         return await self._admin(draft, action)
 
     async def _admin(self, draft: D.AuditDraft, action: A.Action) -> D.ProviderKeyInfo:
+        async def and_notify(conn: AsyncConnection, d: D.AuditDraft) -> D.ProviderKeyInfo:
+            result = await action(conn, d)
+            # Delivered at commit to every vault replica, which drops its cached keys.
+            await conn.execute(text(NOTIFY_SQL))
+            return result  # type: ignore[no-any-return]
+
         try:
-            _, result = await self._writer.append(draft, action)
+            _, result = await self._writer.append(draft, and_notify)
         finally:
             self._cache.clear()
         assert isinstance(result, D.ProviderKeyInfo)

@@ -5,6 +5,7 @@ Also home of the vault fixtures the other ``test_vault_*`` modules import.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import uuid
@@ -466,3 +467,23 @@ def test_vault_migrations_go_down_and_up_again(fresh_database: str) -> None:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
     assert not tables & {"provider_keys", "key_versions", "audit_events", "admin_requests", "vault_meta"}
     upgrade("keyvault", fresh_database)
+
+
+async def test_a_key_disabled_through_one_replica_stops_at_once_on_the_others(pki: Path, vault: Vault) -> None:
+    # A long cache on the second replica: only the change notification can make it forget the key.
+    other = await start_vault(pki, vault.url, vault.master, key_cache_seconds=60.0)
+    try:
+        await vault.create("shared")
+        assert (await other.issue()).key_name == "shared"  # cached on `other` now
+        await vault.admin.DisableProviderKey(pb.DisableProviderKeyRequest(request_id="d1", name="shared"))
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while True:
+            try:
+                await other.issue()
+            except grpc.aio.AioRpcError as err:
+                assert reason_of(err) == "NO_KEY_FOR_PROVIDER"
+                break
+            assert asyncio.get_running_loop().time() < deadline, "the other replica kept leasing a disabled key"
+            await asyncio.sleep(0.05)
+    finally:
+        await stop_vault(other)
