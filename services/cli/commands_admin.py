@@ -750,7 +750,7 @@ def cmd_prices_set(args: argparse.Namespace) -> int:
 
 def _vault_database_url(state_dir: Path) -> tuple[str, Any]:
     """The vault database of an `igw up` state directory, and a stopper if we started Postgres."""
-    env_url = os.environ.get("IGW_KEYVAULT_DATABASE_URL") or os.environ.get("IGW_DATABASE_URL")
+    env_url = os.environ.get("IGW_KEYVAULT_DATABASE_URL")  # never IGW_DATABASE_URL: that is the ledger's
     if env_url:
         return env_url, None
     pg_dir = state_dir / "pg"
@@ -785,6 +785,15 @@ def read_master_key_file(flag: str, path: Path) -> bytes:
         return base64.urlsafe_b64decode(stripped)
 
 
+def _os_user() -> str:
+    """Who runs the command (for the audit record); "unknown" when the system cannot say."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+    return "".join(c for c in name if c.isalnum() or c in "._-")[:64] or "unknown"
+
+
 def cmd_vault_rewrap(args: argparse.Namespace) -> int:
     """`igw vault rewrap (--state-dir D | --database-url URL) --old-key-file F --new-key-file F`.
 
@@ -805,7 +814,8 @@ def cmd_vault_rewrap(args: argparse.Namespace) -> int:
     else:
         url, stop = _vault_database_url(args.state_dir)
     try:
-        count = rewrap(url, old, new, request_id=uuid.uuid4().hex)
+        # Run on the host, not over mTLS: the audit record names the operating-system user instead.
+        count = rewrap(url, old, new, request_id=uuid.uuid4().hex, actor=f"local:igw-vault-rewrap:{_os_user()}")
     except RewrapError as err:
         raise CliError(f"rewrap refused, nothing changed: {err}", exit_code=1) from None
     finally:

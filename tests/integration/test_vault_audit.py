@@ -375,3 +375,37 @@ async def test_rewrap_moves_every_data_key_to_the_new_master_key(pki: Path, fres
     with psycopg.connect(libpq(fresh_database)) as conn:
         meta = conn.execute("SELECT name, master_key_id FROM vault_meta ORDER BY name").fetchall()
     assert meta == [("audit_chain_key", MasterKey(new).key_id), ("master_check", MasterKey(new).key_id)]
+
+
+async def test_the_rewrap_command_moves_the_keys_and_names_who_ran_it(
+    pki: Path, fresh_database: str, tmp_path: Path,
+) -> None:
+    import base64
+    import subprocess
+    import sys
+
+    old, new = os.urandom(32), os.urandom(32)
+    v = await start_vault(pki, fresh_database, old)
+    try:
+        await v.create("k", secret="sk-cli-rewrap-0001")
+    finally:
+        await stop_vault(v)
+    (tmp_path / "old.key").write_text(base64.b64encode(old).decode())
+    (tmp_path / "new.key").write_text(base64.b64encode(new).decode())
+    env = {k: val for k, val in os.environ.items() if not k.startswith("IGW_")}
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "vault", "rewrap", "--database-url", fresh_database,
+         "--old-key-file", str(tmp_path / "old.key"), "--new-key-file", str(tmp_path / "new.key")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    with psycopg.connect(libpq(fresh_database)) as conn:
+        (actor,) = conn.execute("SELECT actor FROM audit_events WHERE action = 'REWRAP'").fetchone() or ("",)
+    assert actor.startswith("local:igw-vault-rewrap:") and actor != "local:igw-vault-rewrap:"
+    fresh = await start_vault(pki, fresh_database, new)
+    try:
+        assert (await fresh.issue()).secret == "sk-cli-rewrap-0001"
+        assert (await fresh.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+    finally:
+        await stop_vault(fresh)
