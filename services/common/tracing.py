@@ -188,8 +188,7 @@ def attempt_span(
 ) -> Iterator[trace.Span | None]:
     """A CLIENT span per upstream attempt (``chat <provider model>``), so fallbacks show in the
     trace; None (and no cost) when the call is not traced. No content, no error text, ever."""
-    parent = trace.get_current_span()
-    if _provider is None or not parent.is_recording():
+    if _provider is None or not trace.get_current_span().is_recording():
         yield None
         return
     tracer = _provider.get_tracer("igw")
@@ -229,7 +228,7 @@ def current_span_context() -> trace.SpanContext | None:
 def linked_span(name: str, contexts: Sequence[trace.SpanContext | None], attributes: dict[str, Any]) -> Iterator[None]:
     """A new root span linked to ``contexts`` (work done for many traced calls at once, such as a
     settle batch); nothing when tracing is off or none of the calls was traced."""
-    links = [trace.Link(c) for c in contexts if c is not None]
+    links = [] if _provider is None else [trace.Link(c) for c in contexts if c is not None]
     if _provider is None or not links:
         yield
         return

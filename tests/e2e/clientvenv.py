@@ -104,10 +104,16 @@ def installed_distributions(python: Path) -> set[str]:
     return {item["name"].lower().replace("_", "-") for item in json.loads(out)}
 
 
-def run_client_script(python: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Runs :data:`CLIENT_SCRIPT` in the venv (from a neutral directory) and returns its JSON."""
+def client_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without igw settings or the repo on the path, plus ``env``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IGW_") and k != "PYTHONPATH"}
     clean.update(env or {})
+    return clean
+
+
+def run_client_script(python: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Runs :data:`CLIENT_SCRIPT` in the venv (from a neutral directory) and returns its JSON."""
+    clean = client_env(env)
     proc = subprocess.run(
         [str(python), "-c", CLIENT_SCRIPT],
         env=clean,

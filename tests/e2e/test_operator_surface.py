@@ -20,7 +20,7 @@ import pytest
 
 from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.common import pki as pki_mod
-from tests.e2e.clientvenv import build_client_venv, installed_distributions, run_client_script
+from tests.e2e.clientvenv import build_client_venv, client_env, installed_distributions, run_client_script
 from tests.e2e.conftest import Gateway, mtls_channel, start_gateway, stop_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,9 +56,8 @@ def test_the_client_alone_in_a_fresh_venv_calls_the_gateway(gateway: Gateway, tm
     assert result["stream"]["text"] == "echo: stream from a fresh venv"
     assert "fast" in result["models"]
     # The shipped example agent runs as documented, from the venv, outside the repo.
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGW_") and k != "PYTHONPATH"}
     example = subprocess.run([str(python), str(ROOT / "clients/examples/agent.py"), "--model", "fast", "example",
-                              "agent"], env={**clean, **env}, cwd=python.parent, capture_output=True, text=True,
+                              "agent"], env=client_env(env), cwd=python.parent, capture_output=True, text=True,
                              timeout=120)
     assert example.returncode == 0, example.stderr
     assert "echo: example agent" in example.stdout
