@@ -41,6 +41,10 @@ PRICES_LOCK_KEY = 0x16E0_1ED6_E6
 DEFAULT_CATALOGUE_REQUEST_ID = "igw-default-catalogue"
 
 Conn = psycopg.AsyncConnection[Any]
+# One settle as ``ledger_settle`` takes it, without ``now``: request id, reservation id (or
+# None), input, output and cached input tokens, provider, provider model, outcome, latency
+# in microseconds, usage estimated.
+SettleArgs = tuple[str, uuid.UUID | None, int, int, int, str, str, int, int, bool]
 
 _GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
     "team": ("team",),
@@ -175,6 +179,19 @@ class Repository:
             "SELECT ledger_settle(%s, %s::uuid, %s, %s, %s, %s, %s, %s::smallint, %s, %s, %s)",
             (request_id, reservation_id, input_tokens, output_tokens, cached_input_tokens, provider,
              provider_model, outcome, latency_us, usage_estimated, now),
+        )
+
+    async def settle_batch(self, items: Sequence[SettleArgs], now: dt.datetime) -> list[dict[str, Any]]:
+        """Calls ``ledger_settle_batch``: every item settled in one transaction, one result each.
+
+        Each item is ``ledger_settle`` (same results, same idempotency); the batch commits once.
+        """
+        cols = list(zip(*items, strict=True))
+        return await self._call(  # type: ignore[no-any-return]
+            "settle_batch",
+            "SELECT ledger_settle_batch(%s::text[], %s::uuid[], %s::bigint[], %s::bigint[], %s::bigint[],"
+            " %s::text[], %s::text[], %s::smallint[], %s::bigint[], %s::boolean[], %s)",
+            (*(list(c) for c in cols), now),
         )
 
     async def release(self, reservation_id: uuid.UUID, reason: str, now: dt.datetime) -> dict[str, Any]:

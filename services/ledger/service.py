@@ -35,13 +35,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common import errors as E
 from services.ledger import domain as D
 from services.ledger.config import MAX_HOLD_TTL_SECONDS
 from services.ledger.pricing import MAX_VALUE, ModelPrice, default_prices
-from services.ledger.repository import Repository
+from services.ledger.repository import Repository, SettleArgs
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -254,6 +255,59 @@ class LedgerService:
 
         An empty ``reservation_id`` settles the request's open hold of its latest attempt.
         """
+        args = self.settle_args(
+            request_id=request_id, reservation_id=reservation_id, usage=usage, provider=provider,
+            provider_model=provider_model, outcome=outcome, latency=latency, usage_estimated=usage_estimated,
+        )
+        return self._settled(args, await self.repo.settle(*args, self.now()))
+
+    async def settle_batch(self, items: Sequence[SettleArgs | E.IgwError]) -> list[D.SettleResult | E.IgwError]:
+        """Settles many in one ledger transaction (one durable commit); one outcome per item.
+
+        ``items`` are :meth:`settle_args` results, or the error their validation raised (passed
+        through). Every item is a full settle, idempotent on its request id, so a batch that may
+        or may not have committed is simply sent again.
+        """
+        valid = [a for a in items if not isinstance(a, E.IgwError)]
+        now = self.now()
+        try:
+            rows = await self.repo.settle_batch(valid, now) if valid else []
+        except psycopg.Error:
+            # Not a conflict or an outage (those are retried or raised as UNAVAILABLE), so
+            # something in one item: settle them one by one, each getting its own outcome.
+            _LOGGER.exception("settle batch failed in the database; settling its items one by one")
+            rows = []
+            for args in valid:
+                try:
+                    rows.append(await self.repo.settle(*args, now))
+                except psycopg.Error:
+                    _LOGGER.exception("settle failed in the database")
+                    rows.append({"result": "DATABASE_ERROR"})
+        results = iter(rows)
+        out: list[D.SettleResult | E.IgwError] = []
+        for item in items:
+            if isinstance(item, E.IgwError):
+                out.append(item)
+                continue
+            try:
+                out.append(self._settled(item, next(results)))
+            except E.IgwError as err:
+                out.append(err)
+        return out
+
+    def settle_args(
+        self,
+        *,
+        request_id: str,
+        reservation_id: str,
+        usage: D.Usage,
+        provider: str,
+        provider_model: str,
+        outcome: int = 0,
+        latency: dt.timedelta | None = None,
+        usage_estimated: bool = False,
+    ) -> SettleArgs:
+        """Validates one settle; returns it as the repository takes it (raises InvalidArgument)."""
         D.check_request_id(request_id)
         rid = D.check_reservation_id(reservation_id) if reservation_id else None
         D.check_name("provider", provider)
@@ -278,10 +332,14 @@ class LedgerService:
             latency_us = latency // dt.timedelta(microseconds=1)
             if latency_us < 0 or latency_us > MAX_VALUE:
                 raise E.InvalidArgument("INVALID_LATENCY", "latency must be >= 0", {"field": "latency"})
-        res = await self.repo.settle(
+        return (
             request_id, rid, usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
-            provider, provider_model, int(outcome), latency_us, usage_estimated, self.now(),
+            provider, provider_model, int(outcome), latency_us, usage_estimated,
         )
+
+    def _settled(self, args: SettleArgs, res: dict[str, Any]) -> D.SettleResult:
+        """Turns ``ledger_settle``'s JSON result into the settle's outcome (or its error)."""
+        request_id, rid = args[0], args[1]
         result = res["result"]
         if result == "OK":
             entry = entry_from_json(res["entry"])
@@ -339,6 +397,8 @@ class LedgerService:
                 "MODEL_NOT_PRICED", "the hold's price version has no price for its model",
                 {"price_version": res["price_version"]},
             )
+        if result == "DATABASE_ERROR":
+            raise E.Internal("INTERNAL", "the settle failed in the database")
         raise E.Internal("INTERNAL", f"unexpected settle result {result}")
 
     async def release(self, *, reservation_id: str, reason: str = "") -> bool:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from igw.ledger.v1 import ledger_pb2 as pb
@@ -15,6 +13,7 @@ from igw.ledger.v1 import ledger_pb2_grpc
 from services.common import errors as E
 from services.ledger import domain as D
 from services.ledger.pricing import ModelPrice
+from services.ledger.repository import SettleArgs
 from services.ledger.service import LedgerService
 
 _LOGGER = logging.getLogger(__name__)
@@ -64,6 +63,20 @@ def budget_status_pb(s: D.BudgetStatus) -> pb.BudgetStatus:
         out.window_start.CopyFrom(_ts(s.window_start))
         out.window_end.CopyFrom(_ts(end))
     return out
+
+
+def _settle_fields(request: pb.SettleRequest) -> dict[str, Any]:
+    """A SettleRequest as the keyword arguments of ``LedgerService.settle``."""
+    return {
+        "request_id": request.request_id,
+        "reservation_id": request.reservation_id,
+        "usage": D.Usage(request.usage.input_tokens, request.usage.output_tokens, request.usage.cached_input_tokens),
+        "provider": request.provider,
+        "provider_model": request.provider_model,
+        "outcome": request.outcome,
+        "latency": request.latency.ToTimedelta() if request.HasField("latency") else None,
+        "usage_estimated": request.usage_estimated,
+    }
 
 
 def spend_entry_pb(e: D.SpendEntry) -> pb.SpendEntry:
@@ -125,33 +138,22 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             raise E.InvalidArgument(
                 "INVALID_BATCH", f"a batch holds 1 to {MAX_SETTLE_BATCH} settles", {"field": "settles"}
             )
-        outcomes = await asyncio.gather(*(self._settle(item) for item in request.settles), return_exceptions=True)
+        items: list[SettleArgs | E.IgwError] = []
+        for req in request.settles:
+            try:
+                items.append(self._svc.settle_args(**_settle_fields(req)))
+            except E.IgwError as err:
+                items.append(err)
         out = pb.SettleBatchResponse()
-        for item in outcomes:
-            if isinstance(item, pb.SettleResponse):
-                out.results.add(response=item)
-            elif isinstance(item, E.IgwError):
+        for item in await self._svc.settle_batch(items):
+            if isinstance(item, E.IgwError):
                 out.results.add(code=item.code.value[0], reason=item.reason)
-            elif isinstance(item, asyncio.CancelledError):
-                raise item
             else:
-                _LOGGER.error("settle in a batch failed unexpectedly", exc_info=item)
-                out.results.add(code=grpc.StatusCode.INTERNAL.value[0], reason="INTERNAL")
+                out.results.add(response=pb.SettleResponse(entry=spend_entry_pb(item.entry), replayed=item.replayed))
         return out
 
     async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
-        res = await self._svc.settle(
-            request_id=request.request_id,
-            reservation_id=request.reservation_id,
-            usage=D.Usage(
-                request.usage.input_tokens, request.usage.output_tokens, request.usage.cached_input_tokens
-            ),
-            provider=request.provider,
-            provider_model=request.provider_model,
-            outcome=request.outcome,
-            latency=request.latency.ToTimedelta() if request.HasField("latency") else None,
-            usage_estimated=request.usage_estimated,
-        )
+        res = await self._svc.settle(**_settle_fields(request))
         return pb.SettleResponse(entry=spend_entry_pb(res.entry), replayed=res.replayed)
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:

@@ -1,9 +1,11 @@
 """Settles, batched: the settles ready at about the same time go to the ledger in one
 ``SettleBatch`` call (group commit of settles), retried until acknowledged.
 
-Settling happens after the agent has its answer, so a few milliseconds of linger cost the
-agent nothing and save the router and the ledger one RPC each per call under load. Settle is
-idempotent per request id, so a batch that may or may not have landed is simply sent again.
+Settling happens after the agent has its answer, so a few tens of milliseconds of linger cost
+the agent nothing; under load they save the router and the ledger one RPC per call, and the
+ledger writes a whole batch in one transaction (one durable commit). A hold stays open that
+much longer, which only ever errs on the side of the budget. Settle is idempotent per request
+id, so a batch that may or may not have landed is simply sent again.
 If the router dies with settles queued, their holds expire and the ledger captures them at
 their full amount: budgets err on the side of never overspending.
 """
@@ -40,7 +42,7 @@ class Settler:
 
     def __init__(
         self, ledger: ledger_pb2_grpc.LedgerServiceStub, metrics: RouterMetrics, *,
-        max_batch: int = 128, linger_s: float = 0.01, max_in_flight: int = 4,
+        max_batch: int = 64, linger_s: float = 0.03, max_in_flight: int = 4,
     ) -> None:
         self._ledger = ledger
         self._metrics = metrics
