@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -16,6 +17,20 @@ from services.common.settings import RuntimeSettings, SettingsError
 
 _LOGGER = logging.getLogger(__name__)
 S = TypeVar("S")
+_GC_GEN0_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Moves everything built at start-up (modules, stubs, config) out of the collector's way.
+
+    A serving process allocates many short-lived objects per call; with the default thresholds
+    the collector runs every 700 allocations and its older generations keep rescanning the
+    long-lived start-up heap. Freezing that heap and collecting the young generation less often
+    cuts the collector's share of each call; reference counting still frees almost everything.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_GEN0_THRESHOLD, 20, 20)
 
 
 def run_main(
@@ -44,6 +59,7 @@ def run_main(
         runtime = await build(settings)
         runtime.install_signal_handlers()
         await runtime.start()
+        _tune_gc()
         await runtime.wait()
 
     if os.environ.get("IGW_UVLOOP", "1") == "0":

@@ -235,8 +235,8 @@ class AuditRecord:
     hash: str
 
     def as_row(self) -> dict[str, object]:
-        """Column -> value."""
-        return dataclasses.asdict(self)
+        """Column -> value (shallow: every field is a scalar; ``asdict`` would deep-copy each)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def canonical_ts(ts: dt.datetime) -> str:

@@ -251,9 +251,25 @@ class Router:
             ),
             timeout=timeout,
         )
-        results = await asyncio.gather(reserve, issue, return_exceptions=True)
-        hold: ledger_pb2.ReserveResponse | BaseException = results[0]
-        lease: keyvault_pb2.IssueCredentialResponse | BaseException = results[1]
+        # Both calls are already in flight (a gRPC aio call starts when it is created); awaiting
+        # them in turn is gather() without its two wrapper tasks per call.
+        hold: ledger_pb2.ReserveResponse | BaseException
+        lease: keyvault_pb2.IssueCredentialResponse | BaseException
+        try:
+            hold = await reserve
+        except asyncio.CancelledError:
+            issue.cancel()
+            raise
+        except Exception as exc:
+            hold = exc
+        try:
+            lease = await issue
+        except asyncio.CancelledError:
+            if not isinstance(hold, BaseException):
+                self._release(hold.reservation_id, "cancelled")
+            raise
+        except Exception as exc:
+            lease = exc
         if isinstance(hold, BaseException):
             raise _ledger_error(hold, ident.team, self.metrics)
         if isinstance(lease, BaseException):

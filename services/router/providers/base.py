@@ -159,8 +159,11 @@ def check_secret(provider: str, secret: str) -> None:
         raise ProviderError(ErrorKind.AUTH_FAILED, f"{provider}: credential has an invalid format")
 
 
+@functools.lru_cache(maxsize=1024)
 def build_url(base_url: str, path: str, *, allowed_query: str = "") -> str:
     """Join a configured ``base_url`` and a fixed ``path`` template.
+
+    Pure, so its checks run once per (base URL, path): the result is cached.
 
     Raises ValueError unless the result keeps the scheme, host and port of
     ``base_url`` and has no query other than ``allowed_query`` (only Gemini's
