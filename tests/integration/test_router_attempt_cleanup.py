@@ -5,10 +5,12 @@ error reaches the agent; an adapter's ValueError (untranslatable request) is INV
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,9 +46,18 @@ AGENT = Identity(f"spiffe://igw.local/team/{TEAM}/agent/a1", Kind.AGENT, team=TE
 
 
 class _Vault:
-    """Stands in for the KeyVault: every lease is good for the configured base URL."""
+    """Stands in for the KeyVault: every lease is good for the configured base URL. Like a gRPC
+    aio call, the call is under way once made and can be cancelled; ``hang`` never answers."""
 
-    async def IssueCredential(self, req: Any, timeout: float) -> keyvault_pb2.IssueCredentialResponse:
+    def __init__(self) -> None:
+        self.hang = False
+
+    def IssueCredential(self, req: Any, timeout: float) -> asyncio.Future[keyvault_pb2.IssueCredentialResponse]:
+        return asyncio.ensure_future(self._issue())
+
+    async def _issue(self) -> keyvault_pb2.IssueCredentialResponse:
+        if self.hang:
+            await asyncio.Event().wait()
         return keyvault_pb2.IssueCredentialResponse(lease_id="l1", secret="sk-test-key", base_url=BASE_URL)
 
 
@@ -146,4 +157,36 @@ async def test_retry_rounds_are_counted_by_the_reason_the_round_before_failed(
         retries = router.metrics.retries
         assert retries.labels("server_error")._value.get() == 2  # three attempts: two retry rounds
         assert {s.labels["reason"] for s in retries.collect()[0].samples if s.value} == {"server_error"}
+    check_invariants(fresh_database)
+
+
+async def test_an_agent_that_hangs_up_while_the_lease_is_pending_gets_its_hold_released(
+    fresh_database: str, pki: Path,
+) -> None:
+    """Reserve answered, IssueCredential still pending, the agent goes away: the hold is released
+    at once rather than left to expire and be captured at its full amount."""
+    rid = f"r-{uuid.uuid4().hex}"
+    async with _router(fresh_database, pki) as (router, svc):
+        router.backends.vault.hang = True  # type: ignore[attr-defined]
+        ledger = router.backends.ledger
+        answered = asyncio.Event()
+
+        def reserve(req: Any, timeout: float) -> Any:  # the real Reserve, noting when it answered
+            call = ledger.Reserve(req, timeout=timeout)
+            call.add_done_callback(lambda _: answered.set())
+            return call
+
+        router.backends = dataclasses.replace(router.backends, ledger=SimpleNamespace(Reserve=reserve, Release=ledger.Release))
+        call = asyncio.ensure_future(router.generate(AGENT, _request(rid), 10.0))
+        await asyncio.wait_for(answered.wait(), 10)
+        await asyncio.sleep(0.05)  # the router takes the answer and waits on the lease
+        assert sql(fresh_database, "SELECT state FROM holds WHERE request_id = %s", (rid,)) == [("OPEN",)]
+        assert not call.done()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await router.drain(5)
+        assert sql(fresh_database, "SELECT state FROM holds WHERE request_id = %s", (rid,)) == [("RELEASED",)]
+        (budget,) = await svc.get_budget(team=TEAM)
+        assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
     check_invariants(fresh_database)
