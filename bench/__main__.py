@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     r.add_argument("--no-markdown", dest="markdown", action="store_false", help="JSON only (default for --quick)")
     r.add_argument("--keep-state", action="store_true", help="keep the temporary state dir (logs, profiles)")
+    w = sub.add_parser("report", help="rewrite BENCHMARKS.md and the plot from a saved results JSON (no measuring)")
+    w.add_argument("results", help="a results JSON written by `run`, e.g. bench/results/<timestamp>.json")
     return p.parse_args(argv)
 
 
@@ -65,6 +68,12 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = _parse(argv)
+    if args.cmd == "report":
+        path = Path(args.results)
+        saved = json.loads(path.read_text())
+        print(f"summary: {report.write_markdown(saved, path)}", file=sys.stderr)
+        print(report.summary_text(saved))
+        return 0
     quick = bool(args.quick)
     scenarios = (
         tuple(args.scenarios)

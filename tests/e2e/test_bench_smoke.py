@@ -51,3 +51,17 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         assert check["entries"] == check["successes"], check
         assert check["lost"] == 0 and check["duplicated"] == 0 and check["unexpected"] == 0, check
     assert headline(results)["bar"]["spend_exact"] is True
+
+    # `report` rewrites the summary and the plot from the saved JSON without measuring again.
+    from bench import __main__ as bench_main
+    from bench import report
+
+    md, png = tmp_path / "BENCHMARKS.md", tmp_path / "latency.png"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(report, "MARKDOWN", md)
+        mp.setattr(report, "PLOT", png)
+        mp.setattr(report.plot, "__defaults__", (png,))
+        assert bench_main.main(["report", str(out)]) == 0
+    text = md.read_text()
+    assert out.name in text and "## Headline" in text
+    assert png.stat().st_size > 1000
