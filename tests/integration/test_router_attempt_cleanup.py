@@ -176,7 +176,8 @@ async def test_an_agent_that_hangs_up_while_the_lease_is_pending_gets_its_hold_r
             call.add_done_callback(lambda _: answered.set())
             return call
 
-        router.backends = dataclasses.replace(router.backends, ledger=SimpleNamespace(Reserve=reserve, Release=ledger.Release))
+        spy = SimpleNamespace(Reserve=reserve, Release=ledger.Release)
+        router.backends = dataclasses.replace(router.backends, ledger=spy)
         call = asyncio.ensure_future(router.generate(AGENT, _request(rid), 10.0))
         await asyncio.wait_for(answered.wait(), 10)
         await asyncio.sleep(0.05)  # the router takes the answer and waits on the lease
