@@ -38,7 +38,7 @@ from bench import procstats
 from bench.loadgen import LoadGen, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "profile")
+ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "rate-litellm-default", "profile")
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
 _SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
@@ -305,18 +305,7 @@ limits: {{max_in_flight: 4096}}
         self.lg = LoadGen(cwd=str(ROOT), log_path=str(self.state / "loadgen.log"))
         self.procs.add("loadgen", self.lg.pid)
         if self.opts.litellm:
-            from bench.litellm_setup import start_proxy
-
-            self.litellm = start_proxy(
-                self.state,
-                {
-                    "bench-d0": (self.fakes["d0"].base, self.api_key),
-                    "bench-d20": (self.fakes["d20"].base, self.api_key),
-                },
-                workers=self.opts.litellm_workers,
-            )
-            self.procs.add("litellm", self.litellm.proc.pid, children=True)
-            self.log(f"litellm {self.litellm.version} up on {self.litellm.port} ({self.opts.litellm_workers} worker)")
+            self.start_litellm(self.opts.litellm_workers)
         # One sanity call through every path before measuring.
         for alias in ("bench-d0", "bench-d20", "bench-fallback"):
             res = self.measure(
@@ -324,6 +313,23 @@ limits: {{max_in_flight: 4096}}
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
+
+    def start_litellm(self, workers: int) -> None:
+        """(Re)starts the LiteLLM proxy with ``workers`` workers against the d0 and d20 fakes."""
+        from bench.litellm_setup import start_proxy
+
+        if self.litellm is not None:
+            self.litellm.stop()
+        self.litellm = start_proxy(
+            self.state,
+            {
+                "bench-d0": (self.fakes["d0"].base, self.api_key),
+                "bench-d20": (self.fakes["d20"].base, self.api_key),
+            },
+            workers=workers,
+        )
+        self.procs.add("litellm", self.litellm.proc.pid, children=True)
+        self.log(f"litellm {self.litellm.version} up on {self.litellm.port} ({workers} worker)")
 
     def stop(self) -> None:
         # Nothing may be left suspended: a stopped process would not even act on SIGTERM.
@@ -687,6 +693,29 @@ def scen_rate(rig: Rig) -> dict[str, Any]:
     return _ladder(rig, "rate", systems)
 
 
+def scen_rate_litellm_default(rig: Rig) -> dict[str, Any]:
+    """The many-teams ladder for LiteLLM at its own default worker count (one per logical CPU).
+
+    The main ladder runs LiteLLM with ``--litellm-workers`` (1 by default) while igw spreads
+    over every core; this one gives LiteLLM the whole machine too, so the ratio is quoted both
+    ways. It restarts the proxy, so it runs after every other LiteLLM scenario.
+    """
+    if rig.litellm is None:
+        return {"skipped": "LiteLLM not running (--no-litellm)"}
+    workers = os.cpu_count() or 1
+    if workers == rig.opts.litellm_workers:
+        return {"skipped": f"the main ladder already ran LiteLLM with {workers} workers", "workers": workers}
+    rig.start_litellm(workers)
+    out = _ladder(rig, "rate-litellm-default", {
+        "litellm": lambda rate: rig.litellm_job(
+            "bench-d20", "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        ),
+    })
+    out["workers"] = workers
+    out["litellm"] = rig.litellm.info()
+    return out
+
+
 def scen_hot(rig: Rig) -> dict[str, Any]:
     systems = {
         "igw-hot": lambda rate: rig.igw_job(
@@ -942,6 +971,7 @@ def run(opts: Options) -> dict[str, Any]:
             "hot": scen_hot,
             "stream": scen_stream,
             "fallback": scen_fallback,
+            "rate-litellm-default": scen_rate_litellm_default,
         }
         for name in opts.scenarios:
             if name == "profile" or name not in runners:
