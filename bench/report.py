@@ -263,6 +263,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "back to back at the same rate. A step passes with zero errors, achieved ≥ 95 % of offered and added "
         "p99 < 50 ms; a failing step is retried once (shared, noisy machine) and a system stops at its "
         "first confirmed failure. *Max sustained* = the highest passing rate.",
+        "- **LiteLLM's workers**: the main ladders run LiteLLM with `--litellm-workers` (1 by default); the "
+        "`rate-litellm-default` scenario restarts it at its own default (one worker per logical CPU) for a "
+        "ladder of its own, and the 3x bar is judged against the better of the two.",
         "- **Spend check**: every igw request id is set by the bench; after the run, `LedgerAdminService."
         "ListSpendEntries` must hold exactly one entry per call that answered OK, none lost, none duplicated.",
         "- **CPU per call**: psutil user+system seconds of each process (Postgres: postmaster and backends) over "
