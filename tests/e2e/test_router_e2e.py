@@ -100,6 +100,9 @@ deployments:
   br: {{provider: fake-gemini, model: fake-breaker, price: fake-small}}
   can: {{provider: canary, model: fake-small, price: fake-small}}
   mm: {{provider: mismatch, model: fake-small, price: fake-small}}
+  oa-cache: {{provider: fake-openai, model: fake-small, price: fake-cached}}
+  an-cache: {{provider: fake-anthropic, model: fake-large, price: fake-cached}}
+  ge-cache: {{provider: fake-gemini, model: fake-small, price: fake-cached}}
 models:
   openai-first: {{candidates: [oa, ge]}}
   anthropic-first: {{candidates: [an, oa]}}
@@ -112,6 +115,9 @@ models:
   canary-solo: {{candidates: [can]}}
   mismatch-first: {{candidates: [mm, oa]}}
   other-team-only: {{candidates: [oa], teams: [someone-else]}}
+  cached-openai: {{candidates: [oa-cache]}}
+  cached-anthropic: {{candidates: [an-cache]}}
+  cached-gemini: {{candidates: [ge-cache]}}
 retries: {{max_attempts: 3, backoff_initial_ms: 20, backoff_max_ms: 100, retry_after_cap_ms: 2000}}
 timeouts: {{connect_ms: 500, first_byte_ms: 1500, idle_ms: 1000, total_ms: 5000}}
 breaker: {{failure_threshold: 1000, cooldown_ms: 1500, probe_timeout_ms: 1000}}
@@ -190,6 +196,45 @@ def test_each_provider_answers_unary_and_streaming_with_usage_and_exact_cost(
     assert text == final.text == "echo: stream this text back"
     assert final.usage.output_tokens == len(text.split()) and not final.usage.estimated
     assert rig.wait_entry(final.request_id).cost_nanos == final.cost_nanos > 0
+
+
+@pytest.mark.parametrize("alias", ["cached-openai", "cached-anthropic", "cached-gemini"])
+def test_cached_input_tokens_are_reported_and_charged_at_the_cached_price(rig: Rig, alias: str) -> None:
+    """A follow-up turn: each fake reports the earlier turns as cached input in its own wire
+    format (OpenAI prompt_tokens_details, Anthropic cache_read_input_tokens, Gemini
+    cachedContentTokenCount). The router passes the count on and the ledger charges those
+    tokens at the cached price, unary and streamed."""
+    version = rig.ledger_op.SetPrices(ledger_pb2.SetPricesRequest(
+        request_id=f"cached-price-{uuid.uuid4().hex}",
+        prices=[ledger_pb2.ModelPrice(model="fake-cached", input_per_mtok_nanos=1_000_000_000,
+                                      output_per_mtok_nanos=2_000_000_000, cached_input_per_mtok_nanos=100_000_000)],
+    ), timeout=10).version
+
+    def up(tokens: int, per_mtok: int) -> int:
+        return (tokens * per_mtok + 999_999) // 1_000_000
+
+    def conversation() -> router_pb2.GenerateRequest:
+        answer = router_pb2.Message(role=router_pb2.ROLE_ASSISTANT)
+        answer.parts.add(text="it routes calls and keeps every team inside its budget")
+        turns = [_user("tell me about the gateway and its budgets please"), answer,
+                 _user("what did we say about the gateway before")]
+        return router_pb2.GenerateRequest(model=alias, messages=turns, max_output_tokens=64)
+
+    resp = rig.stub.Generate(conversation(), timeout=15)
+    msgs = list(rig.stub.GenerateStream(conversation(), timeout=15))
+    final = msgs[-1].final
+    for rid, usage, cost in ((resp.request_id, resp.usage, resp.cost_nanos),
+                             (final.request_id, final.usage, final.cost_nanos)):
+        assert 0 < usage.cached_input_tokens < usage.input_tokens
+        entry = rig.wait_entry(rid)
+        assert entry.price_version >= version and entry.model == "fake-cached"
+        assert (entry.usage.input_tokens, entry.usage.cached_input_tokens, entry.usage.output_tokens) == (
+            usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
+        expected = (up(usage.input_tokens - usage.cached_input_tokens, 1_000_000_000)
+                    + up(usage.cached_input_tokens, 100_000_000) + up(usage.output_tokens, 2_000_000_000))
+        assert entry.cost_nanos == cost == expected
+        # Cheaper than the same tokens at the full input price: the cached price was applied.
+        assert expected < up(usage.input_tokens, 1_000_000_000) + up(usage.output_tokens, 2_000_000_000)
 
 
 @pytest.mark.parametrize("alias", ["openai-first", "anthropic-first", "gemini-first"])
