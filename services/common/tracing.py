@@ -184,23 +184,40 @@ def annotate_genai(
 
 @contextlib.contextmanager
 def attempt_span(
-    provider_type: str, provider: str, deployment: str, model: str, attempt: int,
+    provider_type: str, provider: str, deployment: str, model: str, attempt: int, *, keep_open: bool = False,
 ) -> Iterator[trace.Span | None]:
     """A CLIENT span per upstream attempt (``chat <provider model>``), so fallbacks show in the
-    trace; None (and no cost) when the call is not traced. No content, no error text, ever."""
+    trace; None (and no cost) when the call is not traced. No content, no error text, ever.
+
+    The span is current inside the block. With ``keep_open`` it is not ended when the block exits
+    normally (a stream's attempt lasts until its last event): the caller ends it with
+    :func:`end_span`. An exception out of the block always ends it.
+    """
     if _provider is None or not trace.get_current_span().is_recording():
         yield None
         return
-    tracer = _provider.get_tracer("igw")
-    with tracer.start_as_current_span(
+    span = _provider.get_tracer("igw").start_span(
         f"chat {model}", kind=trace.SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
         attributes={
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider_type,
             "gen_ai.request.model": model, "igw.provider": provider, "igw.deployment": deployment,
             "igw.attempt": attempt,
         },
-    ) as span:
-        yield span
+    )
+    try:
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+            yield span
+    except BaseException:
+        span.end()
+        raise
+    if not keep_open:
+        span.end()
+
+
+def end_span(span: trace.Span | None) -> None:
+    """Ends a span kept open by ``attempt_span(keep_open=True)`` (no-op when not traced)."""
+    if span is not None:
+        span.end()
 
 
 def attempt_failed(span: trace.Span | None, error_type: str) -> None:

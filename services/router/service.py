@@ -30,7 +30,7 @@ from services.common import errors as E
 from services.common.errors import error_info_from_rpc_error
 from services.common.identity import Identity
 from services.common.money import call_cost
-from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage
+from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage, end_span
 from services.router.breaker import Breaker, State
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import estimate_tokens, get_adapter
@@ -690,9 +690,9 @@ class _Call:
             upstream: AsyncIterator[Any] | None = None
             first: Any = None
             err: ProviderError | None = None
-            # The attempt's span covers the connection up to the first event (the relay that
-            # follows is on the GenerateStream span).
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt) as span:
+            # The attempt's span covers the whole upstream stream: it is current while connecting
+            # and ends after the relay (a failed attempt ends it before the next one).
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True) as span:
                 try:
                     upstream = adapter.stream(
                         r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
@@ -717,6 +717,7 @@ class _Call:
                     attempt_failed(span, err.kind.value)
             assert upstream is not None  # adapter.stream() returned, or the handler above raised
             if err is not None:
+                end_span(span)
                 await _aclose(upstream)
                 r._release(lease.hold.reservation_id, err.kind.value)
                 self.verdict = err
@@ -728,15 +729,16 @@ class _Call:
             r.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
             r.metrics.attempts.labels(dep.name, "success").inc()
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
-            async for msg in self._relay(dep, lease.hold, upstream, first, t0):
+            async for msg in self._relay(dep, lease.hold, upstream, first, t0, span):
                 yield msg
             return
         raise self._final_error()
 
     async def _relay(
         self, dep: Deployment, hold: ledger_pb2.ReserveResponse, upstream: AsyncIterator[Any], first: Any,
-        t0: float,
+        t0: float, span: Any,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+        """Relays the committed attempt's events; ends its span (``span``) when the stream does."""
         r = self.r
         text_parts: list[str] = []
         calls: dict[int, list[str]] = {}
@@ -789,6 +791,10 @@ class _Call:
             r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
             # Settle before closing upstream: a second cancellation during the close must not skip it.
             r._settle(self.rid, hold, dep, usage, elapsed, outcome)
+            attempt_usage(span, usage.input_tokens, usage.output_tokens)
+            if outcome == ledger_pb2.CALL_OUTCOME_PROVIDER_ERROR:
+                attempt_failed(span, "stream_broken")
+            end_span(span)
             await _aclose(upstream)
         cost = await r._cost(hold, dep, usage)
         r._account(dep, self.ident, usage, cost)

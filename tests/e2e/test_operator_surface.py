@@ -277,6 +277,12 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
         for metric in re.findall(r"\b(igw_[a-z_]+)", " ".join(t["expr"] for t in panel["targets"])):
             family = re.sub(r"_(bucket|total|count|sum)$", "", metric)
             assert family in families, f"dashboard plots {metric}, which no service declares"
+    # A streamed call (after the metric sums above, which count the unary calls only).
+    stream_rid = f"stream-{uuid.uuid4().hex[:6]}"
+    with mtls_channel(gw.addr("router"), gw.pki, "agent-demo-quickstart") as ch:
+        req = router_pb2.GenerateRequest(model="fast", max_output_tokens=50, request_id=stream_rid)
+        req.messages.add(role=router_pb2.ROLE_USER).parts.add(text="stream these few words back")
+        streamed = list(router_pb2_grpc.RouterServiceStub(ch).GenerateStream(req, timeout=15))[-1].final
     # One trace: the router's Generate span and the ledger's and vault's spans share its trace id.
     rid = responses[0].request_id
     deadline = time.monotonic() + 10
@@ -301,6 +307,22 @@ def test_metrics_show_the_calls_tokens_and_cost_and_a_trace_spans_all_three_serv
                       key=lambda s: s["attributes"]["igw.attempt"])
     assert [a["attributes"].get("error.type") for a in attempts] == ["rate_limited", None]
     assert attempts[1]["attributes"]["gen_ai.usage.output_tokens"] == responses[3].usage.output_tokens
+    # A stream's attempt span lasts until the stream's end: it carries the usage of the final event
+    # (attributes cannot be set on an ended span) and ends after the connection's first event did.
+    deadline = time.monotonic() + 10
+    while True:
+        spans = [json.loads(line) for line in trace_file.read_text().splitlines() if line.strip()]
+        stream_root = [s for s in spans if s["attributes"].get("igw.request_id") == stream_rid]
+        stream_attempts = [s for s in spans if stream_root and s["trace_id"] == stream_root[0]["trace_id"]
+                           and s["name"].startswith("chat ")]
+        if stream_attempts:
+            break
+        assert time.monotonic() < deadline, "no attempt span for the stream"
+        time.sleep(0.2)
+    (attempt,) = stream_attempts
+    assert attempt["attributes"]["gen_ai.usage.output_tokens"] == streamed.usage.output_tokens > 0
+    assert attempt["attributes"]["gen_ai.usage.input_tokens"] == streamed.usage.input_tokens > 0
+    assert attempt["status"] != "ERROR" and attempt["end_ns"] <= stream_root[0]["end_ns"]
     # Settles go in batches after the answers: a batch is its own trace, linked to each call's, and the
     # ledger's SettleBatch span is in the batch's trace.
     batches = [s for s in spans if s["name"] == "igw.router.SettleBatch"]
