@@ -237,6 +237,11 @@ def _register_audit(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     alist.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     alist.set_defaults(func=cmd_audit_list)
     verify = audit_sub.add_parser("verify", parents=[parent], help="walk the hash chain; exit 1 when broken")
+    verify.add_argument(
+        "--anchor", metavar="SEQ:HASH", default="",
+        help="a head printed by an earlier verify and kept outside the vault: the chain must still hold it "
+             "(shows a cut-off tail, which the chain alone cannot)",
+    )
     verify.set_defaults(func=cmd_audit_verify)
 
 
@@ -611,13 +616,22 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    """`igw audit verify`: exit 0 when the chain verifies, 1 when not."""
+    """`igw audit verify [--anchor SEQ:HASH]`: exit 0 when the chain verifies, 1 when not."""
     session = Session(args)
-    response = _vault(session).VerifyAuditLog(keyvault_pb2.VerifyAuditLogRequest(), timeout=session.timeout)
+    req = keyvault_pb2.VerifyAuditLogRequest()
+    if args.anchor:
+        seq, _, digest = args.anchor.partition(":")
+        if not seq.isdigit() or not digest:
+            raise CliError("--anchor takes SEQ:HASH, as printed by an earlier `igw audit verify`")
+        req.anchor_sequence, req.anchor_hash = int(seq), digest
+    response = _vault(session).VerifyAuditLog(req, timeout=session.timeout)
     if session.json:
         print_json(response)
     elif response.ok:
         print(f"audit log ok: {response.records_checked} records verified")
+        if response.head_sequence:
+            print(f"head {response.head_sequence}:{response.head_hash}"
+                  " (keep it outside the vault; `--anchor` it next time to show a cut-off tail)")
     else:
         print(
             f"audit log BROKEN at record {response.first_bad_sequence}: {response.reason} "

@@ -35,10 +35,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
@@ -448,17 +449,35 @@ async def list_events(
     return records, (records[-1].sequence if more and records else None)
 
 
-async def verify_chain(engine: AsyncEngine, chain_key: bytes, page: int = 5000) -> D.VerifyResult:
+async def verify_chain(
+    engine: AsyncEngine, chain_key: bytes, page: int = 5000, anchor: tuple[int, str] | None = None,
+) -> D.VerifyResult:
     """Walks the chain in sequence order; names the first record that does not verify.
 
     A record whose MAC is not the HMAC under ``chain_key`` is HASH_MISMATCH, whatever else
     it holds: records hashed with plain SHA-256 (the unkeyed ``igw-audit/v1`` format, or a
-    forger without the key) never verify.
+    forger without the key) never verify. ``anchor`` (sequence, hash), a head recorded outside
+    the vault, must still be in the chain: ANCHOR_MISSING when the chain now ends before it
+    (its tail was cut off), ANCHOR_MISMATCH when that record's hash differs.
     """
+    result, anchor_hash = await _walk(engine, chain_key, page, anchor[0] if anchor else 0)
+    if not result.ok or anchor is None:
+        return result
+    seq, want = anchor
+    if result.head_sequence < seq:
+        return replace(result, ok=False, first_bad_sequence=seq, reason="ANCHOR_MISSING")
+    if not hmac.compare_digest(anchor_hash, want.lower()):
+        return replace(result, ok=False, first_bad_sequence=seq, reason="ANCHOR_MISMATCH")
+    return result
+
+
+async def _walk(engine: AsyncEngine, chain_key: bytes, page: int, anchor_seq: int) -> tuple[D.VerifyResult, str]:
+    """The walk itself; also returns the hash of record ``anchor_seq`` ("" when not reached)."""
     checked = 0
     expected_seq = 1
     prev = D.GENESIS_HASH
     after = 0
+    anchor_hash = ""
     c = audit_events.c
     async with engine.connect() as conn:
         # One snapshot for the whole walk, so concurrent appends cannot look like gaps.
@@ -475,16 +494,19 @@ async def verify_chain(engine: AsyncEngine, chain_key: bytes, page: int = 5000) 
                 for row in rows:
                     rec = _to_record(row)
                     if rec.sequence != expected_seq:
-                        return D.VerifyResult(False, checked, expected_seq, "SEQUENCE_GAP")
+                        return D.VerifyResult(False, checked, expected_seq, "SEQUENCE_GAP"), anchor_hash
                     checked += 1
                     if not D.hash_matches(rec, chain_key):
-                        return D.VerifyResult(False, checked, rec.sequence, "HASH_MISMATCH")
+                        return D.VerifyResult(False, checked, rec.sequence, "HASH_MISMATCH"), anchor_hash
                     if rec.prev_hash != prev:
-                        return D.VerifyResult(False, checked, rec.sequence, "CHAIN_BROKEN")
+                        return D.VerifyResult(False, checked, rec.sequence, "CHAIN_BROKEN"), anchor_hash
+                    if rec.sequence == anchor_seq:
+                        anchor_hash = rec.hash
                     prev = rec.hash
                     expected_seq += 1
                     after = rec.sequence
-    return D.VerifyResult(True, checked)
+    head = (after, prev) if checked else (0, "")
+    return D.VerifyResult(True, checked, head_sequence=head[0], head_hash=head[1]), anchor_hash
 
 
 async def chain_head(engine: AsyncEngine) -> int:

@@ -342,6 +342,8 @@ class VerifyResult:
     records_checked: int
     first_bad_sequence: int = 0
     reason: str = ""
+    head_sequence: int = 0
+    head_hash: str = ""
 
 
 @dataclass(frozen=True, slots=True)

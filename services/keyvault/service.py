@@ -23,6 +23,7 @@ import binascii
 import datetime as dt
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -371,13 +372,26 @@ class VaultService:
         records, nxt = await A.list_events(self._engine, flt, _page_size(page_size), before)
         return records, _encode_token("before", nxt) if nxt is not None else ""
 
-    async def verify_audit(self) -> D.VerifyResult:
-        """Walks the whole chain."""
+    async def verify_audit(self, anchor_sequence: int = 0, anchor_hash: str = "") -> D.VerifyResult:
+        """Walks the whole chain; with an anchor (a head recorded outside the vault), also checks
+        that the chain still holds it, so a cut-off tail shows."""
         self._unsealed()
+        if anchor_sequence < 0:
+            raise E.InvalidArgument(
+                "ANCHOR_INVALID", "anchor_sequence must not be negative", {"field": "anchor_sequence"}
+            )
+        if anchor_sequence and not re.fullmatch(r"[0-9a-fA-F]{64}", anchor_hash):
+            raise E.InvalidArgument(
+                "ANCHOR_INVALID", "anchor_hash must be the 64 hex digits of the anchored record's hash",
+                {"field": "anchor_hash"},
+            )
+        if anchor_hash and not anchor_sequence:
+            raise E.InvalidArgument("ANCHOR_INVALID", "anchor_hash needs anchor_sequence", {"field": "anchor_sequence"})
         key = self._writer.chain_key
         if key is None:
             raise master_key_unavailable()
-        return await A.verify_chain(self._engine, key)
+        anchor = (anchor_sequence, anchor_hash) if anchor_sequence else None
+        return await A.verify_chain(self._engine, key, anchor=anchor)
 
 
 def _canonical(*parts: object) -> bytes:

@@ -200,8 +200,9 @@ class KeyVaultAdminServicer(pb_grpc.KeyVaultAdminServiceServicer):
         self, request: pb.VerifyAuditLogRequest, context: Any
     ) -> pb.VerifyAuditLogResponse:
         self._gate()
-        result = await self._service.verify_audit()
+        result = await self._service.verify_audit(request.anchor_sequence, request.anchor_hash)
         return pb.VerifyAuditLogResponse(
             ok=result.ok, records_checked=result.records_checked,
             first_bad_sequence=result.first_bad_sequence, reason=result.reason,
+            head_sequence=result.head_sequence, head_hash=result.head_hash,
         )

@@ -129,8 +129,14 @@ def test_every_cli_command_works_with_tables_and_json(gateway: Gateway, tmp_path
     assert name in run("audit", "list", "--key", name)
     events = igw_json(gw, "audit", "list", "--limit", "5")
     assert events["events"]  # type: ignore[index]
-    run("audit", "verify")
+    head = re.search(r"^head (\d+:[0-9a-f]{64}) ", run("audit", "verify"), re.M)
+    assert head, "verify prints the chain head to keep outside the vault"
     assert igw_json(gw, "audit", "verify")["ok"] is True  # type: ignore[index]
+    assert "audit log ok" in run("audit", "verify", "--anchor", head.group(1))
+    seq = head.group(1).split(":")[0]
+    moved = igw(gw, "audit", "verify", "--anchor", f"{seq}:{'0' * 64}", check=False)
+    assert moved.returncode == 1 and "ANCHOR_MISMATCH" in moved.stderr
+    assert igw(gw, "audit", "verify", "--anchor", "nonsense", check=False).returncode != 0
     sha = igw_json(gw, "config", "show")["sha256"]  # type: ignore[index]
     assert sha in run("config", "show")
     assert igw_json(gw, "config", "reload")["sha256"] == sha  # type: ignore[index]

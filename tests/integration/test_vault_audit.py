@@ -409,3 +409,37 @@ async def test_the_rewrap_command_moves_the_keys_and_names_who_ran_it(
         assert (await fresh.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
     finally:
         await stop_vault(fresh)
+
+
+async def test_a_cut_off_tail_shows_against_an_anchor_kept_outside_the_vault(vault: Vault) -> None:
+    """Deleting the newest records leaves a chain that verifies on its own; the head an operator
+    recorded from an earlier verify (`igw audit verify` prints it) shows the cut."""
+    await vault.create("k")
+    for i in range(5):
+        await vault.issue(request_id=f"r{i}")
+    first = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    records = await _records(vault.url)
+    assert first.ok and (first.head_sequence, first.head_hash) == (records[-1].sequence, records[-1].hash)
+    anchor = pb.VerifyAuditLogRequest(anchor_sequence=first.head_sequence, anchor_hash=first.head_hash)
+    await vault.issue(request_id="later")  # the chain grows past the anchor: still fine
+    later = await vault.admin.VerifyAuditLog(anchor)
+    assert later.ok and later.head_sequence == first.head_sequence + 1
+    # An attacker with DB access (able to disable the triggers) deletes the newest three records.
+    vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
+    vault.sql("DELETE FROM audit_events WHERE sequence > %s", (first.head_sequence - 2,))
+    vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
+    alone = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())
+    assert alone.ok and alone.head_sequence == first.head_sequence - 2  # the chain alone cannot tell
+    cut = await vault.admin.VerifyAuditLog(anchor)
+    assert (cut.ok, cut.reason, cut.first_bad_sequence) == (False, "ANCHOR_MISSING", first.head_sequence)
+    # A wrong hash for a record that is there, and malformed anchors.
+    wrong = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest(anchor_sequence=2, anchor_hash="0" * 64))
+    assert (wrong.ok, wrong.reason) == (False, "ANCHOR_MISMATCH")
+    good = await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest(anchor_sequence=2, anchor_hash=records[1].hash))
+    assert good.ok
+    for bad in (pb.VerifyAuditLogRequest(anchor_sequence=2, anchor_hash="xyz"),
+                pb.VerifyAuditLogRequest(anchor_sequence=-1, anchor_hash=records[1].hash),
+                pb.VerifyAuditLogRequest(anchor_hash=records[1].hash)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await vault.admin.VerifyAuditLog(bad)
+        assert (info.value.code(), reason_of(info.value)) == (grpc.StatusCode.INVALID_ARGUMENT, "ANCHOR_INVALID")
