@@ -271,7 +271,7 @@ class LedgerService:
         valid = [a for a in items if not isinstance(a, E.IgwError)]
         now = self.now()
         try:
-            rows = await self.repo.settle_batch(valid, now) if valid else []
+            rows: list[dict[str, Any] | E.IgwError] = list(await self.repo.settle_batch(valid, now)) if valid else []
         except psycopg.Error:
             # Not a conflict or an outage (those are retried or raised as UNAVAILABLE), so
             # something in one item: settle them one by one, each getting its own outcome.
@@ -282,15 +282,19 @@ class LedgerService:
                     rows.append(await self.repo.settle(*args, now))
                 except psycopg.Error:
                     _LOGGER.exception("settle failed in the database")
-                    rows.append({"result": "DATABASE_ERROR"})
+                    rows.append(E.Internal("INTERNAL", "the settle failed in the database"))
         results = iter(rows)
         out: list[D.SettleResult | E.IgwError] = []
         for item in items:
             if isinstance(item, E.IgwError):
                 out.append(item)
                 continue
+            row = next(results)
+            if isinstance(row, E.IgwError):
+                out.append(row)
+                continue
             try:
-                out.append(self._settled(item, next(results)))
+                out.append(self._settled(item, row))
             except E.IgwError as err:
                 out.append(err)
         return out
@@ -397,8 +401,6 @@ class LedgerService:
                 "MODEL_NOT_PRICED", "the hold's price version has no price for its model",
                 {"price_version": res["price_version"]},
             )
-        if result == "DATABASE_ERROR":
-            raise E.Internal("INTERNAL", "the settle failed in the database")
         raise E.Internal("INTERNAL", f"unexpected settle result {result}")
 
     async def release(self, *, reservation_id: str, reason: str = "") -> bool:
