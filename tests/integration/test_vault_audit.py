@@ -230,8 +230,10 @@ async def test_a_tampered_chain_key_seals_the_vault(pki: Path, fresh_database: s
         await v.create("k")
     finally:
         await stop_vault(v)
+    wrapped = MasterKey(master).wrap_chain_key(os.urandom(32))
+    # One bit of the wrapped key flipped (setting the last byte to 0 left it intact 1 time in 256).
     v.sql("UPDATE vault_meta SET value = %s WHERE name = 'audit_chain_key'",
-          (MasterKey(master).wrap_chain_key(os.urandom(32))[:-1] + b"\0",))
+          (wrapped[:-1] + bytes([wrapped[-1] ^ 1]),))
     sealed = await start_vault(pki, fresh_database, master)
     try:
         assert sealed.service.sealed
