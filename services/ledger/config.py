@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from services.common.settings import RuntimeSettings, SettingsError, env_bool, env_float, env_int, env_str
 
 MAX_HOLD_TTL_SECONDS = 3600
+# The most calls one budget slice (AcquireSlice) may cover.
+MAX_SLICE_CALLS = 1024
 
 
 @dataclass(frozen=True, slots=True)

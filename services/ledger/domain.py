@@ -124,6 +124,8 @@ class Hold:
     state: str
     created_at: dt.datetime
     expires_at: dt.datetime
+    # 0 for a call's hold; N > 0 for a budget slice covering N calls.
+    slice_calls: int = 0
 
 
 @dataclass(frozen=True, slots=True)

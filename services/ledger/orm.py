@@ -128,6 +128,7 @@ class Hold(Base):
         CheckConstraint("attempt >= 0", name="attempt_nonneg"),
         CheckConstraint("prompt_tokens >= 0", name="prompt_tokens_nonneg"),
         CheckConstraint("max_output_tokens >= 0", name="max_output_tokens_nonneg"),
+        CheckConstraint("slice_calls >= 0", name="slice_calls_nonneg"),
         CheckConstraint("state IN ('OPEN', 'SETTLED', 'RELEASED', 'CAPTURED')", name="state_known"),
         CheckConstraint(
             "cardinality(budget_ids) = cardinality(window_starts)", name="counters_aligned"
@@ -154,6 +155,9 @@ class Hold(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(TZ)
     closed_at: Mapped[dt.datetime | None] = mapped_column(TZ, nullable=True)
     release_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # 0: one call's hold. N > 0: a budget slice leased to a router for up to N calls; its calls
+    # settle against it by their own request ids and it shrinks as they do.
+    slice_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class SpendEntry(Base):

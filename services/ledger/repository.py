@@ -150,13 +150,15 @@ class Repository:
         max_output_tokens: int,
         ttl_us: int,
         now: dt.datetime,
+        slice_calls: int = 0,
     ) -> dict[str, Any]:
-        """Calls ``ledger_reserve``; the JSON result says OK / DENIED / MISMATCH / ..."""
+        """Calls ``ledger_hold`` (a call's hold, or a slice of ``slice_calls`` calls); the JSON
+        result says OK / DENIED / MISMATCH / ..."""
         return await self._call(  # type: ignore[no-any-return]
-            "reserve",
-            "SELECT ledger_reserve(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "reserve" if not slice_calls else "acquire_slice",
+            "SELECT ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (hold_id, request_id, attempt, team, agent, model, provider, prompt_tokens,
-             max_output_tokens, ttl_us, now),
+             max_output_tokens, slice_calls, ttl_us, now),
         )
 
     async def settle(

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.common import errors as E
 from services.ledger import domain as D
-from services.ledger.config import MAX_HOLD_TTL_SECONDS
+from services.ledger.config import MAX_HOLD_TTL_SECONDS, MAX_SLICE_CALLS
 from services.ledger.pricing import MAX_VALUE, ModelPrice, default_prices
 from services.ledger.repository import Repository, SettleArgs
 
@@ -115,6 +115,7 @@ def _hold(raw: dict[str, Any]) -> D.Hold:
         amount_nanos=int(raw["amount"]),
         price_version=int(raw["price_version"]),
         state=raw["state"],
+        slice_calls=int(raw.get("slice_calls", 0)),
         created_at=D.from_us(int(raw["created_us"])),
         expires_at=D.from_us(int(raw["expires_us"])),
     )
@@ -187,14 +188,47 @@ class LedgerService:
         provider: str = "",
     ) -> D.ReserveResult:
         """Places a hold sized to the most the call can cost, or raises BUDGET_EXCEEDED."""
-        D.check_request_id(request_id)
+        if attempt < 0:
+            raise E.InvalidArgument("INVALID_ATTEMPT", "attempt must be >= 0", {"field": "attempt"})
+        return await self._place(
+            request_id, attempt, team, agent, model, prompt_tokens_upper_bound, max_output_tokens,
+            0, hold_ttl, provider,
+        )
+
+    async def acquire_slice(
+        self,
+        *,
+        slice_id: str,
+        team: str,
+        agent: str,
+        model: str,
+        prompt_tokens_upper_bound: int,
+        max_output_tokens: int,
+        calls: int,
+        hold_ttl: dt.timedelta | None = None,
+        provider: str = "",
+    ) -> D.ReserveResult:
+        """Places a budget slice for up to ``calls`` calls of the given bounds (as many as every
+        budget has room for, at least one), or raises BUDGET_EXCEEDED."""
+        if not 1 <= calls <= MAX_SLICE_CALLS:
+            raise E.InvalidArgument(
+                "INVALID_SLICE_CALLS", f"calls must be 1 to {MAX_SLICE_CALLS}", {"field": "calls"})
+        return await self._place(
+            slice_id, 0, team, agent, model, prompt_tokens_upper_bound, max_output_tokens,
+            calls, hold_ttl, provider, what="slice_id",
+        )
+
+    async def _place(
+        self, request_id: str, attempt: int, team: str, agent: str, model: str, prompt_tokens: int,
+        max_output_tokens: int, calls: int, hold_ttl: dt.timedelta | None, provider: str,
+        *, what: str = "request_id",
+    ) -> D.ReserveResult:
+        D.check_request_id(request_id, what)
         D.check_name("team", team)
         D.check_name("agent", agent)
         D.check_name("model", model)
         D.check_name("provider", provider, required=False)
-        if attempt < 0:
-            raise E.InvalidArgument("INVALID_ATTEMPT", "attempt must be >= 0", {"field": "attempt"})
-        D.check_tokens("prompt_tokens_upper_bound", prompt_tokens_upper_bound)
+        D.check_tokens("prompt_tokens_upper_bound", prompt_tokens)
         D.check_tokens("max_output_tokens", max_output_tokens)
         ttl_us = self.hold_ttl_us
         if hold_ttl is not None and hold_ttl != dt.timedelta(0):
@@ -203,15 +237,16 @@ class LedgerService:
             ttl_us = min(hold_ttl // dt.timedelta(microseconds=1), MAX_HOLD_TTL_SECONDS * 1_000_000)
         res = await self.repo.reserve(
             uuid.uuid4(), request_id, attempt, team, agent, model, provider,
-            prompt_tokens_upper_bound, max_output_tokens, ttl_us, self.now(),
+            prompt_tokens, max_output_tokens, ttl_us, self.now(), calls,
         )
+        kind = "slice_" if calls else ""
         result = res["result"]
         if result == "OK":
             out = D.ReserveResult(_hold(res["hold"]), [_status(b) for b in res["budgets"]], bool(res["replayed"]))
-            self.metrics.reserves.labels("replayed" if out.replayed else "ok").inc()
+            self.metrics.reserves.labels(kind + ("replayed" if out.replayed else "ok")).inc()
             self._update_remaining(team, out.budgets)
             return out
-        self.metrics.reserves.labels(result.lower()).inc()
+        self.metrics.reserves.labels(kind + result.lower()).inc()
         if result == "DENIED":
             status = _status(res["budget"])
             self.metrics.denials.labels(team).inc()
@@ -226,12 +261,12 @@ class LedgerService:
         if result == "MISMATCH":
             raise E.Aborted(
                 _MISMATCH,
-                "a hold with this request_id and attempt exists with a different payload",
-                {"request_id": request_id, "attempt": attempt},
+                f"a hold with this {what} exists with a different payload",
+                {what: request_id, "attempt": attempt},
             )
         if result == "ALREADY_SETTLED":
             raise E.FailedPrecondition(
-                "ALREADY_SETTLED", "this request_id is already settled", {"request_id": request_id}
+                "ALREADY_SETTLED", f"this {what} is already settled", {what: request_id}
             )
         if result == "COST_OVERFLOW":
             raise E.InvalidArgument(

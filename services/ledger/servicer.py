@@ -130,6 +130,30 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             budgets=[budget_status_pb(b) for b in res.budgets],
         )
 
+    async def AcquireSlice(self, request: pb.AcquireSliceRequest, context: Any) -> pb.AcquireSliceResponse:
+        res = await self._svc.acquire_slice(
+            slice_id=request.slice_id,
+            team=request.team,
+            agent=request.agent,
+            model=request.model,
+            prompt_tokens_upper_bound=request.prompt_tokens_upper_bound,
+            max_output_tokens=request.max_output_tokens,
+            calls=request.calls,
+            hold_ttl=request.hold_ttl.ToTimedelta() if request.HasField("hold_ttl") else None,
+            provider=request.provider,
+        )
+        hold = res.hold
+        calls = max(hold.slice_calls, 1)
+        return pb.AcquireSliceResponse(
+            reservation_id=str(hold.reservation_id),
+            held_nanos=hold.amount_nanos,
+            calls=hold.slice_calls,
+            per_call_nanos=hold.amount_nanos // calls if not res.replayed else 0,
+            price_version=hold.price_version,
+            expire_time=_ts(hold.expires_at),
+            budgets=[budget_status_pb(b) for b in res.budgets],
+        )
+
     async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:
         return await self._settle(request)
 

@@ -64,6 +64,11 @@ class RouterMetrics:
             "igw_router_overload_rejections", "Calls refused because max_in_flight was reached.", registry=r)
         self.settle_retries = Counter(
             "igw_router_settle_retries", "Settle calls retried before the ledger acknowledged.", registry=r)
+        self.slices = Counter(
+            "igw_router_budget_slices", "Budget slices by event (acquired, denied, failed, released, kept).",
+            ["event"], registry=r)
+        self.slice_draws = Counter(
+            "igw_router_slice_draws", "Call holds placed locally from a budget slice (no Reserve).", registry=r)
         self.config_info = Gauge(
             "igw_router_config_info", "The active routing config (value 1), by digest.", ["sha256"], registry=r)
         self.config_reloads = Counter(

@@ -15,6 +15,7 @@ Shape (every key is checked; unknown keys are refused)::
     breaker: {failure_threshold: 5, cooldown_ms: 30000, probe_timeout_ms: 10000}
     limits: {max_in_flight: 512, max_messages: 1000, max_request_bytes: 8388608,
              max_output_tokens: 200000, default_output_tokens: 1024}
+    budget_slices: {enabled: false, calls: 64, draw_window_ms: 20000, teams: [hot-team]}
 
 Base URLs must be https unless the provider is marked ``local: true``: an OpenAI-compatible
 server the platform runs itself (vLLM, Ollama) on this host or inside the cluster, which may
@@ -126,6 +127,21 @@ class Limits:
     default_output_tokens: int = 1024
 
 
+@dataclass(frozen=True, slots=True)
+class SlicesCfg:
+    """Budget slices (the hot-team path): the router leases a slice of a team's budget for up to
+    ``calls`` calls and places per-call holds locally, drawing from it for ``draw_window_ms``.
+    ``teams``: the teams that use slices (None: every team)."""
+
+    enabled: bool = False
+    calls: int = 64
+    draw_window_ms: int = 20_000
+    teams: frozenset[str] | None = None
+
+    def applies(self, team: str) -> bool:
+        return self.enabled and (self.teams is None or team in self.teams)
+
+
 @dataclass(frozen=True)
 class RoutingConfig:
     """A validated routing config and its identity."""
@@ -139,6 +155,7 @@ class RoutingConfig:
     timeouts: TimeoutsCfg = field(default_factory=TimeoutsCfg)
     breaker: BreakerCfg = field(default_factory=BreakerCfg)
     limits: Limits = field(default_factory=Limits)
+    budget_slices: SlicesCfg = field(default_factory=SlicesCfg)
 
 
 def _keys(where: str, obj: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
@@ -214,7 +231,7 @@ def parse_config(data: bytes, source: str = "<memory>") -> RoutingConfig:
         "config",
         raw,
         {"providers", "deployments", "models"},
-        {"version", "retries", "timeouts", "breaker", "limits"},
+        {"version", "retries", "timeouts", "breaker", "limits", "budget_slices"},
     )
     if top.get("version", 1) != 1:
         raise ConfigError("config.version: only version 1 is known")
@@ -302,6 +319,7 @@ def parse_config(data: bytes, source: str = "<memory>") -> RoutingConfig:
         {"max_in_flight": (1, 100_000), "max_messages": (1, 10_000), "max_request_bytes": (1024, 64 << 20),
          "max_output_tokens": (1, 10_000_000), "default_output_tokens": (1, 10_000_000)},
     )
+    slices = _slices(top.get("budget_slices"))
     return RoutingConfig(
         sha256=hashlib.sha256(data).hexdigest(),
         source=source,
@@ -312,6 +330,25 @@ def parse_config(data: bytes, source: str = "<memory>") -> RoutingConfig:
         timeouts=timeouts,
         breaker=breaker,
         limits=limits,
+        budget_slices=slices,
+    )
+
+
+def _slices(raw: Any) -> SlicesCfg:
+    if raw is None:
+        return SlicesCfg()
+    w = "budget_slices"
+    obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams"})
+    teams = obj.get("teams")
+    if teams is not None:
+        if not isinstance(teams, list):
+            raise ConfigError(f"{w}.teams: must be a list")
+        teams = frozenset(_name(f"{w}.teams", t, _TEAM) for t in teams)
+    return SlicesCfg(
+        enabled=_bool(f"{w}.enabled", obj.get("enabled", False)),
+        calls=_int(f"{w}.calls", obj.get("calls", 64), 2, 1024),
+        draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
+        teams=teams,
     )
 
 

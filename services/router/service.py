@@ -47,6 +47,7 @@ from services.router.providers.domain import (
 from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.routing import Alias, Deployment, RoutingConfig
 from services.router.settler import Settler
+from services.router.slices import SliceBook, SliceHold
 from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
 
 _LOGGER = logging.getLogger(__name__)
@@ -129,6 +130,9 @@ class AttemptLog:
 class _Lease:
     hold: ledger_pb2.ReserveResponse
     secret: str
+    # Set when the hold was drawn from a budget slice (no Reserve): settled against the slice,
+    # given back to it (not released) when the attempt fails.
+    slice: SliceHold | None = None
 
 
 class Router:
@@ -154,6 +158,7 @@ class Router:
         self._in_flight = 0
         self._settles: set[asyncio.Task[None]] = set()
         self.settler = Settler(backends.ledger, metrics)
+        self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.config = config
         self.apply_config(config)
 
@@ -234,16 +239,9 @@ class Router:
         self, ident: Identity, rid: str, attempt: int, dep: Deployment, prep: Prepared, cfg: RoutingConfig,
         timeout: float,
     ) -> _Lease:
-        """Reserve and IssueCredential concurrently. Raises IgwError or _SkipDeployment."""
+        """A hold (Reserve, or drawn from a budget slice) and a credential (IssueCredential),
+        concurrently. Raises IgwError or _SkipDeployment."""
         provider = cfg.providers[dep.provider]
-        reserve = self.backends.ledger.Reserve(
-            ledger_pb2.ReserveRequest(
-                request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
-                prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
-                max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
-            ),
-            timeout=timeout,
-        )
         issue = self.backends.vault.IssueCredential(
             keyvault_pb2.IssueCredentialRequest(
                 provider=dep.provider, team=ident.team, model=dep.model, request_id=rid,
@@ -251,29 +249,46 @@ class Router:
             ),
             timeout=timeout,
         )
-        # Both calls are already in flight (a gRPC aio call starts when it is created); awaiting
+        drawn: SliceHold | None = None
+        # Both calls are in flight at once (a gRPC aio call starts when it is created); awaiting
         # them in turn is gather() without its two wrapper tasks per call.
         hold: ledger_pb2.ReserveResponse | BaseException
-        lease: keyvault_pb2.IssueCredentialResponse | BaseException
         try:
-            hold = await reserve
+            if cfg.budget_slices.applies(ident.team):
+                drawn = await self.slices.draw(
+                    ident.team, ident.agent, dep.price, prep.prompt_tokens_upper_bound,
+                    prep.chat.max_output_tokens, cfg, timeout, dep.provider,
+                )
+            if drawn is not None:
+                hold = drawn.response()
+            else:
+                hold = await self.backends.ledger.Reserve(
+                    ledger_pb2.ReserveRequest(
+                        request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
+                        prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
+                        max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                    ),
+                    timeout=timeout,
+                )
         except asyncio.CancelledError:
             issue.cancel()
             raise
         except Exception as exc:
             hold = exc
+        lease: keyvault_pb2.IssueCredentialResponse | BaseException
         try:
             lease = await issue
         except asyncio.CancelledError:
             if not isinstance(hold, BaseException):
-                self._release(hold.reservation_id, "cancelled")
+                self._free(_Lease(hold, "", drawn), "cancelled")
             raise
         except Exception as exc:
             lease = exc
         if isinstance(hold, BaseException):
             raise _ledger_error(hold, ident.team, self.metrics)
+        held = _Lease(hold, "", drawn)
         if isinstance(lease, BaseException):
-            self._release(hold.reservation_id, "no_credential")
+            self._free(held, "no_credential")
             if isinstance(lease, grpc.RpcError) and lease.code() in (
                 grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
@@ -283,10 +298,18 @@ class Router:
             raise lease
         if lease.base_url.rstrip("/") != provider.base_url:
             # The vault bound this secret to another host: never send it to ours.
-            self._release(hold.reservation_id, "lease_url_mismatch")
+            self._free(held, "lease_url_mismatch")
             _LOGGER.error("lease base URL differs from the routing config", extra={"deployment": dep.name})
             raise _SkipDeployment("LEASE_BASE_URL_MISMATCH")
-        return _Lease(hold, lease.secret)
+        held.secret = lease.secret
+        return held
+
+    def _free(self, lease: _Lease, reason: str) -> None:
+        """Frees an attempt's hold: back to its slice, or released in the ledger."""
+        if lease.slice is not None:
+            self.slices.give_back(lease.slice)
+        else:
+            self._release(lease.hold.reservation_id, reason)
 
     def _release(self, reservation_id: str, reason: str) -> None:
         self._background(self._release_now(reservation_id, reason))
@@ -308,11 +331,11 @@ class Router:
         task.add_done_callback(self._settles.discard)
 
     def _settle(
-        self, rid: str, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage, latency_s: float,
+        self, rid: str, lease: _Lease, dep: Deployment, usage: Usage, latency_s: float,
         outcome: ledger_pb2.CallOutcome,
     ) -> None:
         req = ledger_pb2.SettleRequest(
-            request_id=rid, reservation_id=hold.reservation_id,
+            request_id=rid, reservation_id=lease.hold.reservation_id,
             usage=ledger_pb2.TokenUsage(
                 input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                 cached_input_tokens=usage.cached_input_tokens,
@@ -320,12 +343,14 @@ class Router:
             provider=dep.provider, provider_model=dep.model, outcome=outcome, usage_estimated=not usage.reported,
         )
         req.latency.FromNanoseconds(int(latency_s * 1e9))
-        self.settler.submit(req)
+        drawn = lease.slice
+        self.settler.submit(req, None if drawn is None else lambda ok: self.slices.settled(drawn, ok))
 
     async def drain(self, timeout: float) -> None:
         """Waits for queued settles and background releases (graceful shutdown), ``timeout`` in all."""
         deadline = time.monotonic() + timeout
         await self.settler.drain(timeout)
+        await self.slices.close(max(deadline - time.monotonic(), 0.0))
         if self._settles:
             await asyncio.wait(list(self._settles), timeout=max(deadline - time.monotonic(), 0.0))
 
@@ -576,7 +601,7 @@ class _Call:
             reason = "untranslatable"
         else:
             reason = "router_error"
-        r._release(lease.hold.reservation_id, reason)
+        r._free(lease, reason)
         if ticket == "probe":
             r.breakers[dep.name].release_probe()
         if not isinstance(exc, ValueError):
@@ -610,7 +635,7 @@ class _Call:
                     )
                 except ProviderError as err:
                     attempt_failed(span, err.kind.value)
-                    r._release(lease.hold.reservation_id, err.kind.value)
+                    r._free(lease, err.kind.value)
                     self.verdict = err
                     self._failed(dep, ticket, err, t0)
                     continue
@@ -630,7 +655,7 @@ class _Call:
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
             usage = resp.usage
             # Settle before anything else can fail: the hold must never outlive a served call.
-            r._settle(self.rid, lease.hold, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
+            r._settle(self.rid, lease, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
             cost = await r._cost(lease.hold, dep, usage)
             r._account(dep, self.ident, usage, cost)
             self._trace(dep, usage, cost)
@@ -719,7 +744,7 @@ class _Call:
             if err is not None:
                 end_span(span)
                 await _aclose(upstream)
-                r._release(lease.hold.reservation_id, err.kind.value)
+                r._free(lease, err.kind.value)
                 self.verdict = err
                 self._failed(dep, ticket, err, t0)
                 continue
@@ -729,13 +754,13 @@ class _Call:
             r.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
             r.metrics.attempts.labels(dep.name, "success").inc()
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
-            async for msg in self._relay(dep, lease.hold, upstream, first, t0, span):
+            async for msg in self._relay(dep, lease, upstream, first, t0, span):
                 yield msg
             return
         raise self._final_error()
 
     async def _relay(
-        self, dep: Deployment, hold: ledger_pb2.ReserveResponse, upstream: AsyncIterator[Any], first: Any,
+        self, dep: Deployment, lease: _Lease, upstream: AsyncIterator[Any], first: Any,
         t0: float, span: Any,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         """Relays the committed attempt's events; ends its span (``span``) when the stream does."""
@@ -790,13 +815,13 @@ class _Call:
                 usage = counted
             r.metrics.upstream_seconds.labels(dep.provider, dep.model).observe(elapsed)
             # Settle before closing upstream: a second cancellation during the close must not skip it.
-            r._settle(self.rid, hold, dep, usage, elapsed, outcome)
+            r._settle(self.rid, lease, dep, usage, elapsed, outcome)
             attempt_usage(span, usage.input_tokens, usage.output_tokens)
             if outcome == ledger_pb2.CALL_OUTCOME_PROVIDER_ERROR:
                 attempt_failed(span, "stream_broken")
             end_span(span)
             await _aclose(upstream)
-        cost = await r._cost(hold, dep, usage)
+        cost = await r._cost(lease.hold, dep, usage)
         r._account(dep, self.ident, usage, cost)
         self._trace(dep, usage, cost)
         tool_calls = [ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items())]

@@ -16,6 +16,7 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 
 import grpc
 from opentelemetry.trace import SpanContext
@@ -33,8 +34,11 @@ _FINAL = frozenset({
     grpc.StatusCode.PERMISSION_DENIED.value[0],
 })
 _GIVE_UP_AFTER_S = 600.0
-# A queued settle: the request, when to give up on it, the span of the call it settles (or None).
-_Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None]
+# Told whether the settle was acknowledged (False: given up or refused).
+OnDone = Callable[[bool], None] | None
+# A queued settle: the request, when to give up on it, the span of the call it settles (or None),
+# and who to tell when it is done.
+_Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None, OnDone]
 
 
 class Settler:
@@ -56,15 +60,15 @@ class Settler:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def submit(self, req: ledger_pb2.SettleRequest) -> None:
-        """Queues one settle; returns at once."""
+    def submit(self, req: ledger_pb2.SettleRequest, on_done: OnDone = None) -> None:
+        """Queues one settle; returns at once. ``on_done(acknowledged)`` runs when it is done."""
         if self._pump is None or self._pump.done():
             # A fresh context: the pump must not carry the first caller's span, request id or identity.
             self._pump = asyncio.get_running_loop().create_task(
                 self._run(), name="router-settler", context=contextvars.Context())
         self._pending += 1
         self._idle.clear()
-        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S, current_span_context()))
+        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S, current_span_context(), on_done))
 
     async def drain(self, timeout: float) -> bool:
         """Waits until every queued settle was acknowledged (or given up); True when all were."""
@@ -97,8 +101,14 @@ class Settler:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _done(self, n: int) -> None:
-        self._pending -= n
+    def _done(self, items: list[_Item], acknowledged: bool) -> None:
+        for item in items:
+            if item[3] is not None:
+                try:
+                    item[3](acknowledged)
+                except Exception:  # a callback's bug must not stall the settler
+                    _LOGGER.exception("settle callback failed")
+        self._pending -= len(items)
         if self._pending <= 0:
             self._pending = 0
             self._idle.set()
@@ -114,7 +124,7 @@ class Settler:
                 if expired:
                     _LOGGER.error("settle not acknowledged in time; the hold will be captured",
                                   extra={"count": len(expired)})
-                    self._done(len(expired))
+                    self._done(expired, False)
                 pending = [b for b in pending if b[1] > now]
                 if pending:
                     self._metrics.settle_retries.inc(len(pending))
@@ -122,7 +132,7 @@ class Settler:
                     delay = min(delay * 2, 5.0)
         except Exception:  # a bug must not leave drain() waiting for settles nobody sends
             _LOGGER.exception("settle batch failed unexpectedly; its holds will be captured")
-            self._done(len(pending))
+            self._done(pending, False)
         finally:
             self._slots.release()
 
@@ -130,27 +140,27 @@ class Settler:
         self, batch: list[_Item],
     ) -> list[_Item]:
         """Sends one batch; returns the settles to try again."""
-        req = ledger_pb2.SettleBatchRequest(settles=[item for item, _, _ in batch])
+        req = ledger_pb2.SettleBatchRequest(settles=[item[0] for item in batch])
         try:
             # Traced calls: the batch is its own trace, linked to the trace of every call it settles.
-            with linked_span("igw.router.SettleBatch", [ctx for _, _, ctx in batch], {"igw.batch_size": len(batch)}):
+            with linked_span("igw.router.SettleBatch", [item[2] for item in batch], {"igw.batch_size": len(batch)}):
                 resp = await self._ledger.SettleBatch(req, timeout=10)
         except grpc.RpcError as err:
             code = err.code()
             if code.value[0] in _FINAL:  # the batch itself was refused: a bug, not a fault
                 _LOGGER.error("settle batch refused", extra={"code": code.name, "size": len(batch)})
-                self._done(len(batch))
+                self._done(batch, False)
                 return []
             return batch
         if len(resp.results) != len(batch):
             raise RuntimeError("the ledger answered a settle batch with the wrong number of results")
         retry = []
-        for (item, give_up, ctx), result in zip(batch, resp.results, strict=True):
+        for item, result in zip(batch, resp.results, strict=True):
             if result.code == 0:
-                self._done(1)
+                self._done([item], True)
             elif result.code in _FINAL:
                 _LOGGER.error("settle refused", extra={"reason": result.reason})
-                self._done(1)
+                self._done([item], False)
             else:
-                retry.append((item, give_up, ctx))
+                retry.append(item)
         return retry

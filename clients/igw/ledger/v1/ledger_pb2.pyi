@@ -231,6 +231,46 @@ class SettleBatchResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[SettleBatchResult]
     def __init__(self, results: _Optional[_Iterable[_Union[SettleBatchResult, _Mapping]]] = ...) -> None: ...
 
+class AcquireSliceRequest(_message.Message):
+    __slots__ = ("slice_id", "team", "agent", "model", "prompt_tokens_upper_bound", "max_output_tokens", "calls", "hold_ttl", "provider")
+    SLICE_ID_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_UPPER_BOUND_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_TTL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    slice_id: str
+    team: str
+    agent: str
+    model: str
+    prompt_tokens_upper_bound: int
+    max_output_tokens: int
+    calls: int
+    hold_ttl: _duration_pb2.Duration
+    provider: str
+    def __init__(self, slice_id: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens_upper_bound: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., calls: _Optional[int] = ..., hold_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
+
+class AcquireSliceResponse(_message.Message):
+    __slots__ = ("reservation_id", "held_nanos", "calls", "per_call_nanos", "price_version", "expire_time", "budgets")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    PER_CALL_NANOS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    held_nanos: int
+    calls: int
+    per_call_nanos: int
+    price_version: int
+    expire_time: _timestamp_pb2.Timestamp
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
+    def __init__(self, reservation_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., calls: _Optional[int] = ..., per_call_nanos: _Optional[int] = ..., price_version: _Optional[int] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id", "reason")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]

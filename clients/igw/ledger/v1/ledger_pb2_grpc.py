@@ -56,6 +56,11 @@ class LedgerServiceStub:
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.AcquireSlice = channel.unary_unary(
+                '/igw.ledger.v1.LedgerService/AcquireSlice',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.FromString,
+                _registered_method=True)
         self.GetBudget = channel.unary_unary(
                 '/igw.ledger.v1.LedgerService/GetBudget',
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetBudgetRequest.SerializeToString,
@@ -99,6 +104,17 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireSlice(self, request, context):
+        """Leases a budget slice to a router: one hold sized for up to `calls` calls of the given
+        bounds (fewer when the budget has room for fewer, at least one), against which the router
+        places per-call holds locally. Each call is still settled by its own request id (Settle
+        with the slice's reservation_id); Release returns what is left. Refuses with
+        RESOURCE_EXHAUSTED / BUDGET_EXCEEDED when not even one call fits. Idempotent on slice_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBudget(self, request, context):
         """Reports the budgets that apply to a team (and optionally one agent).
         """
@@ -128,6 +144,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseRequest.FromString,
                     response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'AcquireSlice': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireSlice,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.SerializeToString,
             ),
             'GetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudget,
@@ -245,6 +266,33 @@ class LedgerService:
             '/igw.ledger.v1.LedgerService/Release',
             igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseRequest.SerializeToString,
             igw_dot_ledger_dot_v1_dot_ledger__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireSlice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerService/AcquireSlice',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.FromString,
             options,
             channel_credentials,
             insecure,

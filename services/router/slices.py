@@ -1,0 +1,278 @@
+"""Budget slices, the router's side of the hot-team path (routing config ``budget_slices``).
+
+A slice is one ledger hold covering up to N calls of one team, agent and price key
+(``AcquireSlice``). The router places each call's hold (the most the call can cost, priced
+exactly as the ledger prices a ``Reserve``) against its slice locally instead of calling
+``Reserve``, and settles each call by its own request id against the slice. There is still one
+spend entry per request id, and ``spent + held <= limit`` still holds in Postgres: the slice is
+a hold, and the router never draws more from it than it was granted.
+
+Life of a slice: acquired when a call finds no slice with room (one acquisition per key at a
+time, in a task of its own so that a caller hanging up cannot orphan it; concurrent calls wait
+for it); drawn from for ``draw_window_ms``, or until it has no room for the next call; then
+retired. A retired slice is released (what is left goes back to the budget) once every call
+drawn from it has either given its hold back or had its settle acknowledged. Settles are not
+refunded into the slice: a slice is used up by its calls' holds, which only errs towards the
+budget. The slice lives ``draw window + the longest call + 60 s``; if the router dies, the
+ledger captures what is left of it at expiry, and if a settle is given up the slice is never
+released for the same reason: budgets err on the side of never overspending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from google.protobuf import duration_pb2
+
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.money import call_cost
+from services.router.metrics import RouterMetrics
+from services.router.routing import RoutingConfig
+
+_LOGGER = logging.getLogger(__name__)
+
+# After a denied acquisition, calls of that key take per-call holds (exact answers) for this long.
+_DENIED_BACKOFF_S = 1.0
+_SLACK_S = 60.0
+Key = tuple[str, str, str]  # team, agent, price key
+
+
+@dataclass(eq=False, slots=True)
+class Slice:
+    """One leased slice, as this router sees it."""
+
+    key: Key
+    reservation_id: str
+    price_version: int
+    granted: int
+    draw_until: float
+    used: int = 0
+    open_calls: int = 0
+    retired: bool = False
+    keep: bool = False  # a settle was not acknowledged: leave the slice to be captured
+    released: bool = False
+
+
+@dataclass(slots=True)
+class SliceHold:
+    """One call's hold, drawn from a slice."""
+
+    slice: Slice
+    amount: int
+    done: bool = False
+
+    def response(self) -> ledger_pb2.ReserveResponse:
+        """The hold as the call path sees a Reserve answer (settles go to the slice)."""
+        return ledger_pb2.ReserveResponse(
+            reservation_id=self.slice.reservation_id, held_nanos=self.amount,
+            price_version=self.slice.price_version)
+
+
+class Prices(Protocol):
+    """Price catalogue versions by number (the router's PriceBook)."""
+
+    async def get(self, version: int) -> dict[str, ledger_pb2.ModelPrice]: ...
+
+
+class SliceBook:
+    """The slices of one router process."""
+
+    def __init__(
+        self, ledger: ledger_pb2_grpc.LedgerServiceStub, prices: Prices, metrics: RouterMetrics, *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ledger = ledger
+        self._prices = prices
+        self._metrics = metrics
+        self._clock = clock
+        self._active: dict[Key, Slice] = {}
+        self._acquiring: dict[Key, asyncio.Task[Slice | None]] = {}
+        self._denied_until: dict[Key, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    # ------------------------------------------------------------------ the call path
+
+    async def draw(
+        self, team: str, agent: str, price_key: str, prompt_tokens: int, max_output_tokens: int,
+        cfg: RoutingConfig, timeout: float, provider: str = "",
+    ) -> SliceHold | None:
+        """A call hold from this key's slice (acquiring one when needed); None: use ``Reserve``."""
+        key = (team, agent, price_key)
+        if self._denied_until.get(key, 0.0) > self._clock():
+            return None
+        for _ in range(3):
+            s = self._active.get(key)
+            if s is not None and self._clock() >= s.draw_until:
+                self._retire(s)
+                s = None
+            if s is not None:
+                amount = await self._amount(s.price_version, price_key, prompt_tokens, max_output_tokens)
+                if amount is None:
+                    return None
+                if not s.retired and s.granted - s.used >= amount:
+                    s.used += amount
+                    s.open_calls += 1
+                    self._metrics.slice_draws.inc()
+                    return SliceHold(s, amount)
+                if not s.retired:
+                    self._retire(s)  # no room for this call: the next acquisition replaces it
+            if await self._acquire(key, prompt_tokens, max_output_tokens, cfg, timeout, provider) is None:
+                return None
+        return None
+
+    def give_back(self, hold: SliceHold) -> None:
+        """The call will not be settled (it failed before spending, or was cancelled)."""
+        if hold.done:
+            return
+        hold.done = True
+        s = hold.slice
+        s.used -= hold.amount
+        s.open_calls -= 1
+        self._maybe_release(s)
+
+    def settled(self, hold: SliceHold, acknowledged: bool) -> None:
+        """The call's settle was acknowledged (or, ``acknowledged`` False, given up)."""
+        if hold.done:
+            return
+        hold.done = True
+        s = hold.slice
+        s.open_calls -= 1
+        if not acknowledged:
+            s.keep = True
+        self._maybe_release(s)
+
+    async def _amount(self, version: int, price_key: str, prompt: int, max_out: int) -> int | None:
+        try:
+            prices = await self._prices.get(version)
+        except grpc.RpcError:
+            return None
+        p = prices.get(price_key)
+        if p is None:
+            return None
+        # As ledger_cost prices a Reserve: every component rounded up.
+        return call_cost(prompt, max_out, 0, p.input_per_mtok_nanos, p.output_per_mtok_nanos, 0)
+
+    # ------------------------------------------------------------------ acquisition
+
+    async def _acquire(
+        self, key: Key, prompt: int, max_out: int, cfg: RoutingConfig, timeout: float, provider: str,
+    ) -> Slice | None:
+        task = self._acquiring.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._acquire_now(key, prompt, max_out, cfg, timeout, provider))
+            self._acquiring[key] = task
+            task.add_done_callback(self._acquired(key))
+        # shield: a caller that hangs up must not cancel an acquisition others wait for.
+        return await asyncio.shield(task)
+
+    def _acquired(self, key: Key) -> Callable[[asyncio.Task[Slice | None]], None]:
+        def done(_task: asyncio.Task[Slice | None]) -> None:
+            self._acquiring.pop(key, None)
+
+        return done
+
+    async def _acquire_now(
+        self, key: Key, prompt: int, max_out: int, cfg: RoutingConfig, timeout: float, provider: str,
+    ) -> Slice | None:
+        sc = cfg.budget_slices
+        draw_s = sc.draw_window_ms / 1000
+        ttl_s = int(draw_s + cfg.timeouts.total_ms / 1000 + _SLACK_S) + 1
+        req = ledger_pb2.AcquireSliceRequest(
+            slice_id=f"slice-{uuid.uuid4().hex}", team=key[0], agent=key[1], model=key[2],
+            prompt_tokens_upper_bound=prompt, max_output_tokens=max_out, calls=sc.calls,
+            hold_ttl=duration_pb2.Duration(seconds=ttl_s), provider=provider,
+        )
+        try:
+            resp = await self._ledger.AcquireSlice(req, timeout=max(timeout, 1.0))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._metrics.slices.labels("denied").inc()
+                self._denied_until[key] = self._clock() + _DENIED_BACKOFF_S
+            else:
+                self._metrics.slices.labels("failed").inc()
+                # The ledger may have placed it: find it again by its id and give it back.
+                self._background(self._reclaim(req))
+            return None
+        self._denied_until.pop(key, None)
+        self._metrics.slices.labels("acquired").inc()
+        s = Slice(key, resp.reservation_id, resp.price_version, resp.held_nanos, self._clock() + draw_s)
+        old = self._active.get(key)
+        if old is not None:
+            self._retire(old)
+        self._active[key] = s
+        self._timers[id(s)] = asyncio.get_running_loop().call_later(draw_s, self._retire, s)
+        return s
+
+    async def _reclaim(self, req: ledger_pb2.AcquireSliceRequest) -> None:
+        for delay in (0.2, 1.0, 5.0):
+            await asyncio.sleep(delay)
+            try:
+                resp = await self._ledger.AcquireSlice(req, timeout=5)
+            except grpc.RpcError as err:
+                if err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED):
+                    return  # never placed (or already closed): nothing to give back
+                continue
+            await self._release_now(resp.reservation_id)
+            return
+
+    # ------------------------------------------------------------------ retirement
+
+    def _retire(self, s: Slice) -> None:
+        timer = self._timers.pop(id(s), None)
+        if timer is not None:
+            timer.cancel()
+        if self._active.get(s.key) is s:
+            del self._active[s.key]
+        s.retired = True
+        self._maybe_release(s)
+
+    def _maybe_release(self, s: Slice) -> None:
+        if not s.retired or s.open_calls > 0 or s.released:
+            return
+        s.released = True
+        if s.keep:
+            self._metrics.slices.labels("kept").inc()
+            _LOGGER.warning("a budget slice is left to expire: one of its settles was not acknowledged")
+            return
+        self._background(self._release_now(s.reservation_id))
+
+    async def _release_now(self, reservation_id: str) -> None:
+        req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason="slice_retired")
+        for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
+            try:
+                await self._ledger.Release(req, timeout=5)
+                self._metrics.slices.labels("released").inc()
+                return
+            except grpc.RpcError:
+                await asyncio.sleep(delay)
+        _LOGGER.warning("slice release not acknowledged; what is left of it will be captured at expiry")
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, timeout: float) -> None:
+        """Retires every slice and waits (up to ``timeout``) for their releases (graceful shutdown)."""
+        for task in list(self._acquiring.values()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+        for s in list(self._active.values()):
+            self._retire(s)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Active slices and open calls drawn from them (for tests and debugging)."""
+        return {"active": len(self._active), "open_calls": sum(s.open_calls for s in self._active.values())}
