@@ -42,6 +42,7 @@ _LOGGER = logging.getLogger(__name__)
 # After a denied acquisition, calls of that key take per-call holds (exact answers) for this long.
 _DENIED_BACKOFF_S = 1.0
 _SLACK_S = 60.0
+_ROUNDS = 8
 Key = tuple[str, str, str]  # team, agent, price key
 
 
@@ -109,7 +110,9 @@ class SliceBook:
         key = (team, agent, price_key)
         if self._denied_until.get(key, 0.0) > self._clock():
             return None
-        for _ in range(3):
+        # A burst larger than one slice waits for the next acquisition (each one answers up to
+        # ``calls`` of the waiting calls); after a few rounds the rest take per-call holds.
+        for _ in range(_ROUNDS):
             s = self._active.get(key)
             if s is not None and self._clock() >= s.draw_until:
                 self._retire(s)
