@@ -17,6 +17,17 @@ BAR_P50_MS = 2.0
 BAR_P99_MS = 5.0
 BAR_RATIO = 3.0
 
+# How the report names systems whose key alone would not say what they are.
+LABELS = {
+    "igw-slices": "igw with budget slices (opt-in)",
+    "igw-hot-slices": "igw-hot with budget slices (opt-in)",
+}
+SLICES_NAME = LABELS["igw-slices"]
+
+
+def label(system: str) -> str:
+    return LABELS.get(system, system)
+
 
 def write_json(results: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +96,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "igw_max_rps": _g(sc, "rate", "max_sustained_rps", "igw"),
         "litellm_max_rps": _g(sc, "rate", "max_sustained_rps", "litellm"),
         "igw_hot_max_rps": _g(sc, "hot", "max_sustained_rps", "igw-hot"),
+        # The same ladders with budget slices (opt-in, teams listed in the routing config).
+        "igw_slices_max_rps": _g(sc, "rate", "max_sustained_rps", "igw-slices"),
+        "igw_hot_slices_max_rps": _g(sc, "hot", "max_sustained_rps", "igw-hot-slices"),
         "fake_ceiling_rps": _g(sc, "ceiling", "ceiling_rps"),
         "igw_added_ttft_ms": _g(sc, "stream", "added_ttft_ms", "igw"),
         "litellm_added_ttft_ms": _g(sc, "stream", "added_ttft_ms", "litellm"),
@@ -100,19 +114,60 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     # The bar holds against LiteLLM's best configuration measured in the run.
     ratios = [r for r in (h.get("ratio"), h.get("ratio_default")) if r is not None]
     h["ratio_vs_best"] = min(ratios) if ratios else None
+    # igw with budget slices (opt-in), against the same LiteLLM numbers.
+    if h["igw_slices_max_rps"] and h["litellm_max_rps"]:
+        h["ratio_slices"] = round(h["igw_slices_max_rps"] / h["litellm_max_rps"], 2)
+    if h["igw_slices_max_rps"] and h["litellm_default_max_rps"]:
+        h["ratio_slices_default"] = round(h["igw_slices_max_rps"] / h["litellm_default_max_rps"], 2)
+    ratios = [r for r in (h.get("ratio_slices"), h.get("ratio_slices_default")) if r is not None]
+    h["ratio_slices_vs_best"] = min(ratios) if ratios else None
+    h["cpu_ms_per_call"] = cpu_side_by_side(results)
     added = h["igw_added_c1_ms"] or {}
     h["bar"] = {
         "added_p50_le_2ms": added.get("p50") is not None and added["p50"] <= BAR_P50_MS,
         "added_p99_le_5ms": added.get("p99") is not None and added["p99"] <= BAR_P99_MS,
         "sustained_ge_3x_litellm": h["ratio_vs_best"] is not None and h["ratio_vs_best"] >= BAR_RATIO,
+        "slices_sustained_ge_3x_litellm": (
+            h["ratio_slices_vs_best"] is not None and h["ratio_slices_vs_best"] >= BAR_RATIO
+        ),
         "spend_exact": all(v.get("ok") for v in (results.get("spend_check") or {}).values()) or None,
     }
     ceiling = h["fake_ceiling_rps"]
     h["near_fake_ceiling"] = {
         k: bool(ceiling and v and v >= 0.9 * ceiling)
-        for k, v in (("igw", h["igw_max_rps"]), ("litellm", h["litellm_max_rps"]))
+        for k, v in (
+            ("igw", h["igw_max_rps"]),
+            ("igw-slices", h["igw_slices_max_rps"]),
+            ("litellm", h["litellm_max_rps"]),
+        )
     }
     return h
+
+
+CPU_PROCS = ("router", "ledger", "keyvault", "postgres")
+
+
+def _cpu(res: dict[str, Any]) -> dict[str, Any]:
+    per = {p: _g(res, "procs", p, "cpu_ms_per_call") for p in CPU_PROCS}
+    known = [v for v in per.values() if v is not None]
+    calls = (res.get("ok") or 0) + (_g(res, "warmup", "ok") or 0)
+    return {**per, "total": round(sum(known), 3) if known else None, "calls": calls, "slices": res.get("slices")}
+
+
+def cpu_side_by_side(results: dict[str, Any]) -> dict[str, Any]:
+    """igw's CPU ms per call by process, per-call holds vs budget slices, at the highest ladder step
+    both passed (rate: many teams; hot: one team)."""
+    out: dict[str, Any] = {}
+    for name, a, b in (("rate", "igw", "igw-slices"), ("hot", "igw-hot", "igw-hot-slices")):
+        both = [
+            st
+            for st in _g(results, "scenarios", name, "steps") or []
+            if _g(st, "results", a, "pass") and _g(st, "results", b, "pass")
+        ]
+        if both:
+            st = both[-1]
+            out[name] = {"rate": st["rate"], a: _cpu(st["results"][a]), b: _cpu(st["results"][b])}
+    return out
 
 
 def summary_text(results: dict[str, Any]) -> str:
@@ -124,16 +179,24 @@ def summary_text(results: dict[str, Any]) -> str:
         a = h.get(f"{who}_added_c1_ms")
         if a:
             lines.append(f"  {who:8s} added at c=1: p50 {a['p50']:.2f} ms  p99 {a['p99']:.2f} ms")
-    for who in ("igw", "litellm", "igw_hot"):
+    for who in ("igw", "igw_slices", "litellm", "igw_hot", "igw_hot_slices"):
         v = h.get(f"{who}_max_rps")
         if v is not None:
-            lines.append(f"  {who:8s} max sustained (added p99 < 50 ms, no errors): {v:.0f} calls/s")
+            lines.append(f"  {who:14s} max sustained (added p99 < 50 ms, no errors): {v:.0f} calls/s")
     if h.get("ratio") is not None:
         lines.append(f"  igw / litellm sustained: {h['ratio']:.2f}x")
+    if h.get("ratio_slices") is not None:
+        lines.append(f"  {SLICES_NAME} / litellm sustained: {h['ratio_slices']:.2f}x")
     if h.get("litellm_default_max_rps") is not None:
         lines.append(
             f"  litellm with its default {h['litellm_default_workers']} workers: {h['litellm_default_max_rps']:.0f}"
             f" calls/s; igw / that: {h.get('ratio_default', float('nan')):.2f}x"
+            f"; {SLICES_NAME} / that: {h.get('ratio_slices_default', float('nan')):.2f}x"
+        )
+    for name, c in (h.get("cpu_ms_per_call") or {}).items():
+        lines.append(
+            f"  CPU ms/call router+ledger+vault+postgres, {name} at {c['rate']}/s: "
+            + ", ".join(f"{label(s)} {_f(v['total'])}" for s, v in c.items() if s != "rate")
         )
     lines.append(f"  bar: {h['bar']}")
     sc = results.get("spend_check") or {}
@@ -200,7 +263,13 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> Path | None:
                     curves.setdefault(system, []).append((res["achieved_rps"], p99))
         for system, pts in curves.items():
             pts.sort()
-            ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=system)
+            ax2.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=label(system),
+                ls="--" if system.endswith("-slices") else "-",
+            )
     ax2.set_yscale("log")
     ax2.set_xlabel("achieved calls/s (open loop, fake delay 20 ms)")
     ax2.set_ylabel("p99 latency, ms (from scheduled send)")
@@ -223,6 +292,64 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> Path | None:
 def _pct_row(name: str, p: dict[str, Any] | None) -> str:
     p = p or {}
     return f"| {name} | {_f(p.get('p50'))} | {_f(p.get('p90'))} | {_f(p.get('p99'))} | {_f(p.get('p99.9'))} | {p.get('n', '-')} |"
+
+
+def _slice_counts(v: dict[str, Any]) -> str:
+    sl = v.get("slices")
+    if not isinstance(sl, dict):
+        return f"{v.get('calls', '-')}; -"
+    ev = sl.get("events") or {}
+    return f"{v.get('calls', '-')}; {sl.get('draws', 0)}, {ev.get('acquired', 0)} / {ev.get('released', 0)}"
+
+
+def _slices_cfg(results: dict[str, Any]) -> str:
+    """The run's budget_slices settings, from the routing config it wrote."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(_g(results, "rig", "routing_config") or "") or {}
+    except yaml.YAMLError:
+        cfg = {}
+    bs = cfg.get("budget_slices") if isinstance(cfg, dict) else None
+    if not isinstance(bs, dict):
+        return "not in this run's config"
+    return (
+        f"`calls: {bs.get('calls')}`, `draw_window_ms: {bs.get('draw_window_ms')}`, {len(bs.get('teams') or [])} teams"
+    )
+
+
+def _bar_verdicts(h: dict[str, Any]) -> list[str]:
+    """The 3x-LiteLLM bar, stated for both igw configurations against LiteLLM's best measured one."""
+    best = [v for v in (h.get("litellm_max_rps"), h.get("litellm_default_max_rps")) if v is not None]
+    if not best:
+        return ["3x LiteLLM bar: LiteLLM was not measured in this run."]
+    lit = max(best)
+    out = [
+        f"3x LiteLLM bar, judged against LiteLLM's best configuration measured ({_f(lit, 0)} calls/s sustained):",
+        "",
+    ]
+    for name, rps, ratio, ok in (
+        (
+            "igw (per-call holds, the default)",
+            h.get("igw_max_rps"),
+            h.get("ratio_vs_best"),
+            h["bar"]["sustained_ge_3x_litellm"],
+        ),
+        (
+            SLICES_NAME,
+            h.get("igw_slices_max_rps"),
+            h.get("ratio_slices_vs_best"),
+            h["bar"]["slices_sustained_ge_3x_litellm"],
+        ),
+    ):
+        if rps is None:
+            out.append(f"- **{name}**: not measured in this run")
+        else:
+            out.append(
+                f"- **{name}**: {_f(rps, 0)} calls/s, {_f(ratio)}x LiteLLM's best: "
+                f"{'✅ meets' if ok else '❌ misses'} the {BAR_RATIO:g}x bar"
+            )
+    return out
 
 
 def markdown(results: dict[str, Any], json_path: Path) -> str:
@@ -248,6 +375,13 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "- **igw path**: every call is the full path: agent mTLS, `Ledger.Reserve` hold and `KeyVault.IssueCredential` "
         "lease, provider call, `Ledger.Settle`. Bench teams have a TOTAL budget of 10^15 nano-dollars, so budget "
         "enforcement is on. Access logs are left at their defaults (on).",
+        "- **igw with budget slices (opt-in)** (`igw-slices`, `igw-hot-slices`): the same jobs through a second "
+        "set of teams (`slice-t000`..., `slice-hot`, same budgets, their agent certs issued the same way) listed in the routing "
+        "config's `budget_slices` (" + _slices_cfg(results) + "). For those teams the router leases a slice of "
+        "the team's budget (`Ledger.AcquireSlice`, one hold for up to that many calls of one agent) and places "
+        "each call's hold locally instead of calling `Ledger.Reserve`; every call is still settled with its own "
+        "spend entry. All other teams, and the `igw` rows, use per-call holds (the default). Both run in the "
+        "same ladders, interleaved per step.",
         "- **Added latency** = gateway percentile - direct-to-fake percentile, same load generator, interleaved "
         "rounds (direct, igw, LiteLLM, rotating order), samples pooled over rounds. The direct call is HTTP/1.1 "
         "keep-alive (aiohttp); igw is gRPC over mTLS; LiteLLM is HTTP/1.1.",
@@ -259,15 +393,16 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
             else "- **Neighbours running**: both gateways stay up while either is measured (`--no-pause`)."
         ),
         "- **Open loop**: calls are sent on a fixed timetable whatever the answers, and latency is counted from "
-        "the *scheduled* send time (no coordinated omission). Each ladder step runs direct, igw and LiteLLM "
-        "back to back at the same rate. A step passes with zero errors, achieved ≥ 95 % of offered and added "
+        "the *scheduled* send time (no coordinated omission). Each ladder step runs direct, igw, "
+        f"{SLICES_NAME} and LiteLLM back to back at the same rate. A step passes with zero errors, achieved ≥ 95 % of offered and added "
         "p99 < 50 ms; a failing step is retried once (shared, noisy machine) and a system stops at its "
         "first confirmed failure. *Max sustained* = the highest passing rate.",
         "- **LiteLLM's workers**: the main ladders run LiteLLM with `--litellm-workers` (1 by default); the "
         "`rate-litellm-default` scenario restarts it at its own default (one worker per logical CPU) for a "
         "ladder of its own, and the 3x bar is judged against the better of the two.",
         "- **Spend check**: every igw request id is set by the bench; after the run, `LedgerAdminService."
-        "ListSpendEntries` must hold exactly one entry per call that answered OK, none lost, none duplicated.",
+        "ListSpendEntries` must hold exactly one entry per call that answered OK, none lost, none duplicated, "
+        "each charged to the calling agent's team (checked per system too: igw and igw with budget slices).",
         "- **CPU per call**: psutil user+system seconds of each process (Postgres: postmaster and backends) over "
         "a run, divided by the calls it served. `other tenants` is the machine's busy CPU not used by the "
         "processes under test (this machine is shared).",
@@ -291,7 +426,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
             f"`{lit['command'].split('/')[-1]}`; env {lit['env']}",
             "",
         ]
-    L += ["## Headline", "", "| | igw | LiteLLM | bar |", "|---|---|---|---|"]
+    L += ["## Headline", ""]
+    L += [*_bar_verdicts(h), ""]
+    L += ["| | igw | LiteLLM | bar |", "|---|---|---|---|"]
     ia, la = h.get("igw_added_c1_ms") or {}, h.get("litellm_added_c1_ms") or {}
     L.append(
         f"| added p50 at one call in flight (ms) | {_f(ia.get('p50'))} | {_f(la.get('p50'))} | igw ≤ {BAR_P50_MS} "
@@ -316,7 +453,34 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         f"| igw / LiteLLM's best configuration measured | | | {_f(h.get('ratio_vs_best'))} ≥ {BAR_RATIO} "
         f"{'✅' if h['bar']['sustained_ge_3x_litellm'] else '❌'} |"
     )
+    if h.get("igw_slices_max_rps") is not None:
+        L.append(
+            f"| max sustained calls/s, **{SLICES_NAME}** (same job, the slices teams) "
+            f"| {_f(h.get('igw_slices_max_rps'), 0)} | {_f(h.get('litellm_max_rps'), 0)} "
+            f"({_g(results, 'options', 'litellm_workers')} worker) | ratio {_f(h.get('ratio_slices'))} |"
+        )
+        if h.get("litellm_default_max_rps") is not None:
+            L.append(
+                f"| same, LiteLLM at its default {h['litellm_default_workers']} workers (one per CPU) "
+                f"| {_f(h.get('igw_slices_max_rps'), 0)} | {_f(h.get('litellm_default_max_rps'), 0)} "
+                f"| ratio {_f(h.get('ratio_slices_default'))} |"
+            )
+        L.append(
+            f"| {SLICES_NAME} / LiteLLM's best configuration measured | | | "
+            f"{_f(h.get('ratio_slices_vs_best'))} ≥ {BAR_RATIO} "
+            f"{'✅' if h['bar']['slices_sustained_ge_3x_litellm'] else '❌'} |"
+        )
     L.append(f"| max sustained calls/s, one hot team | {_f(h.get('igw_hot_max_rps'), 0)} | | |")
+    if h.get("igw_hot_slices_max_rps") is not None:
+        L.append(
+            f"| max sustained calls/s, one hot team, {SLICES_NAME} | {_f(h.get('igw_hot_slices_max_rps'), 0)} | | |"
+        )
+    for name, c in (h.get("cpu_ms_per_call") or {}).items():
+        a, b = [s for s in c if s != "rate"]
+        L.append(
+            f"| CPU ms per call, router + ledger + vault + Postgres, {'many teams' if name == 'rate' else 'one hot team'}"
+            f" at {c['rate']}/s: igw / {SLICES_NAME} | {_f(c[a]['total'])} / {_f(c[b]['total'])} | | |"
+        )
     it, lt = h.get("igw_added_ttft_ms") or {}, h.get("litellm_added_ttft_ms") or {}
     L.append(
         f"| added time to first token p50 / p99 (ms) | {_f(it.get('p50'))} / {_f(it.get('p99'))} | "
@@ -380,12 +544,38 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
                 elif s == "direct":
                     cpu = f"fake {_f(_g(pr, 'fake-d20', 'cpu_ms_per_call'))}"
                 L.append(
-                    f"| {step['rate']} | {s} | {_f(r.get('achieved_rps'), 0)} | {_f(lat.get('p50'))} | "
+                    f"| {step['rate']} | {label(s)} | {_f(r.get('achieved_rps'), 0)} | {_f(lat.get('p50'))} | "
                     f"{_f(lat.get('p99'))} | {_f(lat.get('p99.9'))} | {_f(_g(r, 'added_ms', 'p99'))} | "
                     f"{sum(r.get('errors', {}).values())} | {'' if s == 'direct' else ('✅' if r.get('pass') else '❌ ' + str(r.get('why', '')))} | "
                     f"{cpu} | {_f(r.get('other_tenants_cores'))} |"
                 )
         L.append(f"\nStopped: {_g(sc, name, 'stopped')}\n")
+        mx = _g(sc, name, "max_sustained_rps") or {}
+        if mx:
+            L.append("Max sustained: " + "; ".join(f"{label(s)} {_f(v, 0)}/s" for s, v in mx.items()) + "\n")
+    side = h.get("cpu_ms_per_call") or {}
+    if side:
+        L += [
+            f"### CPU per call: igw (per-call holds, the default) vs {SLICES_NAME}",
+            "",
+            "At the highest ladder step both passed; psutil user+system ms per call served. The last column "
+            "is the router's budget-slice counters over the same run (router-wide): calls served, holds drawn "
+            "from a slice, and slices acquired / released (a slice retired by its draw window is released in "
+            "the background, possibly while a later run is measured).",
+            "",
+            "| ladder | rate/s | system | router | ledger | vault | postgres | total | calls; slice draws, acquired / released |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in side.items():
+            for s, v in c.items():
+                if s == "rate":
+                    continue
+                L.append(
+                    f"| {'many teams' if name == 'rate' else 'one hot team'} | {c['rate']} | {label(s)} | "
+                    + " | ".join(_f(v[p]) for p in (*CPU_PROCS, "total"))
+                    + f" | {_slice_counts(v)} |"
+                )
+        L.append("")
     st = sc.get("stream")
     if st and "ttft_ms" in st:
         L += [
@@ -450,6 +640,11 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
             L.append(
                 f"| {k} | {v['successes']} | {v['entries']} | {v['lost']} | {v['duplicated']} | {v['unexpected']} |"
             )
+            for s, sv in (v.get("systems") or {}).items():
+                L.append(
+                    f"| {k}: {label(s)} | {sv['successes']} | {sv['entries']} | {sv['lost']} | {sv['duplicated']} "
+                    f"| {sv['unexpected']} |"
+                )
         L.append("")
     rss = results.get("rss_end")
     if rss:

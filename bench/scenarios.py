@@ -15,6 +15,11 @@ Scenarios: ``ceiling`` (the fake's own), ``c1`` (one call in flight: direct, igw
 interleaved rounds), ``rate`` (open-loop ladder, igw across many teams vs LiteLLM vs direct,
 interleaved per step), ``hot`` (one team), ``stream`` (time to first token), ``fallback``
 (primary 429 at 20 %), then ``profile`` (py-spy on router, ledger, keyvault under load).
+
+Budget slices (routing config ``budget_slices``, opt-in per team) are measured side by side with
+the default per-call holds in the same run: a second set of teams (``slice-t000``...) and a second
+hot team (``slice-hot``) are listed in the bench's ``budget_slices.teams``, and the ``rate`` and
+``hot`` ladders run ``igw-slices`` / ``igw-hot-slices`` through them next to ``igw`` / ``igw-hot``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,12 @@ ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "rate-lit
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
 _SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
+# Budget slices for the slices teams (same size as the router's documented example).
+SLICE_CALLS = 64
+SLICE_DRAW_WINDOW_MS = 20_000
+HOT_TEAM = "bhot"
+HOT_SLICE_TEAM = "slice-hot"
+HOT_AGENTS = 4
 
 
 @dataclass
@@ -122,6 +133,11 @@ class Rig:
     endpoints: dict[str, Any] = field(default_factory=dict)
     many_certs: list[list[str]] = field(default_factory=list)
     hot_certs: list[list[str]] = field(default_factory=list)
+    # The same shapes for teams listed in the routing config's budget_slices (opt-in).
+    slice_certs: list[list[str]] = field(default_factory=list)
+    hot_slice_certs: list[list[str]] = field(default_factory=list)
+    cert_team: dict[str, str] = field(default_factory=dict)  # agent cert path -> team
+    rid_owner: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # rid prefix -> system, teams
     lg: LoadGen | None = None
     procs: procstats.ProcSet = field(default_factory=procstats.ProcSet)
     litellm: Any = None
@@ -133,6 +149,13 @@ class Rig:
 
     def log(self, msg: str) -> None:
         self.opts.log(f"[bench {time.strftime('%H:%M:%S')}] {msg}")
+
+    def many_teams(self) -> list[str]:
+        return [f"bt{i:03d}" for i in range(self.opts.teams)]
+
+    def slice_teams(self) -> list[str]:
+        """The many-teams set again, for budget slices (listed in the routing config)."""
+        return [f"slice-t{i:03d}" for i in range(self.opts.teams)]
 
     # ------------------------------------------------------------------ set-up
 
@@ -200,6 +223,13 @@ timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 12
 # fallback scenario measures the fallback path itself, not the breaker skipping the primary.
 breaker: {{failure_threshold: 1000, cooldown_ms: 10000, probe_timeout_ms: 5000}}
 limits: {{max_in_flight: 4096}}
+# Opt-in budget slices, only for the bench's slices teams: the igw-slices systems. Every other
+# team (igw, igw-hot, ...) keeps the default per-call Reserve.
+budget_slices:
+  enabled: true
+  calls: {SLICE_CALLS}
+  draw_window_ms: {SLICE_DRAW_WINDOW_MS}
+  teams: [{", ".join([*self.slice_teams(), HOT_SLICE_TEAM])}]
 """
 
     def start_gateway(self) -> None:
@@ -278,16 +308,20 @@ limits: {{max_in_flight: 4096}}
                     timeout=30,
                 )
         pki = Path(self.endpoints["ca"]).parent
-        teams = [f"bt{i:03d}" for i in range(self.opts.teams)]
-        for t in teams:
-            cert, key = issue_to_dir(pki, "agent", t, "a0")
-            self.many_certs.append([str(cert), str(key)])
-        for a in range(4):
-            cert, key = issue_to_dir(pki, "agent", "bhot", f"a{a}")
-            self.hot_certs.append([str(cert), str(key)])
+
+        def issue(team: str, agent: str) -> list[str]:
+            cert, key = issue_to_dir(pki, "agent", team, agent)
+            self.cert_team[str(cert)] = team
+            return [str(cert), str(key)]
+
+        teams, slice_teams = self.many_teams(), self.slice_teams()
+        self.many_certs += [issue(t, "a0") for t in teams]
+        self.hot_certs += [issue(HOT_TEAM, f"a{a}") for a in range(HOT_AGENTS)]
+        self.slice_certs += [issue(t, "a0") for t in slice_teams]
+        self.hot_slice_certs += [issue(HOT_SLICE_TEAM, f"a{a}") for a in range(HOT_AGENTS)]
         with self._operator(self.endpoints["ledger"]) as ch:
             stub = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
-            for t in [*teams, "bhot"]:
+            for t in [*teams, HOT_TEAM, *slice_teams, HOT_SLICE_TEAM]:
                 stub.SetBudget(
                     ledger_pb2.SetBudgetRequest(team=t, window=ledger_pb2.BUDGET_WINDOW_TOTAL, limit_nanos=10**15),
                     timeout=30,
@@ -313,6 +347,19 @@ limits: {{max_in_flight: 4096}}
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
+        # The slices path: the router falls back to Reserve when it cannot get a slice, so a
+        # broken slices path would still answer; the router's counters tell them apart.
+        res = self.measure(
+            "sanity", "igw-slices", self.igw_job("bench-d20", self.slice_certs[:1], "closed", n=3, warmup=0)
+        )
+        if res["errors"]:
+            raise RuntimeError(f"igw sanity call with budget slices failed: {res['errors']}")
+        sl = res.get("slices")
+        if sl is not None and sl["draws"] < res["ok"]:
+            raise RuntimeError(
+                f"budget slices not used: {res['ok']} calls answered but {sl['draws']} slice draws "
+                f"(slice events {sl['events']}); see {self.state / 'igw'} router log"
+            )
 
     def start_litellm(self, workers: int) -> None:
         """(Re)starts the LiteLLM proxy with ``workers`` workers against the d0 and d20 fakes."""
@@ -383,6 +430,29 @@ limits: {{max_in_flight: 4096}}
             **kw,
         }
 
+    def slice_counters(self) -> dict[str, Any] | None:
+        """The router's budget-slice counters (draws and slice events), from its metrics endpoint."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = (self.endpoints.get("metrics") or {}).get("router")
+        if not url:
+            return None
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return None
+        out: dict[str, Any] = {"draws": 0, "events": {}}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == "igw_router_slice_draws_total":
+                    out["draws"] = int(sample.value)
+                elif sample.name == "igw_router_budget_slices_total":
+                    out["events"][sample.labels.get("event", "")] = int(sample.value)
+        return out
+
     def quiesce(self, limit_s: float = 30.0, idle_cores: float = 0.15) -> float:
         """Waits until the processes under test are idle (an overloaded system keeps working off
         its backlog after the load generator gave up, which would tax the next system's step)."""
@@ -438,8 +508,11 @@ limits: {{max_in_flight: 4096}}
     def _measure(self, scenario: str, system: str, job: dict[str, Any], record: bool) -> dict[str, Any]:
         assert self.lg is not None
         self.seq += 1
+        slices0 = None
         if job["kind"] == "grpc":
             job["rid_prefix"] = f"{self.run_id}.{scenario}.{self.seq}."
+            # Outside the timed window: the scrape costs the router a little CPU.
+            slices0 = self.slice_counters()
         before = self.procs.snapshot()
         cpu0 = psutil.cpu_times()
         t0 = time.monotonic()
@@ -447,6 +520,18 @@ limits: {{max_in_flight: 4096}}
         wall = time.monotonic() - t0
         cpu1 = psutil.cpu_times()
         after = self.procs.snapshot()
+        if slices0 is not None:
+            slices1 = self.slice_counters()
+            if slices1 is not None:
+                # Counted router-wide: another job's late settles may release slices meanwhile.
+                res["slices"] = {
+                    "draws": slices1["draws"] - slices0["draws"],
+                    "events": {
+                        k: v - slices0["events"].get(k, 0)
+                        for k, v in slices1["events"].items()
+                        if v - slices0["events"].get(k, 0)
+                    },
+                }
         calls = res["ok"] + res["warmup"]["ok"]
         res["procs"] = procstats.delta(before, after, calls, wall)
         busy = (sum(cpu1) - sum(cpu0)) - (
@@ -466,6 +551,7 @@ limits: {{max_in_flight: 4096}}
         res["job"]["n_certs"] = len(job.get("certs", []))
         if job["kind"] == "grpc" and record:
             prefix = job["rid_prefix"]
+            self.rid_owner[prefix] = (system, frozenset(self.cert_team.get(c[0], "?") for c in job["certs"]))
             exp = self.expected.setdefault(scenario, set())
             bad = self.client_failed.setdefault(scenario, set())
             for sub, part in (("", res), ("w", res["warmup"])):
@@ -479,7 +565,9 @@ limits: {{max_in_flight: 4096}}
     # ------------------------------------------------------------------ spend check
 
     def spend_check(self) -> dict[str, Any]:
-        """Every request id answered OK has exactly one spend entry; none for the others."""
+        """Every request id answered OK has exactly one spend entry, charged to the team of the agent
+        cert that made the call; none for the others. Per scenario, and per system within it
+        (e.g. ``igw`` and ``igw-slices`` in ``rate``)."""
         import grpc
         from google.protobuf import timestamp_pb2
 
@@ -489,6 +577,7 @@ limits: {{max_in_flight: 4096}}
         start = timestamp_pb2.Timestamp()
         start.FromSeconds(int(self.started_at) - 120)
         found: Counter[str] = Counter()
+        team_of: dict[str, str] = {}
         with self._operator(self.endpoints["ledger"]) as ch:
             stub = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
 
@@ -518,25 +607,47 @@ limits: {{max_in_flight: 4096}}
                 for e in resp.entries:
                     if e.request_id.startswith(self.run_id + "."):
                         found[e.request_id] += 1
+                        team_of[e.request_id] = e.team
                 token = resp.next_page_token
                 if not token:
                     break
-        out: dict[str, Any] = {}
-        for scen, ids in self.expected.items():
-            mine = {k: v for k, v in found.items() if k.split(".")[1] == scen}
+
+        def owner(rid: str) -> tuple[str, frozenset[str]]:
+            return self.rid_owner.get(rid.rsplit(".", 1)[0] + ".", ("?", frozenset()))
+
+        def check(ids: set[str], mine: dict[str, int], failed: set[str]) -> dict[str, Any]:
             lost = ids - mine.keys()
             dups = [k for k, v in mine.items() if v > 1]
             extra = mine.keys() - ids
-            out[scen] = {
+            wrong_team = [k for k in mine if team_of.get(k) not in owner(k)[1]]
+            return {
                 "successes": len(ids),
                 "entries": sum(mine.values()),
                 "lost": len(lost),
                 "duplicated": len(dups),
                 "unexpected": len(extra),
-                "unexpected_for_client_failures": len(extra & self.client_failed.get(scen, set())),
+                "unexpected_for_client_failures": len(extra & failed),
+                "wrong_team": len(wrong_team),
                 "examples_lost": sorted(lost)[:5],
-                "ok": not lost and not dups and not (extra - self.client_failed.get(scen, set())),
+                "examples_wrong_team": [f"{k}: {team_of.get(k)}" for k in sorted(wrong_team)[:5]],
+                "ok": not lost and not dups and not (extra - failed) and not wrong_team,
             }
+
+        out: dict[str, Any] = {}
+        for scen, ids in self.expected.items():
+            mine = {k: v for k, v in found.items() if k.split(".")[1] == scen}
+            failed = self.client_failed.get(scen, set())
+            out[scen] = check(ids, mine, failed)
+            systems = sorted({owner(k)[0] for k in ids | mine.keys()})
+            if len(systems) > 1:
+                out[scen]["systems"] = {
+                    s: check(
+                        {k for k in ids if owner(k)[0] == s},
+                        {k: v for k, v in mine.items() if owner(k)[0] == s},
+                        {k for k in failed if owner(k)[0] == s},
+                    )
+                    for s in systems
+                }
         return out
 
 
@@ -638,8 +749,9 @@ def _ladder(rig: Rig, scenario: str, systems: dict[str, Any], fake: str = "d20")
                 else systems[system](rate)
             )
             step["results"][system] = rig.measure(scenario, system, job)
-        direct = step["results"]["direct"]
         for system in sorted(alive):
+            # Each system is judged against this step's direct run (or, on a retry, its own).
+            direct = step["results"]["direct"]
             res = step["results"][system]
             ok, why = _step_ok(res, direct)
             if not ok:
@@ -681,9 +793,14 @@ def _ladder(rig: Rig, scenario: str, systems: dict[str, Any], fake: str = "d20")
 
 
 def scen_rate(rig: Rig) -> dict[str, Any]:
+    """Many teams: igw (per-call holds, the default), igw with budget slices (opt-in; the same job
+    through the slices teams), LiteLLM; interleaved per step."""
     systems: dict[str, Any] = {
         "igw": lambda rate: rig.igw_job(
             "bench-d20", rig.many_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        ),
+        "igw-slices": lambda rate: rig.igw_job(
+            "bench-d20", rig.slice_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
     }
     if rig.litellm:
@@ -717,10 +834,14 @@ def scen_rate_litellm_default(rig: Rig) -> dict[str, Any]:
 
 
 def scen_hot(rig: Rig) -> dict[str, Any]:
+    """One hot team (four agents): per-call holds vs budget slices (opt-in), interleaved per step."""
     systems = {
         "igw-hot": lambda rate: rig.igw_job(
             "bench-d20", rig.hot_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
-        )
+        ),
+        "igw-hot-slices": lambda rate: rig.igw_job(
+            "bench-d20", rig.hot_slice_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        ),
     }
     return _ladder(rig, "hot", systems)
 

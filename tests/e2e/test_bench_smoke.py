@@ -1,5 +1,6 @@
 """`python -m bench run --quick --no-litellm` end to end with tiny durations: the harness works,
-every call answers, and the ledger holds exactly one spend entry per successful call."""
+every call answers, and the ledger holds exactly one spend entry per successful call. The rate and
+hot ladders also run igw with budget slices (opt-in, the bench's slices teams) side by side."""
 
 from __future__ import annotations
 
@@ -41,6 +42,19 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     c1 = results["scenarios"]["c1"]["d0"]
     assert c1["pooled_ms"]["igw"]["n"] == 20 and c1["pooled_ms"]["direct"]["n"] == 20
     assert results["scenarios"]["rate"]["max_sustained_rps"]["igw"] == 20
+    # Budget slices (opt-in) measured in the same ladders: every call answered, drawn from a slice.
+    assert "budget_slices:" in results["rig"]["routing_config"]
+    for name, plain, sliced in (("rate", "igw", "igw-slices"), ("hot", "igw-hot", "igw-hot-slices")):
+        sc = results["scenarios"][name]
+        assert sc["max_sustained_rps"] == {plain: 20, sliced: 20}, sc["max_sustained_rps"]
+        for step in sc["steps"]:
+            for system in (plain, sliced):
+                res = step["results"][system]
+                assert res["ok"] > 0 and not sum(res["errors"].values()), (system, res["errors"])
+            res = step["results"][sliced]
+            assert res["slices"]["draws"] >= res["ok"] + res["warmup"]["ok"], res["slices"]
+            assert res["slices"]["events"].get("failed", 0) == 0, res["slices"]
+            assert step["results"][plain]["slices"]["draws"] == 0  # per-call holds: no slice
     assert results["scenarios"]["stream"]["ttft_ms"]["igw"]["n"] == 20
     served = results["scenarios"]["fallback"]["c1_served_by"][0]
     assert set(served) <= {"bench-flaky", "bench-backup"} and sum(p["n"] for p in served.values()) == 20
@@ -50,6 +64,11 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         assert check["successes"] > 0
         assert check["entries"] == check["successes"], check
         assert check["lost"] == 0 and check["duplicated"] == 0 and check["unexpected"] == 0, check
+        assert check["wrong_team"] == 0 and check["ok"], check
+    for name, system in (("rate", "igw-slices"), ("hot", "igw-hot-slices")):
+        check = spend[name]["systems"][system]
+        assert check["successes"] > 0 and check["entries"] == check["successes"], check
+        assert check["ok"], check
     assert headline(results)["bar"]["spend_exact"] is True
 
     # `report` rewrites the summary and the plot from the saved JSON without measuring again.
@@ -64,4 +83,5 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         assert bench_main.main(["report", str(out)]) == 0
     text = md.read_text()
     assert out.name in text and "## Headline" in text
+    assert "igw with budget slices (opt-in)" in text
     assert png.stat().st_size > 1000
