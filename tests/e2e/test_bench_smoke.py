@@ -85,3 +85,15 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert out.name in text and "## Headline" in text
     assert "igw with budget slices (opt-in)" in text
     assert png.stat().st_size > 1000
+
+
+def test_the_rpc_floor_measures_cpu_per_round_trip_on_both_sides() -> None:
+    """`python -m bench.rpc_floor`: a do-nothing gRPC round trip over mTLS and plaintext."""
+    from bench.rpc_floor import measure
+
+    res = measure(rate=200, calls=200)
+    for mode in ("mtls", "plaintext"):
+        r = res[mode]
+        assert r["calls"] == 200 and r["errors"] == 0
+        assert r["client_cpu_ms_per_call"] > 0 and r["server_cpu_ms_per_call"] > 0
+        assert r["achieved_rps"] > 100

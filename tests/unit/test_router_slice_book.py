@@ -1,0 +1,145 @@
+"""The router's SliceBook against a scripted ledger: how slices are drawn from, shared, retired
+and handed back (the money rules themselves are tested against Postgres in
+tests/integration/test_*slices.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from igw.ledger.v1 import ledger_pb2
+from services.common.money import call_cost
+from services.router.metrics import RouterMetrics
+from services.router.routing import parse_config
+from services.router.slices import SliceBook
+
+CFG = parse_config(b"""
+providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
+deployments: {d: {provider: p, model: m, price: px}}
+models: {m: {candidates: [d]}}
+budget_slices: {enabled: true, calls: 4, draw_window_ms: 200}
+""")
+PRICE = ledger_pb2.ModelPrice(model="px", input_per_mtok_nanos=3_000, output_per_mtok_nanos=15_000)
+UNIT = call_cost(100, 50, 0, 3_000, 15_000, 0)
+
+
+class _Denied(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class _Ledger:
+    """Grants ``grant`` calls per slice (None: refuses), answering after ``delay`` seconds."""
+
+    def __init__(self, grant: int | None = 4, delay: float = 0.0) -> None:
+        self.grant, self.delay = grant, delay
+        self.acquired: list[ledger_pb2.AcquireSliceRequest] = []
+        self.released: list[str] = []
+
+    async def _acquire(self, req: ledger_pb2.AcquireSliceRequest) -> ledger_pb2.AcquireSliceResponse:
+        await asyncio.sleep(self.delay)
+        self.acquired.append(req)
+        if self.grant is None:
+            raise _Denied()
+        return ledger_pb2.AcquireSliceResponse(
+            reservation_id=f"s{len(self.acquired)}", held_nanos=self.grant * UNIT, calls=self.grant,
+            per_call_nanos=UNIT, price_version=7)
+
+    def AcquireSlice(self, req: Any, timeout: float) -> Any:
+        return self._acquire(req)
+
+    async def _release(self, req: ledger_pb2.ReleaseRequest) -> ledger_pb2.ReleaseResponse:
+        self.released.append(req.reservation_id)
+        return ledger_pb2.ReleaseResponse(released=True)
+
+    def Release(self, req: Any, timeout: float) -> Any:
+        return self._release(req)
+
+
+class _Prices:
+    async def get(self, version: int) -> dict[str, ledger_pb2.ModelPrice]:
+        assert version == 7
+        return {"px": PRICE}
+
+
+def _book(ledger: _Ledger) -> SliceBook:
+    return SliceBook(ledger, _Prices(), RouterMetrics(CollectorRegistry()))  # type: ignore[arg-type]
+
+
+async def _draw(book: SliceBook) -> Any:
+    return await book.draw("t", "a", "px", 100, 50, CFG, 5.0)
+
+
+async def _settle_all() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_calls_draw_their_worst_case_until_the_slice_is_spent_then_a_new_one_is_leased() -> None:
+    ledger = _Ledger(grant=4)
+    book = _book(ledger)
+    holds = [await _draw(book) for _ in range(5)]
+    assert [h.amount for h in holds] == [UNIT] * 5
+    assert [h.slice.reservation_id for h in holds] == ["s1"] * 4 + ["s2"]
+    assert ledger.acquired[0].calls == 4 and ledger.acquired[0].team == "t" and ledger.acquired[0].model == "px"
+    assert holds[0].response().reservation_id == "s1" and holds[0].response().held_nanos == UNIT
+    # s1 is retired but has open calls: it goes back only once all four are done.
+    for h in holds[:3]:
+        book.settled(h, True)
+    await _settle_all()
+    assert ledger.released == []
+    book.give_back(holds[3])
+    book.give_back(holds[3])  # twice is harmless
+    await _settle_all()
+    assert ledger.released == ["s1"]
+    # Shutdown retires s2, which still has a call open: it goes back when that call is settled.
+    await book.close(1)
+    assert ledger.released == ["s1"] and book.stats()["active"] == 0
+    book.settled(holds[4], True)
+    await _settle_all()
+    assert ledger.released == ["s1", "s2"]
+
+
+async def test_a_given_up_settle_leaves_its_slice_to_be_captured() -> None:
+    ledger = _Ledger(grant=2)
+    book = _book(ledger)
+    a, b = await _draw(book), await _draw(book)
+    await _draw(book)  # retires s1
+    book.settled(a, True)
+    book.settled(b, False)
+    await _settle_all()
+    assert "s1" not in ledger.released
+    assert book._metrics.slices.labels("kept")._value.get() == 1
+
+
+async def test_a_slice_is_retired_at_the_end_of_its_draw_window() -> None:
+    ledger = _Ledger(grant=100)
+    book = _book(ledger)
+    h = await _draw(book)
+    await asyncio.sleep(0.3)  # draw_window_ms: 200
+    assert book.stats()["active"] == 0 and ledger.released == []  # retired, one call still open
+    book.settled(h, True)
+    await _settle_all()
+    assert ledger.released == ["s1"]
+    assert (await _draw(book)).slice.reservation_id == "s2"
+    await book.close(1)
+
+
+async def test_concurrent_calls_share_one_acquisition() -> None:
+    ledger = _Ledger(grant=4, delay=0.05)
+    book = _book(ledger)
+    holds = await asyncio.gather(*(_draw(book) for _ in range(4)))
+    assert len(ledger.acquired) == 1 and {h.slice.reservation_id for h in holds} == {"s1"}
+    await book.close(1)
+
+
+async def test_a_refused_slice_sends_calls_to_reserve_for_a_while() -> None:
+    ledger = _Ledger(grant=None)
+    book = _book(ledger)
+    assert await _draw(book) is None
+    assert await _draw(book) is None
+    assert len(ledger.acquired) == 1  # the second call did not ask again (backoff)
+    assert book._metrics.slices.labels("denied")._value.get() == 1
