@@ -92,6 +92,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "igw_c1_ms": c1.get("pooled_ms", {}).get("igw"),
         "litellm_c1_ms": c1.get("pooled_ms", {}).get("litellm"),
         "igw_added_c1_ms": _g(c1, "added_ms", "igw"),
+        "igw_slices_added_c1_ms": _g(c1, "added_ms", "igw-hot-slices"),
         "litellm_added_c1_ms": _g(c1, "added_ms", "litellm"),
         "igw_max_rps": _g(sc, "rate", "max_sustained_rps", "igw"),
         "litellm_max_rps": _g(sc, "rate", "max_sustained_rps", "litellm"),
@@ -175,10 +176,10 @@ def summary_text(results: dict[str, Any]) -> str:
     lines = [
         f"run {results.get('run_id')} ({'quick' if results.get('quick') else 'full'}), {results.get('elapsed_s')} s"
     ]
-    for who in ("igw", "litellm"):
+    for who in ("igw", "igw_slices", "litellm"):
         a = h.get(f"{who}_added_c1_ms")
         if a:
-            lines.append(f"  {who:8s} added at c=1: p50 {a['p50']:.2f} ms  p99 {a['p99']:.2f} ms")
+            lines.append(f"  {who:10s} added at c=1: p50 {a['p50']:.2f} ms  p99 {a['p99']:.2f} ms")
     for who in ("igw", "igw_slices", "litellm", "igw_hot", "igw_hot_slices"):
         v = h.get(f"{who}_max_rps")
         if v is not None:
@@ -230,7 +231,7 @@ def plot(results: dict[str, Any], path: Path = PLOT) -> Path | None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     bars: list[tuple[str, dict[str, float]]] = []
     for fake in ("d0", "d20"):
-        for who in ("igw", "litellm"):
+        for who in ("igw", "igw-hot-slices", "litellm"):
             a = _g(sc, "c1", fake, "added_ms", who)
             if a:
                 bars.append((f"{who} c=1\nfake {fake[1:]} ms", a))
@@ -438,6 +439,10 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         f"| added p99 at one call in flight (ms) | {_f(ia.get('p99'))} | {_f(la.get('p99'))} | igw ≤ {BAR_P99_MS} "
         f"{'✅' if h['bar']['added_p99_le_5ms'] else '❌'} |"
     )
+    sa = h.get("igw_slices_added_c1_ms")
+    if sa:
+        L.append(f"| same, **{SLICES_NAME}**, one team (p50 / p99, ms) | {_f(sa.get('p50'))} / {_f(sa.get('p99'))} "
+                 "| | |")
     L.append(
         f"| max sustained calls/s (added p99 < 50 ms, no errors; fake 20 ms, {results['options']['teams']} teams) "
         f"| {_f(h.get('igw_max_rps'), 0)} | {_f(h.get('litellm_max_rps'), 0)} "

@@ -680,11 +680,12 @@ def scen_ceiling(rig: Rig) -> dict[str, Any]:
 
 
 def scen_c1(rig: Rig) -> dict[str, Any]:
-    """One call in flight, interleaved rounds: direct, igw (many teams), LiteLLM; fake delay 0 and 20 ms."""
+    """One call in flight, interleaved rounds: direct, igw (many teams), igw with budget slices (one
+    team, ``igw-hot-slices``), LiteLLM; fake delay 0 and 20 ms."""
     o = rig.opts
     out: dict[str, Any] = {}
     for fake, n in (("d0", o.c1_n), ("d20", max(o.c1_n // 4, 20))):
-        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "igw": []}
+        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "igw": [], "igw-hot-slices": []}
         if rig.litellm:
             runs["litellm"] = []
         for rnd in range(o.c1_rounds):
@@ -695,6 +696,9 @@ def scen_c1(rig: Rig) -> dict[str, Any]:
                     job = rig.direct_job(fake, "closed", n=n, warmup=10)
                 elif system == "igw":
                     job = rig.igw_job(f"bench-{fake}", rig.many_certs, "closed", n=n, warmup=10)
+                elif system == "igw-hot-slices":
+                    # Slices are for a busy team: one team's calls share its slices.
+                    job = rig.igw_job(f"bench-{fake}", rig.hot_slice_certs, "closed", n=n, warmup=10)
                 else:
                     job = rig.litellm_job(f"bench-{fake}", "closed", n=n, warmup=10)
                 runs[system].append(rig.measure("c1", system, job))

@@ -41,6 +41,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert not {k: v for k, v in errors_total(results).items() if v}
     c1 = results["scenarios"]["c1"]["d0"]
     assert c1["pooled_ms"]["igw"]["n"] == 20 and c1["pooled_ms"]["direct"]["n"] == 20
+    assert c1["pooled_ms"]["igw-hot-slices"]["n"] == 20 and c1["errors"]["igw-hot-slices"] == 0
     assert results["scenarios"]["rate"]["max_sustained_rps"]["igw"] == 20
     # Budget slices (opt-in) measured in the same ladders: every call answered, drawn from a slice.
     assert "budget_slices:" in results["rig"]["routing_config"]
