@@ -47,6 +47,7 @@ EXPECTED = {
     "igw.ledger.v1.LedgerService/Settle": {"router"},
     "igw.ledger.v1.LedgerService/SettleBatch": {"router"},
     "igw.ledger.v1.LedgerService/Release": {"router"},
+    "igw.ledger.v1.LedgerService/AcquireSlice": {"router"},
     "igw.ledger.v1.LedgerService/GetBudget": {"router", "operator"},
     "igw.ledger.v1.LedgerAdminService/ListPrices": {"router", "operator"},
     "igw.ledger.v1.LedgerAdminService/*": {"operator"},
