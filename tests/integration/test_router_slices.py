@@ -208,3 +208,33 @@ async def test_a_call_cancelled_while_its_lease_is_pending_gives_its_hold_back(
     held, _ = _held_spent(fresh_database, TEAM)
     assert held == 0
     check_invariants(fresh_database)
+
+
+async def test_a_slice_whose_answer_was_lost_is_found_again_and_given_back(
+    fresh_database: str, pki: Path, adapter: _Adapter,
+) -> None:
+    """The ledger placed the slice but the router never heard (a timeout): the call falls back to
+    a Reserve, and the router asks again with the same slice id and releases what it finds."""
+    async with _router(fresh_database, pki, adapter) as (router, _svc, spy):
+        real = spy._stub.AcquireSlice
+        lost: list[str] = []
+
+        async def first_answer_lost(req: Any, timeout: float) -> Any:
+            resp = await real(req, timeout=timeout)
+            if not lost:
+                lost.append(resp.reservation_id)
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           details="connection reset")
+            return resp
+
+        spy.AcquireSlice = first_answer_lost  # type: ignore[attr-defined]
+        answer = await router.generate(_agent(), _request("lost-1"), 10.0)
+        assert answer.cost_nanos > 0 and spy.reserves == 1  # served through a per-call hold
+        deadline = asyncio.get_running_loop().time() + 10
+        while sql(fresh_database, "SELECT state FROM holds WHERE id = %s", (lost[0],)) != [("RELEASED",)]:
+            assert asyncio.get_running_loop().time() < deadline, "the orphaned slice was not given back"
+            await asyncio.sleep(0.05)
+        assert router.metrics.slices.labels("failed")._value.get() == 1
+        await router.drain(10)
+    assert _held_spent(fresh_database, TEAM) == (0, answer.cost_nanos)
+    check_invariants(fresh_database)
