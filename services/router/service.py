@@ -46,7 +46,7 @@ from services.router.providers.domain import (
 )
 from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.routing import Alias, Deployment, RoutingConfig
-from services.router.settler import Settler
+from services.router.settler import Settler, release_hold
 from services.router.slices import SliceBook, SliceHold
 from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
 
@@ -315,15 +315,8 @@ class Router:
         self._background(self._release_now(reservation_id, reason))
 
     async def _release_now(self, reservation_id: str, reason: str) -> None:
-        req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason=reason)
-        for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
-            try:
-                await self.backends.ledger.Release(req, timeout=5)
-                return
-            except grpc.RpcError:
-                await asyncio.sleep(delay)
-        # The hold expires and is captured: erring towards never overspending.
-        _LOGGER.warning("release not acknowledged; the hold will expire")
+        if not await release_hold(self.backends.ledger, reservation_id, reason):
+            _LOGGER.warning("release not acknowledged; the hold will expire")
 
     def _background(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -41,6 +41,19 @@ OnDone = Callable[[bool], None] | None
 _Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None, OnDone]
 
 
+async def release_hold(ledger: ledger_pb2_grpc.LedgerServiceStub, reservation_id: str, reason: str) -> bool:
+    """Frees a hold (a call's, or a budget slice), retried a few times; False when the ledger never
+    acknowledged it (the hold then expires and is captured: erring towards never overspending)."""
+    req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason=reason)
+    for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
+        try:
+            await ledger.Release(req, timeout=5)
+            return True
+        except grpc.RpcError:
+            await asyncio.sleep(delay)
+    return False
+
+
 class Settler:
     """Queues settles and sends them in batches; ``drain`` waits for all to be acknowledged."""
 

@@ -36,6 +36,7 @@ from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.money import call_cost
 from services.router.metrics import RouterMetrics
 from services.router.routing import RoutingConfig
+from services.router.settler import release_hold
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -251,15 +252,10 @@ class SliceBook:
         self._background(self._release_now(s.reservation_id))
 
     async def _release_now(self, reservation_id: str) -> None:
-        req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason="slice_retired")
-        for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
-            try:
-                await self._ledger.Release(req, timeout=5)
-                self._metrics.slices.labels("released").inc()
-                return
-            except grpc.RpcError:
-                await asyncio.sleep(delay)
-        _LOGGER.warning("slice release not acknowledged; what is left of it will be captured at expiry")
+        if await release_hold(self._ledger, reservation_id, "slice_retired"):
+            self._metrics.slices.labels("released").inc()
+        else:
+            _LOGGER.warning("slice release not acknowledged; what is left of it will be captured at expiry")
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -5,6 +5,7 @@ what is left of its slices."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from services.common.procs import ServiceProcess, start_service, tls_env
 from tests.e2e.conftest import Gateway, mtls_channel
 
 TEAM = "slicers"
+PROMPT = "slices of the budget, please"
 
 
 def _config(fakes: dict[str, str]) -> str:
@@ -44,7 +46,7 @@ budget_slices: {{enabled: true, calls: 16, draw_window_ms: 60000, teams: [{TEAM}
 
 def _req(model: str, rid: str) -> router_pb2.GenerateRequest:
     m = router_pb2.Message(role=router_pb2.ROLE_USER)
-    m.parts.add(text="slices of the budget, please")
+    m.parts.add(text=PROMPT)
     return router_pb2.GenerateRequest(model=model, messages=[m], max_output_tokens=64, request_id=rid)
 
 
@@ -67,7 +69,8 @@ def sliced(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     config = tmp / "router.yaml"
     config.write_text(_config(fakes))
     env = {**tls_env(gateway.pki, "router"), "IGW_ROUTER_CONFIG": str(config),
-           "IGW_LEDGER_ADDR": gateway.addr("ledger"), "IGW_KEYVAULT_ADDR": gateway.addr("keyvault")}
+           "IGW_LEDGER_ADDR": gateway.addr("ledger"), "IGW_KEYVAULT_ADDR": gateway.addr("keyvault"),
+           "IGW_LOG_LEVEL": "DEBUG"}
     router = start_service("router", env, tmp)
     try:
         yield router, tmp
@@ -115,6 +118,12 @@ def test_sliced_calls_settle_once_each_without_a_reserve_and_shutdown_returns_th
     assert {e.request_id: e.cost_nanos for e in entries} == costs
     b = _budget(gateway)
     assert b.spent_nanos == sum(costs.values()) and b.held_nanos > 0  # the slices are still leased
+    # The provider keys the leases carried and the prompt never reach the router's log or metrics.
+    secrets = json.loads((gateway.state_dir / "demo-secrets.json").read_text()).values()
+    exposed = router.log_text() + httpx.get(f"http://127.0.0.1:{router.metrics_port}/metrics", timeout=10).text
+    assert secrets and "igw_router_slice_draws_total" in exposed and router.log_text()
+    assert not [k for k in secrets if k in exposed]
+    assert PROMPT not in exposed
     # A graceful shutdown hands back what is left of every slice.
     assert router.terminate() == 0
     b = _budget(gateway)
