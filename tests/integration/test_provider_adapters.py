@@ -32,6 +32,7 @@ from services.router.providers import (
     ToolCall,
     ToolCallDelta,
     ToolDef,
+    UsageSoFar,
     get_adapter,
     make_http_client,
 )
@@ -640,6 +641,25 @@ async def wait_for_cancelled(ctl: httpx.AsyncClient, fk: FakeHandle, n: int, wit
     raise AssertionError(f"fake did not record {n} cancelled stream(s) within {within_s}s")
 
 
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_a_stream_reports_the_providers_input_count_before_it_ends(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient,
+) -> None:
+    """Anthropic's message_start and Gemini's per-chunk usageMetadata carry the input count: it is
+    passed on at once (UsageSoFar), so a stream cut before its end is charged with it."""
+    adapter = get_adapter(kind)
+    async with running_fake(kind) as fk:
+        unary = await adapter.complete(client, fk.base_url, SECRET, simple_request(), FAST)
+        events = await collect(adapter.stream(client, fk.base_url, SECRET, simple_request(), FAST))
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    early = [e for e in events[:first_text + 1] if isinstance(e, UsageSoFar)]
+    assert early, "no usage reported before the first text"
+    assert early[0].usage.input_tokens == unary.usage.input_tokens > 0
+    reports = [e for e in events if isinstance(e, UsageSoFar)]
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and reports[-1].usage == end.usage  # running totals, the last is final
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_closing_stream_cancels_upstream(kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient) -> None:
     adapter = get_adapter(kind)
@@ -647,6 +667,8 @@ async def test_closing_stream_cancels_upstream(kind: str, client: httpx.AsyncCli
         await set_faults(ctl, fk, {"mode": "endless", "interval_ms": 20})
         agen = adapter.stream(client, fk.base_url, SECRET, simple_request(), FAST)
         first = [await agen.__anext__(), await agen.__anext__()]
+        while any(isinstance(e, UsageSoFar) for e in first):  # usage reports come before/between text
+            first = [e for e in first if not isinstance(e, UsageSoFar)] + [await agen.__anext__()]
         assert all(isinstance(e, TextDelta) for e in first)
         await agen.aclose()  # type: ignore[attr-defined]
         await wait_for_cancelled(ctl, fk, 1)

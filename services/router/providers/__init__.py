@@ -24,6 +24,7 @@ from .domain import (
     ToolCallDelta,
     ToolDef,
     Usage,
+    UsageSoFar,
 )
 from .errors import ErrorKind, ProviderError
 
@@ -45,6 +46,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolDef",
     "Usage",
+    "UsageSoFar",
     "build_url",
     "check_url_name",
     "get_adapter",
