@@ -48,7 +48,6 @@ __all__ = [
     "dumps",
     "estimate_tokens",
     "estimate_usage",
-    "get_adapter",
     "image_mime",
     "load_json_arg",
     "make_http_client",
@@ -111,23 +110,6 @@ class ProviderAdapter(Protocol):
         first ``__anext__`` raises ValueError on an untranslatable request.
         """
         ...
-
-
-def get_adapter(kind: str) -> ProviderAdapter:
-    """Return the adapter for ``kind``: openai, openai_compatible, anthropic or gemini."""
-    from .anthropic import AnthropicAdapter
-    from .gemini import GeminiAdapter
-    from .openai import OpenAIAdapter
-
-    if kind == "openai":
-        return OpenAIAdapter("openai")
-    if kind == "openai_compatible":
-        return OpenAIAdapter("openai_compatible")
-    if kind == "anthropic":
-        return AnthropicAdapter()
-    if kind == "gemini":
-        return GeminiAdapter()
-    raise ValueError("unknown provider kind")
 
 
 # --------------------------------------------------------------------------- names / URLs
