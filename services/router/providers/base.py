@@ -32,6 +32,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from services.common import ids
+
 from .domain import ChatRequest, ChatResponse, StreamEvent, Timeouts, Usage
 from .errors import ErrorKind, ProviderError, summarize
 from .sse import SSEEvent, SSEParser, SSEProtocolError
@@ -64,7 +66,7 @@ _LOGGER = logging.getLogger(__name__)
 
 USER_AGENT = "igw/0.1"
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SAFE_NAME = ids.CONFIG_NAME
 # Model names that only travel in a JSON body (OpenAI, Anthropic, vLLM/Ollama)
 # may contain "/" (e.g. "meta-llama/Llama-3-8B"), but nothing URL-special.
 _BODY_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
