@@ -19,8 +19,8 @@ from services.common.errors import InvalidArgument
 from services.router.providers.domain import ChatRequest, ContentPart, FinishReason, Message, ToolCall, ToolDef
 from services.router.routing import Limits
 
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 _REQUEST_ID = ids.REQUEST_ID
 _IMAGE_MIME = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 MAX_IMAGE_BYTES = 5 * 1024 * 1024

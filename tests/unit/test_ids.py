@@ -49,3 +49,23 @@ def test_an_invalid_request_id_is_refused_everywhere(rid: str) -> None:
         ledger.check_request_id(rid)
     with pytest.raises(E.InvalidArgument):
         vault.check_request_id(rid)
+
+
+def _anchored_patterns() -> list[tuple[str, object]]:
+    from services.cli import commands_probe
+    from services.keyvault import crypto
+    from services.router import translate
+    from services.router.providers import base, errors
+
+    found = []
+    for module in (ids, vault, crypto, translate, base, errors, commands_probe):
+        for name, value in vars(module).items():
+            if hasattr(value, "pattern") and isinstance(value.pattern, str) and value.pattern.startswith("^"):
+                found.append((f"{module.__name__}.{name}", value))
+    return found
+
+
+@pytest.mark.parametrize(("name", "pattern"), _anchored_patterns())
+def test_no_identifier_pattern_lets_a_trailing_newline_through(name: str, pattern: object) -> None:
+    # re's "$" matches before a final newline; every anchored rule must end in \Z instead.
+    assert pattern.pattern.endswith("\\Z"), name  # type: ignore[attr-defined]
