@@ -234,8 +234,8 @@ class LedgerService:
         *, what: str = "request_id",
     ) -> D.ReserveResult:
         D.check_request_id(request_id, what)
-        D.check_name("team", team)
-        D.check_name("agent", agent)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent)
         D.check_name("model", model)
         D.check_name("provider", provider, required=False)
         D.check_tokens("prompt_tokens_upper_bound", prompt_tokens)
@@ -513,8 +513,8 @@ class LedgerService:
 
     async def get_budget(self, *, team: str, agent: str = "") -> list[D.BudgetStatus]:
         """Every budget that applies to the team (and agent), in its current window."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         return [_status(b) for b in await self.repo.budgets(team, agent, self.now())]
 
     # ------------------------------------------------------------ administration
@@ -523,8 +523,8 @@ class LedgerService:
         self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0
     ) -> D.BudgetConfig:
         """Creates or replaces a budget."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         if window not in (1, 2, 3, 4):
             raise E.InvalidArgument("INVALID_WINDOW", "window is required", {"field": "window"})
         D.check_amount("limit_nanos", limit_nanos)
@@ -552,7 +552,7 @@ class LedgerService:
         team: str = "",
     ) -> list[D.SpendTotal]:
         """Totals grouped by team/agent/model/provider/day over [start, end)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         now = self.now()
         end = end or now
         start = start or (end - dt.timedelta(days=30))
@@ -586,7 +586,7 @@ class LedgerService:
         page_token: str = "",
     ) -> tuple[list[D.SpendEntry], str]:
         """Entries newest first; returns (entries, next_page_token)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         if page_size < 0:
             raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
         size = min(page_size or 100, 1000)
