@@ -494,6 +494,9 @@ def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.Ig
         metrics.budget_denials.labels(team).inc()
         return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if info is not None and info.reason == "NO_BUDGET":
+            metrics.budget_denials.labels(team).inc()
+            return E.FailedPrecondition("NO_BUDGET", "your team has no budget; an operator must set one", meta)
         return E.FailedPrecondition(info.reason if info else "LEDGER_REFUSED", "the ledger refused the call", meta)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return E.InvalidArgument(info.reason if info else "LEDGER_REFUSED", "the ledger refused the request", meta)
