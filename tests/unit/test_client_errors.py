@@ -19,9 +19,11 @@ from igw.client import (
     CertificateExpired,
     ClientConfig,
     ClientConfigError,
+    FailedPrecondition,
     IgwClient,
     IgwError,
     InvalidArgument,
+    NoBudget,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -88,6 +90,14 @@ def test_a_budget_status_from_the_server_becomes_budget_exceeded_with_integer_am
     assert error.requested_nanos == 2_000_000
     assert error.remaining_dollars == "$0.0001"
     assert error.metadata["team"] == "demo"
+    assert not error.retryable
+
+
+def test_a_team_without_a_budget_becomes_no_budget_and_is_not_retryable() -> None:
+    err = server_errors.FailedPrecondition("NO_BUDGET", "your team has no budget", {"team": "t1", "agent": "a"})
+    error = error_from_rpc_error(_FakeRpcError(server_errors.to_status(err, "router.igw")))
+    assert isinstance(error, NoBudget) and isinstance(error, FailedPrecondition)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.team == "t1"
     assert not error.retryable
 
 

@@ -8,7 +8,8 @@
     │   └── ModelNotFound         reason MODEL_NOT_FOUND / UNKNOWN_MODEL
     ├── AlreadyExists             ALREADY_EXISTS
     ├── FailedPrecondition        FAILED_PRECONDITION
-    │   └── ModelNotPriced        reason MODEL_NOT_PRICED
+    │   ├── ModelNotPriced        reason MODEL_NOT_PRICED
+    │   └── NoBudget              reason NO_BUDGET (no budget applies to the team; an operator sets one)
     ├── PermissionDenied          PERMISSION_DENIED
     ├── Unauthenticated           UNAUTHENTICATED
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidArgument",
     "ModelNotFound",
     "ModelNotPriced",
+    "NoBudget",
     "NoCandidates",
     "NotFound",
     "PermissionDenied",
@@ -188,6 +190,16 @@ class ModelNotPriced(FailedPrecondition):
     """The ledger has no price for the model, so no budget hold can be sized."""
 
 
+class NoBudget(FailedPrecondition):
+    """No budget applies to the team (or agent), and the gateway refuses unbudgeted teams: an
+    operator must set one. Retrying does not help."""
+
+    @property
+    def team(self) -> str:
+        """The team that has no budget."""
+        return str(self.metadata.get("team", ""))
+
+
 class PermissionDenied(IgwError):
     """The caller's certificate identity may not do this."""
 
@@ -315,6 +327,7 @@ _BY_REASON: dict[str, type[IgwError]] = {
     "BUDGET_EXCEEDED": BudgetExceeded,
     "RATE_LIMITED": RateLimited,
     "MODEL_NOT_PRICED": ModelNotPriced,
+    "NO_BUDGET": NoBudget,
     "PRICE_NOT_FOUND": ModelNotPriced,
     "NO_CANDIDATES": NoCandidates,
     "ALL_CANDIDATES_FAILED": NoCandidates,
