@@ -565,7 +565,10 @@ class _Call:
         self.log.add(dep, _OUTCOME.get(err.kind, router_pb2.ATTEMPT_OUTCOME_SERVER_ERROR), t0, err)
         r.metrics.attempts.labels(dep.name, err.kind.value).inc()
         breaker = r.breakers[dep.name]
-        if err.retryable:
+        # A timeout the agent's own deadline imposed says nothing about the deployment's health.
+        cut_by_deadline = (err.kind is ErrorKind.TIMEOUT and self.deadline is not None
+                           and (self._remaining() or 0.0) < 0.1)
+        if err.retryable and not cut_by_deadline:
             breaker.record_failure()
             r.metrics.fallbacks.labels(err.kind.value).inc()
         elif ticket == "probe":

@@ -213,3 +213,32 @@ async def test_a_call_refused_for_budget_returns_its_lease_unused_with_the_reaso
         # Refused by the ledger: no hold was placed, so nothing is released by request id.
         assert sql(fresh_database, "SELECT count(*) FROM request_releases") == [(0,)]
     check_invariants(fresh_database)
+
+
+class _SlowProvider:
+    """A provider slower than the agent's deadline: the router's timeout (the deadline) cuts it."""
+
+    name = "slow"
+
+    async def complete(self, http: Any, base_url: str, secret: str, req: Any, timeouts: Any) -> Any:
+        await asyncio.sleep(timeouts.total_s)
+        raise ProviderError(ErrorKind.TIMEOUT, "timed out", status_code=None)
+
+    async def stream(self, *args: Any) -> AsyncIterator[Any]:
+        raise AssertionError("not used")
+        yield
+
+
+async def test_a_timeout_the_agents_deadline_imposed_does_not_open_the_breaker(
+    fresh_database: str, pki: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_mod, "get_adapter", lambda kind: _SlowProvider())
+    async with _router(fresh_database, pki) as (router, svc):  # breaker threshold: one failure
+        for _ in range(3):
+            with pytest.raises(E.DeadlineExceeded):
+                await router.generate(AGENT, _request(f"r-{uuid.uuid4().hex}"), 0.15)
+        assert router.breakers["d"].try_acquire() is True  # closed: the deployment did nothing wrong
+        await router.drain(5)
+        (budget,) = await svc.get_budget(team=TEAM)
+        assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
+    check_invariants(fresh_database)
