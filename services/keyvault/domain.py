@@ -212,7 +212,7 @@ class EndLeaseRequest:
     key_version: int
 
 
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}\Z")
 REASON_RE = re.compile(r"^[A-Z0-9_]{0,64}$")
 
 
