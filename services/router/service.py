@@ -845,7 +845,16 @@ class _Call:
                     err = exc
                 except BaseException as exc:
                     attempt_failed(span, type(exc).__name__)
-                    refusal = self._abandon(dep, ticket, lease, exc)
+                    if so_far is not None and isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                        # The agent left after the provider reported its input count: that was used.
+                        r._settle(self.rid, lease, dep, replace(so_far, reported=False),
+                                  time.perf_counter() - t0, ledger_pb2.CALL_OUTCOME_CANCELLED)
+                        r._end_lease(lease, True, "CANCELLED")
+                        if ticket == "probe":
+                            r.breakers[dep.name].release_probe()
+                        refusal = None
+                    else:
+                        refusal = self._abandon(dep, ticket, lease, exc)
                     if upstream is not None:
                         await _aclose(upstream)
                     if refusal is None:

@@ -242,3 +242,38 @@ async def test_a_timeout_the_agents_deadline_imposed_does_not_open_the_breaker(
         (budget,) = await svc.get_budget(team=TEAM)
         assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
     check_invariants(fresh_database)
+
+
+class _StartedOnly:
+    """A stream that reports its input count (message_start) and then sends nothing for a while."""
+
+    name = "started"
+
+    async def complete(self, *args: Any) -> Any:
+        raise AssertionError("unary not used")
+
+    async def stream(self, *args: Any) -> AsyncIterator[Any]:
+        yield UsageSoFar(Usage(input_tokens=4, output_tokens=1))
+        await asyncio.Event().wait()
+        yield TextDelta("never")
+
+
+async def test_an_agent_that_leaves_after_the_provider_reported_its_input_pays_that_input(
+    fresh_database: str, pki: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_mod, "get_adapter", lambda kind: _StartedOnly())
+    rid = f"r-{uuid.uuid4().hex}"
+    async with _router(fresh_database, pki) as (router, svc):
+        task = asyncio.ensure_future(_call(router, rid, True))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await router.drain(5)
+        rows = sql(fresh_database, "SELECT input_tokens, output_tokens, outcome FROM spend_entries"
+                                   " WHERE request_id = %s", (rid,))
+        assert rows == [(4, 1, 2)]  # the provider's counts, outcome CANCELLED
+        (budget,) = await svc.get_budget(team=TEAM)
+        assert budget.held_nanos == 0 and budget.spent_nanos > 0
+        assert [(e.end, e.reason) for e in router.backends.vault.ended] == [(keyvault_pb2.LEASE_END_USED, "CANCELLED")]
+    check_invariants(fresh_database)
