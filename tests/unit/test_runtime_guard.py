@@ -77,3 +77,60 @@ async def test_a_caller_from_another_trust_domain_is_refused(tmp_path: Path) -> 
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     reason = error_info_from_rpc_error(info.value)
     assert reason is not None and reason.reason
+
+
+def _mint(paths: pki.PkiPaths, tmp_path: Path, spiffe_id: str, *, ca: bool, key_cert_sign: bool) -> pki.CertKeyPaths:
+    """A certificate signed by the dev CA, carrying one SPIFFE URI SAN, with the CA bits asked for."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=key_cert_sign,
+                                     crl_sign=key_cert_sign, encipher_only=False, decipher_only=False),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    stem = f"minted-{ca}-{key_cert_sign}"
+    out = pki.CertKeyPaths(tmp_path / f"{stem}.pem", tmp_path / f"{stem}-key.pem")
+    out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return out
+
+
+@pytest.mark.parametrize(("ca", "key_cert_sign"), [(True, True), (True, False), (False, True)])
+async def test_a_ca_certificate_is_never_a_peer_identity(tmp_path: Path, ca: bool, key_cert_sign: bool) -> None:
+    """A certificate that may sign others (cA=TRUE or keyCertSign), chained to our CA and naming
+    the router, is refused before any handler runs; the same certificate without the CA bits
+    is the router."""
+    paths = pki.init_dev_pki(tmp_path / "pki")
+    posing = _mint(paths, tmp_path, "spiffe://igw.local/router", ca=ca, key_cert_sign=key_cert_sign)
+    honest = _mint(paths, tmp_path, "spiffe://igw.local/router", ca=False, key_cert_sign=False)
+    async with _runtime(paths, "igw.local") as rt:
+        async with secure_channel(f"127.0.0.1:{rt.port}", honest.cert, honest.key, paths.ca_cert) as channel:
+            assert await channel.unary_unary("/igw.test.v1.Test/Echo")(b"hi", timeout=5) == b"hi"
+        async with secure_channel(f"127.0.0.1:{rt.port}", posing.cert, posing.key, paths.ca_cert) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary("/igw.test.v1.Test/Echo")(b"hi", timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    detail = error_info_from_rpc_error(info.value)
+    assert detail is not None and detail.reason == "CA_CERTIFICATE"
