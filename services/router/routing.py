@@ -36,13 +36,14 @@ from typing import Any
 
 import yaml
 
+from services.common import ids
 from services.common.egress import EgressRefused, check_base_url
 from services.router.providers.base import check_body_model, check_url_name
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "openai_compatible")
 STRATEGIES = ("priority", "cheapest", "latency", "weighted")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TEAM = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME = ids.CONFIG_NAME
+_TEAM = ids.SEGMENT
 
 
 class ConfigError(ValueError):
