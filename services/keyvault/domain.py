@@ -44,9 +44,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.common import egress
+from services.common import egress, ids
 from services.common import errors as E
-from services.common import ids
 
 NAME_RE = ids.SEGMENT
 PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")

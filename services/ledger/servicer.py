@@ -31,7 +31,8 @@ _GROUP = {
 
 def _group(value: int) -> str:
     """A group-by dimension; an unknown value is refused, never dropped (it would widen the answer)."""
-    dim = _GROUP.get(value)  # type: ignore[call-overload]
+    dims: dict[int, str] = {int(k): v for k, v in _GROUP.items()}
+    dim = dims.get(value)
     if dim is None:
         raise E.InvalidArgument("UNKNOWN_ENUM_VALUE", f"group_by has an unknown value {int(value)}",
                                 {"field": "group_by", "value": int(value)})

@@ -20,8 +20,6 @@ import pytest
 
 from igw.router.v1 import router_pb2
 from services.fakes import FakeHandle, start_fake
-from services.router.routing import Limits
-from services.router.translate import prepare
 from services.router.providers import (
     ChatRequest,
     ContentPart,
@@ -40,6 +38,8 @@ from services.router.providers import (
     make_http_client,
 )
 from services.router.providers.base import estimate_tokens
+from services.router.routing import Limits
+from services.router.translate import prepare
 
 pytestmark = pytest.mark.asyncio
 
