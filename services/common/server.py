@@ -227,10 +227,16 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         request_id_var.set(rid or uuid.uuid4().hex)
         method_var.set(method)
 
-    async def _denied(self, method: str, request: Any, context: Any, err: E.IgwError) -> None:
-        """Tells the service about a call the authorisation table refused (the vault audits them)."""
+    async def _denied(
+        self, method: str, raw: Any, decode: Callable[[bytes], Any] | None, context: Any, err: E.IgwError,
+    ) -> None:
+        """Tells the service about a call the authorisation table refused (the vault audits them).
+
+        The verdict is already made; only a service that records refusals decodes the bytes,
+        best effort, for the record's fields."""
         if self._on_denied is None:
             return
+        request = self._decode_quietly(decode, raw)
         try:
             actor = identity_from_context(context, self._trust_domain).spiffe_id
         except IdentityError as ident_err:
@@ -275,7 +281,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
                 if not admitted:
-                    await self._denied(method, self._decode_quietly(decode, request), context, exc)
+                    await self._denied(method, request, decode, context, exc)
                 await self._fail(context, exc)
             except grpc.aio.AbortError:
                 code = (context.code() or grpc.StatusCode.UNKNOWN).name
@@ -314,7 +320,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 except E.IgwError as exc:
                     code, err = exc.code.name, exc
                     if not admitted:
-                        await self._denied(method, self._decode_quietly(decode, request), context, exc)
+                        await self._denied(method, request, decode, context, exc)
                     await self._fail(context, exc)
                 except grpc.aio.AbortError:
                     code = (context.code() or grpc.StatusCode.UNKNOWN).name
