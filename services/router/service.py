@@ -119,13 +119,19 @@ class PriceBook:
 
 @dataclass
 class AttemptLog:
-    """The attempts of one call, for the answer and for metrics."""
+    """The attempts of one call, for the answer and for metrics.
+
+    ``causes[i]`` says more than ``items[i].outcome`` where we know more: the provider error
+    kind (``auth_failed``, ``redirect_refused``...), the vault's reason for issuing no
+    credential (``NO_ACTIVE_KEY``, ``VAULT_UNAVAILABLE``...), ``LEASE_BASE_URL_MISMATCH``.
+    """
 
     items: list[router_pb2.Attempt] = field(default_factory=list)
+    causes: list[str] = field(default_factory=list)
 
     def add(
         self, dep: Deployment, outcome: router_pb2.AttemptOutcome, start: float,
-        err: ProviderError | None = None,
+        err: ProviderError | None = None, cause: str = "",
     ) -> None:
         att = router_pb2.Attempt(deployment=dep.name, provider=dep.provider, outcome=outcome)
         att.latency.FromNanoseconds(int((time.perf_counter() - start) * 1e9))
@@ -133,7 +139,9 @@ class AttemptLog:
             att.http_status = err.status_code or 0
             if err.retry_after_s is not None:
                 att.retry_after.FromNanoseconds(int(err.retry_after_s * 1e9))
+            cause = cause or err.kind.value
         self.items.append(att)
+        self.causes.append(cause)
 
 
 @dataclass
@@ -319,7 +327,9 @@ class Router:
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
             ):
                 info = error_info_from_rpc_error(lease)
-                raise _SkipDeployment(info.reason if info else lease.code().name)
+                transient = lease.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                reason = info.reason if info else ("VAULT_UNAVAILABLE" if transient else lease.code().name)
+                raise _SkipDeployment(reason, transient=transient)
             raise lease
         held.end = _end_request(lease, ident, rid, dep)
         if lease.base_url.rstrip("/") != provider.base_url:
@@ -479,9 +489,103 @@ def _lease_end_of(exc: BaseException) -> tuple[bool, str]:
 
 
 class _SkipDeployment(Exception):
-    def __init__(self, reason: str) -> None:
+    """No credential for this deployment: ``reason`` from the vault (or ours); ``transient`` when
+    the vault could not be reached in time (a configuration problem otherwise)."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient
+
+
+# How each attempt outcome counts when every candidate failed (see final_error).
+_CONFIG_CAUSES = {ErrorKind.AUTH_FAILED.value, ErrorKind.REDIRECT_REFUSED.value}
+_THROTTLED = {router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED, router_pb2.ATTEMPT_OUTCOME_OVERLOADED}
+_TRANSIENT_VAULT = {"VAULT_UNAVAILABLE", "DEADLINE_EXCEEDED", "KEYVAULT_UNAVAILABLE", "UNAVAILABLE"}
+# Without a retry-after from any provider, the hint for "all rate limited or overloaded".
+DEFAULT_RETRY_DELAY_S = 1.0
+_CONFIG_REASON = {
+    ErrorKind.AUTH_FAILED.value: "PROVIDER_AUTH_FAILED",
+    ErrorKind.REDIRECT_REFUSED.value: "PROVIDER_REDIRECT_REFUSED",
+    "LEASE_BASE_URL_MISMATCH": "LEASE_BASE_URL_MISMATCH",
+}
+
+
+def _is_config(att: router_pb2.Attempt, cause: str) -> bool:
+    """A configuration or credential problem: retrying changes nothing until an operator acts."""
+    if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
+        return cause not in _TRANSIENT_VAULT
+    return cause in _CONFIG_CAUSES or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED
+
+
+def _describe(att: router_pb2.Attempt, cause: str) -> str:
+    """One attempt in words for the error message (names and codes only, never provider text)."""
+    if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
+        if cause == "LEASE_BASE_URL_MISMATCH":
+            what = "the vault's key for this provider is bound to another base URL than the routing config's"
+        else:
+            what = f"the vault issued no credential ({cause or 'unknown'})"
+    elif cause == ErrorKind.AUTH_FAILED.value or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED:
+        what = "the provider refused the credential"
+    elif cause == ErrorKind.REDIRECT_REFUSED.value:
+        what = "the provider answered with a redirect (never followed)"
+    else:
+        what = router_pb2.AttemptOutcome.Name(att.outcome).removeprefix("ATTEMPT_OUTCOME_").lower().replace("_", " ")
+    if att.http_status:
+        what += f" (HTTP {att.http_status})"
+    return f"{att.deployment}: {what}"
+
+
+def final_error(model: str, log: AttemptLog) -> E.IgwError:
+    """The agent's error when every candidate failed, its status chosen by the cause.
+
+    - every tried deployment failed for configuration or credentials (no key, provider
+      401/403, lease base URL mismatch, redirect): FAILED_PRECONDITION, never worth retrying;
+    - the rest were all rate limited or overloaded: RESOURCE_EXHAUSTED
+      ``UPSTREAM_RATE_LIMITED`` with RetryInfo (the shortest retry-after a provider gave);
+    - every deployment's breaker open: UNAVAILABLE ``ALL_BREAKERS_OPEN``;
+    - otherwise UNAVAILABLE ``ALL_CANDIDATES_FAILED`` (RetryInfo when a provider gave one).
+
+    ErrorInfo metadata lists each attempt: ``attempt_<n>_deployment``, ``attempt_<n>_outcome``,
+    ``attempt_<n>_http_status``, ``attempt_<n>_cause``, ``attempt_<n>_retry_after_ms``.
+    """
+    items, causes = log.items, log.causes
+    meta: dict[str, object] = {"attempts": len(items), "model": model}
+    for n, (att, cause) in enumerate(zip(items, causes, strict=True), start=1):
+        meta[f"attempt_{n}_deployment"] = att.deployment
+        meta[f"attempt_{n}_outcome"] = router_pb2.AttemptOutcome.Name(att.outcome).removeprefix("ATTEMPT_OUTCOME_")
+        if att.http_status:
+            meta[f"attempt_{n}_http_status"] = att.http_status
+        if cause:
+            meta[f"attempt_{n}_cause"] = cause
+        if att.HasField("retry_after"):
+            meta[f"attempt_{n}_retry_after_ms"] = att.retry_after.ToMilliseconds()
+    tried = [(a, c) for a, c in zip(items, causes, strict=True)
+             if a.outcome != router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN]
+    if items and not tried:
+        return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
+    if tried and tried[-1][0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
+        return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
+    said = "; ".join(dict.fromkeys(_describe(a, c) for a, c in tried[:4]))
+    if tried and all(_is_config(a, c) for a, c in tried):
+        kinds = {_CONFIG_REASON.get(c, "NO_CREDENTIAL") for a, c in tried}
+        reason = kinds.pop() if len(kinds) == 1 else "DEPLOYMENTS_MISCONFIGURED"
+        return E.FailedPrecondition(
+            reason, f"model {model!r} has no usable deployment: {said}; an operator must fix the key or config",
+            meta,
+        )
+    delays = [a.retry_after.ToNanoseconds() / 1e9 for a, _ in tried if a.HasField("retry_after")]
+    hint = min(delays) if delays else None
+    live = [a for a, c in tried if not _is_config(a, c)]
+    if live and all(a.outcome in _THROTTLED for a in live):
+        return E.ResourceExhausted(
+            "UPSTREAM_RATE_LIMITED", f"every deployment of model {model!r} is rate limited or overloaded: {said}",
+            meta, retry_delay_s=DEFAULT_RETRY_DELAY_S if hint is None else hint,
+        )
+    return E.Unavailable(
+        "ALL_CANDIDATES_FAILED", f"no deployment of model {model!r} could answer: {said}" if said
+        else "no deployment of this model could answer", meta, retry_delay_s=hint,
+    )
 
 
 def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.IgwError:
@@ -547,17 +651,12 @@ class _Call:
         return 5.0 if rem is None else max(min(rem, 5.0), 0.001)
 
     def _final_error(self) -> E.IgwError:
-        outcomes = [a.outcome for a in self.log.items]
-        meta = {"attempts": len(outcomes), "model": self.req.model}
         remaining = self._remaining()
         # Attempts stop 50 ms short of the agent's deadline so the answer still reaches it.
         if remaining is not None and remaining < 0.1:
+            meta = {"attempts": len(self.log.items), "model": self.req.model}
             return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed before any deployment answered", meta)
-        if outcomes and all(o == router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN for o in outcomes):
-            return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
-        if outcomes and outcomes[-1] == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
-            return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
-        return E.Unavailable("ALL_CANDIDATES_FAILED", "no deployment of this model could answer", meta)
+        return final_error(self.req.model, self.log)
 
     def _failed(self, dep: Deployment, ticket: bool | str, err: ProviderError, t0: float) -> None:
         """Bookkeeping for a failed attempt; raises for errors that go straight back."""
@@ -620,7 +719,7 @@ class _Call:
                 if not ticket:
                     if dep.name not in breaker_logged:
                         breaker_logged.add(dep.name)
-                        log.add(dep, router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN, time.perf_counter())
+                        log.add(dep, router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN, time.perf_counter(), cause="breaker_open")
                         r.metrics.attempts.labels(dep.name, "breaker_open").inc()
                     continue
                 rem = self._remaining()
@@ -677,9 +776,9 @@ class _Call:
                                         self._hold_sent)
             self.hold_unsure = False  # the attempt owns its hold now: settled or freed by its id
             return lease
-        except _SkipDeployment:
+        except _SkipDeployment as skip:
             self.hold_unsure = False  # the hold was placed and freed by its id
-            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0)
+            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0, cause=skip.reason)
             self.r.metrics.attempts.labels(dep.name, "no_credential").inc()
             self.excluded.add(dep.name)
             if ticket == "probe":

@@ -12,11 +12,13 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from igw.router.v1 import router_pb2
 from services.fakes import FakeHandle, start_fake
 from services.router.providers import (
     ChatRequest,
@@ -37,6 +39,8 @@ from services.router.providers import (
     make_http_client,
 )
 from services.router.providers.base import estimate_tokens
+from services.router.routing import Limits
+from services.router.translate import prepare
 
 pytestmark = pytest.mark.asyncio
 
@@ -129,6 +133,64 @@ async def expect_error(coro: Any) -> ProviderError:
 
 
 # --------------------------------------------------------------------------- happy paths
+
+
+# A schema as agents write it (pydantic, zod): $defs/$ref, anyOf with null, additionalProperties.
+FULL_JSON_SCHEMA = {
+    "type": "object",
+    "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"anyOf": [{"$ref": "#/$defs/Unit"}, {"type": "null"}]},
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+async def test_gemini_tools_go_out_as_parameters_json_schema_unchanged(
+    client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    """Gemini's `parameters` takes an OpenAPI subset; full JSON Schema belongs in
+    `parametersJsonSchema` (FunctionDeclaration, Gemini API reference). The fake refuses
+    JSON-Schema-only keywords under `parameters`, as the API does."""
+    tool = ToolDef("get_weather", "Current weather for a city", json.dumps(FULL_JSON_SCHEMA))
+    req = simple_request("what is the weather in Paris?", tools=(tool,))
+    async with running_fake("gemini") as fk:
+        resp = await get_adapter("gemini").complete(client, fk.base_url, SECRET, req, FAST)
+        events = await collect(get_adapter("gemini").stream(client, fk.base_url, SECRET, req, FAST))
+        reqs = await recorded(ctl, fk)
+        # The fake's check is real: the old wire shape is refused.
+        old = dict(reqs[0]["body"])
+        old["tools"] = [{"functionDeclarations": [{"name": "get_weather", "parameters": FULL_JSON_SCHEMA}]}]
+        refused = await ctl.post(f"{fk.base_url}/v1beta/models/model-1:generateContent", json=old,
+                                 headers={"x-goog-api-key": SECRET})
+    assert refused.status_code == 400 and "Unknown name" in refused.text
+    assert resp.tool_calls[0].name == "get_weather"
+    assert assemble_tools(events)[0]["name"] == "get_weather"
+    for r in reqs:
+        (decl,) = r["body"]["tools"][0]["functionDeclarations"]
+        assert "parameters" not in decl
+        assert decl["parametersJsonSchema"] == FULL_JSON_SCHEMA
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_temperature_and_top_p_reach_the_provider_exactly(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    """0.7 stays 0.7 on its way from the agent's request bytes to the provider's JSON (the
+    contract's fields are doubles; a float32 arrived as 0.699999988)."""
+    agent = router_pb2.GenerateRequest(model="m", max_output_tokens=100, temperature=0.7, top_p=0.95)
+    agent.messages.add(role=router_pb2.ROLE_USER).parts.add(text="hello there world")
+    wire = router_pb2.GenerateRequest.FromString(agent.SerializeToString())
+    req = replace(prepare(wire, Limits()).chat, model="model-1")
+    async with running_fake(kind) as fk:
+        await get_adapter(kind).complete(client, fk.base_url, SECRET, req, FAST)
+        (sent,) = await recorded(ctl, fk)
+    body = sent["body"]
+    got = (body["generationConfig"]["temperature"], body["generationConfig"]["topP"]) if kind == "gemini" else (
+        body["temperature"], body["top_p"])
+    assert got == (0.7, 0.95)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -426,7 +488,7 @@ async def test_request_body_as_documented(kind: str, client: httpx.AsyncClient, 
         assert ub["tools"] == [
             {
                 "functionDeclarations": [
-                    {"name": "get_weather", "description": WEATHER.description, "parameters": schema}
+                    {"name": "get_weather", "description": WEATHER.description, "parametersJsonSchema": schema}
                 ]
             }
         ]

@@ -152,7 +152,9 @@ class GeminiAdapter:
                         {
                             "name": t.name,
                             "description": t.description,
-                            "parameters": load_json_arg(t.parameters_json, "tool parameters"),
+                            # Full JSON Schema (anyOf, $ref, additionalProperties...) goes in
+                            # parametersJsonSchema; `parameters` takes only an OpenAPI subset.
+                            "parametersJsonSchema": load_json_arg(t.parameters_json, "tool parameters"),
                         }
                         for t in req.tools
                     ]
