@@ -32,11 +32,16 @@ class IgwError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, reason: str, message: str, metadata: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, reason: str, message: str, metadata: Mapping[str, object] | None = None, *,
+        retry_delay: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        # Seconds after which a retry may succeed: sent as a google.rpc.RetryInfo detail.
+        self.retry_delay = retry_delay
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason!r}, {self.message!r})"
@@ -107,7 +112,14 @@ def to_status(err: IgwError, domain: str) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    if err.retry_delay is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(int(err.retry_delay * 1e9), 0))
+        extra = any_pb2.Any()
+        extra.Pack(retry)
+        details.append(extra)
+    proto = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return _RichStatus(err.code, err.message, (("grpc-status-details-bin", proto.SerializeToString()),))
 
 
@@ -116,6 +128,19 @@ class _RichStatus(grpc.Status):
         self.code = code
         self.details = details
         self.trailing_metadata = trailing_metadata
+
+
+def retry_delay_from_rpc_error(err: grpc.RpcError) -> float | None:
+    """The RetryInfo delay (seconds) of a received RpcError, if it carries one."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    return float(retry.retry_delay.ToNanoseconds()) / 1e9
+    return None
 
 
 def error_info_from_rpc_error(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
