@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from services.common import errors as E
+from services.common import ids
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
-TEAM_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
+NAME_RE = ids.SEGMENT
+PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")
+TEAM_RE = ids.SEGMENT
+REQUEST_ID_RE = ids.REQUEST_ID
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}\Z")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_SECRET_BYTES = 4096
 MAX_TEAMS = 1000

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 import uuid
 from dataclasses import dataclass, field
 
 from services.common import errors as E
+from services.common import ids
 from services.ledger.pricing import MAX_VALUE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NAME_RE = ids.PRICE_KEY
 UTC = dt.UTC
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -254,6 +254,19 @@ def check_name(what: str, value: str, *, required: bool = True) -> str:
     if not NAME_RE.match(value):
         raise E.InvalidArgument(
             "INVALID_NAME", f"{what} must match {NAME_RE.pattern}", {"field": what}
+        )
+    return value
+
+
+def check_principal(what: str, value: str, *, required: bool = True) -> str:
+    """A team or agent name: a SPIFFE path segment (``ids.SEGMENT``), as the certificate names it."""
+    if not value:
+        if required:
+            raise E.InvalidArgument("MISSING_FIELD", f"{what} is required", {"field": what})
+        return ""
+    if not ids.is_segment(value):
+        raise E.InvalidArgument(
+            "INVALID_NAME", f"{what} must match {ids.SEGMENT.pattern}", {"field": what}
         )
     return value
 

@@ -223,7 +223,7 @@ class Repository:
     async def budgets(self, team: str, agent: str, now: dt.datetime) -> list[dict[str, Any]]:
         """The budgets applying to (team, agent) in their current windows."""
         return await self._call(  # type: ignore[no-any-return]
-            "budgets", "SELECT ledger_budgets(%s, %s, %s)", (team, agent, now)
+            "budgets", "SELECT ledger_budgets(%s, %s, '', %s)", (team, agent, now)
         )
 
     # ------------------------------------------------------------ administration

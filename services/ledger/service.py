@@ -255,8 +255,8 @@ class LedgerService:
         *, what: str = "request_id", run_id: str = "", run_cap_nanos: int = 0,
     ) -> D.ReserveResult:
         D.check_request_id(request_id, what)
-        D.check_name("team", team)
-        D.check_name("agent", agent)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent)
         D.check_name("model", model)
         D.check_name("provider", provider, required=False)
         D.check_tokens("prompt_tokens_upper_bound", prompt_tokens)
@@ -515,8 +515,8 @@ class LedgerService:
 
     async def get_budget(self, *, team: str, agent: str = "") -> list[D.BudgetStatus]:
         """Every budget that applies to the team (and agent), in its current window."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         return [_status(b) for b in await self.repo.budgets(team, agent, self.now())]
 
     # ------------------------------------------------------------ administration
@@ -525,8 +525,8 @@ class LedgerService:
         self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0, run: str = ""
     ) -> D.BudgetConfig:
         """Creates or replaces a budget (of a team, an agent, or a run: TOTAL window, no agent)."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         D.check_name("run", run, required=False)
         if run and window == 0:
             window = D.Window.TOTAL
@@ -556,7 +556,7 @@ class LedgerService:
         self, *, team: str = "", include_runs: bool = False, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[D.BudgetConfig], str]:
         """Configured budgets ordered by (team, run, agent, window), paged; (budgets, next token)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         size = _page_size(page_size, 100, 1000)
         after: tuple[str, str, str, int] | None = None
         if page_token:
@@ -579,8 +579,8 @@ class LedgerService:
 
     async def delete_budget(self, *, team: str, agent: str = "", window: int, run: str = "") -> D.BudgetConfig:
         """Deletes one budget; NOT_FOUND / BUDGET_NOT_FOUND when there is none."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         D.check_name("run", run, required=False)
         if run and window == 0:
             window = D.Window.TOTAL
@@ -601,8 +601,8 @@ class LedgerService:
         self, *, team: str, agent: str = "", requests_per_minute: int = 0, tokens_per_minute: int = 0
     ) -> D.RateLimit:
         """Sets (or, both 0, clears) a team's or agent's rate limits."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         D.check_amount("requests_per_minute", requests_per_minute)
         D.check_amount("tokens_per_minute", tokens_per_minute)
         row = await self.repo.set_rate_limit(team, agent, requests_per_minute, tokens_per_minute, self.now())
@@ -615,7 +615,7 @@ class LedgerService:
 
     async def get_rate_limits(self, *, team: str) -> list[D.RateLimit]:
         """The team's limits (team-wide first, then its agents') with the last 60 s's use."""
-        D.check_name("team", team)
+        D.check_principal("team", team)
         return [
             D.RateLimit(r["team"], r["agent"], int(r["rpm"]), int(r["tpm"]), int(r["requests"]),
                         int(Decimal(str(r["tokens"]))), D.from_us(int(r["updated_us"])))
@@ -670,7 +670,7 @@ class LedgerService:
     ) -> tuple[list[D.SpendTotal], str]:
         """Totals grouped by team/agent/model/provider/day/run over [start, end), paged; returns
         (totals, next_page_token). Whole hours are read from the hourly rollup."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         D.check_name("run", run, required=False)
         if run and not team:
             raise E.InvalidArgument("MISSING_FIELD", "a run filter needs the team", {"field": "team"})
@@ -719,7 +719,7 @@ class LedgerService:
         page_token: str = "",
     ) -> tuple[list[D.SpendEntry], str]:
         """Entries newest first; returns (entries, next_page_token)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         if page_size < 0:
             raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
         size = min(page_size or 100, 1000)

@@ -46,7 +46,7 @@ depends_on: str | Sequence[str] | None = None
 
 # Functions whose current definitions are replaced here (saved for the downgrade).
 REPLACED = (
-    "ledger_hold", "ledger_settle", "ledger_release", "ledger_capture", "ledger_budgets",
+    "ledger_hold", "ledger_reserve", "ledger_settle", "ledger_release", "ledger_capture", "ledger_budgets",
     "ledger_set_budget", "ledger_entry_json", "ledger_hold_json",
 )
 
@@ -301,10 +301,7 @@ LANGUAGE sql STABLE AS $$
   WHERE b.team = p_team AND b.agent IN ('', p_agent) AND b.run IN ('', p_run)
 $$;
 
-CREATE OR REPLACE FUNCTION ledger_budgets(p_team text, p_agent text, p_now timestamptz) RETURNS jsonb
-LANGUAGE sql STABLE AS $$
-  SELECT ledger_budgets(p_team, p_agent, '', p_now)
-$$;
+DROP FUNCTION ledger_budgets(text, text, timestamptz);
 
 -- How long until a refused call could pass: the time until enough of the window's counted
 -- requests (p_need_req) and tokens (p_need_tok) have left the 60 s window.
@@ -542,12 +539,14 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION ledger_hold(
+DROP FUNCTION ledger_hold(uuid, text, int, text, text, text, text, bigint, bigint, int, bigint, timestamptz);
+
+CREATE OR REPLACE FUNCTION ledger_reserve(
   p_hold_id uuid, p_request_id text, p_attempt int, p_team text, p_agent text, p_model text,
-  p_provider text, p_prompt bigint, p_max_out bigint, p_calls int, p_ttl_us bigint, p_now timestamptz
+  p_provider text, p_prompt bigint, p_max_out bigint, p_ttl_us bigint, p_now timestamptz
 ) RETURNS jsonb LANGUAGE sql AS $$
   SELECT ledger_hold(p_hold_id, p_request_id, p_attempt, p_team, p_agent, p_model, p_provider,
-                     p_prompt, p_max_out, p_calls, p_ttl_us, p_now, '', 0)
+                     p_prompt, p_max_out, 0, p_ttl_us, p_now, '', 0)
 $$;
 
 -- Rate accounting when a hold closes. A call settled: it counts what it used. A call released
@@ -657,11 +656,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION ledger_set_budget(
-  p_team text, p_agent text, p_window smallint, p_limit bigint, p_soft bigint, p_now timestamptz
-) RETURNS jsonb LANGUAGE sql AS $$
-  SELECT ledger_set_budget(p_team, p_agent, '', p_window, p_limit, p_soft, p_now)
-$$;
+DROP FUNCTION ledger_set_budget(text, text, smallint, bigint, bigint, timestamptz);
 
 -- Settle, as 0004, on the partitioned table: one entry per request id is kept by the request
 -- id's advisory lock and a lookup (no unique index can span partitions); the call's rate event
