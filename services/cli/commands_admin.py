@@ -495,14 +495,14 @@ def cmd_budgets_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _window(args: argparse.Namespace) -> int:
+def _window(args: argparse.Namespace) -> Any:
     if args.run:
         if args.agent or (args.window and args.window != "total"):
             raise CliError("a run budget has no --agent and the total window")
-        return int(ledger_pb2.BUDGET_WINDOW_TOTAL)
+        return ledger_pb2.BUDGET_WINDOW_TOTAL
     if not args.window:
         raise CliError("--window is required")
-    return int(WINDOWS[args.window])
+    return WINDOWS[args.window]
 
 
 def cmd_budgets_list(args: argparse.Namespace) -> int:
