@@ -28,6 +28,8 @@ class LedgerSettings:
     partitions_ahead_months: int = 3
     retention_days: int = 0
     maintenance_interval_seconds: float = 3600.0
+    # False (the default): a team (and agent) no budget applies to is refused with NO_BUDGET.
+    allow_unbudgeted: bool = False
 
     @classmethod
     def from_env(cls, e: Mapping[str, str]) -> LedgerSettings:
@@ -63,6 +65,7 @@ class LedgerSettings:
             pool_size=pool,
             migrate=env_bool(e, "IGW_LEDGER_MIGRATE", True),
             db_timeout_seconds=timeout,
+            allow_unbudgeted=env_bool(e, "IGW_LEDGER_ALLOW_UNBUDGETED", False),
         )
 
 

@@ -11,6 +11,7 @@ Tables::
     spend_rollup_hourly  per hour/team/agent/model/provider/run totals (kept by a trigger)
     rate_limits        (team, agent) -> requests and tokens per minute
     rate_events        admitted calls and slices of rate-limited teams, last minutes only
+    request_releases   request ids released as a whole (a later Reserve for one is refused)
     price_versions     catalogue versions (immutable once written)
     prices             (version, model) -> nano-dollars per million tokens
 
@@ -148,7 +149,8 @@ class Hold(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128))
     attempt: Mapped[int] = mapped_column(Integer)
-    # Not a foreign key: a team without any budget may reserve (unlimited) and needs no row.
+    # Not a foreign key: a team without any budget may reserve when the operator allows
+    # unbudgeted teams (IGW_LEDGER_ALLOW_UNBUDGETED), and needs no row.
     team: Mapped[str] = mapped_column(String(128))
     agent: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(128))
@@ -270,6 +272,17 @@ class RateEvent(Base):
     unit_tokens: Mapped[int] = mapped_column(Numeric)
     used_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     used_tokens: Mapped[int] = mapped_column(Numeric, server_default=text("0"))
+
+
+class RequestRelease(Base):
+    """A call that ended early and was released by request id: no hold is placed for it again."""
+
+    __tablename__ = "request_releases"
+    __table_args__ = (Index("ix_request_releases_released_at", "released_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    released_at: Mapped[dt.datetime] = mapped_column(TZ)
 
 
 class PriceVersion(Base):

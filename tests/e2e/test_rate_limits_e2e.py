@@ -132,7 +132,13 @@ def _check_refusals(refused: list[grpc.RpcError]) -> None:
         assert delay is not None and 0 < delay <= 60
 
 
+def _budget(pair: Pair, team: str) -> None:
+    _admin(pair).SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
+                                                       limit_nanos=10**13), timeout=10)
+
+
 def test_twice_the_rpm_limit_over_two_routers_and_two_ledgers_admits_exactly_the_limit(pair: Pair) -> None:
+    _budget(pair, PER_CALL)
     _admin(pair, 1).SetRateLimit(ledger_pb2.SetRateLimitRequest(team=PER_CALL, requests_per_minute=RPM), timeout=10)
     ok, refused = _burst(pair, PER_CALL, 2 * RPM)
     assert ok == RPM and len(refused) == RPM
@@ -164,6 +170,7 @@ def test_twice_the_rpm_limit_with_budget_slices_admits_exactly_the_limit(pair: P
 
 
 def test_a_run_cap_holds_under_concurrent_agents_of_the_team(pair: Pair) -> None:
+    _budget(pair, RUNS)
     probe = router_pb2_grpc.RouterServiceStub(mtls_channel(pair.routers[0].address, pair.pki, f"agent-{RUNS}-a1"))
     probe.Generate(_req(f"probe-{uuid.uuid4().hex[:6]}"), timeout=20)
     _entries(pair.dsn, RUNS, 1)

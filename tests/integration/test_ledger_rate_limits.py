@@ -36,8 +36,8 @@ async def test_requests_per_minute_is_exact_across_two_ledger_replicas_and_says_
     fresh_database: str,
 ) -> None:
     clock = FakeClock()
-    async with ledger_service(fresh_database, clock=clock) as one, \
-            ledger_service(fresh_database, clock=clock, migrate=False) as two:
+    async with ledger_service(fresh_database, clock=clock, allow_unbudgeted=True) as one, \
+            ledger_service(fresh_database, clock=clock, migrate=False, allow_unbudgeted=True) as two:
         await one.set_rate_limit(team="rt", requests_per_minute=10)
         outcomes = await asyncio.gather(
             *[_reserve(one if i % 2 else two, f"r{i}", agent=f"a{i % 3}") for i in range(20)],
@@ -63,7 +63,7 @@ async def test_requests_per_minute_is_exact_across_two_ledger_replicas_and_says_
 
 
 async def test_tokens_per_minute_counts_the_worst_case_until_settle_trues_it_up(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         await svc.set_rate_limit(team="rt", tokens_per_minute=1100)
         a = await _reserve(svc, "t1")
         await _reserve(svc, "t2")
@@ -83,7 +83,7 @@ async def test_tokens_per_minute_counts_the_worst_case_until_settle_trues_it_up(
 
 
 async def test_a_released_call_stops_counting_and_a_later_attempt_replaces_the_first(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         await svc.set_rate_limit(team="rt", requests_per_minute=2)
         first = await _reserve(svc, "c1")
         await svc.reserve(request_id="c1", attempt=1, team="rt", agent="a", model="fake-small", **BOUNDS)
@@ -100,7 +100,7 @@ async def test_a_released_call_stops_counting_and_a_later_attempt_replaces_the_f
 
 
 async def test_agent_limits_apply_next_to_the_team_limit(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         await svc.set_rate_limit(team="rt", requests_per_minute=10)
         await svc.set_rate_limit(team="rt", agent="busy", requests_per_minute=2)
         await _reserve(svc, "b1", agent="busy")
@@ -121,7 +121,7 @@ async def test_agent_limits_apply_next_to_the_team_limit(fresh_database: str) ->
 
 
 async def test_a_slice_is_granted_only_the_calls_the_rate_limit_has_room_for(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         await svc.set_rate_limit(team="rt", requests_per_minute=5)
         await _reserve(svc, "before")
         s = await svc.acquire_slice(slice_id="s1", team="rt", agent="a", model="fake-small", calls=10, **BOUNDS)
@@ -146,7 +146,7 @@ async def test_a_slice_is_granted_only_the_calls_the_rate_limit_has_room_for(fre
 
 
 async def test_rate_limited_is_resource_exhausted_with_retry_info_over_grpc(fresh_database: str, pki: Path) -> None:
-    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         await svc.set_rate_limit(team="rg", requests_per_minute=1)
         channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
         async with channel:
@@ -163,8 +163,8 @@ async def test_rate_limited_is_resource_exhausted_with_retry_info_over_grpc(fres
 
 
 async def test_a_run_cap_is_never_exceeded_by_concurrent_agents(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as one, \
-            ledger_service(fresh_database, migrate=False) as two:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as one, \
+            ledger_service(fresh_database, migrate=False, allow_unbudgeted=True) as two:
         await one.set_budget(team="rr", agent="", window=3, limit_nanos=10**12)
         probe = await _reserve(one, "probe", team="probe")
         unit = probe.hold.amount_nanos
@@ -197,7 +197,7 @@ async def test_a_run_cap_is_never_exceeded_by_concurrent_agents(fresh_database: 
 
 
 async def test_an_operator_made_run_budget_applies_and_spend_reports_by_run(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         made = await svc.set_budget(team="rr", agent="", window=0, limit_nanos=10**9, run="nightly")
         assert made.run == "nightly" and made.window is D.Window.TOTAL
         with pytest.raises(E.InvalidArgument):
@@ -216,7 +216,7 @@ async def test_an_operator_made_run_budget_applies_and_spend_reports_by_run(fres
 
 
 async def test_list_budgets_pages_and_delete_budget_removes_one(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         for team in ("b1", "b2", "b3"):
             await svc.set_budget(team=team, agent="", window=1, limit_nanos=100)
             await svc.set_budget(team=team, agent="x", window=3, limit_nanos=100)
@@ -246,7 +246,7 @@ async def test_partitions_are_made_ahead_rows_move_out_of_default_and_retention_
     fresh_database: str,
 ) -> None:
     clock = FakeClock(dt.datetime(2025, 3, 10, 12, 0, tzinfo=dt.UTC))
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, clock=clock, allow_unbudgeted=True) as svc:
         names = [r[0] for r in sql(fresh_database, "SELECT name FROM ledger_partitions() ORDER BY lo")]
         assert names == ["spend_entries_p202503", "spend_entries_p202504", "spend_entries_p202505",
                          "spend_entries_p202506"]

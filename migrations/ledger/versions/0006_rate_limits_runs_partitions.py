@@ -29,7 +29,7 @@ Function definitions this revision replaces are saved in ``ledger_saved_function
 restored by the downgrade, whatever revision wrote them.
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-04
 """
 
@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from alembic import op
 
 revision: str = "0006"
-down_revision: str | None = "0004"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -360,6 +360,13 @@ BEGIN
   -- Shared by every hold of the team, exclusive in ledger_set_budget: a budget created
   -- mid-window is never created while one of the team's holds is being placed.
   PERFORM pg_advisory_xact_lock_shared(ledger_team_lock_key(p_team));
+  -- One hold placement per request id at a time, and never after its call was released as a
+  -- whole (ledger_release_request takes the same lock): a Reserve still in flight when the
+  -- router gave up creates nothing.
+  PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
+  IF EXISTS (SELECT 1 FROM request_releases WHERE request_id = p_request_id) THEN
+    RETURN jsonb_build_object('result', 'REQUEST_RELEASED');
+  END IF;
   SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
   IF FOUND THEN
     IF (v_hold.team, v_hold.agent, v_hold.model, v_hold.prompt_tokens, v_hold.max_output_tokens,
@@ -403,6 +410,11 @@ BEGIN
     INTO v_ids, v_wins, v_starts
     FROM budgets WHERE team = p_team AND agent IN ('', p_agent) AND run IN ('', p_run);
   v_n := cardinality(v_ids);
+  -- No budget applies: refused unless the operator allows unbudgeted teams (the ledger sets
+  -- igw.allow_unbudgeted on its connections from IGW_LEDGER_ALLOW_UNBUDGETED).
+  IF v_n = 0 AND coalesce(current_setting('igw.allow_unbudgeted', true), '') <> 'on' THEN
+    RETURN jsonb_build_object('result', 'NO_BUDGET', 'price_version', v_version);
+  END IF;
 
   IF v_n > 0 THEN
     -- ORDER BY is applied before the row locks: counters are locked in key order.
@@ -708,7 +720,7 @@ BEGIN
     END IF;
     IF NOT v_settled THEN
       -- One entry per request id: serialise every writer of this id, then look again.
-      PERFORM pg_advisory_xact_lock(hashtextextended('ledger-request:' || p_request_id, 0));
+      PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
       SELECT * INTO v_e FROM spend_entries WHERE request_id = p_request_id;
       v_settled := FOUND;
       IF v_settled AND v_e.reservation_id <> v_h.id THEN
@@ -827,7 +839,7 @@ BEGIN
     SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
      ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
   LOOP
-    PERFORM pg_advisory_xact_lock(hashtextextended('ledger-request:' || v_h.request_id, 0));
+    PERFORM pg_advisory_xact_lock(ledger_request_lock_key(v_h.request_id));
     v_inserted := NOT EXISTS (SELECT 1 FROM spend_entries WHERE request_id = v_h.request_id);
     IF v_inserted THEN
       INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
@@ -835,7 +847,7 @@ BEGIN
                                  cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
                                  created_at, reserve_time, run_id)
       VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
-              v_h.prompt_tokens, v_h.max_output_tokens, 0, v_h.amount_nanos, v_h.amount_nanos,
+              0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
               v_h.price_version, 0, 2, 0, p_now, v_h.created_at, v_h.run_id);
     END IF;
     v_n := cardinality(v_h.budget_ids);

@@ -44,7 +44,7 @@ BEGIN
     END IF;
     IF NOT v_settled THEN
       -- One entry per request id: serialise every writer of this id, then look again.
-      PERFORM pg_advisory_xact_lock(hashtextextended('ledger-request:' || p_request_id, 0));
+      PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
       SELECT * INTO v_e FROM spend_entries WHERE request_id = p_request_id;
       v_settled := FOUND;
       IF v_settled AND v_e.reservation_id <> v_h.id THEN
