@@ -220,7 +220,10 @@ class SpendRollupHourly(Base):
     hours. Kept by a statement-level trigger on spend_entries; outlives the entries' retention."""
 
     __tablename__ = "spend_rollup_hourly"
-    __table_args__ = (Index("ix_spend_rollup_hourly_team_hour", "team", "hour"),)
+    __table_args__ = (
+        Index("ix_spend_rollup_hourly_team_hour", "team", "hour"),
+        {"postgresql_partition_by": "RANGE (hour)"},
+    )
 
     hour: Mapped[dt.datetime] = mapped_column(TZ, primary_key=True)
     team: Mapped[str] = mapped_column(String(128), primary_key=True)

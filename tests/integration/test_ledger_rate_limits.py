@@ -265,6 +265,9 @@ async def test_partitions_are_made_ahead_rows_move_out_of_default_and_retention_
         assert "spend_entries_p202509" in m.created and "spend_entries_p202512" in m.created
         assert sql(fresh_database, "SELECT tableoid::regclass::text FROM spend_entries WHERE request_id = 'p2'") == [
             ("spend_entries_p202509",)]
+        # The rollup is partitioned by month too; p2's hour moved with it.
+        assert sql(fresh_database, "SELECT tableoid::regclass::text FROM spend_rollup_hourly"
+                                   " WHERE hour >= '2025-09-01'") == [("spend_rollup_hourly_p202509",)]
         # Retention: whole months older than the cutoff go; the rollup keeps their totals.
         svc.retention_days = 90
         m = await svc.maintain()

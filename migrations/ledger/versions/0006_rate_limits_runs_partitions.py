@@ -22,7 +22,8 @@
   cannot have a unique index without the partition key, so settle and capture take the
   request id's advisory lock and look it up (an index probe per partition) before inserting.
 - ``spend_rollup_hourly``: per hour, team, agent, model, provider and run, kept by a
-  statement-level trigger on ``spend_entries`` (bulk loads roll up in one pass). ListSpend
+  statement-level trigger on ``spend_entries`` (bulk loads roll up in one pass); partitioned by
+  month like the entries (a report's range reads its months only), and kept past retention. ListSpend
   reads whole hours from it and only the partial hours at the edges from entries.
 
 Function definitions this revision replaces are saved in ``ledger_saved_functions`` and
@@ -148,8 +149,9 @@ CREATE TABLE spend_rollup_hourly (
   cached_input_tokens numeric NOT NULL,
   cost_nanos numeric NOT NULL,
   CONSTRAINT pk_spend_rollup_hourly PRIMARY KEY (hour, team, agent, model, provider, run_id)
-);
+) PARTITION BY RANGE (hour);
 CREATE INDEX ix_spend_rollup_hourly_team_hour ON spend_rollup_hourly (team, hour);
+CREATE TABLE spend_rollup_hourly_default PARTITION OF spend_rollup_hourly DEFAULT;
 """
 
 FUNCTIONS = r"""
@@ -188,29 +190,45 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT 'spend_entries_p' || to_char(p_month AT TIME ZONE 'UTC', 'YYYYMM')
 $$;
 
--- Creates the monthly partition starting at p_month if it is missing. Rows of that month that
--- landed in the default partition (a clock far off, a partition not yet made) move into it.
+-- Creates one monthly partition of a range-partitioned table if it is missing. Rows of that
+-- month that landed in the default partition (a clock far off, a partition not yet made) move
+-- into it.
+CREATE FUNCTION ledger_create_month_partition(
+  p_parent text, p_default text, p_column text, p_name text, p_lo timestamptz, p_hi timestamptz
+) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+  v_moving boolean;
+BEGIN
+  IF to_regclass(p_name) IS NOT NULL THEN
+    RETURN false;
+  END IF;
+  EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I WHERE %I >= %L AND %I < %L)',
+                 p_default, p_column, p_lo, p_column, p_hi) INTO STRICT v_moving;
+  IF v_moving THEN
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', p_name, p_parent);
+    EXECUTE format('WITH moved AS (DELETE FROM %I WHERE %I >= %L AND %I < %L RETURNING *)'
+                   ' INSERT INTO %I SELECT * FROM moved', p_default, p_column, p_lo, p_column, p_hi, p_name);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)', p_parent, p_name, p_lo, p_hi);
+  ELSE
+    EXECUTE format('CREATE TABLE %I PARTITION OF %I FOR VALUES FROM (%L) TO (%L)', p_name, p_parent, p_lo, p_hi);
+  END IF;
+  RETURN true;
+END
+$$;
+
+-- Creates the spend-entry partition of the month containing p_month, and the rollup's, if
+-- missing; true when the entries' partition was created.
 CREATE FUNCTION ledger_create_partition(p_month timestamptz) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
   v_lo timestamptz := ledger_window_start(3::smallint, p_month);
   v_hi timestamptz := ledger_window_end(3::smallint, ledger_window_start(3::smallint, p_month));
-  v_name text := ledger_partition_name(v_lo);
+  v_suffix text := to_char(v_lo AT TIME ZONE 'UTC', 'YYYYMM');
 BEGIN
-  IF to_regclass(v_name) IS NOT NULL THEN
-    RETURN false;
-  END IF;
-  IF EXISTS (SELECT 1 FROM spend_entries_default WHERE created_at >= v_lo AND created_at < v_hi) THEN
-    EXECUTE format('CREATE TABLE %I (LIKE spend_entries INCLUDING DEFAULTS INCLUDING CONSTRAINTS)', v_name);
-    EXECUTE format('WITH moved AS (DELETE FROM spend_entries_default WHERE created_at >= %L AND created_at < %L'
-                   ' RETURNING *) INSERT INTO %I SELECT * FROM moved', v_lo, v_hi, v_name);
-    EXECUTE format('ALTER TABLE spend_entries ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
-                   v_name, v_lo, v_hi);
-  ELSE
-    EXECUTE format('CREATE TABLE %I PARTITION OF spend_entries FOR VALUES FROM (%L) TO (%L)',
-                   v_name, v_lo, v_hi);
-  END IF;
-  RETURN true;
+  PERFORM ledger_create_month_partition('spend_rollup_hourly', 'spend_rollup_hourly_default', 'hour',
+                                        'spend_rollup_hourly_p' || v_suffix, v_lo, v_hi);
+  RETURN ledger_create_month_partition('spend_entries', 'spend_entries_default', 'created_at',
+                                       ledger_partition_name(v_lo), v_lo, v_hi);
 END
 $$;
 
@@ -910,6 +928,7 @@ DROP FUNCTION IF EXISTS ledger_drop_partitions(timestamptz);
 DROP FUNCTION IF EXISTS ledger_partitions();
 DROP FUNCTION IF EXISTS ledger_ensure_partitions(timestamptz, int);
 DROP FUNCTION IF EXISTS ledger_create_partition(timestamptz);
+DROP FUNCTION IF EXISTS ledger_create_month_partition(text, text, text, text, timestamptz, timestamptz);
 DROP FUNCTION IF EXISTS ledger_partition_name(timestamptz);
 DROP FUNCTION IF EXISTS ledger_hour(timestamptz);
 """
