@@ -205,3 +205,40 @@ def test_a_run_cap_holds_under_concurrent_agents_of_the_team(pair: Pair) -> None
     totals = _admin(pair).ListSpend(ledger_pb2.ListSpendRequest(team=RUNS, group_by=[ledger_pb2.SPEND_GROUP_BY_RUN]),
                                     timeout=10).totals
     assert {(t.run, t.request_count) for t in totals if t.run} == {("job-42", n)}
+
+
+def test_the_cli_sets_and_reads_limits_and_lists_and_deletes_budgets_and_spend_by_run(gateway: Gateway) -> None:
+    from tests.e2e.test_operator_surface import igw, igw_json
+
+    team = f"cli-{uuid.uuid4().hex[:6]}"
+    out = igw(gateway, "limits", "set", "--team", team, "--rpm", "30", "--tpm", "90000")
+    assert out.stdout.strip() == f"rate limits set: {team} rpm 30 tpm 90000"
+    igw(gateway, "limits", "set", "--team", team, "--agent", "bot", "--rpm", "5")
+    got = igw_json(gateway, "limits", "get", "--team", team)
+    assert [(r.get("agent", ""), int(r["requests_per_minute"])) for r in got["limits"]] == [("", 30), ("bot", 5)]  # type: ignore[index]
+    table = igw(gateway, "limits", "get", "--team", team).stdout
+    assert "(team)" in table and "bot" in table
+    igw(gateway, "budgets", "set", "--team", team, "--window", "daily", "--limit", "3.00")
+    igw(gateway, "budgets", "set", "--team", team, "--run", "nightly", "--limit", "1.50")
+    listed = igw(gateway, "budgets", "list", "--team", team, "--runs").stdout
+    assert "nightly" in listed and "$1.50" in listed
+    assert "nightly" not in igw(gateway, "budgets", "list", "--team", team).stdout
+    igw(gateway, "budgets", "delete", "--team", team, "--run", "nightly")
+    assert "nightly" not in igw(gateway, "budgets", "list", "--team", team, "--runs").stdout
+    bad = igw(gateway, "budgets", "delete", "--team", team, "--run", "nightly", check=False)
+    assert bad.returncode != 0 and "BUDGET_NOT_FOUND" in bad.stderr
+    # A call of a run through the gateway's router, then `igw spend --by run`.
+    pki_mod.issue_to_dir(gateway.pki, "agent", team, "a1")
+    stub = router_pb2_grpc.RouterServiceStub(mtls_channel(gateway.addr("router"), gateway.pki, f"agent-{team}-a1"))
+    req = _req(f"cli-run-{uuid.uuid4().hex[:6]}", run_id="batch-7")
+    req.model = "fast"
+    stub.Generate(req, timeout=20)
+    deadline = time.monotonic() + 20
+    while True:
+        spend = igw(gateway, "spend", "--by", "run", "--team", team).stdout
+        if "batch-7" in spend or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert "batch-7" in spend and team in spend
+    igw(gateway, "limits", "set", "--team", team)
+    assert igw(gateway, "limits", "set", "--team", team, "--agent", "bot").stdout.startswith("rate limits cleared")
