@@ -278,3 +278,51 @@ async def test_partitions_are_made_ahead_rows_move_out_of_default_and_retention_
         again = await svc.settle(request_id="p2", reservation_id=str(res.hold.reservation_id),
                                  usage=D.Usage(10, 10, 0), provider="p", provider_model="m")
         assert again.replayed
+
+
+async def test_list_spend_and_list_prices_page_through_everything(fresh_database: str) -> None:
+    clock = FakeClock(dt.datetime(2025, 3, 10, 12, 30, tzinfo=dt.UTC))
+    async with ledger_service(fresh_database, clock=clock, allow_unbudgeted=True) as svc:
+        for i in range(7):
+            res = await _reserve(svc, f"pg{i}", team=f"pt{i}")
+            await _settle(svc, f"pg{i}", res)
+            clock.advance(minutes=20)  # across hour boundaries: rollup hours and partial-hour edges
+        everything = await svc.list_spend(start=dt.datetime(2025, 3, 10, tzinfo=dt.UTC), end=None, group_by=["team"])
+        seen = []
+        token = ""
+        while True:
+            page, token = await svc.list_spend_page(start=dt.datetime(2025, 3, 10, tzinfo=dt.UTC), end=None,
+                                                    group_by=["team"], page_size=3, page_token=token)
+            assert len(page) <= 3
+            seen += page
+            if not token:
+                break
+        assert seen == everything and [t.team for t in seen] == [f"pt{i}" for i in range(7)]
+        assert all(t.request_count == 1 for t in seen)
+        with pytest.raises(E.InvalidArgument):
+            await svc.list_spend_page(start=None, end=None, group_by=[], page_token="garbage")
+        full = await svc.list_prices()
+        models: list[str] = []
+        token = ""
+        while True:
+            pl = await svc.list_prices(page_size=2, page_token=token)
+            models += [p[0] for p in pl.prices]
+            token = pl.next_page_token
+            if not token:
+                break
+        assert models == [p[0] for p in full.prices] and len(models) > 2
+
+
+async def test_limits_show_in_metrics_on_every_replica(fresh_database: str) -> None:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as one, \
+            ledger_service(fresh_database, migrate=False, allow_unbudgeted=True) as two:
+        await one.set_rate_limit(team="mt", agent="x", requests_per_minute=7, tokens_per_minute=900)
+        await two.maintain()  # the other replica learns the limits on its maintenance tick
+        for svc in (one, two):
+            assert svc.metrics.rpm_limit.labels("mt", "x")._value.get() == 7
+            assert svc.metrics.tpm_limit.labels("mt", "x")._value.get() == 900
+        await one.set_rate_limit(team="mt", requests_per_minute=1)
+        await _reserve(one, "m1", team="mt", agent="y")
+        with pytest.raises(E.ResourceExhausted):
+            await _reserve(one, "m2", team="mt", agent="y")
+        assert one.metrics.rate_limited.labels("mt", "requests")._value.get() == 1
