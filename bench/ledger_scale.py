@@ -200,7 +200,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "## Spend ledger at scale (`python -m bench ledger-scale`)",
         "",
         f"Run {results['when'][:19]}Z on {results['machine']['cpus']} CPUs (shared), embedded Postgres 18"
-        f" (fsync off), results [{rel}]({rel}). Entries are loaded straight in SQL into the migrated schema"
+        f" (fsync off), results `{rel}`. Entries are loaded straight in SQL into the migrated schema"
         " (monthly partitions, the rollup trigger on), then VACUUM (ANALYZE) and CHECKPOINT; the last 30 days"
         " carry a fixed rate of calls and each later step adds older months, so the table grows while the"
         " rate of calls does not.",
