@@ -835,7 +835,7 @@ class LedgerService:
             )
 
     def _update_remaining(self, team: str, budgets: list[D.BudgetStatus]) -> None:
-        team_wide = [b.remaining_nanos for b in budgets if not b.agent]
+        team_wide = [b.remaining_nanos for b in budgets if not b.agent and not b.run]
         if team_wide:
             self.metrics.remaining.labels(team).set(min(team_wide))
 
