@@ -27,7 +27,7 @@ from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2
 from services.common import errors as E
-from services.common.errors import error_info_from_rpc_error
+from services.common.errors import error_info_from_rpc_error, retry_delay_from_rpc_error
 from services.common.identity import Identity
 from services.common.money import call_cost
 from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage, end_span
@@ -257,7 +257,7 @@ class Router:
 
     async def _lease(
         self, ident: Identity, rid: str, attempt: int, dep: Deployment, prep: Prepared, cfg: RoutingConfig,
-        timeout: float, hold_sent: Callable[[], None] | None = None,
+        timeout: float, hold_sent: Callable[[], None] | None = None, run_id: str = "", run_cap_nanos: int = 0,
     ) -> _Lease:
         """A hold (Reserve, or drawn from a budget slice) and a credential (IssueCredential),
         concurrently. Raises IgwError or _SkipDeployment. ``hold_sent`` is called just before a
@@ -277,7 +277,8 @@ class Router:
         # Both calls are in flight at once (a gRPC aio call starts when it is created).
         hold: ledger_pb2.ReserveResponse | BaseException
         try:
-            if cfg.budget_slices.applies(ident.team):
+            # A call of a run takes its own hold: the run's cap is one more budget of that hold.
+            if cfg.budget_slices.applies(ident.team) and not run_id:
                 drawn = await self.slices.draw(
                     ident.team, ident.agent, dep.price, prep.prompt_tokens_upper_bound,
                     prep.chat.max_output_tokens, cfg, timeout, dep.provider,
@@ -292,6 +293,7 @@ class Router:
                         request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
                         prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
                         max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                        run_id=run_id, run_cap_nanos=run_cap_nanos,
                     ),
                     timeout=timeout,
                 )
@@ -595,6 +597,10 @@ def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.Ig
     code = err.code()
     meta = dict(info.metadata) if info else {}
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if info is not None and info.reason == "RATE_LIMITED":
+            # The ledger's verdict and its RetryInfo, passed through to the agent.
+            return E.ResourceExhausted(
+                "RATE_LIMITED", "rate limit reached; retry later", meta, retry_delay_s=retry_delay_from_rpc_error(err))
         metrics.budget_denials.labels(team).inc()
         return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -623,6 +629,10 @@ class _Call:
         self.deadline = None if remaining is None else time.monotonic() + remaining
         if req.request_id and not valid_request_id(req.request_id):
             raise E.InvalidArgument("BAD_REQUEST_ID", "request_id must be [A-Za-z0-9._:-], at most 128")
+        if req.run_id and not valid_request_id(req.run_id):
+            raise E.InvalidArgument("BAD_RUN_ID", "run_id must be [A-Za-z0-9._:-], at most 128")
+        if req.run_cap_nanos < 0 or (req.run_cap_nanos and not req.run_id):
+            raise E.InvalidArgument("BAD_RUN_CAP", "run_cap_nanos must be >= 0 and needs a run_id")
         self.rid = req.request_id or uuid.uuid4().hex
         self.alias = self.r._alias(ident, req.model, self.cfg)
         self.prep = prepare(req, self.cfg.limits)
@@ -773,7 +783,7 @@ class _Call:
         t0 = time.perf_counter()
         try:
             lease = await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout(),
-                                        self._hold_sent)
+                                        self._hold_sent, self.req.run_id, self.req.run_cap_nanos)
             self.hold_unsure = False  # the attempt owns its hold now: settled or freed by its id
             return lease
         except _SkipDeployment as skip:

@@ -140,6 +140,8 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
     ) -> router_pb2.GenerateResponse:
         """Sends one request to model alias ``model`` and returns the whole answer.
@@ -157,6 +159,8 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         response: router_pb2.GenerateResponse = await self._unary(
             lambda stub, t: stub.Generate(request, timeout=t), timeout
@@ -176,6 +180,8 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         """Yields the answer as it arrives (``async for``); see :meth:`igw.client.IgwClient.stream`."""
@@ -190,6 +196,8 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         return self._stream(request, timeout)
 

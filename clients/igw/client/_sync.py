@@ -146,6 +146,8 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
     ) -> router_pb2.GenerateResponse:
         """Sends one request to model alias ``model`` and returns the whole answer.
@@ -169,6 +171,8 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         response: router_pb2.GenerateResponse = self._unary(lambda stub, t: stub.Generate(request, timeout=t), timeout)
         return response
@@ -186,6 +190,8 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
     ) -> Iterator[router_pb2.GenerateStreamResponse]:
         """Like :meth:`generate`, but yields the answer as it arrives.
@@ -206,6 +212,8 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         return self._stream(request, timeout)
 
