@@ -307,7 +307,7 @@ def run_up(args: argparse.Namespace) -> int:
             "metrics": {n: f"http://127.0.0.1:{p.metrics_port}/metrics" for n, p in procs.items()},
             "pids": {n: p.proc.pid for n, p in procs.items()},
             "fakes": {n: f"http://127.0.0.1:{p}" for n, p in fake_ports.items()},
-            "ca": str(pki / "ca.pem"),
+            "ca": str(pki / "ca.pem"), "trust_domain": "igw.local",
             "operator_cert": str(pki / "operator-admin.pem"), "operator_key": str(pki / "operator-admin-key.pem"),
             "agent_cert": str(pki / "agent-demo-quickstart.pem"),
             "agent_key": str(pki / "agent-demo-quickstart-key.pem"),
