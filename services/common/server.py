@@ -231,7 +231,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, context: Any, err: E.IgwError) -> None:
         await context.abort_with_status(E.to_status(err, self._domain))
 
-    def _finish(self, method: str, start: float, code: str, err: BaseException | None) -> None:
+    def _finish(self, method: str, start: float, code: str, err: BaseException | None, span: Any = None) -> None:
         hist, counter = self._method_metrics(method)(code)
         elapsed = time.perf_counter() - start
         hist.observe(elapsed)
@@ -239,11 +239,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if self._access_log or (code not in ("OK", "CANCELLED") and err is not None):
             level = logging.INFO if code in ("OK",) else logging.WARNING
             reason = getattr(err, "reason", "") if err is not None else ""
-            _LOGGER.log(
-                level,
-                "rpc",
-                extra={"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)},
-            )
+            extra: dict[str, Any] = {"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)}
+            ctx = span.get_span_context() if span is not None else None
+            if ctx is not None and ctx.is_valid:
+                # The call's span has ended; its ids still tie this line to the trace.
+                extra["trace_id"] = f"{ctx.trace_id:032x}"
+                extra["span_id"] = f"{ctx.span_id:016x}"
+            _LOGGER.log(level, "rpc", extra=extra)
 
     def _wrap_unary(self, method: str, allowed: frozenset[Any], behavior: Any) -> Any:
         async def wrapped(request: Any, context: Any) -> Any:
@@ -251,10 +253,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             self._in_flight.inc()
             code, err = "OK", cast(BaseException | None, None)
             admitted = False
+            span: Any = None
             try:
                 self._admit(method, allowed, request, context)
                 admitted = True
-                with server_span(self._tracer, method, context.invocation_metadata()):
+                with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
                     return await behavior(request, context)
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
@@ -273,7 +276,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(context, E.Internal("INTERNAL", "internal error"))
             finally:
                 self._in_flight.dec()
-                self._finish(method, start, code, err)
+                self._finish(method, start, code, err, span)
 
         return wrapped
 
@@ -285,10 +288,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight.inc()
                 code, err = "OK", cast(BaseException | None, None)
                 admitted = False
+                span: Any = None
                 try:
                     self._admit(method, allowed, request, context)
                     admitted = True
-                    with server_span(self._tracer, method, context.invocation_metadata()):
+                    with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
                         async for item in behavior(request, context):
                             yield item
                 except E.IgwError as exc:
@@ -308,7 +312,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(context, E.Internal("INTERNAL", "internal error"))
                 finally:
                     self._in_flight.dec()
-                    self._finish(method, start, code, err)
+                    self._finish(method, start, code, err, span)
 
             return gen
         return self._wrap_unary(method, allowed, behavior)
