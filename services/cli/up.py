@@ -325,10 +325,17 @@ Try, in another terminal:
   .venv/bin/igw spend --by team,model
 Ctrl-C stops everything.""", flush=True)
         crashed = False
+        reported: set[str] = set()
+        kinds = {"ledger": ledgers, "keyvault": vaults, "router": routers}
         while not stopping["flag"]:
             for p in procs.values():
-                if p.proc.poll() is not None:
-                    print(f"{p.name} exited with {p.proc.returncode}; stopping", file=sys.stderr)
+                if p.proc.poll() is not None and p.name not in reported:
+                    reported.add(p.name)
+                    print(f"{p.name} exited with {p.proc.returncode}", file=sys.stderr, flush=True)
+            # One replica down is what replicas are for; the last one of a kind stops everything.
+            for kind, members in kinds.items():
+                if all(m.proc.poll() is not None for m in members):
+                    print(f"no {kind} left; stopping", file=sys.stderr)
                     stopping["flag"] = crashed = True
             time.sleep(0.2)
         return 1 if crashed else 0
