@@ -28,7 +28,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import signal
 import time
 import uuid
@@ -51,6 +50,7 @@ from prometheus_client import (
 )
 
 from services.common import errors as E
+from services.common import ids
 from services.common.authz import Policy
 from services.common.identity import Identity, IdentityError, identity_from_context
 from services.common.logs import method_var, request_id_var
@@ -59,7 +59,7 @@ from services.common.tls import SERVER_OPTIONS, server_credentials
 from services.common.tracing import server_span, setup_tracing, shutdown_tracing
 
 _LOGGER = logging.getLogger(__name__)
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_RID = ids.REQUEST_ID
 # Extra seconds each closer gets past the grace period to release connections and files.
 _CLOSE_FLOOR_S = 2.0
 # How long the guard waits for a service to record a refused call before answering anyway.
