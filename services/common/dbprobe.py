@@ -30,15 +30,17 @@ class DatabaseProbe:
 
     async def __call__(self) -> bool:
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = await asyncio.wait_for(
+            conn = self._conn
+            if conn is None or conn.closed:
+                new: psycopg.AsyncConnection[Any] = await asyncio.wait_for(
                     psycopg.AsyncConnection.connect(
                         self._dsn, autocommit=True, connect_timeout=max(1, round(self._timeout_s)),
                         application_name="igw-readiness",
                     ),
                     self._timeout_s * 2,
                 )
-            await asyncio.wait_for(self._conn.execute("SELECT 1"), self._timeout_s)
+                conn = self._conn = new
+            await asyncio.wait_for(conn.execute("SELECT 1"), self._timeout_s)
             self.last_ok = True
         except (Exception, TimeoutError) as err:
             if self.last_ok:

@@ -73,7 +73,8 @@ def test_an_agents_traceparent_joins_the_gateways_trace_with_rpc_and_genai_attri
         answer = client.generate("fast", PROMPT, max_output_tokens=16, metadata=md)
         assert answer.request_id
         with pytest.raises(IgwError):
-            client.generate("no-such-alias", PROMPT, metadata=[("traceparent", f"00-{secrets.token_hex(16)}-{parent}-01")])
+            other = f"00-{secrets.token_hex(16)}-{parent}-01"
+            client.generate("no-such-alias", PROMPT, metadata=[("traceparent", other)])
 
     deadline = time.monotonic() + 15
     while True:

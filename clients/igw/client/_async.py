@@ -14,8 +14,8 @@ import grpc.aio
 from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
 from igw.client._messages import MessagesArg, ToolLike, build_request
-from igw.client._spiffe import SpiffeTunnel
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.client._spiffe import SpiffeTunnel
 from igw.client._sync import USER_AGENT
 from igw.router.v1 import router_pb2, router_pb2_grpc
 

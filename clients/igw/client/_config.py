@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from igw.client._errors import CertificateExpired, ClientConfigError
 from igw.client._spiffe import TlsFiles
 

@@ -31,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = ["PeerRefused", "SpiffeTunnel", "TlsFiles", "TunnelThread", "peer_spiffe_ids"]
 
@@ -109,7 +110,8 @@ def peer_spiffe_ids(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[str]:
     cert = ssl_object.getpeercert()
     if not cert:
         return []
-    return [str(v) for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    sans: Any = cert.get("subjectAltName", ())
+    return [str(v) for k, v in sans if k == "URI"]
 
 
 def check_peer(ssl_object: ssl.SSLObject | ssl.SSLSocket, expected_id: str) -> None:

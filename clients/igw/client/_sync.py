@@ -14,8 +14,8 @@ import grpc
 from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
 from igw.client._messages import MessagesArg, ToolLike, build_request
-from igw.client._spiffe import TunnelThread
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.client._spiffe import TunnelThread
 from igw.router.v1 import router_pb2, router_pb2_grpc
 
 __all__ = ["IgwClient"]
@@ -180,7 +180,9 @@ class IgwClient:
             request_id=request_id,
         )
         md = _metadata(metadata)
-        response: router_pb2.GenerateResponse = self._unary(lambda stub, t: stub.Generate(request, timeout=t, metadata=md), timeout)
+        response: router_pb2.GenerateResponse = self._unary(
+            lambda stub, t: stub.Generate(request, timeout=t, metadata=md), timeout
+        )
         return response
 
     def stream(
