@@ -33,6 +33,8 @@ def tls(tmp_path: Path) -> Path:
     (tmp_path / "ca.pem").write_bytes(ca[0])
     for stem in ("ledger", "keyvault", "router"):
         _mint(tmp_path, stem, ca, f"spiffe://igw.local/{stem}")
+    # The right name from a CA nobody trusts.
+    _mint(tmp_path, "stranger", generate_ca(), "spiffe://igw.local/ledger")
     return tmp_path
 
 
@@ -70,22 +72,24 @@ async def _check(target: str) -> int:
 async def test_the_tunnel_admits_only_the_expected_spiffe_id(tls: Path) -> None:
     ledger = await Replica(tls, "ledger").start()
     vault = await Replica(tls, "keyvault").start()
+    stranger = await Replica(tls, "stranger").start()
     good = SpiffeTunnel(ledger.address, "spiffe://igw.local/ledger", _files(tls))
     posing = SpiffeTunnel(vault.address, "spiffe://igw.local/ledger", _files(tls))
-    for t in (good, posing):
+    untrusted = SpiffeTunnel(stranger.address, "spiffe://igw.local/ledger", _files(tls))
+    for t in (good, posing, untrusted):
         await t.start()
     try:
         assert await _check(good.target) == health_pb2.HealthCheckResponse.SERVING
-        for bad in (posing,):
+        for bad in (posing, untrusted):
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await _check(bad.target)
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
             assert bad.refusals >= 1
         assert good.refusals == 0
     finally:
-        for t in (good, posing):
+        for t in (good, posing, untrusted):
             await t.close()
-        for r in (ledger, vault):
+        for r in (ledger, vault, stranger):
             await r.server.stop(0)
 
 

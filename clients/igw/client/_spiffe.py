@@ -260,6 +260,11 @@ class _Entrance(asyncio.Protocol):
                 transport.abort()
             self.close()
             return
+        except ssl.SSLCertVerificationError as err:
+            # A chain that does not lead to our CA bundle is an identity refusal too.
+            t.refused(f"server certificate not trusted: {err.verify_message}")
+            self.close()
+            return
         except (OSError, ssl.SSLError, TimeoutError, ValueError) as err:
             _LOGGER.debug("tunnel connect failed", extra={"upstream": t.upstream, "error": str(err)})
             self.close()
