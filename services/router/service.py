@@ -844,7 +844,8 @@ class _Call:
             if lease is None:
                 continue
             t0 = time.perf_counter()
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt) as span:
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt,
+                              server_url=provider.base_url) as span:
                 try:
                     resp: ChatResponse = await adapter.complete(
                         r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
@@ -877,13 +878,14 @@ class _Call:
             r._settle(self.rid, lease, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
             cost = await r._cost(lease.hold, dep, usage)
             r._account(dep, self.ident, usage, cost)
-            self._trace(dep, usage, cost)
+            self._trace(dep, usage, cost, resp.finish_reason)
             return self._response(dep, resp.text, resp.tool_calls, resp.finish_reason, usage, cost)
         raise self._final_error()
 
-    def _trace(self, dep: Deployment, usage: Usage, cost: int) -> None:
+    def _trace(self, dep: Deployment, usage: Usage, cost: int, finish: FinishReason) -> None:
         annotate_genai(self.alias.name, dep.provider, self.cfg.providers[dep.provider].type, dep.model,
-                       usage.input_tokens, usage.output_tokens, cost, self.rid)
+                       usage.input_tokens, usage.output_tokens, cost, self.rid,
+                       max_tokens=self.prep.chat.max_output_tokens, finish_reason=finish.value)
 
     def _response(
         self, dep: Deployment, text: str, calls: tuple[ToolCall, ...] | list[ToolCall], finish: FinishReason,
@@ -938,7 +940,8 @@ class _Call:
             err: ProviderError | None = None
             # The attempt's span covers the whole upstream stream: it is current while connecting
             # and ends after the relay (a failed attempt ends it before the next one).
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True) as span:
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True,
+                              server_url=provider.base_url) as span:
                 try:
                     upstream = adapter.stream(
                         r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
@@ -1065,7 +1068,7 @@ class _Call:
             await _aclose(upstream)
         cost = await r._cost(lease.hold, dep, usage)
         r._account(dep, self.ident, usage, cost)
-        self._trace(dep, usage, cost)
+        self._trace(dep, usage, cost, finish)
         tool_calls = [ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
         yield router_pb2.GenerateStreamResponse(
             final=self._response(dep, "".join(text_parts), tool_calls, finish, usage, cost))

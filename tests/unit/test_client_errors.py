@@ -180,12 +180,14 @@ def test_config_from_env_reads_igw_variables_and_arguments_win(pki: Path) -> Non
         "IGW_TLS_CERT": str(pki / "agent-demo-quickstart.pem"),
         "IGW_TLS_KEY": str(pki / "agent-demo-quickstart-key.pem"),
         "IGW_TLS_CA": str(pki / "ca.pem"),
-        "IGW_SERVER_NAME": "gateway.internal",
+        "IGW_TRUST_DOMAIN": "prod.example",
         "IGW_TIMEOUT": "12.5",
     }
     config = ClientConfig.from_env(env)
     assert config.addresses == ("10.0.0.1:50051", "10.0.0.2:50051")
-    assert config.server_name == "gateway.internal"
+    # The router is checked by its SPIFFE id in the configured trust domain, never a DNS name.
+    assert config.server_id == "spiffe://prod.example/router"
+    assert ClientConfig.from_env({**env, "IGW_ROUTER_SPIFFE_ID": "spiffe://x/gw"}).server_id == "spiffe://x/gw"
     assert config.timeout == 12.5
     assert config.max_attempts == 4
 
