@@ -29,7 +29,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from services.common import errors as E
 from services.common import ids
@@ -329,6 +337,9 @@ class ServiceRuntime:
         self.settings = settings
         self.domain = f"{settings.service}.igw"
         self.registry = registry or CollectorRegistry()
+        # process_* (RSS, CPU seconds, open fds, start time) and python_info: the dashboard's process panels.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.metrics = RpcMetrics(self.registry)
         self.health = HealthServicer()
         self._service_names = list(service_names)
