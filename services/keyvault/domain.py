@@ -84,6 +84,8 @@ class AuditAction(enum.Enum):
     ROTATE_KEY = "ROTATE_KEY"
     DISABLE_KEY = "DISABLE_KEY"
     REWRAP = "REWRAP"
+    LEASE_USED = "LEASE_USED"
+    LEASE_RETURNED = "LEASE_RETURNED"
 
 
 class AuditOutcome(enum.Enum):
@@ -193,6 +195,39 @@ class IssueRequest:
     model: str
     request_id: str
     ttl: dt.timedelta | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndLeaseRequest:
+    """A validated EndLease request."""
+
+    lease_id: str
+    used: bool
+    reason: str
+    request_id: str
+    provider: str
+    team: str
+    model: str
+    key_name: str
+    key_version: int
+
+
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
+REASON_RE = re.compile(r"^[A-Z0-9_]{0,64}$")
+
+
+def check_lease_id(value: str) -> str:
+    """A lease id as IssueCredential hands them out: ``^[A-Za-z0-9]{1,64}$``."""
+    if not isinstance(value, str) or not LEASE_ID_RE.match(value):
+        raise _bad("lease_id", "1-64 characters of A-Z a-z 0-9")
+    return value
+
+
+def check_reason(value: str) -> str:
+    """A lease end reason: ``^[A-Z0-9_]{0,64}$`` (a stable code, never free text)."""
+    if not isinstance(value, str) or not REASON_RE.match(value):
+        raise _bad("reason", "at most 64 characters of A-Z 0-9 _")
+    return value
 
 
 # ---------------------------------------------------------------------------- audit

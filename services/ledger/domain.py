@@ -3,8 +3,11 @@
 Errors are the shared tree of :mod:`services.common.errors` with stable reasons::
 
     InvalidArgument      INVALID_TOKENS, INVALID_AMOUNT, INVALID_NAME, MISSING_FIELD,
-                         INVALID_WINDOW, INVALID_RESERVATION_ID, INVALID_PAGE_TOKEN, INVALID_TTL
-    FailedPrecondition   MODEL_NOT_PRICED, RESERVATION_MISMATCH, ALREADY_SETTLED
+                         INVALID_WINDOW, INVALID_RESERVATION_ID, INVALID_PAGE_TOKEN, INVALID_TTL,
+                         AMBIGUOUS_RELEASE
+    FailedPrecondition   MODEL_NOT_PRICED, RESERVATION_MISMATCH, ALREADY_SETTLED,
+                         NO_BUDGET (no budget applies and unbudgeted teams are not allowed),
+                         REQUEST_RELEASED (the request id's call was released as a whole)
     ResourceExhausted    BUDGET_EXCEEDED   (metadata: limit/spent/held/remaining nanos, window, ...)
     Aborted              IDEMPOTENCY_MISMATCH (same request id, different payload: a conflict)
     NotFound             RESERVATION_NOT_FOUND, OPEN_HOLD_NOT_FOUND (Settle by request id alone),

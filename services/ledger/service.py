@@ -2,11 +2,18 @@
 
 Decisions where the issue is silent (also in the report):
 
-- A team with no budget configured is unlimited, but still gets a hold, so its spend is
-  exact and visible. A budget created later (mid-window) starts from what the team (or the
+- A team (and agent) that no budget applies to is refused: ``FAILED_PRECONDITION / NO_BUDGET``
+  (an operator must act; waiting or retrying changes nothing, which is what FAILED_PRECONDITION
+  says and RESOURCE_EXHAUSTED does not). ``IGW_LEDGER_ALLOW_UNBUDGETED=true`` lets such teams
+  spend without limit; they still get holds, so their spend is exact and visible. A budget
+  created later (mid-window) starts from what the team (or the
   agent) already spent in the current window, counting entries in the window of their
   reservation, and the team's holds still open in that window count in it too; all in SQL
   (``ledger_set_budget``), under the team's advisory lock that Reserve takes shared.
+- Release by request id (a call that ended early) frees every open hold of the request and
+  records the request as released; a later Reserve for it is ``FAILED_PRECONDITION /
+  REQUEST_RELEASED`` and creates nothing. The record is kept a day (``RELEASE_RECORD_DAYS``),
+  far longer than any Reserve can be in flight, then purged by the sweeper.
 - Settle with an empty reservation_id settles the request's open hold of its latest attempt
   (``NOT_FOUND / OPEN_HOLD_NOT_FOUND`` when there is none); a replay without reservation_id
   is judged on the payload alone.
@@ -21,7 +28,8 @@ Decisions where the issue is silent (also in the report):
   capture never undercharges.
 - Settling a hold the router released earlier still records the spend (spend is never
   lost), in the hold's windows, flagged OVER_HOLD when above the hold.
-- A captured hold's entry has outcome UNSPECIFIED (unknown) and the hold's token bounds.
+- A captured hold's entry has outcome UNSPECIFIED (unknown) and zero tokens: the amount is
+  charged, no usage is invented.
   An expired hold of a request that already has an entry (an earlier attempt that leaked)
   is freed rather than captured: one entry per request id wins.
 """
@@ -145,6 +153,8 @@ def entry_from_json(raw: dict[str, Any]) -> D.SpendEntry:
 
 
 _MISMATCH = "IDEMPOTENCY_MISMATCH"
+# How long a request-release record refuses late Reserves of its request id.
+RELEASE_RECORD_DAYS = 1
 
 
 class LedgerService:
@@ -271,6 +281,21 @@ class LedgerService:
         if result == "COST_OVERFLOW":
             raise E.InvalidArgument(
                 "INVALID_TOKENS", "the hold would exceed 2**62 nano-dollars", {"model": model}
+            )
+        if result == "NO_BUDGET":
+            self.metrics.denials.labels(team).inc()
+            raise E.FailedPrecondition(
+                "NO_BUDGET",
+                f"no budget applies to team {team}"
+                + (f" agent {agent}" if agent else "")
+                + "; an operator must set one (or allow unbudgeted teams)",
+                {"team": team, "agent": agent},
+            )
+        if result == "REQUEST_RELEASED":
+            raise E.FailedPrecondition(
+                "REQUEST_RELEASED",
+                f"this {what}'s call ended and was released; use a new {what}",
+                {what: request_id},
             )
         raise E.Internal("INTERNAL", f"unexpected reserve result {result}")
 
@@ -450,8 +475,22 @@ class LedgerService:
         self.metrics.releases.labels("released" if released else "noop").inc()
         return released
 
+    async def release_request(self, *, request_id: str, reason: str = "") -> bool:
+        """Frees every open hold of a call that ended early, and refuses any later Reserve for
+        its request id (one placed by a Reserve still in flight is never created). Idempotent;
+        True when a hold was freed."""
+        D.check_request_id(request_id)
+        res = await self.repo.release_request(request_id, reason[:200], self.now())
+        released = int(res["released"]) > 0
+        self.metrics.releases.labels("request_released" if released else "request_noop").inc()
+        return released
+
     async def sweep_once(self, batch: int = 500) -> int:
-        """Captures expired holds in batches until none is left; returns how many were captured."""
+        """Captures expired holds in batches until none is left; returns how many were captured.
+
+        Also purges request-release records older than ``RELEASE_RECORD_DAYS`` (one batch).
+        """
+        await self.repo.purge_request_releases(self.now() - dt.timedelta(days=RELEASE_RECORD_DAYS), batch)
         total = 0
         while True:
             res = await self.repo.capture(self.now(), batch)
