@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 STATE_DIR ?= .igw
 PROTO_OUT ?= clients
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV := .tools/checkov/bin/checkov
 
 .PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking lint check bench bench-quick clean \
-	lint-deploy image-tools image-base image image-test
+	lint-deploy deploy-pin deploy-rules image-tools image-base image image-test
 
 $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +23,7 @@ run: venv
 	$(VENV)/bin/igw pki init --dir $(STATE_DIR)/pki
 	$(VENV)/bin/igw up --state-dir $(STATE_DIR) --demo
 
-test: venv
+test: venv $(CHECKOV)
 	$(PY) -m pytest -q
 
 test-fast: venv
@@ -80,6 +82,19 @@ DEBIAN_SUITE ?= bookworm
 CONTAINERS_CONF_FILE := $(CURDIR)/.tools/containers.conf
 PODMAN := CONTAINERS_CONF=$(CONTAINERS_CONF_FILE) podman
 HOST_CA ?= /etc/ssl/certs/ca-certificates.crt
+
+# checkov (the Kubernetes policy linter) in its own venv: its pins must not bend the project's.
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov
+	.tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+# After editing deploy/k8s/base/config/router.yaml: refresh the digest pin beside it.
+deploy-pin:
+	cd deploy/k8s/base/config && sha256sum router.yaml | cut -d' ' -f1 > router.yaml.sha256
+
+# After editing deploy/prometheus/igw-rules.yaml: rebuild the PrometheusRule from it.
+deploy-rules: venv
+	$(PY) deploy/prometheus/build_rules.py
 
 # Dockerfile lint (hadolint from PyPI, in the dev extra).
 lint-deploy: venv

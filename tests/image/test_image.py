@@ -109,7 +109,8 @@ def wait_serving(stack: Stack, service: str, name: str, timeout: float = 60) -> 
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
