@@ -187,3 +187,36 @@ def test_the_prometheusrule_is_generated_from_the_rules_file() -> None:
     spec.loader.exec_module(mod)
     committed = yaml.safe_load((ROOT / "deploy/k8s/base/prometheusrule.yaml").read_text())
     assert committed == mod.prometheus_rule(), "run `make deploy-rules`"
+
+
+def test_dashboard_queries_parse_and_read_exported_series(gateway: Gateway) -> None:
+    import json
+    import re
+
+    import promql_parser
+
+    dashboard = json.loads((ROOT / "deploy/grafana/igw-dashboard.json").read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"job", "instance", "team", "database"} <= variables
+    exported: dict[str, tuple[str, set[str]]] = {}
+    for service in ("router", "keyvault", "ledger"):
+        exported.update(scrape(gateway.endpoints["metrics"][service]))  # type: ignore[index]
+    titles = [p["title"] for p in dashboard["panels"]]
+    assert any(t.startswith("Process") for t in titles) and any(t.startswith("Postgres") for t in titles)
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for var in re.findall(r"\$(\w+)", expr):
+                assert var in variables, (panel["title"], var)
+            concrete = re.sub(r"\$\w+", ".*", expr)
+            names = selector_names(concrete)  # parses, or raises
+            promql_parser.parse(concrete)
+            for name in names:
+                if name.startswith(("igw_", "process_")):
+                    assert name in exported, f"{panel['title']}: {name} is not exported"
+                    assert 'job=~".*"' in concrete and 'instance=~".*"' in concrete, panel["title"]
+                    labels = exported[name][1]
+                    if 'team=~".*"' in concrete and labels:
+                        assert "team" in labels, f"{panel['title']}: {name} has no team label"
+                else:
+                    assert name.startswith("pg_"), name
