@@ -212,8 +212,8 @@ class EndLeaseRequest:
     key_version: int
 
 
-LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
-REASON_RE = re.compile(r"^[A-Z0-9_]{0,64}$")
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}\Z")
+REASON_RE = re.compile(r"^[A-Z0-9_]{0,64}\Z")
 
 
 def check_lease_id(value: str) -> str:

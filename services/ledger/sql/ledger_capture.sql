@@ -22,7 +22,7 @@ BEGIN
                                cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
                                created_at, reserve_time)
     VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
-            v_h.prompt_tokens, v_h.max_output_tokens, 0, v_h.amount_nanos, v_h.amount_nanos,
+            0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
             v_h.price_version, 0, 2, 0, p_now, v_h.created_at)
     ON CONFLICT (request_id) DO NOTHING;
     v_inserted := FOUND;

@@ -24,6 +24,13 @@ BEGIN
   -- Shared by every hold of the team, exclusive in ledger_set_budget: a budget created
   -- mid-window is never created while one of the team's holds is being placed.
   PERFORM pg_advisory_xact_lock_shared(ledger_team_lock_key(p_team));
+  -- One hold placement per request id at a time, and never after its call was released as a
+  -- whole (ledger_release_request takes the same lock): a Reserve still in flight when the
+  -- router gave up creates nothing.
+  PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
+  IF EXISTS (SELECT 1 FROM request_releases WHERE request_id = p_request_id) THEN
+    RETURN jsonb_build_object('result', 'REQUEST_RELEASED');
+  END IF;
   SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
   IF FOUND THEN
     IF (v_hold.team, v_hold.agent, v_hold.model, v_hold.prompt_tokens, v_hold.max_output_tokens,
@@ -57,6 +64,11 @@ BEGIN
     INTO v_ids, v_wins, v_starts
     FROM budgets WHERE team = p_team AND agent IN ('', p_agent);
   v_n := cardinality(v_ids);
+  -- No budget applies: refused unless the operator allows unbudgeted teams (the ledger sets
+  -- igw.allow_unbudgeted on its connections from IGW_LEDGER_ALLOW_UNBUDGETED).
+  IF v_n = 0 AND coalesce(current_setting('igw.allow_unbudgeted', true), '') <> 'on' THEN
+    RETURN jsonb_build_object('result', 'NO_BUDGET', 'price_version', v_version);
+  END IF;
 
   IF v_n > 0 THEN
     -- ORDER BY is applied before the row locks: counters are locked in key order.
