@@ -51,7 +51,7 @@ PANELS: list[tuple[str, str | list[Query], str, str]] = [
     ("In-flight calls", "sum by (service) (igw_grpc_server_in_flight)", "{{service}}", "short"),
     ("Routing config digest", "max by (sha256) (igw_router_config_info)", "{{sha256}}", "short"),
     ("Settles pending (router)", "sum by (instance) (igw_router_settles_pending)", "{{instance}}", "short"),
-    ("Ready (1) per instance", "min by (service, instance) (igw_ready)", "{{service}} {{instance}}", "short"),
+    ("Ready (1) per instance", "min by (job, instance) (igw_ready)", "{{job}} {{instance}}", "short"),
     ("Certificate expires in (days)", "min by (service, instance) (igw_tls_cert_expiry_timestamp_seconds - time())"
      " / 86400", "{{service}} {{instance}}", "d"),
     # Process panels (prometheus_client's process collector on every service).

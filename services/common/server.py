@@ -14,6 +14,7 @@ closers run (engines, channels, HTTP clients) and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -30,12 +31,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
     start_http_server,
 )
 
@@ -91,15 +92,11 @@ class RpcMetrics:
     handled: Counter = field(init=False)
     latency: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
-    ready: Gauge = field(init=False)
     cert_expiry: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
-        # For the alerts (deploy/prometheus): readiness flapping, certificate expiry close.
-        self.ready = Gauge(
-            "igw_ready", "1 while the service reports SERVING on its health port, 0 otherwise.", ["service"],
-            registry=self.registry,
-        )
+        # For the certificate-expiry alert (deploy/prometheus): read from the file at each scrape, so a
+        # rotated certificate shows at once.
         self.cert_expiry = Gauge(
             "igw_tls_cert_expiry_timestamp_seconds", "notAfter of the certificate the service presents (Unix time).",
             ["service"], registry=self.registry,
@@ -339,6 +336,15 @@ Registrar = Callable[[grpc.aio.Server], None]
 Closer = Callable[[], Awaitable[None]]
 
 
+def add_standard_metrics(registry: CollectorRegistry, service: str) -> Gauge:
+    """``process_*`` (RSS, CPU seconds, open fds, start time) and ``python_info`` on ``registry``;
+    returns the ``igw_ready`` gauge (the readiness-flapping alert, the dashboard's readiness panel)."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR):
+        with contextlib.suppress(ValueError):  # already registered
+            registry.register(collector)
+    return Gauge("igw_ready", "1 while the readiness health status is SERVING.", registry=registry)
+
+
 class ServiceRuntime:
     """One service's servers and lifecycle. Construct, ``await start()``, ``await wait()``."""
 
@@ -358,10 +364,8 @@ class ServiceRuntime:
         self.settings = settings
         self.domain = f"{settings.service}.igw"
         self.registry = registry or CollectorRegistry()
-        # process_* (RSS, CPU seconds, open fds, start time) and python_info: the dashboard's process panels.
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
         self.metrics = RpcMetrics(self.registry)
+        self._ready_gauge = add_standard_metrics(self.registry, settings.service)
         self.health = HealthServicer()
         self._service_names = list(service_names)
         self._closers = list(closers)
@@ -403,7 +407,7 @@ class ServiceRuntime:
         s = self.settings
         host, port = parse_listen(s.listen)
         creds = server_credentials(s.tls_cert, s.tls_key, s.tls_ca)
-        self.metrics.cert_expiry.labels(s.service).set(cert_not_after(s.tls_cert))
+        self.metrics.cert_expiry.labels(s.service).set_function(lambda: cert_not_after(s.tls_cert))
         self.port = self.server.add_secure_port(f"{host}:{port}", creds)
         phost, pport = parse_listen(s.probe_listen)
         self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
@@ -436,7 +440,7 @@ class ServiceRuntime:
     async def set_serving(self, serving: bool) -> None:
         """Sets overall and per-service health."""
         self.serving = serving
-        self.metrics.ready.labels(self.settings.service).set(1 if serving else 0)
+        self._ready_gauge.set(1 if serving else 0)
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )

@@ -153,8 +153,16 @@ def test_routing_config_and_its_digest_pin(rendered: tuple[str, list[dict[str, A
     assert cm["data"]["router.yaml.sha256"].strip() == hashlib.sha256(config).hexdigest()
     parse_config(config, "deploy/k8s/base/config/router.yaml")  # the router accepts it
     [c] = by_kind(docs, "Deployment")["igw-router"]["spec"]["template"]["spec"]["containers"]
-    pin = env_of(c)["IGW_ROUTER_CONFIG_SHA256"]
-    assert pin == {"configMapKeyRef": {"name": cm["metadata"]["name"], "key": "router.yaml.sha256"}}
+    env = env_of(c)
+    assert env["IGW_ROUTER_CONFIG_SHA256"] == {"configMapKeyRef": {"name": cm["metadata"]["name"],
+                                                                   "key": "router.yaml.sha256"}}
+    # The same pin as a file beside the config (both keys of the ConfigMap are mounted at /config).
+    [mount] = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    [volume] = [v for v in by_kind(docs, "Deployment")["igw-router"]["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == "config"]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"] and "items" not in volume["configMap"]
+    assert env["IGW_ROUTER_CONFIG"] == f"{mount['mountPath']}/router.yaml"
+    assert env["IGW_ROUTER_CONFIG_SHA256_FILE"] == f"{mount['mountPath']}/router.yaml.sha256"
 
 
 def test_network_policies_allow_only_the_documented_paths(rendered: tuple[str, list[dict[str, Any]]]) -> None:
