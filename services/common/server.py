@@ -54,6 +54,7 @@ from services.common import ids
 from services.common.authz import Policy
 from services.common.identity import Identity, IdentityError, identity_from_context
 from services.common.logs import method_var, request_id_var
+from services.common.pki import describe_cert
 from services.common.settings import RuntimeSettings
 from services.common.tls import SERVER_OPTIONS, server_credentials
 from services.common.tracing import server_span, setup_tracing, shutdown_tracing
@@ -83,6 +84,15 @@ def current_identity() -> Identity:
     return ident
 
 
+def cert_not_after(path: os.PathLike[str] | str) -> float:
+    """The certificate's notAfter as Unix time (0 when the file cannot be read: the alert then fires)."""
+    try:
+        with open(path, "rb") as fh:
+            return describe_cert(fh.read()).not_after.timestamp()
+    except (OSError, ValueError):
+        return 0.0
+
+
 @dataclass
 class RpcMetrics:
     """Per-method request counts and latency, on the service's own registry."""
@@ -91,8 +101,15 @@ class RpcMetrics:
     handled: Counter = field(init=False)
     latency: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
+    cert_expiry: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
+        # For the certificate-expiry alert (deploy/prometheus): read from the file at each scrape, so a
+        # rotated certificate shows at once.
+        self.cert_expiry = Gauge(
+            "igw_tls_cert_expiry_timestamp_seconds", "notAfter of the certificate the service presents (Unix time).",
+            ["service"], registry=self.registry,
+        )
         self.handled = Counter(
             "igw_grpc_server_handled",
             "gRPC calls handled, by method and status code.",
@@ -499,6 +516,7 @@ class ServiceRuntime:
         s = self.settings
         host, port = parse_listen(s.listen)
         creds = server_credentials(s.tls_cert, s.tls_key, s.tls_ca)
+        self.metrics.cert_expiry.labels(s.service).set_function(lambda: cert_not_after(s.tls_cert))
         self.port = self.server.add_secure_port(f"{host}:{port}", creds)
         phost, pport = parse_listen(s.probe_listen)
         self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
