@@ -114,3 +114,8 @@ def test_server_errors_are_unavailable_and_carry_a_retry_after_when_a_provider_g
 def test_every_breaker_open_is_unavailable() -> None:
     err = final_error("m", _log(("a", OUT.ATTEMPT_OUTCOME_BREAKER_OPEN, 0, "breaker_open", None)))
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_BREAKERS_OPEN")
+
+
+def test_no_attempt_at_all_is_unavailable_not_a_configuration_problem() -> None:
+    err = final_error("m", AttemptLog())
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED")
