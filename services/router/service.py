@@ -328,7 +328,9 @@ class Router:
             ):
                 info = error_info_from_rpc_error(lease)
                 transient = lease.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                reason = info.reason if info else ("VAULT_UNAVAILABLE" if transient else lease.code().name)
+                reason = info.reason if info else lease.code().name
+                if transient:  # e.g. VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE; never a configuration problem
+                    reason = "VAULT_UNAVAILABLE" if not info else f"VAULT_UNAVAILABLE:{info.reason}"
                 raise _SkipDeployment(reason, transient=transient)
             raise lease
         held.end = _end_request(lease, ident, rid, dep)
@@ -501,7 +503,6 @@ class _SkipDeployment(Exception):
 # How each attempt outcome counts when every candidate failed (see final_error).
 _CONFIG_CAUSES = {ErrorKind.AUTH_FAILED.value, ErrorKind.REDIRECT_REFUSED.value}
 _THROTTLED = {router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED, router_pb2.ATTEMPT_OUTCOME_OVERLOADED}
-_TRANSIENT_VAULT = {"VAULT_UNAVAILABLE", "DEADLINE_EXCEEDED", "KEYVAULT_UNAVAILABLE", "UNAVAILABLE"}
 # Without a retry-after from any provider, the hint for "all rate limited or overloaded".
 DEFAULT_RETRY_DELAY_S = 1.0
 _CONFIG_REASON = {
@@ -514,7 +515,7 @@ _CONFIG_REASON = {
 def _is_config(att: router_pb2.Attempt, cause: str) -> bool:
     """A configuration or credential problem: retrying changes nothing until an operator acts."""
     if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
-        return cause not in _TRANSIENT_VAULT
+        return not cause.startswith("VAULT_UNAVAILABLE")
     return cause in _CONFIG_CAUSES or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED
 
 

@@ -78,8 +78,9 @@ def test_different_configuration_problems_together_are_deployments_misconfigured
     assert err.metadata["attempts"] == "2" and err.metadata["attempt_2_deployment"] == "b"
 
 
-def test_a_vault_that_cannot_be_reached_is_unavailable_not_a_configuration_problem() -> None:
-    err = final_error("m", _log(("d", OUT.ATTEMPT_OUTCOME_NO_CREDENTIAL, 0, "VAULT_UNAVAILABLE", None)))
+@pytest.mark.parametrize("cause", ["VAULT_UNAVAILABLE", "VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE"])
+def test_a_vault_that_cannot_be_reached_is_unavailable_not_a_configuration_problem(cause: str) -> None:
+    err = final_error("m", _log(("d", OUT.ATTEMPT_OUTCOME_NO_CREDENTIAL, 0, cause, None)))
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED")
     assert not _received(err).retryable  # type: ignore[attr-defined]
 
