@@ -30,6 +30,7 @@ class RouterMetrics:
     settle_retries: Counter = field(init=False)
     config_info: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
+    replicas: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -73,3 +74,6 @@ class RouterMetrics:
             "igw_router_config_info", "The active routing config (value 1), by digest.", ["sha256"], registry=r)
         self.config_reloads = Counter(
             "igw_router_config_reloads", "Config reloads by result.", ["result"], registry=r)
+        self.replicas = Gauge(
+            "igw_router_healthy_replicas", "Ledger and vault replicas this router sees SERVING, by service.",
+            ["service"], registry=r)
