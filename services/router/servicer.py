@@ -1,21 +1,34 @@
-"""Router gRPC servicers: protobuf in and out, identity from the guard; no business rules here."""
+"""Router gRPC servicers: protobuf in and out, identity from the guard; no business rules here.
+
+:func:`call_from_pb`, :func:`response_to_pb` and :func:`stream_to_pb` convert between the wire
+and the call engine's domain types (:mod:`services.router.call.domain`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import grpc
 
 from igw.ledger.v1 import ledger_pb2
 from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.common import errors as E
+from services.common.identity import Identity
 from services.common.server import current_identity
 from services.router.breaker import State
+from services.router.call.domain import Attempt, CallRequest, CallResult, Started, StreamEvent
+from services.router.call.plan import resolve_alias
+from services.router.providers.domain import TextDelta, ToolCallDelta
 from services.router.routing import ConfigError, RoutingConfig, load_config
-from services.router.service import Router
+from services.router.translate import FINISH_TO_PB, prepare, valid_request_id
+
+if TYPE_CHECKING:
+    from services.router.service import Router
 
 _LOGGER = logging.getLogger(__name__)
 _STATE = {
@@ -23,6 +36,67 @@ _STATE = {
     State.OPEN: router_pb2.BREAKER_STATE_OPEN,
     State.HALF_OPEN: router_pb2.BREAKER_STATE_HALF_OPEN,
 }
+
+
+def call_from_pb(ident: Identity, req: router_pb2.GenerateRequest, cfg: RoutingConfig) -> CallRequest:
+    """The agent's request as the engine takes it; raises InvalidArgument, NotFound, PermissionDenied."""
+    if req.request_id and not valid_request_id(req.request_id):
+        raise E.InvalidArgument("BAD_REQUEST_ID", "request_id must be [A-Za-z0-9._:-], at most 128")
+    if req.run_id and not valid_request_id(req.run_id):
+        raise E.InvalidArgument("BAD_RUN_ID", "run_id must be [A-Za-z0-9._:-], at most 128")
+    if req.run_cap_nanos < 0 or (req.run_cap_nanos and not req.run_id):
+        raise E.InvalidArgument("BAD_RUN_CAP", "run_cap_nanos must be >= 0 and needs a run_id")
+    request_id = req.request_id or uuid.uuid4().hex
+    alias = resolve_alias(cfg, ident.team, req.model)
+    return CallRequest(request_id, ident.team, ident.agent, req.model, alias, prepare(req, cfg.limits), cfg,
+                       req.run_id, req.run_cap_nanos)
+
+
+def _attempt_pb(att: Attempt) -> router_pb2.Attempt:
+    out = router_pb2.Attempt(deployment=att.deployment, provider=att.provider, outcome=int(att.outcome),  # type: ignore[arg-type]
+                             http_status=att.http_status)
+    out.latency.FromNanoseconds(att.latency_ns)
+    if att.retry_after_ns is not None:
+        out.retry_after.FromNanoseconds(att.retry_after_ns)
+    return out
+
+
+def response_to_pb(res: CallResult) -> router_pb2.GenerateResponse:
+    """A served call as the agent receives it."""
+    dep, usage = res.deployment, res.usage
+    out = router_pb2.GenerateResponse(
+        request_id=res.request_id,
+        text=res.text,
+        tool_calls=[router_pb2.ToolCall(id=c.id, name=c.name, arguments_json=c.arguments_json)
+                    for c in res.tool_calls],
+        finish_reason=FINISH_TO_PB[res.finish_reason],
+        usage=router_pb2.Usage(
+            input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens, estimated=not usage.reported,
+        ),
+        cost_nanos=res.cost_nanos,
+        served_by=router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model),
+        attempts=[_attempt_pb(a) for a in res.attempts],
+    )
+    out.latency.FromNanoseconds(res.latency_ns)
+    return out
+
+
+async def stream_to_pb(events: AsyncIterator[StreamEvent]) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
+    """A streaming call's events as the agent receives them."""
+    async for ev in events:
+        if isinstance(ev, TextDelta):
+            yield router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=ev.text))
+        elif isinstance(ev, ToolCallDelta):
+            yield router_pb2.GenerateStreamResponse(tool_call_delta=router_pb2.ToolCallDelta(
+                index=ev.index, id=ev.id, name=ev.name, arguments_fragment=ev.arguments_fragment))
+        elif isinstance(ev, Started):
+            dep = ev.deployment
+            yield router_pb2.GenerateStreamResponse(start=router_pb2.StreamStart(
+                request_id=ev.request_id,
+                served_by=router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model)))
+        else:
+            yield router_pb2.GenerateStreamResponse(final=response_to_pb(ev))
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -34,12 +108,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.GenerateResponse:
-        return await self._router.generate(current_identity(), request, context.time_remaining())
+        router = self._router
+        call = call_from_pb(current_identity(), request, router.config)
+        return response_to_pb(await router.engine.unary(call, context.time_remaining()))
 
     async def GenerateStream(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
-        async for msg in self._router.generate_stream(current_identity(), request, context.time_remaining()):
+        router = self._router
+        call = call_from_pb(current_identity(), request, router.config)
+        async for msg in stream_to_pb(router.engine.stream(call, context.time_remaining())):
             yield msg
 
     async def ListModels(

@@ -10,20 +10,18 @@ from igw.client import ModelMisconfigured, NoCandidates, RateLimited, error_from
 from igw.router.v1 import router_pb2
 from services.cli.output import format_error
 from services.common import errors as E
-from services.router.service import DEFAULT_RETRY_DELAY_S, AttemptLog, final_error
+from services.router.call.domain import Attempt, Outcome
+from services.router.call.plan import DEFAULT_RETRY_DELAY_S, final_error
 
 OUT = router_pb2
 
 
-def _log(*attempts: tuple[str, int, int, str, float | None]) -> AttemptLog:
-    log = AttemptLog()
-    for dep, outcome, status, cause, retry_after in attempts:
-        att = router_pb2.Attempt(deployment=dep, provider="p", outcome=outcome, http_status=status)  # type: ignore[arg-type]
-        if retry_after is not None:
-            att.retry_after.FromNanoseconds(int(retry_after * 1e9))
-        log.items.append(att)
-        log.causes.append(cause)
-    return log
+def _log(*attempts: tuple[str, int, int, str, float | None]) -> list[Attempt]:
+    return [
+        Attempt(dep, "p", Outcome(outcome), http_status=status, cause=cause,
+                retry_after_ns=None if retry_after is None else int(retry_after * 1e9))
+        for dep, outcome, status, cause, retry_after in attempts
+    ]
 
 
 class _Rpc(grpc.RpcError):
@@ -118,5 +116,5 @@ def test_every_breaker_open_is_unavailable() -> None:
 
 
 def test_no_attempt_at_all_is_unavailable_not_a_configuration_problem() -> None:
-    err = final_error("m", AttemptLog())
+    err = final_error("m", [])
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED")

@@ -228,6 +228,7 @@ models:
 
 def test_strategies_order_candidates_by_config_price_latency_and_weight() -> None:
     from igw.ledger.v1 import ledger_pb2
+    from services.router.call.plan import order
 
     r = _router_for(STRATS)
     cfg = r.config
@@ -238,7 +239,7 @@ def test_strategies_order_candidates_by_config_price_latency_and_weight() -> Non
     }
 
     def names(alias: str) -> list[str]:
-        return [d.name for d in r._order(cfg.aliases[alias], cfg, prices)]
+        return [d.name for d in order(cfg.aliases[alias], cfg, prices, r.breakers)]
 
     assert names("by-priority") == ["pricey", "cheap", "mid"]
     assert names("by-cost") == ["cheap", "mid", "pricey"]

@@ -1,0 +1,300 @@
+"""The engine's ports over gRPC: holds in the ledger (or a budget slice), credentials from the vault.
+
+Everything that outlives the call (settles, releases, lease ends) runs in the background,
+retried until acknowledged; :meth:`Background.wait` lets a draining router wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common import errors as E
+from services.common.errors import error_info_from_rpc_error, retry_delay_from_rpc_error
+from services.common.money import call_cost
+from services.router.call.domain import CallRequest, Lease, NoCredential, Settled
+from services.router.metrics import RouterMetrics
+from services.router.providers.domain import Usage
+from services.router.routing import Deployment
+from services.router.settler import Settler, release_hold, release_request, with_retries
+from services.router.slices import SliceBook, SliceHold
+
+_LOGGER = logging.getLogger(__name__)
+# Ledger refusals that say no hold was placed (a Reserve whose answer is anything else may have
+# left one: the call then releases its request id when it ends).
+_NO_HOLD = frozenset({
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+})
+# IssueCredential gets this long whatever the call's deadline: a lease issued after the caller
+# left is still learnt, and returned (EndLease) so the audit shows it closed.
+_VAULT_TIMEOUT_S = 5.0
+# The vault's answers that mean "no credential for this deployment" (skip it), not a router fault.
+_NO_CREDENTIAL = frozenset({
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
+})
+_SETTLED = {
+    Settled.SUCCESS: ledger_pb2.CALL_OUTCOME_SUCCESS,
+    Settled.CANCELLED: ledger_pb2.CALL_OUTCOME_CANCELLED,
+    Settled.PROVIDER_ERROR: ledger_pb2.CALL_OUTCOME_PROVIDER_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    """Long-lived stubs to the ledger and the vault (mTLS with the router's certificate)."""
+
+    ledger: ledger_pb2_grpc.LedgerServiceStub
+    ledger_admin: ledger_pb2_grpc.LedgerAdminServiceStub
+    vault: keyvault_pb2_grpc.KeyVaultServiceStub
+
+
+@dataclass
+class PriceBook:
+    """Price catalogue versions fetched from the ledger, cached by version (they never change)."""
+
+    admin: ledger_pb2_grpc.LedgerAdminServiceStub
+    versions: dict[int, dict[str, ledger_pb2.ModelPrice]] = field(default_factory=dict)
+    current_version: int = 0
+    fetched_at: float = 0.0
+
+    async def get(self, version: int) -> dict[str, ledger_pb2.ModelPrice]:
+        """The prices of one version (0: the current one, refreshed every 30 s)."""
+        if version and version in self.versions:
+            return self.versions[version]
+        if not version and self.current_version and time.monotonic() - self.fetched_at < 30:
+            return self.versions[self.current_version]
+        resp = await self.admin.ListPrices(ledger_pb2.ListPricesRequest(version=version), timeout=5)
+        prices = {p.model: p for p in resp.prices}
+        self.versions[resp.version] = prices
+        if not version:
+            self.current_version, self.fetched_at = resp.version, time.monotonic()
+        return prices
+
+
+class Background:
+    """Tasks that outlive the call that started them."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def wait(self, timeout: float) -> None:
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=timeout)
+
+
+class LedgerHolds:
+    """HoldPort: a Reserve per attempt, or a hold drawn from a budget slice; settles batched."""
+
+    def __init__(
+        self, ledger: ledger_pb2_grpc.LedgerServiceStub, settler: Settler, slices: SliceBook, prices: PriceBook,
+        metrics: RouterMetrics, background: Background,
+    ) -> None:
+        self.ledger = ledger
+        self.settler = settler
+        self.slices = slices
+        self.price_book = prices
+        self.metrics = metrics
+        self.background = background
+
+    async def place(
+        self, call: CallRequest, attempt: int, dep: Deployment, timeout: float, reserve_sent: Callable[[], None],
+    ) -> Lease:
+        prep = call.prep
+        try:
+            # A call of a run takes its own hold: the run's cap is one more budget of that hold.
+            if call.cfg.budget_slices.applies(call.team) and not call.run_id:
+                drawn = await self.slices.draw(
+                    call.team, call.agent, dep.price, prep.prompt_tokens_upper_bound,
+                    prep.chat.max_output_tokens, call.cfg, timeout, dep.provider,
+                )
+                if drawn is not None:
+                    return Lease(drawn.response(), drawn)
+            reserve_sent()
+            hold = await self.ledger.Reserve(
+                ledger_pb2.ReserveRequest(
+                    request_id=call.request_id, attempt=attempt, team=call.team, agent=call.agent,
+                    model=dep.price, prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
+                    max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                    run_id=call.run_id, run_cap_nanos=call.run_cap_nanos,
+                ),
+                timeout=timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise ledger_error(exc, call.team, self.metrics) from None
+        return Lease(hold)
+
+    def refused(self, exc: BaseException) -> bool:
+        return isinstance(exc, E.IgwError) and exc.code in _NO_HOLD
+
+    def free(self, lease: Lease, reason: str) -> None:
+        if isinstance(lease.drawn, SliceHold):
+            self.slices.give_back(lease.drawn)
+        else:
+            self.background.run(self._release(lease.hold.reservation_id, reason))
+
+    async def _release(self, reservation_id: str, reason: str) -> None:
+        if not await release_hold(self.ledger, reservation_id, reason):
+            _LOGGER.warning("release not acknowledged; the hold will expire")
+
+    def release_request(self, request_id: str, reason: str) -> None:
+        self.background.run(self._release_request(request_id, reason))
+
+    async def _release_request(self, request_id: str, reason: str) -> None:
+        if not await release_request(self.ledger, request_id, reason):
+            _LOGGER.warning("release by request id not acknowledged; a hold left behind will expire")
+
+    def settle(
+        self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float, outcome: Settled,
+    ) -> None:
+        req = ledger_pb2.SettleRequest(
+            request_id=request_id, reservation_id=lease.hold.reservation_id,
+            usage=ledger_pb2.TokenUsage(
+                input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                cached_input_tokens=usage.cached_input_tokens,
+            ),
+            provider=dep.provider, provider_model=dep.model, outcome=_SETTLED[outcome],
+            usage_estimated=not usage.reported,
+        )
+        req.latency.FromNanoseconds(int(latency_s * 1e9))
+        drawn = lease.drawn
+        if isinstance(drawn, SliceHold):
+            slices = self.slices
+            self.settler.submit(req, lambda ok: slices.settled(drawn, ok))
+        else:
+            self.settler.submit(req, None)
+
+    async def prices(self) -> Mapping[str, ledger_pb2.ModelPrice]:
+        try:
+            return await self.price_book.get(0)
+        except grpc.RpcError:
+            return {}
+
+    async def cost(self, lease: Lease, dep: Deployment, usage: Usage) -> int:
+        try:
+            prices = await self.price_book.get(lease.hold.price_version)
+        except grpc.RpcError:
+            return 0
+        p = prices.get(dep.price)
+        if p is None:
+            return 0
+        return call_cost(
+            usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
+            p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos,
+        )
+
+
+def ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.IgwError:
+    """The agent's error for a failed Reserve (or budget-slice draw)."""
+    if not isinstance(err, grpc.RpcError):
+        return E.Unavailable("LEDGER_UNAVAILABLE", "the budget ledger could not be reached")
+    info = error_info_from_rpc_error(err)
+    code = err.code()
+    meta = dict(info.metadata) if info else {}
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if info is not None and info.reason == "RATE_LIMITED":
+            # The ledger's verdict and its RetryInfo, passed through to the agent.
+            return E.ResourceExhausted(
+                "RATE_LIMITED", "rate limit reached; retry later", meta, retry_delay_s=retry_delay_from_rpc_error(err))
+        metrics.budget_denials.labels(team).inc()
+        return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if info is not None and info.reason == "NO_BUDGET":
+            metrics.budget_denials.labels(team).inc()
+            return E.FailedPrecondition("NO_BUDGET", "your team has no budget; an operator must set one", meta)
+        return E.FailedPrecondition(info.reason if info else "LEDGER_REFUSED", "the ledger refused the call", meta)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return E.InvalidArgument(info.reason if info else "LEDGER_REFUSED", "the ledger refused the request", meta)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed while reserving budget")
+    return E.Unavailable("LEDGER_UNAVAILABLE", "the budget ledger could not be reached")
+
+
+class VaultCredentials:
+    """CredentialPort: a lease per attempt (IssueCredential), ended once (EndLease)."""
+
+    def __init__(self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, lease_ttl_s: int, background: Background) -> None:
+        self.vault = vault
+        self.lease_ttl_s = lease_ttl_s
+        self.background = background
+
+    def issue(
+        self, call: CallRequest, dep: Deployment, timeout: float,
+    ) -> asyncio.Future[keyvault_pb2.IssueCredentialResponse]:
+        # The gRPC call starts as it is created: it runs while the hold is placed.
+        issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse] = asyncio.ensure_future(self.vault.IssueCredential(
+            keyvault_pb2.IssueCredentialRequest(
+                provider=dep.provider, team=call.team, model=dep.model, request_id=call.request_id,
+                ttl=duration_pb2.Duration(seconds=self.lease_ttl_s),
+            ),
+            timeout=max(timeout, _VAULT_TIMEOUT_S),
+        ))
+        return issue
+
+    def bind(
+        self, lease: Lease, issued: keyvault_pb2.IssueCredentialResponse, call: CallRequest, dep: Deployment,
+    ) -> None:
+        lease.end = _end_request(issued, call, dep)
+
+    def no_credential(self, exc: BaseException) -> NoCredential | None:
+        if not isinstance(exc, grpc.RpcError) or exc.code() not in _NO_CREDENTIAL:
+            return None
+        info = error_info_from_rpc_error(exc)
+        transient = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        reason = info.reason if info else exc.code().name
+        if transient:  # e.g. VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE; never a configuration problem
+            reason = "VAULT_UNAVAILABLE" if not info else f"VAULT_UNAVAILABLE:{info.reason}"
+        return NoCredential(reason, transient=transient)
+
+    def end(self, lease: Lease, used: bool, reason: str) -> None:
+        req, lease.end = lease.end, None
+        if not isinstance(req, keyvault_pb2.EndLeaseRequest):
+            return
+        req.end = keyvault_pb2.LEASE_END_USED if used else keyvault_pb2.LEASE_END_RETURNED
+        req.reason = reason
+        self.background.run(self._end_now(req))
+
+    async def _end_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
+        if not await with_retries(lambda: self.vault.EndLease(req, timeout=5)):
+            _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
+
+    def return_when_issued(
+        self, issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse], reason: str, call: CallRequest,
+        dep: Deployment,
+    ) -> None:
+        async def wait() -> None:
+            try:
+                lease = await issue
+            except Exception:  # no lease was issued (or the answer is lost): nothing to return
+                return
+            req = _end_request(lease, call, dep)
+            req.end, req.reason = keyvault_pb2.LEASE_END_RETURNED, reason
+            await self._end_now(req)
+
+        self.background.run(wait())
+
+
+def _end_request(
+    lease: keyvault_pb2.IssueCredentialResponse, call: CallRequest, dep: Deployment,
+) -> keyvault_pb2.EndLeaseRequest:
+    """The EndLease of one lease, without its end and reason (no secret in it)."""
+    return keyvault_pb2.EndLeaseRequest(
+        lease_id=lease.lease_id, request_id=call.request_id, provider=dep.provider, team=call.team,
+        model=dep.model, key_name=lease.key_name, key_version=lease.key_version,
+    )
