@@ -23,7 +23,6 @@ from services.common.identity import Identity
 from services.router.breaker import Breaker, State
 from services.router.call.engine import CallEngine
 from services.router.call.grpc_ports import Backends, Background, LedgerHolds, PriceBook, VaultCredentials
-from services.router.call.plan import DEFAULT_RETRY_DELAY_S, final_error
 from services.router.call.ports import Clock, SystemClock
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import ProviderAdapter
@@ -34,7 +33,7 @@ from services.router.servicer import call_from_pb, response_to_pb, stream_to_pb
 from services.router.settler import Settler
 from services.router.slices import SliceBook
 
-__all__ = ["DEFAULT_RETRY_DELAY_S", "Backends", "PriceBook", "Router", "final_error"]
+__all__ = ["Backends", "PriceBook", "Router"]
 
 _BREAKER_GAUGE = {State.CLOSED: 0, State.OPEN: 1, State.HALF_OPEN: 2}
 

@@ -277,3 +277,25 @@ class _Price:
     input_per_mtok_nanos: int
     output_per_mtok_nanos: int
     cached_input_per_mtok_nanos: int = 0
+
+
+def test_domain_outcomes_are_the_wire_enums_by_name_and_number() -> None:
+    from igw.ledger.v1 import ledger_pb2
+    from igw.router.v1 import router_pb2
+
+    for o in Outcome:
+        assert router_pb2.AttemptOutcome.Value(f"ATTEMPT_OUTCOME_{o.name}") == o.value
+    assert len(Outcome) == len(router_pb2.AttemptOutcome.values()) - 1  # all but UNSPECIFIED
+    for s in Settled:
+        assert ledger_pb2.CallOutcome.Value(f"CALL_OUTCOME_{s.name}") == s.value
+
+
+def test_router_files_stay_short_and_the_call_engine_imports_no_grpc() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "services" / "router"
+    for path in [*root.glob("*.py"), *root.glob("call/*.py")]:
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 400, path.name
+    for name in ("domain", "ports", "plan", "engine", "relay"):
+        text = (root / "call" / f"{name}.py").read_text(encoding="utf-8")
+        assert "import grpc" not in text and "_pb2" not in text, name
