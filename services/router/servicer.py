@@ -82,21 +82,25 @@ def response_to_pb(res: CallResult) -> router_pb2.GenerateResponse:
     return out
 
 
+def event_to_pb(ev: StreamEvent) -> router_pb2.GenerateStreamResponse:
+    """One event of a streaming call as the agent receives it."""
+    if isinstance(ev, TextDelta):
+        return router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=ev.text))
+    if isinstance(ev, ToolCallDelta):
+        return router_pb2.GenerateStreamResponse(tool_call_delta=router_pb2.ToolCallDelta(
+            index=ev.index, id=ev.id, name=ev.name, arguments_fragment=ev.arguments_fragment))
+    if isinstance(ev, Started):
+        dep = ev.deployment
+        return router_pb2.GenerateStreamResponse(start=router_pb2.StreamStart(
+            request_id=ev.request_id,
+            served_by=router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model)))
+    return router_pb2.GenerateStreamResponse(final=response_to_pb(ev))
+
+
 async def stream_to_pb(events: AsyncIterator[StreamEvent]) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
     """A streaming call's events as the agent receives them."""
     async for ev in events:
-        if isinstance(ev, TextDelta):
-            yield router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=ev.text))
-        elif isinstance(ev, ToolCallDelta):
-            yield router_pb2.GenerateStreamResponse(tool_call_delta=router_pb2.ToolCallDelta(
-                index=ev.index, id=ev.id, name=ev.name, arguments_fragment=ev.arguments_fragment))
-        elif isinstance(ev, Started):
-            dep = ev.deployment
-            yield router_pb2.GenerateStreamResponse(start=router_pb2.StreamStart(
-                request_id=ev.request_id,
-                served_by=router_pb2.ServedBy(deployment=dep.name, provider=dep.provider, provider_model=dep.model)))
-        else:
-            yield router_pb2.GenerateStreamResponse(final=response_to_pb(ev))
+        yield event_to_pb(ev)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -117,8 +121,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         router = self._router
         call = call_from_pb(current_identity(), request, router.config)
-        async for msg in stream_to_pb(router.engine.stream(call, context.time_remaining())):
-            yield msg
+        async for ev in router.engine.stream(call, context.time_remaining()):
+            yield event_to_pb(ev)
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
