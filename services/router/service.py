@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -23,12 +22,12 @@ from services.common.identity import Identity
 from services.router.breaker import Breaker, State
 from services.router.call.engine import CallEngine
 from services.router.call.grpc_ports import Backends, Background, LedgerHolds, PriceBook, VaultCredentials
+from services.router.call.http_ports import Adapters
 from services.router.call.ports import Clock, SystemClock
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import ProviderAdapter
-from services.router.providers.domain import ChatRequest, ChatResponse, Timeouts
 from services.router.providers.registry import get_adapter
-from services.router.routing import Provider, RoutingConfig
+from services.router.routing import RoutingConfig
 from services.router.servicer import call_from_pb, response_to_pb, stream_to_pb
 from services.router.settler import Settler
 from services.router.slices import SliceBook
@@ -36,22 +35,6 @@ from services.router.slices import SliceBook
 __all__ = ["Backends", "PriceBook", "Router"]
 
 _BREAKER_GAUGE = {State.CLOSED: 0, State.OPEN: 1, State.HALF_OPEN: 2}
-
-
-class Adapters:
-    """ProviderPort: the provider adapters over one shared HTTP client."""
-
-    def __init__(self, http: httpx.AsyncClient, lookup: Callable[[str], ProviderAdapter]) -> None:
-        self.http = http
-        self.lookup = lookup
-
-    def complete(
-        self, provider: Provider, secret: str, chat: ChatRequest, timeouts: Timeouts,
-    ) -> Awaitable[ChatResponse]:
-        return self.lookup(provider.type).complete(self.http, provider.base_url, secret, chat, timeouts)
-
-    def stream(self, provider: Provider, secret: str, chat: ChatRequest, timeouts: Timeouts) -> AsyncIterator[Any]:
-        return self.lookup(provider.type).stream(self.http, provider.base_url, secret, chat, timeouts)
 
 
 def _adapter(kind: str) -> ProviderAdapter:

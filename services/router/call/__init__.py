@@ -11,7 +11,7 @@ Read a call in this order:
    kind means, the final error by cause.
 4. :mod:`.relay`: a committed stream relayed to the agent and settled, even when cut short.
 5. :mod:`.grpc_ports`: the ports over the ledger (holds, budget slices, batched settles) and
-   the vault (credential leases).
+   the vault (credential leases); :mod:`.http_ports`: the provider adapters.
 
 :mod:`.domain` holds the types and :mod:`.ports` the protocols; tests/unit/test_call_engine.py
 runs the engine over fakes of every port.
