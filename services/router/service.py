@@ -59,7 +59,7 @@ class Router:
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.background = Background()
         self.holds = LedgerHolds(backends.ledger, self.settler, self.slices, self.prices, metrics, self.background)
-        self.credentials = VaultCredentials(backends.vault, lease_ttl_s, self.background)
+        self.credentials = VaultCredentials(backends.vault, lease_ttl_s, metrics, self.background)
         self.engine = CallEngine(self.holds, self.credentials, Adapters(http, _adapter), metrics, self.breakers,
                                  engine_clock or SystemClock())
         self._backends = backends

@@ -157,7 +157,10 @@ class LedgerHolds:
         self.background.run(self._release_request(request_id, reason))
 
     async def _release_request(self, request_id: str, reason: str) -> None:
-        if not await release_request(self.ledger, request_id, reason):
+        if await release_request(self.ledger, request_id, reason):
+            self.metrics.request_releases.labels("sent").inc()
+        else:
+            self.metrics.request_releases.labels("unacknowledged").inc()
             _LOGGER.warning("release by request id not acknowledged; a hold left behind will expire")
 
     def settle(
@@ -229,9 +232,13 @@ def ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.Igw
 class VaultCredentials:
     """CredentialPort: a lease per attempt (IssueCredential), ended once (EndLease)."""
 
-    def __init__(self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, lease_ttl_s: int, background: Background) -> None:
+    def __init__(
+        self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, lease_ttl_s: int, metrics: RouterMetrics,
+        background: Background,
+    ) -> None:
         self.vault = vault
         self.lease_ttl_s = lease_ttl_s
+        self.metrics = metrics
         self.background = background
 
     def issue(
@@ -271,7 +278,10 @@ class VaultCredentials:
         self.background.run(self._end_now(req))
 
     async def _end_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
-        if not await with_retries(lambda: self.vault.EndLease(req, timeout=5)):
+        if await with_retries(lambda: self.vault.EndLease(req, timeout=5)):
+            self.metrics.lease_ends.labels("used" if req.end == keyvault_pb2.LEASE_END_USED else "returned").inc()
+        else:
+            self.metrics.lease_ends.labels("unacknowledged").inc()
             _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
 
     def return_when_issued(
