@@ -100,7 +100,10 @@ def event_to_pb(ev: StreamEvent) -> router_pb2.GenerateStreamResponse:
 async def stream_to_pb(events: AsyncIterator[StreamEvent]) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
     """A streaming call's events as the agent receives them."""
     async for ev in events:
-        yield event_to_pb(ev)
+        if isinstance(ev, TextDelta):  # the common event, converted inline
+            yield router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=ev.text))
+        else:
+            yield event_to_pb(ev)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -122,7 +125,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         router = self._router
         call = call_from_pb(current_identity(), request, router.config)
         async for ev in router.engine.stream(call, context.time_remaining()):
-            yield event_to_pb(ev)
+            if isinstance(ev, TextDelta):  # the common event, converted inline
+                yield router_pb2.GenerateStreamResponse(text_delta=router_pb2.TextDelta(text=ev.text))
+            else:
+                yield event_to_pb(ev)
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

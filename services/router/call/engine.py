@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -55,59 +55,34 @@ class CallEngine:
         self.clock: Clock = clock or SystemClock()
         self.in_flight = 0
 
-    def _admit(self, call: CallRequest) -> None:
+    def admit(self, call: CallRequest) -> None:
+        """Counts a call in, or refuses it when ``max_in_flight`` calls are running."""
         if self.in_flight >= call.cfg.limits.max_in_flight:
             self.metrics.overload_rejections.inc()
             raise E.ResourceExhausted("ROUTER_OVERLOADED", "too many calls in flight; retry shortly")
         self.in_flight += 1
         self.metrics.in_flight.inc()
 
-    def _leave(self) -> None:
+    def leave(self, call: CallRequest, code: str) -> None:
+        """Counts a call out, by its status."""
         self.in_flight -= 1
         self.metrics.in_flight.dec()
+        self.metrics.calls.labels(call.alias.name, code).inc()
 
-    async def unary(self, call: CallRequest, remaining: float | None) -> CallResult:
+    def unary(self, call: CallRequest, remaining: float | None) -> Awaitable[CallResult]:
         """One unary call. Raises IgwError for the agent."""
-        run = Run(self, call, remaining)
-        self._admit(call)
-        code = "OK"
-        try:
-            return await run.unary()
-        except E.IgwError as err:
-            code = err.code.name
-            raise
-        except BaseException as exc:
-            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
-            raise
-        finally:
-            run.ended_early(code.lower())
-            self._leave()
-            self.metrics.calls.labels(call.alias.name, code).inc()
+        return Run(self, call, remaining).unary()
 
-    async def stream(self, call: CallRequest, remaining: float | None) -> AsyncIterator[StreamEvent]:
+    def stream(self, call: CallRequest, remaining: float | None) -> AsyncIterator[StreamEvent]:
         """One streaming call: Started, the provider's deltas, then the CallResult."""
-        run = Run(self, call, remaining)
-        self._admit(call)
-        code = "OK"
-        try:
-            async for item in run.stream():
-                yield item
-        except E.IgwError as err:
-            code = err.code.name
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "CANCELLED"
-            raise
-        finally:
-            run.ended_early(code.lower())
-            self._leave()
-            self.metrics.calls.labels(call.alias.name, code).inc()
+        return Run(self, call, remaining).stream()
 
 
 class Run:
     """One call in progress: its plan, its leases, and whether a hold may be left behind."""
 
     def __init__(self, engine: CallEngine, call: CallRequest, remaining: float | None) -> None:
+        self.engine = engine
         self.call = call
         self.holds = engine.holds
         self.credentials = engine.credentials
@@ -256,6 +231,23 @@ class Run:
         return await self.holds.prices() if self.call.alias.strategy == "cheapest" else {}
 
     async def unary(self) -> CallResult:
+        """The call, admitted and counted (IgwError for the agent)."""
+        engine = self.engine
+        engine.admit(self.call)
+        code = "OK"
+        try:
+            return await self._unary()
+        except E.IgwError as err:
+            code = err.code.name
+            raise
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
+            raise
+        finally:
+            self.ended_early(code.lower())
+            engine.leave(self.call, code)
+
+    async def _unary(self) -> CallResult:
         call, plan, clock = self.call, self.plan, self.clock
         async for attempt, dep, ticket in plan.attempts(await self._prices()):
             provider = call.cfg.providers[dep.provider]
@@ -293,68 +285,82 @@ class Run:
         raise plan.final_error()
 
     async def stream(self) -> AsyncIterator[StreamEvent]:
-        call, plan, clock = self.call, self.plan, self.clock
-        async for attempt, dep, ticket in plan.attempts(await self._prices()):
-            provider = call.cfg.providers[dep.provider]
-            lease = await self.lease(attempt, dep, ticket)
-            if lease is None:
-                continue
-            t0 = clock.perf_counter()
-            upstream: AsyncIterator[Any] | None = None
-            first: Any = None
-            so_far: Usage | None = None  # usage the provider reported before the first content
-            err: ProviderError | None = None
-            # The attempt's span covers the whole upstream stream: it is current while connecting
-            # and ends after the relay (a failed attempt ends it before the next one).
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True,
-                              server_url=provider.base_url) as span:
-                try:
-                    upstream = self.providers.stream(
-                        provider, lease.secret, replace(call.prep.chat, model=dep.model),
-                        plan.timeouts(ticket == "probe"))
-                    first = await upstream.__anext__()
-                    while isinstance(first, UsageSoFar):  # commit on content, not on a usage report
-                        so_far = first.usage
+        """The streaming call, admitted and counted (one generator: each event passes one level)."""
+        engine = self.engine
+        engine.admit(self.call)
+        code = "OK"
+        try:
+            call, plan, clock = self.call, self.plan, self.clock
+            async for attempt, dep, ticket in plan.attempts(await self._prices()):
+                provider = call.cfg.providers[dep.provider]
+                lease = await self.lease(attempt, dep, ticket)
+                if lease is None:
+                    continue
+                t0 = clock.perf_counter()
+                upstream: AsyncIterator[Any] | None = None
+                first: Any = None
+                so_far: Usage | None = None  # usage the provider reported before the first content
+                err: ProviderError | None = None
+                # The attempt's span covers the whole upstream stream: it is current while connecting
+                # and ends after the relay (a failed attempt ends it before the next one).
+                with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True,
+                                  server_url=provider.base_url) as span:
+                    try:
+                        upstream = self.providers.stream(
+                            provider, lease.secret, replace(call.prep.chat, model=dep.model),
+                            plan.timeouts(ticket == "probe"))
                         first = await upstream.__anext__()
-                except StopAsyncIteration:
-                    err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
-                except ProviderError as exc:
-                    err = exc
-                except BaseException as exc:
-                    attempt_failed(span, type(exc).__name__)
-                    if so_far is not None and isinstance(exc, asyncio.CancelledError | GeneratorExit):
-                        # The agent left after the provider reported its input count: that was used.
-                        self.settle(lease, dep, replace(so_far, reported=False), clock.perf_counter() - t0,
-                                    Settled.CANCELLED)
-                        self.credentials.end(lease, True, "CANCELLED")
-                        if ticket == "probe":
-                            self.breakers[dep.name].release_probe()
-                        refusal = None
-                    else:
-                        refusal = self.abandon(dep, ticket, lease, exc)
-                    if upstream is not None:
-                        await aclose(upstream)
-                    if refusal is None:
-                        raise
-                    raise refusal from None
-                finally:
-                    lease.secret = ""
+                        while isinstance(first, UsageSoFar):  # commit on content, not on a usage report
+                            so_far = first.usage
+                            first = await upstream.__anext__()
+                    except StopAsyncIteration:
+                        err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
+                    except ProviderError as exc:
+                        err = exc
+                    except BaseException as exc:
+                        attempt_failed(span, type(exc).__name__)
+                        if so_far is not None and isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                            # The agent left after the provider reported its input count: that was used.
+                            self.settle(lease, dep, replace(so_far, reported=False), clock.perf_counter() - t0,
+                                        Settled.CANCELLED)
+                            self.credentials.end(lease, True, "CANCELLED")
+                            if ticket == "probe":
+                                self.breakers[dep.name].release_probe()
+                            refusal = None
+                        else:
+                            refusal = self.abandon(dep, ticket, lease, exc)
+                        if upstream is not None:
+                            await aclose(upstream)
+                        if refusal is None:
+                            raise
+                        raise refusal from None
+                    finally:
+                        lease.secret = ""
+                    if err is not None:
+                        attempt_failed(span, err.kind.value)
+                assert upstream is not None  # the adapter's stream() returned, or the handler above raised
                 if err is not None:
-                    attempt_failed(span, err.kind.value)
-            assert upstream is not None  # the adapter's stream() returned, or the handler above raised
-            if err is not None:
-                end_span(span)
-                self.credentials.end(lease, True, err.kind.name)
-                self.holds.free(lease, err.kind.value)  # before the close: a cancellation there must not skip it
-                await aclose(upstream)
-                plan.failed(dep, ticket, err, t0)
-                continue
-            # Committed to this deployment: from here on, no fallback.
-            self.credentials.end(lease, True, "STREAMED")
-            ttft = clock.perf_counter() - t0
-            plan.succeeded(dep, t0, ttft)
-            self.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
-            async for msg in relay(self, dep, lease, upstream, first, t0, span, so_far):
-                yield msg
-            return
-        raise plan.final_error()
+                    end_span(span)
+                    self.credentials.end(lease, True, err.kind.name)
+                    self.holds.free(lease, err.kind.value)  # before the close: a cancellation there must not skip it
+                    await aclose(upstream)
+                    plan.failed(dep, ticket, err, t0)
+                    continue
+                # Committed to this deployment: from here on, no fallback.
+                self.credentials.end(lease, True, "STREAMED")
+                ttft = clock.perf_counter() - t0
+                plan.succeeded(dep, t0, ttft)
+                self.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
+                async for msg in relay(self, dep, lease, upstream, first, t0, span, so_far):
+                    yield msg
+                return
+            raise plan.final_error()
+        except E.IgwError as err:
+            code = err.code.name
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            self.ended_early(code.lower())
+            engine.leave(self.call, code)
