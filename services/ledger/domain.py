@@ -347,5 +347,5 @@ def rate_limited(team: str, res: dict[str, object]) -> E.ResourceExhausted:
             "tokens_used": int(float(str(res["tokens"]))),
             "retry_after_seconds": f"{retry_s:.3f}",
         },
-        retry_delay=retry_s,
+        retry_delay_s=retry_s,
     )

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from igw.ledger.v1 import ledger_pb2_grpc
 from services.common import db
+from services.common.dbprobe import DatabaseProbe
 from services.common.server import Registrar, ServiceRuntime
 from services.ledger.authz import POLICY
 from services.ledger.config import LedgerSettings, Settings
@@ -64,9 +65,11 @@ async def build(settings: Settings) -> ServiceRuntime:
     registry = CollectorRegistry()
     service = await open_service(settings.ledger, registry)
     sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds, settings.ledger.maintenance_interval_seconds)
+    probe = DatabaseProbe(settings.ledger.database_url)
 
     async def close() -> None:
         await sweeper.stop()
+        await probe.close()
         await service.repo.close()
 
     runtime = ServiceRuntime(
@@ -77,6 +80,7 @@ async def build(settings: Settings) -> ServiceRuntime:
         registry=registry,
         closers=[close],
         access_log=False,
+        readiness=probe,
     )
     sweeper.start()
     return runtime
