@@ -145,8 +145,7 @@ def test_twice_the_rpm_limit_over_two_routers_and_two_ledgers_admits_exactly_the
     _check_refusals(refused)
     # The typed client raises RateLimited, with when to retry.
     cfg = ClientConfig(addresses=[pair.routers[0].address], cert=str(pair.pki / f"agent-{PER_CALL}-a1.pem"),
-                       key=str(pair.pki / f"agent-{PER_CALL}-a1-key.pem"), ca=str(pair.pki / "ca.pem"),
-                       server_name="localhost")
+                       key=str(pair.pki / f"agent-{PER_CALL}-a1-key.pem"), ca=str(pair.pki / "ca.pem"))
     with IgwClient(cfg) as client, pytest.raises(RateLimited) as err:
         client.generate("openai", [user("one more")], max_output_tokens=32)
     assert err.value.retry_after_seconds is not None and 0 < err.value.retry_after_seconds <= 60
