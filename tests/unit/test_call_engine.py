@@ -299,3 +299,19 @@ def test_router_files_stay_short_and_the_call_engine_imports_no_grpc() -> None:
     for name in ("domain", "ports", "plan", "engine", "relay"):
         text = (root / "call" / f"{name}.py").read_text(encoding="utf-8")
         assert "import grpc" not in text and "_pb2" not in text, name
+
+
+def test_a_stream_the_agent_leaves_is_settled_as_cancelled_with_what_it_was_sent() -> None:
+    rig = Rig(config())
+
+    async def leave_after_first_delta() -> None:
+        events = rig.engine.stream(rig.request(), 30.0)
+        assert type(await events.__anext__()).__name__ == "Started"
+        assert type(await events.__anext__()).__name__ == "TextDelta"
+        await events.aclose()  # type: ignore[attr-defined]
+
+    _run(leave_after_first_delta())
+    [(_, dep, outcome, usage)] = rig.holds.settled
+    assert (dep, outcome, usage.reported) == ("d1", Settled.CANCELLED, False)
+    assert usage.input_tokens == 100 and usage.output_tokens >= 1  # the upper bound; never less than sent
+    assert rig.engine.in_flight == 0 and rig.holds.freed == []
