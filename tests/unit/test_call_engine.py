@@ -257,7 +257,7 @@ def test_a_call_past_its_deadline_is_deadline_exceeded_with_its_attempts() -> No
         rig.clock.now += 5.0
         return await type(rig.holds).place(rig.holds, *args)  # type: ignore[arg-type]
 
-    rig.holds.place = slow_place  # type: ignore[method-assign]
+    rig.holds.place = slow_place  # type: ignore[method-assign, assignment]
     with pytest.raises(E.DeadlineExceeded) as caught:
         _run(rig.call(False, remaining=4.0))
     assert caught.value.metadata["attempts"] == "1"
