@@ -37,9 +37,13 @@ async def open_service(
     )
     if settings.allow_unbudgeted:
         _LOGGER.warning("IGW_LEDGER_ALLOW_UNBUDGETED is on: teams without a budget spend without limit")
-    service = LedgerService(repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds)
+    service = LedgerService(
+        repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds,
+        partitions_ahead_months=settings.partitions_ahead_months, retention_days=settings.retention_days,
+    )
     try:
         await service.seed_default_prices()
+        await service.maintain()
     except BaseException:
         await repo.close()
         raise
@@ -60,7 +64,7 @@ async def build(settings: Settings) -> ServiceRuntime:
     """Builds the ledger's runtime (not yet started); the sweeper runs while it serves."""
     registry = CollectorRegistry()
     service = await open_service(settings.ledger, registry)
-    sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds)
+    sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds, settings.ledger.maintenance_interval_seconds)
     probe = DatabaseProbe(settings.ledger.database_url)
 
     async def close() -> None:

@@ -119,7 +119,11 @@ class AsyncIgwClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _should_retry(self, error: IgwError, attempt: int, deadline: Deadline) -> bool:
-        return is_retryable(error.code) and attempt + 1 < self._config.max_attempts and deadline.allows(0)
+        return (
+            is_retryable(error.code, error.reason)
+            and attempt + 1 < self._config.max_attempts
+            and deadline.allows(0)
+        )
 
     async def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
         next_index = self._rotation.failed(index)
@@ -149,6 +153,8 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> router_pb2.GenerateResponse:
@@ -167,6 +173,8 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         md = _metadata(metadata)
         response: router_pb2.GenerateResponse = await self._unary(
@@ -187,6 +195,8 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
@@ -202,6 +212,8 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         return self._stream(request, timeout, _metadata(metadata))
 

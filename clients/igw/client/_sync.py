@@ -121,7 +121,11 @@ class IgwClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _should_retry(self, error: IgwError, attempt: int, deadline: Deadline) -> bool:
-        return is_retryable(error.code) and attempt + 1 < self._config.max_attempts and deadline.allows(0)
+        return (
+            is_retryable(error.code, error.reason)
+            and attempt + 1 < self._config.max_attempts
+            and deadline.allows(0)
+        )
 
     def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
         next_index = self._rotation.failed(index)
@@ -151,6 +155,8 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> router_pb2.GenerateResponse:
@@ -178,6 +184,8 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         md = _metadata(metadata)
         response: router_pb2.GenerateResponse = self._unary(
@@ -198,6 +206,8 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> Iterator[router_pb2.GenerateStreamResponse]:
@@ -219,6 +229,8 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
         return self._stream(request, timeout, _metadata(metadata))
 
