@@ -160,3 +160,17 @@ async def test_the_pool_refuses_a_replica_that_is_not_the_ledger(tls: Path) -> N
     finally:
         await pool.close()
         await impostor.server.stop(0)
+
+
+async def test_a_host_name_becomes_one_replica_per_address(tls: Path) -> None:
+    ledger = await Replica(tls, "ledger").start()
+    # "localhost" as a headless Service would be: resolved (IPv4 preferred), one replica per address.
+    pool = ReplicaPool("ledger", [f"localhost:{ledger.port}"], "spiffe://igw.local/ledger", _files(tls), NAME,
+                       check_interval_s=0.2)
+    await pool.start()
+    try:
+        assert list(pool.replicas) == [f"127.0.0.1:{ledger.port}"]
+        assert pool.ready()
+    finally:
+        await pool.close()
+        await ledger.server.stop(0)
