@@ -174,3 +174,20 @@ async def test_a_host_name_becomes_one_replica_per_address(tls: Path) -> None:
     finally:
         await pool.close()
         await ledger.server.stop(0)
+
+
+async def test_secure_channel_with_an_expected_id_checks_it(tls: Path) -> None:
+    from services.common.tls import secure_channel
+
+    ledger = await Replica(tls, "ledger").start()
+    files = (tls / "router.pem", tls / "router-key.pem", tls / "ca.pem")
+    try:
+        async with secure_channel(ledger.address, *files, expected_id="spiffe://igw.local/ledger") as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=NAME), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        async with secure_channel(ledger.address, *files, expected_id="spiffe://igw.local/keyvault") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=NAME), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await ledger.server.stop(0)
