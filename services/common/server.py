@@ -54,6 +54,7 @@ from services.common import ids
 from services.common.authz import Policy
 from services.common.identity import Identity, IdentityError, identity_from_context
 from services.common.logs import method_var, request_id_var
+from services.common.pki import describe_cert
 from services.common.settings import RuntimeSettings
 from services.common.tls import SERVER_OPTIONS, server_credentials
 from services.common.tracing import server_span, setup_tracing, shutdown_tracing
@@ -83,6 +84,15 @@ def current_identity() -> Identity:
     return ident
 
 
+def cert_not_after(path: os.PathLike[str] | str) -> float:
+    """The certificate's notAfter as Unix time (0 when the file cannot be read: the alert then fires)."""
+    try:
+        with open(path, "rb") as fh:
+            return describe_cert(fh.read()).not_after.timestamp()
+    except (OSError, ValueError):
+        return 0.0
+
+
 @dataclass
 class RpcMetrics:
     """Per-method request counts and latency, on the service's own registry."""
@@ -91,8 +101,15 @@ class RpcMetrics:
     handled: Counter = field(init=False)
     latency: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
+    cert_expiry: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
+        # For the certificate-expiry alert (deploy/prometheus): read from the file at each scrape, so a
+        # rotated certificate shows at once.
+        self.cert_expiry = Gauge(
+            "igw_tls_cert_expiry_timestamp_seconds", "notAfter of the certificate the service presents (Unix time).",
+            ["service"], registry=self.registry,
+        )
         self.handled = Counter(
             "igw_grpc_server_handled",
             "gRPC calls handled, by method and status code.",
@@ -109,6 +126,9 @@ class RpcMetrics:
         self.in_flight = Gauge(
             "igw_grpc_server_in_flight", "gRPC calls being handled now.", ["service"], registry=self.registry
         )
+
+
+_ALWAYS_ANSWERED = ("/grpc.health.", "/grpc.reflection.")
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -128,6 +148,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
         self._labels: dict[str, Callable[[str], tuple[Any, Any]]] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Set when a stop begins: new calls get UNAVAILABLE DRAINING (clients send them to another
+        # replica at once) while calls already in flight finish. Health and reflection still answer.
+        self.draining = False
+
+    def _refuse_if_draining(self, method: str) -> None:
+        if self.draining and not method.startswith(_ALWAYS_ANSWERED):
+            raise E.Unavailable("DRAINING", "this instance is shutting down; send the call to another one")
 
     def _method_metrics(self, method: str) -> Callable[[str], tuple[Any, Any]]:
         """For one method: status code -> (latency histogram, handled counter), label lookups cached."""
@@ -295,6 +322,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             try:
                 self._authorize(method, allowed, context)
                 admitted = True
+                self._refuse_if_draining(method)
                 request = self._decode(method, decode, request)
                 self._tag(method, request, context)
                 with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
@@ -334,6 +362,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     self._authorize(method, allowed, context)
                     admitted = True
+                    self._refuse_if_draining(method)
                     request = self._decode(method, decode, request)
                     self._tag(method, request, context)
                     with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
@@ -464,11 +493,11 @@ class ServiceRuntime:
         self._stop_deadline: float | None = None
         self._stopping = asyncio.Event()
         self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
+        self.guard = GuardInterceptor(
+            policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer, on_denied,
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer,
-                                 on_denied)
-            ],
+            interceptors=[self.guard],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=None,
         )
@@ -499,6 +528,7 @@ class ServiceRuntime:
         s = self.settings
         host, port = parse_listen(s.listen)
         creds = server_credentials(s.tls_cert, s.tls_key, s.tls_ca)
+        self.metrics.cert_expiry.labels(s.service).set_function(lambda: cert_not_after(s.tls_cert))
         self.port = self.server.add_secure_port(f"{host}:{port}", creds)
         phost, pport = parse_listen(s.probe_listen)
         self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
@@ -596,6 +626,7 @@ class ServiceRuntime:
         """NOT_SERVING, drain in-flight calls, close everything: all within one grace period."""
         _LOGGER.info("shutting down", extra={"grace_seconds": self.settings.grace_seconds})
         self._stop_deadline = time.monotonic() + self.settings.grace_seconds
+        self.guard.draining = True
         if self._readiness_task is not None:
             self._readiness_task.cancel()
         await self.health.enter_graceful_shutdown()

@@ -35,6 +35,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.enable_retries", 1),
+    # Spread calls over every address a name resolves to (a headless Service gives one per ready pod).
+    ("grpc.lb_policy_name", "round_robin"),
 )
 
 SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
@@ -44,6 +46,10 @@ SERVER_OPTIONS: tuple[tuple[str, int | str], ...] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
+    # Clients reconnect (and re-resolve, so they find new replicas) every 5 minutes; calls in flight get
+    # 150 s more, longer than a call's total timeout.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 150_000),
 )
 
 

@@ -29,6 +29,7 @@ class RouterMetrics:
     overload_rejections: Counter = field(init=False)
     settle_retries: Counter = field(init=False)
     config_info: Gauge = field(init=False)
+    settles_pending: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
     replicas: Gauge = field(init=False)
 
@@ -70,6 +71,9 @@ class RouterMetrics:
             ["event"], registry=r)
         self.slice_draws = Counter(
             "igw_router_slice_draws", "Call holds placed locally from a budget slice (no Reserve).", registry=r)
+        self.settles_pending = Gauge(
+            "igw_router_settles_pending", "Settles queued or in flight, not yet acknowledged by the ledger.",
+            registry=r)
         self.config_info = Gauge(
             "igw_router_config_info", "The active routing config (value 1), by digest.", ["sha256"], registry=r)
         self.config_reloads = Counter(
