@@ -355,7 +355,10 @@ class Router:
         self._background(self._end_lease_now(req))
 
     async def _end_lease_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
-        if not await with_retries(lambda: self.backends.vault.EndLease(req, timeout=5)):
+        if await with_retries(lambda: self.backends.vault.EndLease(req, timeout=5)):
+            self.metrics.lease_ends.labels("used" if req.end == keyvault_pb2.LEASE_END_USED else "returned").inc()
+        else:
+            self.metrics.lease_ends.labels("unacknowledged").inc()
             _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
 
     def _return_when_issued(
@@ -381,7 +384,10 @@ class Router:
         self._background(self._release_request_now(rid, reason))
 
     async def _release_request_now(self, rid: str, reason: str) -> None:
-        if not await release_request(self.backends.ledger, rid, reason):
+        if await release_request(self.backends.ledger, rid, reason):
+            self.metrics.request_releases.labels("sent").inc()
+        else:
+            self.metrics.request_releases.labels("unacknowledged").inc()
             _LOGGER.warning("release by request id not acknowledged; a hold left behind will expire")
 
     def _free(self, lease: _Lease, reason: str) -> None:
