@@ -34,7 +34,7 @@ EXIT_CONNECTION_FAILURE = 2
 EXIT_RPC_FAILURE = 3
 EXIT_UNHEALTHY = 4
 
-_ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
+_ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})\Z")
 
 
 def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import enum
 import functools
-import re
 from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from services.common import ids
+
+_SEGMENT = ids.SEGMENT
 
 
 class Kind(enum.Enum):

@@ -18,7 +18,6 @@ import inspect
 import json
 import logging
 import os
-import re
 import signal
 import time
 import uuid
@@ -33,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services.common import errors as E
+from services.common import ids
 from services.common.authz import Policy
 from services.common.identity import Identity, IdentityError, identity_from_context
 from services.common.logs import method_var, request_id_var
@@ -41,7 +41,7 @@ from services.common.tls import SERVER_OPTIONS, server_credentials
 from services.common.tracing import server_span, setup_tracing, shutdown_tracing
 
 _LOGGER = logging.getLogger(__name__)
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_RID = ids.REQUEST_ID
 # Extra seconds each closer gets past the grace period to release connections and files.
 _CLOSE_FLOOR_S = 2.0
 # How long the guard waits for a service to record a refused call before answering anyway.

@@ -85,6 +85,7 @@ class AuditMetrics:
     batch_size: Histogram = field(init=False)
     leases_issued: Counter = field(init=False)
     leases_denied: Counter = field(init=False)
+    leases_ended: Counter = field(init=False)
     write_failures: Counter = field(init=False)
     integrity_failures: Counter = field(init=False)
     head_sequence: Gauge = field(init=False)
@@ -102,6 +103,10 @@ class AuditMetrics:
         )
         self.leases_issued = Counter(
             "igw_keyvault_leases_issued", "Leases issued, by provider.", ["provider"], registry=r
+        )
+        self.leases_ended = Counter(
+            "igw_keyvault_leases_ended", "Leases ended (EndLease), by provider and how: used or returned.",
+            ["provider", "end"], registry=r,
         )
         self.leases_denied = Counter(
             "igw_keyvault_leases_denied", "IssueCredential denials, by provider and reason.",

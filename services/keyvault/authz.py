@@ -8,6 +8,7 @@ from services.common.identity import Kind
 POLICY = make_policy(
     {
         "/igw.keyvault.v1.KeyVaultService/IssueCredential": frozenset({Kind.ROUTER}),
+        "/igw.keyvault.v1.KeyVaultService/EndLease": frozenset({Kind.ROUTER}),
         "/igw.keyvault.v1.KeyVaultAdminService/*": OPERATORS,
     }
 )

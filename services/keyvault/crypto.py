@@ -50,7 +50,7 @@ _CHECK_AD = b"igw-keyvault/v1/check|"
 _CHAIN_KEY_AD = b"igw-keyvault/v1/audit-chain-key|"
 _CHECK_PLAINTEXT = b"igw-keyvault master key check v1"
 _KEY_ID_PREFIX = b"igw-master-key-id"
-_URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_URLSAFE_B64 = re.compile(r"^[A-Za-z0-9_-]+={0,2}\Z")
 
 
 class MasterKeyError(Exception):

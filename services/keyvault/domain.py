@@ -47,13 +47,14 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from services.common import errors as E
+from services.common import ids
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
-TEAM_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}$")
+NAME_RE = ids.SEGMENT
+PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")
+TEAM_RE = ids.SEGMENT
+REQUEST_ID_RE = ids.REQUEST_ID
+MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}\Z")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_SECRET_BYTES = 4096
 MAX_TEAMS = 1000
@@ -83,6 +84,8 @@ class AuditAction(enum.Enum):
     ROTATE_KEY = "ROTATE_KEY"
     DISABLE_KEY = "DISABLE_KEY"
     REWRAP = "REWRAP"
+    LEASE_USED = "LEASE_USED"
+    LEASE_RETURNED = "LEASE_RETURNED"
 
 
 class AuditOutcome(enum.Enum):
@@ -192,6 +195,39 @@ class IssueRequest:
     model: str
     request_id: str
     ttl: dt.timedelta | None
+
+
+@dataclass(frozen=True, slots=True)
+class EndLeaseRequest:
+    """A validated EndLease request."""
+
+    lease_id: str
+    used: bool
+    reason: str
+    request_id: str
+    provider: str
+    team: str
+    model: str
+    key_name: str
+    key_version: int
+
+
+LEASE_ID_RE = re.compile(r"^[A-Za-z0-9]{1,64}\Z")
+REASON_RE = re.compile(r"^[A-Z0-9_]{0,64}\Z")
+
+
+def check_lease_id(value: str) -> str:
+    """A lease id as IssueCredential hands them out: ``^[A-Za-z0-9]{1,64}$``."""
+    if not isinstance(value, str) or not LEASE_ID_RE.match(value):
+        raise _bad("lease_id", "1-64 characters of A-Z a-z 0-9")
+    return value
+
+
+def check_reason(value: str) -> str:
+    """A lease end reason: ``^[A-Z0-9_]{0,64}$`` (a stable code, never free text)."""
+    if not isinstance(value, str) or not REASON_RE.match(value):
+        raise _bad("reason", "at most 64 characters of A-Z 0-9 _")
+    return value
 
 
 # ---------------------------------------------------------------------------- audit

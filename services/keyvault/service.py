@@ -184,6 +184,23 @@ class VaultService:
             base_url=key.base_url, expire_time=self._clock() + ttl,
         )
 
+    async def end_lease(self, actor: str, req: D.EndLeaseRequest) -> None:
+        """Audits how a lease ended (used, or returned unused and why); durable before it returns.
+
+        The record carries the lease id's HMAC, as the issue record does, so the two pair up; the
+        vault keeps no lease state, so it does not check that the lease was issued (only the
+        router identity may call this, and it holds the leases).
+        """
+        master = self._unsealed()
+        draft = D.AuditDraft(
+            actor=actor, action=D.AuditAction.LEASE_USED if req.used else D.AuditAction.LEASE_RETURNED,
+            reason=req.reason, provider=req.provider, key_name=req.key_name, key_version=req.key_version,
+            team=req.team, model=req.model, request_id=req.request_id,
+            lease_id_hmac=master.lease_hmac(req.lease_id),
+        )
+        await self._writer.append(draft)
+        self._metrics.leases_ended.labels(req.provider, "used" if req.used else "returned").inc()
+
     async def record_refusal(self, method: str, request: Any, actor: str, reason: str) -> None:
         """Audits a call the authorisation table refused (e.g. an agent certificate asking for a
         lease). At most ``_REFUSALS_PER_MINUTE`` records per identity a minute: beyond that they

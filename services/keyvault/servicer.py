@@ -119,6 +119,27 @@ class KeyVaultServicer(pb_grpc.KeyVaultServiceServicer):
         )
 
 
+    async def EndLease(self, request: pb.EndLeaseRequest, context: Any) -> pb.EndLeaseResponse:
+        if self._service.sealed:
+            raise master_key_unavailable()
+        if request.end not in (pb.LEASE_END_USED, pb.LEASE_END_RETURNED):
+            raise E.InvalidArgument("END_INVALID", "end must be LEASE_END_USED or LEASE_END_RETURNED",
+                                    {"field": "end"})
+        req = D.EndLeaseRequest(
+            lease_id=D.check_lease_id(request.lease_id),
+            used=request.end == pb.LEASE_END_USED,
+            reason=D.check_reason(request.reason),
+            request_id=D.check_request_id(request.request_id),
+            provider=D.check_provider(request.provider),
+            team=D.check_team(request.team),
+            model=D.check_model(request.model) if request.model else "",
+            key_name=D.check_name(request.key_name) if request.key_name else "",
+            key_version=max(request.key_version, 0),
+        )
+        await self._service.end_lease(current_identity().spiffe_id, req)
+        return pb.EndLeaseResponse()
+
+
 class KeyVaultAdminServicer(pb_grpc.KeyVaultAdminServiceServicer):
     """Operator-only key management and audit; never returns key material."""
 

@@ -23,6 +23,8 @@ class LedgerSettings:
     pool_size: int = 20
     migrate: bool = True
     db_timeout_seconds: float = 2.0
+    # False (the default): a team (and agent) no budget applies to is refused with NO_BUDGET.
+    allow_unbudgeted: bool = False
 
     @classmethod
     def from_env(cls, e: Mapping[str, str]) -> LedgerSettings:
@@ -46,6 +48,7 @@ class LedgerSettings:
             pool_size=pool,
             migrate=env_bool(e, "IGW_LEDGER_MIGRATE", True),
             db_timeout_seconds=timeout,
+            allow_unbudgeted=env_bool(e, "IGW_LEDGER_ALLOW_UNBUDGETED", False),
         )
 
 

@@ -3,8 +3,11 @@
 Errors are the shared tree of :mod:`services.common.errors` with stable reasons::
 
     InvalidArgument      INVALID_TOKENS, INVALID_AMOUNT, INVALID_NAME, MISSING_FIELD,
-                         INVALID_WINDOW, INVALID_RESERVATION_ID, INVALID_PAGE_TOKEN, INVALID_TTL
-    FailedPrecondition   MODEL_NOT_PRICED, RESERVATION_MISMATCH, ALREADY_SETTLED
+                         INVALID_WINDOW, INVALID_RESERVATION_ID, INVALID_PAGE_TOKEN, INVALID_TTL,
+                         AMBIGUOUS_RELEASE
+    FailedPrecondition   MODEL_NOT_PRICED, RESERVATION_MISMATCH, ALREADY_SETTLED,
+                         NO_BUDGET (no budget applies and unbudgeted teams are not allowed),
+                         REQUEST_RELEASED (the request id's call was released as a whole)
     ResourceExhausted    BUDGET_EXCEEDED   (metadata: limit/spent/held/remaining nanos, window, ...)
     Aborted              IDEMPOTENCY_MISMATCH (same request id, different payload: a conflict)
     NotFound             RESERVATION_NOT_FOUND, OPEN_HOLD_NOT_FOUND (Settle by request id alone),
@@ -18,14 +21,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import re
 import uuid
 from dataclasses import dataclass, field
 
 from services.common import errors as E
+from services.common import ids
 from services.ledger.pricing import MAX_VALUE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NAME_RE = ids.PRICE_KEY
 UTC = dt.UTC
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -225,6 +228,19 @@ def check_name(what: str, value: str, *, required: bool = True) -> str:
     if not NAME_RE.match(value):
         raise E.InvalidArgument(
             "INVALID_NAME", f"{what} must match {NAME_RE.pattern}", {"field": what}
+        )
+    return value
+
+
+def check_principal(what: str, value: str, *, required: bool = True) -> str:
+    """A team or agent name: a SPIFFE path segment (``ids.SEGMENT``), as the certificate names it."""
+    if not value:
+        if required:
+            raise E.InvalidArgument("MISSING_FIELD", f"{what} is required", {"field": what})
+        return ""
+    if not ids.is_segment(value):
+        raise E.InvalidArgument(
+            "INVALID_NAME", f"{what} must match {ids.SEGMENT.pattern}", {"field": what}
         )
     return value
 

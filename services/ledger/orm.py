@@ -7,6 +7,7 @@ Tables::
     budget_counters    (budget, window start) -> spent, held, soft-limit crossed once
     holds              reservations: amount, price version, the counters they count in, state
     spend_entries      append-only, one per request id
+    request_releases   request ids released as a whole (a later Reserve for one is refused)
     price_versions     catalogue versions (immutable once written)
     prices             (version, model) -> nano-dollars per million tokens
 
@@ -139,7 +140,8 @@ class Hold(Base):
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128))
     attempt: Mapped[int] = mapped_column(Integer)
-    # Not a foreign key: a team without any budget may reserve (unlimited) and needs no row.
+    # Not a foreign key: a team without any budget may reserve when the operator allows
+    # unbudgeted teams (IGW_LEDGER_ALLOW_UNBUDGETED), and needs no row.
     team: Mapped[str] = mapped_column(String(128))
     agent: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(128))
@@ -196,6 +198,17 @@ class SpendEntry(Base):
     latency_us: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     created_at: Mapped[dt.datetime] = mapped_column(TZ)
     reserve_time: Mapped[dt.datetime] = mapped_column(TZ)
+
+
+class RequestRelease(Base):
+    """A call that ended early and was released by request id: no hold is placed for it again."""
+
+    __tablename__ = "request_releases"
+    __table_args__ = (Index("ix_request_releases_released_at", "released_at"),)
+
+    request_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    released_at: Mapped[dt.datetime] = mapped_column(TZ)
 
 
 class PriceVersion(Base):

@@ -68,8 +68,14 @@ class Repository:
         self._timeout = timeout
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = 20, timeout: float = 2.0) -> Repository:
-        """Opens the pool (waits for one connection; raises Unavailable if none comes)."""
+    async def open(
+        cls, url: str, *, pool_size: int = 20, timeout: float = 2.0, allow_unbudgeted: bool = False
+    ) -> Repository:
+        """Opens the pool (waits for one connection; raises Unavailable if none comes).
+
+        ``allow_unbudgeted`` sets ``igw.allow_unbudgeted`` on every connection: ``ledger_hold``
+        then places holds for teams no budget applies to instead of refusing them (NO_BUDGET).
+        """
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             libpq_dsn(url),
             min_size=min(4, pool_size),
@@ -79,7 +85,8 @@ class Repository:
                 "autocommit": True,
                 "connect_timeout": max(1, round(timeout)),
                 # A statement stuck behind a lock must not hold a connection forever.
-                "options": "-c statement_timeout=15000 -c TimeZone=UTC",
+                "options": "-c statement_timeout=15000 -c TimeZone=UTC"
+                + f" -c igw.allow_unbudgeted={'on' if allow_unbudgeted else 'off'}",
             },
             open=False,
             name="ledger",
@@ -201,6 +208,25 @@ class Repository:
         return await self._call(  # type: ignore[no-any-return]
             "release", "SELECT ledger_release(%s, %s, %s)", (reservation_id, reason, now)
         )
+
+    async def release_request(self, request_id: str, reason: str, now: dt.datetime) -> dict[str, Any]:
+        """Calls ``ledger_release_request``: frees the request's open holds and refuses later ones."""
+        return await self._call(  # type: ignore[no-any-return]
+            "release_request", "SELECT ledger_release_request(%s, %s, %s)", (request_id, reason, now)
+        )
+
+    async def purge_request_releases(self, before: dt.datetime, limit: int) -> int:
+        """Deletes up to ``limit`` request-release records older than ``before``; returns how many."""
+
+        async def go(conn: Conn) -> int:
+            cur = await conn.execute(
+                "DELETE FROM request_releases WHERE request_id IN (SELECT request_id FROM request_releases"
+                " WHERE released_at < %s LIMIT %s)",
+                (before, limit),
+            )
+            return cur.rowcount
+
+        return await self._run("purge_request_releases", go)
 
     async def capture(self, now: dt.datetime, limit: int) -> dict[str, Any]:
         """Calls ``ledger_capture`` for one batch of expired holds."""

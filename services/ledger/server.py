@@ -31,8 +31,11 @@ async def open_service(
         await asyncio.to_thread(db.upgrade, "ledger", settings.database_url)
         _LOGGER.info("ledger schema at head")
     repo = await Repository.open(
-        settings.database_url, pool_size=settings.pool_size, timeout=settings.db_timeout_seconds
+        settings.database_url, pool_size=settings.pool_size, timeout=settings.db_timeout_seconds,
+        allow_unbudgeted=settings.allow_unbudgeted,
     )
+    if settings.allow_unbudgeted:
+        _LOGGER.warning("IGW_LEDGER_ALLOW_UNBUDGETED is on: teams without a budget spend without limit")
     service = LedgerService(repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds)
     try:
         await service.seed_default_prices()

@@ -2,11 +2,18 @@
 
 Decisions where the issue is silent (also in the report):
 
-- A team with no budget configured is unlimited, but still gets a hold, so its spend is
-  exact and visible. A budget created later (mid-window) starts from what the team (or the
+- A team (and agent) that no budget applies to is refused: ``FAILED_PRECONDITION / NO_BUDGET``
+  (an operator must act; waiting or retrying changes nothing, which is what FAILED_PRECONDITION
+  says and RESOURCE_EXHAUSTED does not). ``IGW_LEDGER_ALLOW_UNBUDGETED=true`` lets such teams
+  spend without limit; they still get holds, so their spend is exact and visible. A budget
+  created later (mid-window) starts from what the team (or the
   agent) already spent in the current window, counting entries in the window of their
   reservation, and the team's holds still open in that window count in it too; all in SQL
   (``ledger_set_budget``), under the team's advisory lock that Reserve takes shared.
+- Release by request id (a call that ended early) frees every open hold of the request and
+  records the request as released; a later Reserve for it is ``FAILED_PRECONDITION /
+  REQUEST_RELEASED`` and creates nothing. The record is kept a day (``RELEASE_RECORD_DAYS``),
+  far longer than any Reserve can be in flight, then purged by the sweeper.
 - Settle with an empty reservation_id settles the request's open hold of its latest attempt
   (``NOT_FOUND / OPEN_HOLD_NOT_FOUND`` when there is none); a replay without reservation_id
   is judged on the payload alone.
@@ -21,7 +28,8 @@ Decisions where the issue is silent (also in the report):
   capture never undercharges.
 - Settling a hold the router released earlier still records the spend (spend is never
   lost), in the hold's windows, flagged OVER_HOLD when above the hold.
-- A captured hold's entry has outcome UNSPECIFIED (unknown) and the hold's token bounds.
+- A captured hold's entry has outcome UNSPECIFIED (unknown) and zero tokens: the amount is
+  charged, no usage is invented.
   An expired hold of a request that already has an entry (an earlier attempt that leaked)
   is freed rather than captured: one entry per request id wins.
 """
@@ -145,6 +153,8 @@ def entry_from_json(raw: dict[str, Any]) -> D.SpendEntry:
 
 
 _MISMATCH = "IDEMPOTENCY_MISMATCH"
+# How long a request-release record refuses late Reserves of its request id.
+RELEASE_RECORD_DAYS = 1
 
 
 class LedgerService:
@@ -224,8 +234,8 @@ class LedgerService:
         *, what: str = "request_id",
     ) -> D.ReserveResult:
         D.check_request_id(request_id, what)
-        D.check_name("team", team)
-        D.check_name("agent", agent)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent)
         D.check_name("model", model)
         D.check_name("provider", provider, required=False)
         D.check_tokens("prompt_tokens_upper_bound", prompt_tokens)
@@ -271,6 +281,21 @@ class LedgerService:
         if result == "COST_OVERFLOW":
             raise E.InvalidArgument(
                 "INVALID_TOKENS", "the hold would exceed 2**62 nano-dollars", {"model": model}
+            )
+        if result == "NO_BUDGET":
+            self.metrics.denials.labels(team).inc()
+            raise E.FailedPrecondition(
+                "NO_BUDGET",
+                f"no budget applies to team {team}"
+                + (f" agent {agent}" if agent else "")
+                + "; an operator must set one (or allow unbudgeted teams)",
+                {"team": team, "agent": agent},
+            )
+        if result == "REQUEST_RELEASED":
+            raise E.FailedPrecondition(
+                "REQUEST_RELEASED",
+                f"this {what}'s call ended and was released; use a new {what}",
+                {what: request_id},
             )
         raise E.Internal("INTERNAL", f"unexpected reserve result {result}")
 
@@ -450,8 +475,22 @@ class LedgerService:
         self.metrics.releases.labels("released" if released else "noop").inc()
         return released
 
+    async def release_request(self, *, request_id: str, reason: str = "") -> bool:
+        """Frees every open hold of a call that ended early, and refuses any later Reserve for
+        its request id (one placed by a Reserve still in flight is never created). Idempotent;
+        True when a hold was freed."""
+        D.check_request_id(request_id)
+        res = await self.repo.release_request(request_id, reason[:200], self.now())
+        released = int(res["released"]) > 0
+        self.metrics.releases.labels("request_released" if released else "request_noop").inc()
+        return released
+
     async def sweep_once(self, batch: int = 500) -> int:
-        """Captures expired holds in batches until none is left; returns how many were captured."""
+        """Captures expired holds in batches until none is left; returns how many were captured.
+
+        Also purges request-release records older than ``RELEASE_RECORD_DAYS`` (one batch).
+        """
+        await self.repo.purge_request_releases(self.now() - dt.timedelta(days=RELEASE_RECORD_DAYS), batch)
         total = 0
         while True:
             res = await self.repo.capture(self.now(), batch)
@@ -474,8 +513,8 @@ class LedgerService:
 
     async def get_budget(self, *, team: str, agent: str = "") -> list[D.BudgetStatus]:
         """Every budget that applies to the team (and agent), in its current window."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         return [_status(b) for b in await self.repo.budgets(team, agent, self.now())]
 
     # ------------------------------------------------------------ administration
@@ -484,8 +523,8 @@ class LedgerService:
         self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0
     ) -> D.BudgetConfig:
         """Creates or replaces a budget."""
-        D.check_name("team", team)
-        D.check_name("agent", agent, required=False)
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
         if window not in (1, 2, 3, 4):
             raise E.InvalidArgument("INVALID_WINDOW", "window is required", {"field": "window"})
         D.check_amount("limit_nanos", limit_nanos)
@@ -513,7 +552,7 @@ class LedgerService:
         team: str = "",
     ) -> list[D.SpendTotal]:
         """Totals grouped by team/agent/model/provider/day over [start, end)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         now = self.now()
         end = end or now
         start = start or (end - dt.timedelta(days=30))
@@ -547,7 +586,7 @@ class LedgerService:
         page_token: str = "",
     ) -> tuple[list[D.SpendEntry], str]:
         """Entries newest first; returns (entries, next_page_token)."""
-        D.check_name("team", team, required=False)
+        D.check_principal("team", team, required=False)
         if page_size < 0:
             raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
         size = min(page_size or 100, 1000)

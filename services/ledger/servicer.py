@@ -181,6 +181,13 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
         return pb.SettleResponse(entry=spend_entry_pb(res.entry), replayed=res.replayed)
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        if request.request_id:
+            if request.reservation_id:
+                raise E.InvalidArgument(
+                    "AMBIGUOUS_RELEASE", "set reservation_id or request_id, not both", {"field": "request_id"}
+                )
+            released = await self._svc.release_request(request_id=request.request_id, reason=request.reason)
+            return pb.ReleaseResponse(released=released)
         released = await self._svc.release(reservation_id=request.reservation_id, reason=request.reason)
         return pb.ReleaseResponse(released=released)
 

@@ -35,12 +35,13 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from services.common import ids
 from services.router.providers.base import check_body_model, check_url_name
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "openai_compatible")
 STRATEGIES = ("priority", "cheapest", "latency", "weighted")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TEAM = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NAME = ids.CONFIG_NAME
+_TEAM = ids.SEGMENT
 
 
 class ConfigError(ValueError):

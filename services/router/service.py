@@ -33,7 +33,7 @@ from services.common.money import call_cost
 from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage, end_span
 from services.router.breaker import Breaker, State
 from services.router.metrics import RouterMetrics
-from services.router.providers.base import estimate_tokens, get_adapter
+from services.router.providers.base import estimate_tokens
 from services.router.providers.domain import (
     ChatResponse,
     FinishReason,
@@ -45,6 +45,7 @@ from services.router.providers.domain import (
     Usage,
 )
 from services.router.providers.errors import ErrorKind, ProviderError
+from services.router.providers.registry import get_adapter
 from services.router.routing import Alias, Deployment, RoutingConfig
 from services.router.settler import Settler, release_hold
 from services.router.slices import SliceBook, SliceHold

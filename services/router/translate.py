@@ -14,13 +14,14 @@ import unicodedata
 from dataclasses import dataclass
 
 from igw.router.v1 import router_pb2
+from services.common import ids
 from services.common.errors import InvalidArgument
 from services.router.providers.domain import ChatRequest, ContentPart, FinishReason, Message, ToolCall, ToolDef
 from services.router.routing import Limits
 
-_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+_CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
+_REQUEST_ID = ids.REQUEST_ID
 _IMAGE_MIME = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 IMAGE_TOKEN_BOUND = 2000  # above every provider's per-image charge for a 5 MiB image

@@ -39,10 +39,18 @@ class FakeClock:
 
 @asynccontextmanager
 async def ledger_service(
-    url: str, *, clock: Any = None, pool_size: int = 20, migrate: bool = True, ttl: int = 300
+    url: str, *, clock: Any = None, pool_size: int = 20, migrate: bool = True, ttl: int = 300,
+    allow_unbudgeted: bool = False,
 ) -> AsyncIterator[LedgerService]:
-    """A migrated, seeded ledger service on ``url`` (closed on exit)."""
-    settings = LedgerSettings(database_url=url, pool_size=pool_size, migrate=migrate, hold_ttl_seconds=ttl)
+    """A migrated, seeded ledger service on ``url`` (closed on exit).
+
+    ``allow_unbudgeted`` is the operator's IGW_LEDGER_ALLOW_UNBUDGETED (off, as in production,
+    unless a test is about teams without a budget).
+    """
+    settings = LedgerSettings(
+        database_url=url, pool_size=pool_size, migrate=migrate, hold_ttl_seconds=ttl,
+        allow_unbudgeted=allow_unbudgeted,
+    )
     kwargs = {"now": clock} if clock is not None else {}
     svc = await open_service(settings, CollectorRegistry(), **kwargs)
     try:

@@ -34,7 +34,7 @@ async def _spend(svc: LedgerService, rid: str, *, team: str = "t", agent: str = 
 
 async def test_a_monthly_budget_created_mid_month_counts_the_months_earlier_spend(fresh_database: str) -> None:
     clock = FakeClock(dt.datetime(2025, 3, 10, 12, tzinfo=dt.UTC))
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, clock=clock) as svc:
         for i in range(5):
             await _spend(svc, f"early{i}")
             clock.advance(hours=1)
@@ -60,7 +60,7 @@ async def test_a_monthly_budget_created_mid_month_counts_the_months_earlier_spen
 
 async def test_only_spend_reserved_in_the_current_window_is_carried_in(fresh_database: str) -> None:
     clock = FakeClock(dt.datetime(2025, 3, 31, 23, 59, 50, tzinfo=dt.UTC))  # a Monday, last day of March
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, clock=clock) as svc:
         await _spend(svc, "march")  # reserved and settled in March
         held = await _reserve(svc, "march-hold")  # reserved in March, settled in April
         clock.advance(seconds=20)  # 2025-04-01 00:00:10: new day and month, same week
@@ -76,7 +76,7 @@ async def test_only_spend_reserved_in_the_current_window_is_carried_in(fresh_dat
 
 
 async def test_an_agent_budget_carries_in_only_that_agents_spend(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         await _spend(svc, "a1", agent="alice")
         await _spend(svc, "a2", agent="alice")
         await _spend(svc, "b1", agent="bob")
@@ -93,7 +93,7 @@ async def test_an_agent_budget_carries_in_only_that_agents_spend(fresh_database:
 
 
 async def test_holds_open_when_the_budget_is_created_count_in_it(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         first = await _reserve(svc, "r1")
         second = await _reserve(svc, "r2")
         await svc.set_budget(team="t", agent="", window=D.Window.DAILY, limit_nanos=2 * HOLD + HOLD - 1)
@@ -110,7 +110,7 @@ async def test_holds_open_when_the_budget_is_created_count_in_it(fresh_database:
 
 
 async def test_budgets_created_while_the_team_reserves_and_settles_stay_exact(fresh_database: str) -> None:
-    async with ledger_service(fresh_database, pool_size=20) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, pool_size=20) as svc:
         gate = asyncio.Event()
 
         async def call(i: int) -> None:
@@ -145,9 +145,11 @@ async def test_budgets_created_while_the_team_reserves_and_settles_stay_exact(fr
 
 async def test_a_budget_created_while_a_reserve_is_in_flight_counts_its_hold(fresh_database: str) -> None:
     clock = FakeClock()
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, clock=clock) as svc:
         # A Reserve caught between placing its hold and committing (held open on purpose).
-        async with await psycopg.AsyncConnection.connect(libpq_dsn(fresh_database)) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            libpq_dsn(fresh_database), options="-c igw.allow_unbudgeted=on"
+        ) as conn:
             await conn.execute("SELECT ledger_reserve(%s, 'inflight', 0, 't', 'a', 'fake-small', '', 1000, 1000,"
                                " 60000000, %s)", (uuid.uuid4(), clock()))
             creating = asyncio.create_task(

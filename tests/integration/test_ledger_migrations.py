@@ -13,7 +13,8 @@ from services.ledger import domain as D
 from services.ledger.orm import Base
 from tests.integration.ledger_support import FakeClock, check_invariants, ledger_service, sql
 
-TABLES = {"teams", "budgets", "budget_counters", "holds", "spend_entries", "price_versions", "prices"}
+TABLES = {"teams", "budgets", "budget_counters", "holds", "spend_entries", "price_versions", "prices",
+          "request_releases"}
 
 
 def _tables(url: str) -> set[str]:
@@ -197,7 +198,7 @@ async def test_operator_reads_use_indexes_with_many_entries(fresh_database: str)
 
 async def test_list_spend_and_entries_group_and_page(fresh_database: str) -> None:
     clock = FakeClock(dt.datetime(2025, 5, 1, 10, tzinfo=dt.UTC))
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, clock=clock) as svc:
         for i in range(25):
             team = "x" if i % 2 else "y"
             res = await svc.reserve(request_id=f"r{i}", attempt=0, team=team, agent="a", model="fake-small",
@@ -221,3 +222,16 @@ async def test_list_spend_and_entries_group_and_page(fresh_database: str) -> Non
         assert await svc.set_prices(request_id="p1", prices=[], remove_models=["fake-large"]) == v2 == 2
         assert "fake-large" not in {m for m, *_ in (await svc.list_prices()).prices}
         assert "fake-large" in {m for m, *_ in (await svc.list_prices(version=1)).prices}
+
+
+def test_0005_goes_down_to_0004_as_it_was(fresh_database: str) -> None:
+    db.upgrade("ledger", fresh_database, "0004")
+    defs_0004 = _function_defs(fresh_database)
+    db.upgrade("ledger", fresh_database)
+    assert "request_releases" in _tables(fresh_database)
+    assert {"ledger_release_request", "ledger_request_lock_key"} <= _functions(fresh_database)
+    db.downgrade("ledger", fresh_database, "0004")
+    assert "request_releases" not in _tables(fresh_database)
+    assert _function_defs(fresh_database) == defs_0004
+    db.upgrade("ledger", fresh_database)
+    assert _checks(fresh_database) == _orm_checks()

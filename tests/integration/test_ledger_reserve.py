@@ -80,8 +80,29 @@ async def test_team_and_agent_budgets_must_both_hold(fresh_database: str) -> Non
     check_invariants(fresh_database)
 
 
-async def test_a_team_without_budget_is_unlimited_but_holds_are_recorded(fresh_database: str) -> None:
+async def test_a_team_without_budget_is_refused_by_default(fresh_database: str) -> None:
     async with ledger_service(fresh_database) as svc:
+        with pytest.raises(E.FailedPrecondition) as exc:
+            await svc.reserve(request_id="r1", attempt=0, team="free", agent="a", model="fake-small",
+                              prompt_tokens_upper_bound=10, max_output_tokens=10)
+        assert exc.value.reason == "NO_BUDGET"
+        assert exc.value.metadata == {"team": "free", "agent": "a"}
+        with pytest.raises(E.FailedPrecondition) as exc:
+            await svc.acquire_slice(slice_id="s1", team="free", agent="a", model="fake-small",
+                                    prompt_tokens_upper_bound=10, max_output_tokens=10, calls=4)
+        assert exc.value.reason == "NO_BUDGET"
+        # An agent budget applies to its agent only; the team's other agents are still refused.
+        await svc.set_budget(team="free", agent="b", window=1, limit_nanos=10**9)
+        await svc.reserve(request_id="r2", attempt=0, team="free", agent="b", model="fake-small",
+                          prompt_tokens_upper_bound=10, max_output_tokens=10)
+        with pytest.raises(E.FailedPrecondition):
+            await svc.reserve(request_id="r3", attempt=0, team="free", agent="a", model="fake-small",
+                              prompt_tokens_upper_bound=10, max_output_tokens=10)
+    assert sql(fresh_database, "SELECT request_id FROM holds") == [("r2",)]
+
+
+async def test_a_team_without_budget_is_unlimited_when_the_operator_allows_it(fresh_database: str) -> None:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         res = await svc.reserve(request_id="r1", attempt=0, team="free", agent="a", model="fake-large",
                                 prompt_tokens_upper_bound=10**6, max_output_tokens=10**6)
         assert res.budgets == []

@@ -79,7 +79,7 @@ async def test_duplicate_settle_sequential_and_concurrent_writes_one_entry(fresh
     ],
 )
 async def test_same_request_id_with_a_different_payload_is_refused(fresh_database: str, change: dict) -> None:  # type: ignore[type-arg]
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         res = await _reserve(svc, "r1")
         await _settle(svc, "r1", res)
         kw = {"usage": USAGE, "provider": "fake", "provider_model": "fake-small-v1", **change}
@@ -107,7 +107,7 @@ async def test_actual_above_the_hold_is_recorded_in_full_and_flagged(fresh_datab
 
 
 async def test_settle_validates_and_writes_nothing_on_bad_input(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         res = await _reserve(svc, "r1")
         for usage, reason in [
             (D.Usage(-1, 0, 0), "INVALID_TOKENS"),
@@ -261,7 +261,7 @@ async def test_settle_by_request_id_alone_settles_the_latest_open_attempt(fresh_
 
 
 async def test_settle_by_request_id_without_an_open_hold_is_not_found(fresh_database: str) -> None:
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         with pytest.raises(E.NotFound) as err:
             await _settle_by_request(svc, "never-reserved")
         assert err.value.reason == "OPEN_HOLD_NOT_FOUND"
@@ -299,7 +299,7 @@ async def test_concurrent_settles_by_request_id_write_one_entry(fresh_database: 
 
 async def test_settle_by_request_id_after_capture_returns_the_captured_entry(fresh_database: str) -> None:
     clock = FakeClock()
-    async with ledger_service(fresh_database, clock=clock) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True, clock=clock) as svc:
         await _reserve(svc, "r1", hold_ttl=dt.timedelta(seconds=30))
         clock.advance(seconds=31)
         assert await svc.sweep_once() == 1

@@ -66,7 +66,7 @@ async def test_a_batch_settles_each_item_independently_and_exactly_once(fresh_da
 
 
 async def test_a_batch_settles_by_request_id_alone_like_settle(fresh_database: str, pki: Path) -> None:
-    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
         async with channel:
             stub = ledger_pb2_grpc.LedgerServiceStub(channel)
@@ -154,7 +154,7 @@ async def test_a_batch_the_database_refuses_is_settled_item_by_item(
 
     from services.ledger import domain as D
 
-    async with ledger_service(fresh_database) as svc:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
         holds = [await svc.reserve(request_id=f"f{i}", attempt=1, team="ft", agent="a", model="fake-small",
                                    prompt_tokens_upper_bound=100, max_output_tokens=100) for i in range(3)]
 

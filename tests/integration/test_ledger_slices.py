@@ -93,7 +93,7 @@ def _prices(url: str, version: int) -> tuple[int, int, int]:
 
 
 async def test_a_slice_gets_only_the_calls_the_tightest_budget_has_room_for(fresh_database: str, pki: Path) -> None:
-    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         channel, stub = _stub(rt.port, pki)
         async with channel:
             unit = await _unit(stub)
@@ -123,7 +123,7 @@ async def test_a_slice_gets_only_the_calls_the_tightest_budget_has_room_for(fres
 
 
 async def test_acquire_slice_is_idempotent_and_validates_its_input(fresh_database: str, pki: Path) -> None:
-    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         channel, stub = _stub(rt.port, pki)
         async with channel:
             first, again = await asyncio.gather(stub.AcquireSlice(_slice("same")), stub.AcquireSlice(_slice("same")))
@@ -179,7 +179,7 @@ async def test_slices_and_reserves_at_once_never_overspend_or_deadlock(fresh_dat
     opposite orders, while other calls Reserve: every budget holds, every settle lands once."""
     rng = random.Random(7)
     teams = ["h0", "h1"]
-    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+    async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         channel, stub = _stub(rt.port, pki)
         async with channel:
             unit = await _unit(stub)

@@ -24,6 +24,7 @@ async def test_the_ledger_service_captures_expired_holds_in_the_background(fresh
         "IGW_DATABASE_URL": fresh_database,
         "IGW_LEDGER_SWEEP_INTERVAL_SECONDS": "0.05",
         "IGW_GRACE_SECONDS": "1",
+        "IGW_LEDGER_ALLOW_UNBUDGETED": "true",  # team "t" has no budget
     })
     runtime = await build(settings)
     await runtime.start()
@@ -42,13 +43,14 @@ async def test_the_ledger_service_captures_expired_holds_in_the_background(fresh
             deadline = time.monotonic() + 15
             rows: list[tuple[object, ...]] = []
             while time.monotonic() < deadline:
-                rows = sql(fresh_database, "SELECT request_id, reservation_id::text, cost_nanos, flags"
-                                           " FROM spend_entries")
+                rows = sql(fresh_database, "SELECT request_id, reservation_id::text, cost_nanos, flags,"
+                                           " input_tokens, output_tokens FROM spend_entries")
                 if rows:
                     break
                 await asyncio.sleep(0.05)
-            # No call to the ledger asked for it: the service's own sweeper captured the hold.
-            assert rows == [("crashed-router", hold.reservation_id, hold.held_nanos, 2)]
+            # No call to the ledger asked for it: the service's own sweeper captured the hold, at
+            # its amount and with no token counts (nobody knows what was used).
+            assert rows == [("crashed-router", hold.reservation_id, hold.held_nanos, 2, 0, 0)]
             states = sql(fresh_database, "SELECT id::text, state FROM holds ORDER BY request_id")
             assert states == [(hold.reservation_id, "CAPTURED"), (kept.reservation_id, "OPEN")]
     finally:

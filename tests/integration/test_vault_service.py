@@ -177,6 +177,58 @@ async def test_issue_credential_returns_a_lease_and_audits_it_durably_first(vaul
     assert verdict.ok and verdict.records_checked == 2  # create + issue
 
 
+async def test_every_lease_ends_visibly_used_or_returned_with_its_reason(vault: Vault) -> None:
+    secret = f"sk-live-{uuid.uuid4().hex}"
+    await vault.create("openai-1", secret=secret)
+    used = await vault.issue(request_id="call-used", team="demo", model="gpt-4o")
+    returned = await vault.issue(request_id="call-refused", team="demo", model="gpt-4o")
+    await vault.router.EndLease(pb.EndLeaseRequest(
+        lease_id=used.lease_id, end=pb.LEASE_END_USED, reason="SUCCESS", request_id="call-used", provider="openai",
+        team="demo", model="gpt-4o", key_name=used.key_name, key_version=used.key_version))
+    await vault.router.EndLease(pb.EndLeaseRequest(
+        lease_id=returned.lease_id, end=pb.LEASE_END_RETURNED, reason="BUDGET_EXCEEDED",
+        request_id="call-refused", provider="openai", team="demo", model="gpt-4o", key_name=returned.key_name,
+        key_version=returned.key_version))
+    rows = vault.sql("SELECT request_id, action, outcome, reason, key_name, team, lease_id_hmac FROM audit_events"
+                     " WHERE request_id LIKE 'call-%%' ORDER BY sequence")
+    hmac_of = vault.service._master.lease_hmac
+    assert rows == [
+        ("call-used", "ISSUE_CREDENTIAL", "ALLOWED", "", "openai-1", "demo", hmac_of(used.lease_id)),
+        ("call-refused", "ISSUE_CREDENTIAL", "ALLOWED", "", "openai-1", "demo", hmac_of(returned.lease_id)),
+        ("call-used", "LEASE_USED", "ALLOWED", "SUCCESS", "openai-1", "demo", hmac_of(used.lease_id)),
+        ("call-refused", "LEASE_RETURNED", "ALLOWED", "BUDGET_EXCEEDED", "openai-1", "demo",
+         hmac_of(returned.lease_id)),
+    ]
+    dump = str(vault.sql("SELECT * FROM audit_events"))
+    assert secret not in dump and used.lease_id not in dump and returned.lease_id not in dump
+    # An auditor filters by action.
+    page = await vault.admin.ListAuditEvents(pb.ListAuditEventsRequest(action=pb.AUDIT_ACTION_LEASE_RETURNED))
+    assert [(e.request_id, e.reason) for e in page.events] == [("call-refused", "BUDGET_EXCEEDED")]
+    assert (await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+
+
+async def test_end_lease_is_for_the_router_only_and_refuses_bad_input(vault: Vault) -> None:
+    good = pb.EndLeaseRequest(lease_id="ab" * 16, end=pb.LEASE_END_RETURNED, reason="CANCELLED", request_id="r1",
+                              provider="openai", team="demo")
+    for stub in (vault.agent, vault.operator_issue):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.EndLease(good)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    bad: list[dict[str, Any]] = [
+        {"end": pb.LEASE_END_UNSPECIFIED}, {"lease_id": ""}, {"lease_id": "x" * 65}, {"reason": "free text"},
+        {"request_id": ""}, {"provider": "Bad Provider"}, {"team": ""},
+    ]
+    for change in bad:
+        req = pb.EndLeaseRequest()
+        req.CopyFrom(good)
+        for k, v in change.items():
+            setattr(req, k, v)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await vault.router.EndLease(req)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, change
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE action LIKE 'LEASE_%%'") == [(0,)]
+
+
 async def test_requested_ttl_is_capped_at_the_maximum(vault: Vault) -> None:
     await vault.create("k")
     now = dt.datetime.now(dt.UTC)

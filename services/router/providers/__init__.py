@@ -7,7 +7,6 @@ from .base import (
     ProviderAdapter,
     build_url,
     check_url_name,
-    get_adapter,
     make_http_client,
 )
 from .domain import (
@@ -26,6 +25,7 @@ from .domain import (
     Usage,
 )
 from .errors import ErrorKind, ProviderError
+from .registry import get_adapter
 
 __all__ = [
     "SAFE_NAME",

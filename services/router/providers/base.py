@@ -32,6 +32,8 @@ import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
+from services.common import ids
+
 from .domain import ChatRequest, ChatResponse, StreamEvent, Timeouts, Usage
 from .errors import ErrorKind, ProviderError, summarize
 from .sse import SSEEvent, SSEParser, SSEProtocolError
@@ -48,7 +50,6 @@ __all__ = [
     "dumps",
     "estimate_tokens",
     "estimate_usage",
-    "get_adapter",
     "image_mime",
     "load_json_arg",
     "make_http_client",
@@ -65,11 +66,11 @@ _LOGGER = logging.getLogger(__name__)
 
 USER_AGENT = "igw/0.1"
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+SAFE_NAME = ids.CONFIG_NAME
 # Model names that only travel in a JSON body (OpenAI, Anthropic, vLLM/Ollama)
 # may contain "/" (e.g. "meta-llama/Llama-3-8B"), but nothing URL-special.
-_BODY_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
-_SECRET = re.compile(r"^[\x21-\x7e]{1,8192}$")
+_BODY_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}\Z")
+_SECRET = re.compile(r"^[\x21-\x7e]{1,8192}\Z")
 
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_ERROR_BODY_BYTES = 64 * 1024
@@ -111,23 +112,6 @@ class ProviderAdapter(Protocol):
         first ``__anext__`` raises ValueError on an untranslatable request.
         """
         ...
-
-
-def get_adapter(kind: str) -> ProviderAdapter:
-    """Return the adapter for ``kind``: openai, openai_compatible, anthropic or gemini."""
-    from .anthropic import AnthropicAdapter
-    from .gemini import GeminiAdapter
-    from .openai import OpenAIAdapter
-
-    if kind == "openai":
-        return OpenAIAdapter("openai")
-    if kind == "openai_compatible":
-        return OpenAIAdapter("openai_compatible")
-    if kind == "anthropic":
-        return AnthropicAdapter()
-    if kind == "gemini":
-        return GeminiAdapter()
-    raise ValueError("unknown provider kind")
 
 
 # --------------------------------------------------------------------------- names / URLs
@@ -611,7 +595,7 @@ def load_json_arg(value: str, what: str) -> Any:
         raise ValueError(f"{what} is not valid JSON") from None
 
 
-_IMAGE_MIME = re.compile(r"^image/[a-z0-9.+-]{1,64}$")
+_IMAGE_MIME = re.compile(r"^image/[a-z0-9.+-]{1,64}\Z")
 
 
 def image_mime(mime_type: str) -> str:

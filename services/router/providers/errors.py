@@ -14,7 +14,7 @@ import re
 
 __all__ = ["ErrorKind", "ProviderError", "safe_token", "summarize"]
 
-_TOKEN_RE = re.compile(r"^[a-z0-9_.]{1,64}$")
+_TOKEN_RE = re.compile(r"^[a-z0-9_.]{1,64}\Z")
 
 
 class ErrorKind(enum.Enum):

@@ -81,7 +81,7 @@ _TOKEN_LIMIT = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED"})
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*\Z")
 
 
 class GeminiAdapter:

@@ -26,6 +26,14 @@ class AuditAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     AUDIT_ACTION_ROTATE_KEY: _ClassVar[AuditAction]
     AUDIT_ACTION_DISABLE_KEY: _ClassVar[AuditAction]
     AUDIT_ACTION_REWRAP: _ClassVar[AuditAction]
+    AUDIT_ACTION_LEASE_USED: _ClassVar[AuditAction]
+    AUDIT_ACTION_LEASE_RETURNED: _ClassVar[AuditAction]
+
+class LeaseEnd(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_END_UNSPECIFIED: _ClassVar[LeaseEnd]
+    LEASE_END_USED: _ClassVar[LeaseEnd]
+    LEASE_END_RETURNED: _ClassVar[LeaseEnd]
 
 class AuditOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +50,11 @@ AUDIT_ACTION_CREATE_KEY: AuditAction
 AUDIT_ACTION_ROTATE_KEY: AuditAction
 AUDIT_ACTION_DISABLE_KEY: AuditAction
 AUDIT_ACTION_REWRAP: AuditAction
+AUDIT_ACTION_LEASE_USED: AuditAction
+AUDIT_ACTION_LEASE_RETURNED: AuditAction
+LEASE_END_UNSPECIFIED: LeaseEnd
+LEASE_END_USED: LeaseEnd
+LEASE_END_RETURNED: LeaseEnd
 AUDIT_OUTCOME_UNSPECIFIED: AuditOutcome
 AUDIT_OUTCOME_ALLOWED: AuditOutcome
 AUDIT_OUTCOME_DENIED: AuditOutcome
@@ -124,6 +137,32 @@ class IssueCredentialResponse(_message.Message):
     base_url: str
     expire_time: _timestamp_pb2.Timestamp
     def __init__(self, lease_id: _Optional[str] = ..., key_name: _Optional[str] = ..., key_version: _Optional[int] = ..., secret: _Optional[str] = ..., base_url: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class EndLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "end", "reason", "request_id", "provider", "team", "model", "key_name", "key_version")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    end: LeaseEnd
+    reason: str
+    request_id: str
+    provider: str
+    team: str
+    model: str
+    key_name: str
+    key_version: int
+    def __init__(self, lease_id: _Optional[str] = ..., end: _Optional[_Union[LeaseEnd, str]] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ..., provider: _Optional[str] = ..., team: _Optional[str] = ..., model: _Optional[str] = ..., key_name: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
+
+class EndLeaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class CreateProviderKeyRequest(_message.Message):
     __slots__ = ("request_id", "name", "provider", "secret", "base_url", "allowed_teams", "all_teams", "labels", "rotation_period")

@@ -40,6 +40,11 @@ class KeyVaultServiceStub:
                 request_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialRequest.SerializeToString,
                 response_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialResponse.FromString,
                 _registered_method=True)
+        self.EndLease = channel.unary_unary(
+                '/igw.keyvault.v1.KeyVaultService/EndLease',
+                request_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.SerializeToString,
+                response_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class KeyVaultServiceServicer:
@@ -54,6 +59,16 @@ class KeyVaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndLease(self, request, context):
+        """Ends a lease: the router says whether its secret was used (sent to the provider) or
+        returned unused, and why, so the audit log shows how every lease ended. The audit record
+        (AUDIT_ACTION_LEASE_USED or AUDIT_ACTION_LEASE_RETURNED, same lease_id_hmac as the issue) is
+        durable before the answer. No secret travels. Ending a lease twice records it twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyVaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +76,11 @@ def add_KeyVaultServiceServicer_to_server(servicer, server):
                     servicer.IssueCredential,
                     request_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialRequest.FromString,
                     response_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialResponse.SerializeToString,
+            ),
+            'EndLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndLease,
+                    request_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.FromString,
+                    response_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +111,33 @@ class KeyVaultService:
             '/igw.keyvault.v1.KeyVaultService/IssueCredential',
             igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialRequest.SerializeToString,
             igw_dot_keyvault_dot_v1_dot_keyvault__pb2.IssueCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.keyvault.v1.KeyVaultService/EndLease',
+            igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.SerializeToString,
+            igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

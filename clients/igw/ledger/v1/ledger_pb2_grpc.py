@@ -98,7 +98,10 @@ class LedgerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Frees a hold whose call failed. Releasing twice is harmless.
+        """Frees a hold whose call failed (by reservation_id), or every hold of a call that ended
+        early (by request_id: also refuses any later Reserve for that request id, with
+        FAILED_PRECONDITION / REQUEST_RELEASED, so a Reserve whose answer came too late creates
+        nothing). Releasing twice is harmless.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,503 @@
+"""Ledger 0005: early ends release by request id; no budget means no spend; captures invent no tokens.
+
+- ``request_releases``: one row per request id whose call ended early and was released as a
+  whole (``Release`` by request id). ``ledger_release_request`` frees every open hold of the
+  request and records the row, under the request's advisory lock; ``ledger_hold`` takes the
+  same lock and refuses (``REQUEST_RELEASED``) a request id that has a row, so a ``Reserve``
+  whose answer the router never waited for creates nothing. Rows older than a day are purged
+  by the sweeper.
+- ``ledger_hold``: a team (and agent) with no budget is refused (``NO_BUDGET``) unless the
+  session setting ``igw.allow_unbudgeted`` is ``on`` (the ledger sets it on its connections
+  from ``IGW_LEDGER_ALLOW_UNBUDGETED``).
+- ``ledger_capture``: a captured hold's entry records the amount and zero tokens (it used to
+  record the hold's token bounds as if they had been used).
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0005"
+down_revision: str | None = "0004"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+FUNCTIONS = r"""
+CREATE FUNCTION ledger_request_lock_key(p_request_id text) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT hashtextextended('ledger-request:' || p_request_id, 0)
+$$;
+
+-- Release by request id: frees every open call hold of the request and records that the
+-- request was released, so a hold placed for it later (a Reserve still in flight) is refused.
+-- Idempotent; a request with no hold (yet, or ever) is recorded all the same.
+CREATE FUNCTION ledger_release_request(p_request_id text, p_reason text, p_now timestamptz)
+RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  v_h holds%ROWTYPE;
+  v_ids bigint[] := '{}';
+  v_starts timestamptz[] := '{}';
+  v_held bigint[] := '{}';
+  v_released int := 0;
+BEGIN
+  PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
+  INSERT INTO request_releases (request_id, reason, released_at)
+  VALUES (p_request_id, p_reason, p_now) ON CONFLICT DO NOTHING;
+  FOR v_h IN
+    UPDATE holds SET state = 'RELEASED', closed_at = p_now, release_reason = p_reason
+     WHERE request_id = p_request_id AND state = 'OPEN' AND slice_calls = 0
+    RETURNING *
+  LOOP
+    v_ids := v_ids || v_h.budget_ids;
+    v_starts := v_starts || v_h.window_starts;
+    v_held := v_held || array_fill(-v_h.amount_nanos, ARRAY[cardinality(v_h.budget_ids)]);
+    v_released := v_released + 1;
+  END LOOP;
+  IF v_released > 0 THEN
+    PERFORM ledger_apply(v_ids, v_starts, v_held, array_fill(0::bigint, ARRAY[cardinality(v_ids)]));
+  END IF;
+  RETURN jsonb_build_object('result', 'OK', 'released', v_released);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION ledger_hold(
+  p_hold_id uuid, p_request_id text, p_attempt int, p_team text, p_agent text, p_model text,
+  p_provider text, p_prompt bigint, p_max_out bigint, p_calls int, p_ttl_us bigint, p_now timestamptz
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  v_hold holds%ROWTYPE;
+  v_version bigint;
+  v_in bigint;
+  v_out bigint;
+  v_cost numeric;
+  v_unit bigint;
+  v_amount bigint;
+  v_granted int := 0;
+  v_room numeric := NULL;
+  v_ids bigint[];
+  v_wins smallint[];
+  v_starts timestamptz[];
+  v_n int;
+  v_locked int;
+  r record;
+  v_status jsonb := '[]'::jsonb;
+  v_denied jsonb := NULL;
+BEGIN
+  -- Shared by every hold of the team, exclusive in ledger_set_budget: a budget created
+  -- mid-window is never created while one of the team's holds is being placed.
+  PERFORM pg_advisory_xact_lock_shared(ledger_team_lock_key(p_team));
+  -- One hold placement per request id at a time, and never after its call was released as a
+  -- whole (ledger_release_request takes the same lock): a Reserve still in flight when the
+  -- router gave up creates nothing.
+  PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
+  IF EXISTS (SELECT 1 FROM request_releases WHERE request_id = p_request_id) THEN
+    RETURN jsonb_build_object('result', 'REQUEST_RELEASED');
+  END IF;
+  SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+  IF FOUND THEN
+    IF (v_hold.team, v_hold.agent, v_hold.model, v_hold.prompt_tokens, v_hold.max_output_tokens,
+        v_hold.slice_calls > 0)
+       IS DISTINCT FROM (p_team, p_agent, p_model, p_prompt, p_max_out, p_calls > 0) THEN
+      RETURN jsonb_build_object('result', 'MISMATCH');
+    END IF;
+    RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                              'budgets', ledger_budgets(p_team, p_agent, p_now));
+  END IF;
+  IF EXISTS (SELECT 1 FROM spend_entries WHERE request_id = p_request_id) THEN
+    RETURN jsonb_build_object('result', 'ALREADY_SETTLED');
+  END IF;
+
+  SELECT max(version) INTO v_version FROM price_versions;
+  SELECT input_per_mtok_nanos, output_per_mtok_nanos INTO v_in, v_out
+    FROM prices WHERE version = v_version AND model = p_model;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('result', 'NOT_PRICED', 'price_version', coalesce(v_version, 0));
+  END IF;
+  v_cost := ledger_cost(p_prompt, 0, p_max_out, v_in, 0, v_out);
+  IF v_cost * greatest(p_calls, 1) > 4611686018427387904 THEN
+    RETURN jsonb_build_object('result', 'COST_OVERFLOW');
+  END IF;
+  v_unit := v_cost::bigint;
+  v_amount := v_unit;
+
+  SELECT coalesce(array_agg(id ORDER BY id), '{}'),
+         coalesce(array_agg("window" ORDER BY id), '{}'),
+         coalesce(array_agg(ledger_window_start("window", p_now) ORDER BY id), '{}')
+    INTO v_ids, v_wins, v_starts
+    FROM budgets WHERE team = p_team AND agent IN ('', p_agent);
+  v_n := cardinality(v_ids);
+  -- No budget applies: refused unless the operator allows unbudgeted teams (the ledger sets
+  -- igw.allow_unbudgeted on its connections from IGW_LEDGER_ALLOW_UNBUDGETED).
+  IF v_n = 0 AND coalesce(current_setting('igw.allow_unbudgeted', true), '') <> 'on' THEN
+    RETURN jsonb_build_object('result', 'NO_BUDGET', 'price_version', v_version);
+  END IF;
+
+  IF v_n > 0 THEN
+    -- ORDER BY is applied before the row locks: counters are locked in key order.
+    PERFORM 1 FROM budget_counters c
+      JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+      ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    IF v_locked < v_n THEN
+      -- A new team or window: create the missing counters (racing creators both succeed),
+      -- then lock them all.
+      INSERT INTO budget_counters (budget_id, window_start)
+        SELECT k.b, k.w FROM unnest(v_ids, v_starts) AS k(b, w) ORDER BY k.b, k.w
+        ON CONFLICT DO NOTHING;
+      PERFORM 1 FROM budget_counters c
+        JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+        ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+    END IF;
+    -- A concurrent duplicate of this very request may have committed while we waited.
+    SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+    IF FOUND THEN
+      RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                                'budgets', ledger_budgets(p_team, p_agent, p_now));
+    END IF;
+    FOR r IN
+      SELECT b.team, b.agent, b."window", b.limit_nanos, b.soft_limit_nanos,
+             c.spent_nanos, c.held_nanos, c.window_start
+        FROM budget_counters c
+        JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+        JOIN budgets b ON b.id = c.budget_id
+       ORDER BY c.budget_id, c.window_start
+    LOOP
+      -- One call must fit every budget (a slice too: at least one call).
+      IF r.spent_nanos::numeric + r.held_nanos + v_unit > r.limit_nanos THEN
+        IF v_denied IS NULL THEN
+          v_denied := jsonb_build_object(
+            'team', r.team, 'agent', r.agent, 'window', r."window", 'limit', r.limit_nanos,
+            'soft', r.soft_limit_nanos, 'spent', r.spent_nanos, 'held', r.held_nanos,
+            'start_us', ledger_us(r.window_start));
+        END IF;
+      END IF;
+      v_room := least(v_room, r.limit_nanos::numeric - r.spent_nanos - r.held_nanos);
+      v_status := v_status || jsonb_build_object(
+        'team', r.team, 'agent', r.agent, 'window', r."window", 'limit', r.limit_nanos,
+        'soft', r.soft_limit_nanos, 'spent', r.spent_nanos, 'held', r.held_nanos + v_unit,
+        'start_us', ledger_us(r.window_start));
+    END LOOP;
+    IF v_denied IS NOT NULL THEN
+      RETURN jsonb_build_object('result', 'DENIED', 'budget', v_denied, 'amount', v_unit,
+                                'price_version', v_version);
+    END IF;
+  END IF;
+
+  IF p_calls > 0 THEN
+    -- A slice: as many calls as the tightest budget has room for, at most p_calls.
+    v_granted := CASE WHEN v_room IS NULL OR v_unit = 0 THEN p_calls
+                      ELSE least(p_calls::numeric, div(v_room, v_unit))::int END;
+    v_amount := v_unit * v_granted;
+    IF v_granted > 1 THEN
+      SELECT coalesce(jsonb_agg(s || jsonb_build_object(
+               'held', (s->>'held')::bigint + v_amount - v_unit)), '[]'::jsonb)
+        INTO v_status FROM jsonb_array_elements(v_status) AS s;
+    END IF;
+  END IF;
+
+  INSERT INTO holds (id, request_id, attempt, team, agent, model, provider, prompt_tokens,
+                     max_output_tokens, amount_nanos, price_version, budget_ids, window_starts,
+                     state, created_at, expires_at, slice_calls)
+  VALUES (p_hold_id, p_request_id, p_attempt, p_team, p_agent, p_model, p_provider, p_prompt,
+          p_max_out, v_amount, v_version, v_ids, v_starts, 'OPEN', p_now,
+          p_now + make_interval(secs => p_ttl_us / 1000000.0), v_granted)
+  ON CONFLICT (request_id, attempt) DO NOTHING
+  RETURNING * INTO v_hold;
+  IF NOT FOUND THEN
+    -- Only reachable without budgets (no counter lock serialises duplicates).
+    SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+    RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                              'budgets', ledger_budgets(p_team, p_agent, p_now));
+  END IF;
+
+  IF v_n > 0 AND v_amount > 0 THEN
+    UPDATE budget_counters c SET held_nanos = c.held_nanos + v_amount
+      FROM unnest(v_ids, v_starts) AS k(b, w)
+     WHERE c.budget_id = k.b AND c.window_start = k.w;
+  END IF;
+  RETURN jsonb_build_object('result', 'OK', 'replayed', false, 'hold', ledger_hold_json(v_hold),
+                            'budgets', v_status);
+END
+$$;
+
+-- Capture: expired OPEN holds become spend entries at their full amount, flagged
+-- UNSETTLED_CAPTURE (outcome 0: unknown) with no token counts: nobody knows what was used.
+-- SKIP LOCKED makes racing sweepers split the work.
+-- A hold whose request already has an entry (an earlier attempt leaked) is freed instead.
+CREATE OR REPLACE FUNCTION ledger_capture(p_now timestamptz, p_limit int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_h holds%ROWTYPE;
+  v_ids bigint[] := '{}';
+  v_starts timestamptz[] := '{}';
+  v_held bigint[] := '{}';
+  v_spent bigint[] := '{}';
+  v_captured jsonb := '[]'::jsonb;
+  v_freed int := 0;
+  v_n int;
+  v_inserted boolean;
+BEGIN
+  FOR v_h IN
+    SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
+     ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+  LOOP
+    INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
+                               provider_model, input_tokens, output_tokens, cached_input_tokens,
+                               cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
+                               created_at, reserve_time)
+    VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
+            0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
+            v_h.price_version, 0, 2, 0, p_now, v_h.created_at)
+    ON CONFLICT (request_id) DO NOTHING;
+    v_inserted := FOUND;
+    v_n := cardinality(v_h.budget_ids);
+    v_ids := v_ids || v_h.budget_ids;
+    v_starts := v_starts || v_h.window_starts;
+    v_held := v_held || array_fill(-v_h.amount_nanos, ARRAY[v_n]);
+    IF v_inserted THEN
+      UPDATE holds SET state = 'CAPTURED', closed_at = p_now WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(v_h.amount_nanos, ARRAY[v_n]);
+      v_captured := v_captured || jsonb_build_object(
+        'id', v_h.id, 'request_id', v_h.request_id, 'team', v_h.team, 'amount', v_h.amount_nanos);
+    ELSE
+      UPDATE holds SET state = 'RELEASED', closed_at = p_now,
+                       release_reason = 'expired; request already has a spend entry'
+       WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(0::bigint, ARRAY[v_n]);
+      v_freed := v_freed + 1;
+    END IF;
+  END LOOP;
+  RETURN jsonb_build_object('captured', v_captured, 'freed', v_freed,
+                            'crossings', ledger_apply(v_ids, v_starts, v_held, v_spent));
+END
+$$;
+"""
+
+# 0004's ledger_hold and 0001's ledger_capture, verbatim (a migration never imports another).
+PREVIOUS = r"""
+CREATE OR REPLACE FUNCTION ledger_hold(
+  p_hold_id uuid, p_request_id text, p_attempt int, p_team text, p_agent text, p_model text,
+  p_provider text, p_prompt bigint, p_max_out bigint, p_calls int, p_ttl_us bigint, p_now timestamptz
+) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  v_hold holds%ROWTYPE;
+  v_version bigint;
+  v_in bigint;
+  v_out bigint;
+  v_cost numeric;
+  v_unit bigint;
+  v_amount bigint;
+  v_granted int := 0;
+  v_room numeric := NULL;
+  v_ids bigint[];
+  v_wins smallint[];
+  v_starts timestamptz[];
+  v_n int;
+  v_locked int;
+  r record;
+  v_status jsonb := '[]'::jsonb;
+  v_denied jsonb := NULL;
+BEGIN
+  -- Shared by every hold of the team, exclusive in ledger_set_budget: a budget created
+  -- mid-window is never created while one of the team's holds is being placed.
+  PERFORM pg_advisory_xact_lock_shared(ledger_team_lock_key(p_team));
+  SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+  IF FOUND THEN
+    IF (v_hold.team, v_hold.agent, v_hold.model, v_hold.prompt_tokens, v_hold.max_output_tokens,
+        v_hold.slice_calls > 0)
+       IS DISTINCT FROM (p_team, p_agent, p_model, p_prompt, p_max_out, p_calls > 0) THEN
+      RETURN jsonb_build_object('result', 'MISMATCH');
+    END IF;
+    RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                              'budgets', ledger_budgets(p_team, p_agent, p_now));
+  END IF;
+  IF EXISTS (SELECT 1 FROM spend_entries WHERE request_id = p_request_id) THEN
+    RETURN jsonb_build_object('result', 'ALREADY_SETTLED');
+  END IF;
+
+  SELECT max(version) INTO v_version FROM price_versions;
+  SELECT input_per_mtok_nanos, output_per_mtok_nanos INTO v_in, v_out
+    FROM prices WHERE version = v_version AND model = p_model;
+  IF NOT FOUND THEN
+    RETURN jsonb_build_object('result', 'NOT_PRICED', 'price_version', coalesce(v_version, 0));
+  END IF;
+  v_cost := ledger_cost(p_prompt, 0, p_max_out, v_in, 0, v_out);
+  IF v_cost * greatest(p_calls, 1) > 4611686018427387904 THEN
+    RETURN jsonb_build_object('result', 'COST_OVERFLOW');
+  END IF;
+  v_unit := v_cost::bigint;
+  v_amount := v_unit;
+
+  SELECT coalesce(array_agg(id ORDER BY id), '{}'),
+         coalesce(array_agg("window" ORDER BY id), '{}'),
+         coalesce(array_agg(ledger_window_start("window", p_now) ORDER BY id), '{}')
+    INTO v_ids, v_wins, v_starts
+    FROM budgets WHERE team = p_team AND agent IN ('', p_agent);
+  v_n := cardinality(v_ids);
+
+  IF v_n > 0 THEN
+    -- ORDER BY is applied before the row locks: counters are locked in key order.
+    PERFORM 1 FROM budget_counters c
+      JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+      ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+    GET DIAGNOSTICS v_locked = ROW_COUNT;
+    IF v_locked < v_n THEN
+      -- A new team or window: create the missing counters (racing creators both succeed),
+      -- then lock them all.
+      INSERT INTO budget_counters (budget_id, window_start)
+        SELECT k.b, k.w FROM unnest(v_ids, v_starts) AS k(b, w) ORDER BY k.b, k.w
+        ON CONFLICT DO NOTHING;
+      PERFORM 1 FROM budget_counters c
+        JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+        ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+    END IF;
+    -- A concurrent duplicate of this very request may have committed while we waited.
+    SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+    IF FOUND THEN
+      RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                                'budgets', ledger_budgets(p_team, p_agent, p_now));
+    END IF;
+    FOR r IN
+      SELECT b.team, b.agent, b."window", b.limit_nanos, b.soft_limit_nanos,
+             c.spent_nanos, c.held_nanos, c.window_start
+        FROM budget_counters c
+        JOIN unnest(v_ids, v_starts) AS k(b, w) ON c.budget_id = k.b AND c.window_start = k.w
+        JOIN budgets b ON b.id = c.budget_id
+       ORDER BY c.budget_id, c.window_start
+    LOOP
+      -- One call must fit every budget (a slice too: at least one call).
+      IF r.spent_nanos::numeric + r.held_nanos + v_unit > r.limit_nanos THEN
+        IF v_denied IS NULL THEN
+          v_denied := jsonb_build_object(
+            'team', r.team, 'agent', r.agent, 'window', r."window", 'limit', r.limit_nanos,
+            'soft', r.soft_limit_nanos, 'spent', r.spent_nanos, 'held', r.held_nanos,
+            'start_us', ledger_us(r.window_start));
+        END IF;
+      END IF;
+      v_room := least(v_room, r.limit_nanos::numeric - r.spent_nanos - r.held_nanos);
+      v_status := v_status || jsonb_build_object(
+        'team', r.team, 'agent', r.agent, 'window', r."window", 'limit', r.limit_nanos,
+        'soft', r.soft_limit_nanos, 'spent', r.spent_nanos, 'held', r.held_nanos + v_unit,
+        'start_us', ledger_us(r.window_start));
+    END LOOP;
+    IF v_denied IS NOT NULL THEN
+      RETURN jsonb_build_object('result', 'DENIED', 'budget', v_denied, 'amount', v_unit,
+                                'price_version', v_version);
+    END IF;
+  END IF;
+
+  IF p_calls > 0 THEN
+    -- A slice: as many calls as the tightest budget has room for, at most p_calls.
+    v_granted := CASE WHEN v_room IS NULL OR v_unit = 0 THEN p_calls
+                      ELSE least(p_calls::numeric, div(v_room, v_unit))::int END;
+    v_amount := v_unit * v_granted;
+    IF v_granted > 1 THEN
+      SELECT coalesce(jsonb_agg(s || jsonb_build_object(
+               'held', (s->>'held')::bigint + v_amount - v_unit)), '[]'::jsonb)
+        INTO v_status FROM jsonb_array_elements(v_status) AS s;
+    END IF;
+  END IF;
+
+  INSERT INTO holds (id, request_id, attempt, team, agent, model, provider, prompt_tokens,
+                     max_output_tokens, amount_nanos, price_version, budget_ids, window_starts,
+                     state, created_at, expires_at, slice_calls)
+  VALUES (p_hold_id, p_request_id, p_attempt, p_team, p_agent, p_model, p_provider, p_prompt,
+          p_max_out, v_amount, v_version, v_ids, v_starts, 'OPEN', p_now,
+          p_now + make_interval(secs => p_ttl_us / 1000000.0), v_granted)
+  ON CONFLICT (request_id, attempt) DO NOTHING
+  RETURNING * INTO v_hold;
+  IF NOT FOUND THEN
+    -- Only reachable without budgets (no counter lock serialises duplicates).
+    SELECT * INTO v_hold FROM holds WHERE request_id = p_request_id AND attempt = p_attempt;
+    RETURN jsonb_build_object('result', 'OK', 'replayed', true, 'hold', ledger_hold_json(v_hold),
+                              'budgets', ledger_budgets(p_team, p_agent, p_now));
+  END IF;
+
+  IF v_n > 0 AND v_amount > 0 THEN
+    UPDATE budget_counters c SET held_nanos = c.held_nanos + v_amount
+      FROM unnest(v_ids, v_starts) AS k(b, w)
+     WHERE c.budget_id = k.b AND c.window_start = k.w;
+  END IF;
+  RETURN jsonb_build_object('result', 'OK', 'replayed', false, 'hold', ledger_hold_json(v_hold),
+                            'budgets', v_status);
+END
+$$;
+
+-- Capture: expired OPEN holds become spend entries at their full amount, flagged
+-- UNSETTLED_CAPTURE (outcome 0: unknown). SKIP LOCKED makes racing sweepers split the work.
+-- A hold whose request already has an entry (an earlier attempt leaked) is freed instead.
+CREATE OR REPLACE FUNCTION ledger_capture(p_now timestamptz, p_limit int) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_h holds%ROWTYPE;
+  v_ids bigint[] := '{}';
+  v_starts timestamptz[] := '{}';
+  v_held bigint[] := '{}';
+  v_spent bigint[] := '{}';
+  v_captured jsonb := '[]'::jsonb;
+  v_freed int := 0;
+  v_n int;
+  v_inserted boolean;
+BEGIN
+  FOR v_h IN
+    SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
+     ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+  LOOP
+    INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
+                               provider_model, input_tokens, output_tokens, cached_input_tokens,
+                               cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
+                               created_at, reserve_time)
+    VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
+            v_h.prompt_tokens, v_h.max_output_tokens, 0, v_h.amount_nanos, v_h.amount_nanos,
+            v_h.price_version, 0, 2, 0, p_now, v_h.created_at)
+    ON CONFLICT (request_id) DO NOTHING;
+    v_inserted := FOUND;
+    v_n := cardinality(v_h.budget_ids);
+    v_ids := v_ids || v_h.budget_ids;
+    v_starts := v_starts || v_h.window_starts;
+    v_held := v_held || array_fill(-v_h.amount_nanos, ARRAY[v_n]);
+    IF v_inserted THEN
+      UPDATE holds SET state = 'CAPTURED', closed_at = p_now WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(v_h.amount_nanos, ARRAY[v_n]);
+      v_captured := v_captured || jsonb_build_object(
+        'id', v_h.id, 'request_id', v_h.request_id, 'team', v_h.team, 'amount', v_h.amount_nanos);
+    ELSE
+      UPDATE holds SET state = 'RELEASED', closed_at = p_now,
+                       release_reason = 'expired; request already has a spend entry'
+       WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(0::bigint, ARRAY[v_n]);
+      v_freed := v_freed + 1;
+    END IF;
+  END LOOP;
+  RETURN jsonb_build_object('captured', v_captured, 'freed', v_freed,
+                            'crossings', ledger_apply(v_ids, v_starts, v_held, v_spent));
+END
+$$;
+DROP FUNCTION IF EXISTS ledger_release_request(text, text, timestamptz);
+DROP FUNCTION IF EXISTS ledger_request_lock_key(text);
+"""
+
+
+def upgrade() -> None:
+    op.create_table(
+        "request_releases",
+        sa.Column("request_id", sa.String(128), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("released_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("request_id", name="pk_request_releases"),
+    )
+    op.create_index("ix_request_releases_released_at", "request_releases", ["released_at"])
+    op.execute(FUNCTIONS)
+
+
+def downgrade() -> None:
+    op.execute(PREVIOUS)
+    op.drop_index("ix_request_releases_released_at", table_name="request_releases")
+    op.drop_table("request_releases")

@@ -1,0 +1,49 @@
+CREATE OR REPLACE FUNCTION public.ledger_capture(p_now timestamp with time zone, p_limit integer)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_h holds%ROWTYPE;
+  v_ids bigint[] := '{}';
+  v_starts timestamptz[] := '{}';
+  v_held bigint[] := '{}';
+  v_spent bigint[] := '{}';
+  v_captured jsonb := '[]'::jsonb;
+  v_freed int := 0;
+  v_n int;
+  v_inserted boolean;
+BEGIN
+  FOR v_h IN
+    SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
+     ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+  LOOP
+    INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
+                               provider_model, input_tokens, output_tokens, cached_input_tokens,
+                               cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
+                               created_at, reserve_time)
+    VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
+            0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
+            v_h.price_version, 0, 2, 0, p_now, v_h.created_at)
+    ON CONFLICT (request_id) DO NOTHING;
+    v_inserted := FOUND;
+    v_n := cardinality(v_h.budget_ids);
+    v_ids := v_ids || v_h.budget_ids;
+    v_starts := v_starts || v_h.window_starts;
+    v_held := v_held || array_fill(-v_h.amount_nanos, ARRAY[v_n]);
+    IF v_inserted THEN
+      UPDATE holds SET state = 'CAPTURED', closed_at = p_now WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(v_h.amount_nanos, ARRAY[v_n]);
+      v_captured := v_captured || jsonb_build_object(
+        'id', v_h.id, 'request_id', v_h.request_id, 'team', v_h.team, 'amount', v_h.amount_nanos);
+    ELSE
+      UPDATE holds SET state = 'RELEASED', closed_at = p_now,
+                       release_reason = 'expired; request already has a spend entry'
+       WHERE id = v_h.id;
+      v_spent := v_spent || array_fill(0::bigint, ARRAY[v_n]);
+      v_freed := v_freed + 1;
+    END IF;
+  END LOOP;
+  RETURN jsonb_build_object('captured', v_captured, 'freed', v_freed,
+                            'crossings', ledger_apply(v_ids, v_starts, v_held, v_spent));
+END
+$function$

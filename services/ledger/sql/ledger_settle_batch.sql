@@ -1,0 +1,39 @@
+CREATE OR REPLACE FUNCTION public.ledger_settle_batch(p_request_ids text[], p_reservations uuid[], p_inputs bigint[], p_outputs bigint[], p_cached bigint[], p_providers text[], p_provider_models text[], p_outcomes smallint[], p_latencies bigint[], p_estimated boolean[], p_now timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_n int := cardinality(p_request_ids);
+  v_out jsonb[];
+  v_i int;
+BEGIN
+  IF v_n IS NULL OR v_n = 0 THEN
+    RETURN '[]'::jsonb;
+  END IF;
+  IF cardinality(p_reservations) <> v_n OR cardinality(p_inputs) <> v_n
+     OR cardinality(p_outputs) <> v_n OR cardinality(p_cached) <> v_n
+     OR cardinality(p_providers) <> v_n OR cardinality(p_provider_models) <> v_n
+     OR cardinality(p_outcomes) <> v_n OR cardinality(p_latencies) <> v_n
+     OR cardinality(p_estimated) <> v_n THEN
+    RAISE EXCEPTION 'ledger_settle_batch: arrays of different lengths';
+  END IF;
+  v_out := array_fill(NULL::jsonb, ARRAY[v_n]);
+  FOR v_i IN
+    SELECT k.i
+    FROM generate_subscripts(p_request_ids, 1) AS k(i)
+    LEFT JOIN LATERAL (
+      SELECT h.team, h.agent, h.id FROM holds h
+       WHERE (p_reservations[k.i] IS NOT NULL AND h.id = p_reservations[k.i])
+          OR (p_reservations[k.i] IS NULL AND h.request_id = p_request_ids[k.i])
+       ORDER BY h.attempt DESC LIMIT 1
+    ) o ON true
+    ORDER BY o.team NULLS FIRST, o.agent NULLS FIRST, o.id NULLS FIRST, p_request_ids[k.i], k.i
+  LOOP
+    v_out[v_i] := ledger_settle(
+      p_request_ids[v_i], p_reservations[v_i], p_inputs[v_i], p_outputs[v_i], p_cached[v_i],
+      p_providers[v_i], p_provider_models[v_i], p_outcomes[v_i], p_latencies[v_i],
+      p_estimated[v_i], p_now);
+  END LOOP;
+  RETURN to_jsonb(v_out);
+END
+$function$
