@@ -33,6 +33,7 @@ FIXED_PORTS = {
     "keyvault": (50052, 50062, 9102),
     "router": (50051, 50061, 9101),
 }
+EDGE_PORT = 50443  # the router's OpenAI/Anthropic-compatible HTTPS edge (fixed ports)
 FAKE_PORTS = {"fake-openai": 18081, "fake-anthropic": 18082, "fake-gemini": 18083, "fake-flaky": 18084}
 FAKE_KINDS = {"fake-openai": "openai", "fake-anthropic": "anthropic", "fake-gemini": "gemini", "fake-flaky": "openai"}
 FAKE_BASE = {"openai": "/v1", "anthropic": "", "gemini": ""}
@@ -268,6 +269,7 @@ def run_up(args: argparse.Namespace) -> int:
             config_path = Path(args.config)
         router = start_service("router", {**ports("router"), **tls_env(pki, "router"),
                                           "IGW_ROUTER_CONFIG": str(config_path),
+                                          "IGW_ROUTER_HTTP_LISTEN": f"127.0.0.1:{0 if auto else EDGE_PORT}",
                                           "IGW_LEDGER_ADDR": ledger.address,
                                           "IGW_KEYVAULT_ADDR": vault.address}, state)
         procs["router"] = router
@@ -276,6 +278,8 @@ def run_up(args: argparse.Namespace) -> int:
 
         endpoints: dict[str, Any] = {
             "router": router.address, "keyvault": vault.address, "ledger": ledger.address,
+            "openai_base_url": f"https://127.0.0.1:{router.http_port}/v1",
+            "anthropic_base_url": f"https://127.0.0.1:{router.http_port}",
             "probes": {n: f"127.0.0.1:{p.probe_port}" for n, p in procs.items()},
             "metrics": {n: f"http://127.0.0.1:{p.metrics_port}/metrics" for n, p in procs.items()},
             "pids": {n: p.proc.pid for n, p in procs.items()},
@@ -289,6 +293,7 @@ def run_up(args: argparse.Namespace) -> int:
         (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
         print(f"""igw is up.
   router    {router.address}   (probe {endpoints['probes']['router']}, metrics {endpoints['metrics']['router']})
+  https     {endpoints['openai_base_url']}   (OpenAI/Anthropic-compatible, same client certificates)
   keyvault  {vault.address}   ledger {ledger.address}
   endpoints {state / 'endpoints.json'}
 

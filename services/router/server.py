@@ -18,6 +18,7 @@ from services.common.tls import secure_channel
 from services.common.tracing import client_interceptors, setup_tracing
 from services.router.authz import POLICY
 from services.router.config import Settings
+from services.router.edge.server import EdgeLimits, EdgeServer, server_ssl_context
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import make_http_client
 from services.router.routing import ConfigError
@@ -68,10 +69,13 @@ async def build(settings: Settings) -> ServiceRuntime:
         await ledger_ch.close()
         await vault_ch.close()
 
+    edge = _edge(settings, router, registry)
     runtime = ServiceRuntime(
         rt, policy=POLICY, registrars=[register], service_names=SERVICE_NAMES, registry=registry,
-        closers=[close], access_log=settings.access_log,
+        closers=[close], access_log=settings.access_log, listeners=[edge] if edge else [],
     )
+    if edge is not None:
+        edge.tracer = runtime.tracer
 
     def on_sighup() -> None:
         async def _reload() -> None:
@@ -85,3 +89,17 @@ async def build(settings: Settings) -> ServiceRuntime:
     for ch in (ledger_ch, vault_ch):
         ch.get_state(try_to_connect=True)
     return runtime
+
+
+def _edge(settings: Settings, router: Router, registry: CollectorRegistry) -> EdgeServer | None:
+    """The OpenAI/Anthropic-compatible HTTPS listener, when IGW_ROUTER_HTTP_LISTEN is set."""
+    if not settings.http_listen:
+        return None
+    rt = settings.runtime
+    limits = EdgeLimits(
+        handshake_timeout_s=settings.http_handshake_timeout_s, idle_timeout_s=settings.http_idle_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s, write_timeout_s=settings.http_write_timeout_s,
+        max_connections=settings.http_max_connections, max_body_bytes=settings.http_max_body_bytes,
+    )
+    ctx = server_ssl_context(str(rt.tls_cert), str(rt.tls_key), str(rt.tls_ca))
+    return EdgeServer(router, settings.http_listen, ctx, registry, trust_domain=rt.trust_domain, limits=limits)
