@@ -61,6 +61,8 @@ AUDIT_ACTIONS = {
     "rotate": keyvault_pb2.AUDIT_ACTION_ROTATE_KEY,
     "disable": keyvault_pb2.AUDIT_ACTION_DISABLE_KEY,
     "rewrap": keyvault_pb2.AUDIT_ACTION_REWRAP,
+    "lease-used": keyvault_pb2.AUDIT_ACTION_LEASE_USED,
+    "lease-returned": keyvault_pb2.AUDIT_ACTION_LEASE_RETURNED,
 }
 AUDIT_OUTCOMES = {"allowed": keyvault_pb2.AUDIT_OUTCOME_ALLOWED, "denied": keyvault_pb2.AUDIT_OUTCOME_DENIED}
 

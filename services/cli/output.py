@@ -123,7 +123,8 @@ def format_duration(duration: Duration) -> str:
 
 
 def format_error(err: grpc.RpcError | IgwError) -> str:
-    """One line: ``error: <CODE> <reason>: <message>`` (+ what remains for BUDGET_EXCEEDED)."""
+    """``error: <CODE> <reason>: <message>`` (+ what remains for BUDGET_EXCEEDED, the retry delay),
+    then one line per router attempt when every candidate of a model failed."""
     from igw.client import error_from_rpc_error
 
     error = err if isinstance(err, IgwError) else error_from_rpc_error(err)
@@ -149,6 +150,19 @@ def format_error(err: grpc.RpcError | IgwError) -> str:
             parts.append(f"budget {scope}")
         if parts:
             line += " (" + ", ".join(parts) + ")"
-    elif error.metadata:
-        line += " [" + " ".join(f"{k}={v}" for k, v in sorted(error.metadata.items())) + "]"
-    return " ".join(line.split("\n"))
+    else:
+        # Each attempt gets a line of its own below (the root cause of a failed call).
+        plain = {k: v for k, v in error.metadata.items() if not k.startswith("attempt_")}
+        if plain:
+            line += " [" + " ".join(f"{k}={v}" for k, v in sorted(plain.items())) + "]"
+    if error.retry_delay is not None:
+        line += f" (retry after {error.retry_delay:g}s)"
+    lines = [" ".join(line.split("\n"))]
+    for n, att in enumerate(error.attempts, start=1):
+        parts = [f"  attempt {n}: {att.get('deployment', '?')}", att.get("outcome", "?").lower()]
+        if att.get("http_status"):
+            parts.append(f"HTTP {att['http_status']}")
+        if att.get("cause") and att["cause"].lower() != att.get("outcome", "").lower():
+            parts.append(f"({att['cause']})")
+        lines.append(" ".join(parts))
+    return "\n".join(lines)

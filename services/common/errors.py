@@ -13,7 +13,8 @@
     └── Internal                  INTERNAL
 
 Domain code raises these; the server interceptor turns them into a status with a
-``google.rpc.ErrorInfo`` (stable UPPER_SNAKE reason, domain ``<service>.igw``).
+``google.rpc.ErrorInfo`` (stable UPPER_SNAKE reason, domain ``<service>.igw``), and a
+``google.rpc.RetryInfo`` when the error says when a retry may succeed (``retry_delay_s``).
 Anything else becomes INTERNAL with a generic message; the traceback stays in the log.
 Messages are written by us and must never contain a secret, a prompt or a completion.
 """
@@ -32,11 +33,15 @@ class IgwError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, reason: str, message: str, metadata: Mapping[str, object] | None = None) -> None:
+    def __init__(
+        self, reason: str, message: str, metadata: Mapping[str, object] | None = None, *,
+        retry_delay_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_delay_s = retry_delay_s
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.reason!r}, {self.message!r})"
@@ -107,7 +112,14 @@ def to_status(err: IgwError, domain: str) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=err.reason, domain=domain, metadata=err.metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    proto = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    details = [detail]
+    if err.retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(max(err.retry_delay_s, 0.0) * 1e9))
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
+    proto = status_pb2.Status(code=err.code.value[0], message=err.message, details=details)
     return _RichStatus(err.code, err.message, (("grpc-status-details-bin", proto.SerializeToString()),))
 
 

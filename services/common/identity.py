@@ -1,7 +1,9 @@
 """Caller identity: the single SPIFFE URI SAN of the peer's client certificate.
 
 Identity is never a request field. A certificate with zero or several URI SANs,
-or one from another trust domain, has no identity and may call nothing.
+or one from another trust domain, has no identity and may call nothing. Neither has a
+CA certificate (basicConstraints cA=TRUE, or keyUsage keyCertSign): a CA signs
+identities, it is never one, even when its chain verifies.
 """
 
 from __future__ import annotations
@@ -65,9 +67,24 @@ def parse_spiffe_id(spiffe_id: str, trust_domain: str) -> Identity:
     raise IdentityError("UNKNOWN_IDENTITY", "certificate identity names no known principal")
 
 
+def is_ca_certificate(cert: x509.Certificate) -> bool:
+    """True when ``cert`` may sign certificates: basicConstraints cA=TRUE or keyUsage keyCertSign."""
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return True
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return False
+
+
 @functools.lru_cache(maxsize=4096)
 def _identity_from_pem(pem: bytes, trust_domain: str) -> Identity | IdentityError:
     cert = x509.load_pem_x509_certificate(pem)
+    if is_ca_certificate(cert):
+        return IdentityError("CA_CERTIFICATE", "a CA certificate is never a peer identity")
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)

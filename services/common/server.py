@@ -149,32 +149,37 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap_handler(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # Single-request methods receive raw bytes: the guard authorises the caller first and
+        # decodes afterwards, so a denied caller's bytes are never parsed for the answer and
+        # garbage is INVALID_ARGUMENT with ErrorInfo, never grpc's UNKNOWN with decoder text.
         allowed = self._policy.allowed(method)
+        decode = handler.request_deserializer
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, allowed, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, allowed, handler.unary_unary, decode),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, allowed, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_stream(method, allowed, handler.unary_stream, decode),
+                request_deserializer=None,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, allowed, handler.stream_unary),
+                self._wrap_unary(method, allowed, handler.stream_unary, None),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, allowed, handler.stream_stream),
+            self._wrap_stream(method, allowed, handler.stream_stream, None),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _admit(self, method: str, allowed: frozenset[Any], request: Any, context: Any) -> Identity:
+    def _authorize(self, method: str, allowed: frozenset[Any], context: Any) -> Identity:
+        """The caller's identity, if the table lets it call ``method``; raises PermissionDenied."""
         try:
             ident = identity_from_context(context, self._trust_domain)
         except IdentityError as err:
@@ -186,6 +191,32 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 {"method": method, "identity_kind": ident.kind.value},
             )
         identity_var.set(ident)
+        return ident
+
+    @staticmethod
+    def _decode(method: str, decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
+        """The request message from its bytes; raises InvalidArgument (the decoder's text stays out)."""
+        if decode is None:
+            return raw
+        try:
+            return decode(raw)
+        except Exception:
+            raise E.InvalidArgument(
+                "MALFORMED_REQUEST", "the request bytes are not a valid message for this method",
+                {"method": method},
+            ) from None
+
+    @staticmethod
+    def _decode_quietly(decode: Callable[[bytes], Any] | None, raw: Any) -> Any:
+        """The request for the refusal record only (the verdict was made without it); None if garbage."""
+        if decode is None:
+            return raw
+        try:
+            return decode(raw)
+        except Exception:
+            return None
+
+    def _tag(self, method: str, request: Any, context: Any) -> None:
         rid = getattr(request, "request_id", "") if request is not None and not _is_iter(request) else ""
         if not rid or not isinstance(rid, str) or not _RID.match(rid):
             rid = ""
@@ -195,12 +226,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     break
         request_id_var.set(rid or uuid.uuid4().hex)
         method_var.set(method)
-        return ident
 
-    async def _denied(self, method: str, request: Any, context: Any, err: E.IgwError) -> None:
-        """Tells the service about a call the authorisation table refused (the vault audits them)."""
+    async def _denied(
+        self, method: str, raw: Any, decode: Callable[[bytes], Any] | None, context: Any, err: E.IgwError,
+    ) -> None:
+        """Tells the service about a call the authorisation table refused (the vault audits them).
+
+        The verdict is already made; only a service that records refusals decodes the bytes,
+        best effort, for the record's fields."""
         if self._on_denied is None:
             return
+        request = self._decode_quietly(decode, raw)
         try:
             actor = identity_from_context(context, self._trust_domain).spiffe_id
         except IdentityError as ident_err:
@@ -227,21 +263,25 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 extra={"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)},
             )
 
-    def _wrap_unary(self, method: str, allowed: frozenset[Any], behavior: Any) -> Any:
+    def _wrap_unary(
+        self, method: str, allowed: frozenset[Any], behavior: Any, decode: Callable[[bytes], Any] | None,
+    ) -> Any:
         async def wrapped(request: Any, context: Any) -> Any:
             start = time.perf_counter()
             self._in_flight.inc()
             code, err = "OK", cast(BaseException | None, None)
             admitted = False
             try:
-                self._admit(method, allowed, request, context)
+                self._authorize(method, allowed, context)
                 admitted = True
+                request = self._decode(method, decode, request)
+                self._tag(method, request, context)
                 with server_span(self._tracer, method, context.invocation_metadata()):
                     return await behavior(request, context)
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
                 if not admitted:
-                    await self._denied(method, request, context, exc)
+                    await self._denied(method, request, decode, context, exc)
                 await self._fail(context, exc)
             except grpc.aio.AbortError:
                 code = (context.code() or grpc.StatusCode.UNKNOWN).name
@@ -259,7 +299,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _wrap_stream(self, method: str, allowed: frozenset[Any], behavior: Any) -> Any:
+    def _wrap_stream(
+        self, method: str, allowed: frozenset[Any], behavior: Any, decode: Callable[[bytes], Any] | None,
+    ) -> Any:
         if inspect.isasyncgenfunction(behavior):
 
             async def gen(request: Any, context: Any) -> AsyncIterator[Any]:
@@ -268,15 +310,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 code, err = "OK", cast(BaseException | None, None)
                 admitted = False
                 try:
-                    self._admit(method, allowed, request, context)
+                    self._authorize(method, allowed, context)
                     admitted = True
+                    request = self._decode(method, decode, request)
+                    self._tag(method, request, context)
                     with server_span(self._tracer, method, context.invocation_metadata()):
                         async for item in behavior(request, context):
                             yield item
                 except E.IgwError as exc:
                     code, err = exc.code.name, exc
                     if not admitted:
-                        await self._denied(method, request, context, exc)
+                        await self._denied(method, request, decode, context, exc)
                     await self._fail(context, exc)
                 except grpc.aio.AbortError:
                     code = (context.code() or grpc.StatusCode.UNKNOWN).name
@@ -293,7 +337,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     self._finish(method, start, code, err)
 
             return gen
-        return self._wrap_unary(method, allowed, behavior)
+        return self._wrap_unary(method, allowed, behavior, decode)
 
 
 def _is_iter(request: Any) -> bool:

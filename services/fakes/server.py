@@ -29,6 +29,11 @@ usage), ok (normal answer after ``delay_ms``).
 Other endpoints: ``GET/DELETE /_fake/requests`` (last 1000 requests),
 ``GET /_fake/stats`` (includes ``cancelled_streams``: streams whose client
 went away early), ``GET /healthz``.
+
+The Gemini fake checks function declarations as the API does: ``parametersJsonSchema``
+(full JSON Schema, must describe an object) and ``parameters`` (the OpenAPI subset,
+refusing JSON-Schema-only keywords such as ``$ref``, ``$defs``, ``additionalProperties``)
+are mutually exclusive; a violation is a 400 INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -315,6 +320,40 @@ def _conv_anthropic(body: dict[str, Any]) -> _Conv:
         tool_names=tools,
         max_tokens=mt if isinstance(mt, int) else None,
     )
+
+
+# JSON Schema keywords the OpenAPI-subset `parameters` field does not know (the API answers
+# "Invalid JSON payload received. Unknown name ..."); they belong in `parametersJsonSchema`.
+_OPENAPI_SUBSET_UNKNOWN = frozenset({"$ref", "$defs", "$schema", "additionalProperties", "const", "oneOf"})
+
+
+def _schema_keys(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = set(node)
+        for value in node.values():
+            found |= _schema_keys(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*(_schema_keys(v) for v in node)) if node else set()
+    return set()
+
+
+def gemini_tools_error(body: dict[str, Any]) -> str | None:
+    """Why the Gemini API would refuse the request's function declarations, or None."""
+    for tool in body.get("tools") or []:
+        for decl in (tool or {}).get("functionDeclarations") or []:
+            has_params, has_json = "parameters" in decl, "parametersJsonSchema" in decl
+            if has_params and has_json:
+                return "parameters and parametersJsonSchema are mutually exclusive"
+            if has_json:
+                schema = decl["parametersJsonSchema"]
+                if not isinstance(schema, dict) or schema.get("type") != "object":
+                    return "parametersJsonSchema must describe an object"
+            if has_params:
+                unknown = _schema_keys(decl["parameters"]) & _OPENAPI_SUBSET_UNKNOWN
+                if unknown:
+                    return f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} in parameters"
+    return None
 
 
 def _conv_gemini(body: dict[str, Any], model: str, stream: bool) -> _Conv:
@@ -980,6 +1019,10 @@ class _Provider:
         elif state.kind == "anthropic":
             conv = _conv_anthropic(body)
         else:
+            problem = gemini_tools_error(body)
+            if problem is not None:
+                body_, _ = self.wire.error_body(400, "INVALID_ARGUMENT", problem, None)
+                return self._json(400, body_)
             conv = _conv_gemini(body, model or "", bool(gstream))
         sse = conv.stream and (state.kind != "gemini" or request.query.get("alt") == "sse")
         if conv.stream:

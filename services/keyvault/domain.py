@@ -39,15 +39,13 @@ import datetime as dt
 import enum
 import hashlib
 import hmac
-import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from services.common import egress, ids
 from services.common import errors as E
-from services.common import ids
 
 NAME_RE = ids.SEGMENT
 PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")
@@ -64,7 +62,6 @@ MAX_URL = 2048
 MAX_GRACE = dt.timedelta(days=30)
 #: Hard limit on a lease's lifetime: leases live "a few seconds to a minute" (issue 4).
 MAX_LEASE_TTL_SECONDS = 60
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 GENESIS_HASH = "0" * 64
 
 
@@ -449,39 +446,16 @@ def check_secret(value: str) -> bytes:
 
 
 def check_base_url(value: str) -> str:
-    """``https://host[:port][/path]``, or ``http://`` only for 127.0.0.1, localhost and ::1.
+    """A base URL a key may be bound to: :func:`services.common.egress.check_base_url`, the
+    rule the router applies to its config. The vault keeps no ``local`` flag: an ``http`` URL
+    is a local provider's (a model server the platform runs), admitted as ``local: true`` is.
 
     No user info, query or fragment: the URL is an allowlist entry, not a carrier.
     """
-    rule = "https://host[:port][/path], or http:// on 127.0.0.1/localhost/::1 only"
-    if not isinstance(value, str) or not value or len(value) > MAX_URL or _CONTROL.search(value):
-        raise _bad("base_url", rule)
-    if any(ch.isspace() for ch in value) or "\\" in value:
-        raise _bad("base_url", rule)
     try:
-        parts = urlsplit(value)
-        host = parts.hostname or ""
-        _ = parts.port
-    except ValueError:
-        raise _bad("base_url", rule) from None
-    if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
-        raise _bad("base_url", rule)
-    if "@" in parts.netloc or not host:
-        raise _bad("base_url", rule)
-    if parts.scheme == "https":
-        return value
-    if parts.scheme == "http" and _is_loopback_name(host):
-        return value
-    raise _bad("base_url", rule)
-
-
-def _is_loopback_name(host: str) -> bool:
-    if host.lower() in LOOPBACK_HOSTS:
-        return True
-    try:
-        return str(ipaddress.ip_address(host)) in LOOPBACK_HOSTS
-    except ValueError:
-        return False
+        return egress.check_base_url(value, local=True)
+    except egress.EgressRefused as err:
+        raise _bad("base_url", f"https://host[:port][/path], or http:// for a local provider; {err}") from None
 
 
 def check_teams(values: Sequence[str]) -> tuple[str, ...]:

@@ -7,7 +7,8 @@ the admin service); the actor of every audit record is the caller's SPIFFE id fr
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -28,6 +29,19 @@ _ACTION_FROM_PB = {v: k for k, v in _ACTION_TO_PB.items()}
 _OUTCOME_TO_PB = {o: pb.AuditOutcome.Value(f"AUDIT_OUTCOME_{o.value}") for o in D.AuditOutcome}
 _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
 _MAX_DURATION = dt.timedelta(days=3650)
+_T = TypeVar("_T")
+
+
+def _filter_enum(field: str, value: int, known: Mapping[Any, _T]) -> _T | None:
+    """A filter's enum value: None when unset (0, matches all); an unknown value is refused,
+    never ignored (ignoring it would make the filter match everything)."""
+    if value == 0:
+        return None
+    found = known.get(value)
+    if found is None:
+        raise E.InvalidArgument("UNKNOWN_ENUM_VALUE", f"{field} has an unknown value {int(value)}",
+                                {"field": field, "value": int(value)})
+    return found
 
 
 def _ts(value: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -206,8 +220,8 @@ class KeyVaultAdminServicer(pb_grpc.KeyVaultAdminServiceServicer):
     ) -> pb.ListAuditEventsResponse:
         self._gate()
         flt = D.AuditFilter(
-            action=_ACTION_FROM_PB.get(request.action),
-            outcome=_OUTCOME_FROM_PB.get(request.outcome),
+            action=_filter_enum("action", request.action, _ACTION_FROM_PB),
+            outcome=_filter_enum("outcome", request.outcome, _OUTCOME_FROM_PB),
             key_name=D.check_name(request.key_name) if request.key_name else "",
             team=D.check_team(request.team) if request.team else "",
             request_id=D.check_request_id(request.request_id) if request.request_id else "",

@@ -27,6 +27,18 @@ _GROUP = {
     pb.SPEND_GROUP_BY_PROVIDER: "provider",
     pb.SPEND_GROUP_BY_DAY: "day",
 }
+
+
+def _group(value: int) -> str:
+    """A group-by dimension; an unknown value is refused, never dropped (it would widen the answer)."""
+    dims: dict[int, str] = {int(k): v for k, v in _GROUP.items()}
+    dim = dims.get(value)
+    if dim is None:
+        raise E.InvalidArgument("UNKNOWN_ENUM_VALUE", f"group_by has an unknown value {int(value)}",
+                                {"field": "group_by", "value": int(value)})
+    return dim
+
+
 _FLAGS = (
     (D.Flag.OVER_HOLD, pb.SPEND_FLAG_OVER_HOLD),
     (D.Flag.UNSETTLED_CAPTURE, pb.SPEND_FLAG_UNSETTLED_CAPTURE),
@@ -219,7 +231,7 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):  # type: 
         totals = await self._svc.list_spend(
             start=_opt_dt(request, "start_time"),
             end=_opt_dt(request, "end_time"),
-            group_by=[_GROUP[g] for g in request.group_by if g in _GROUP],
+            group_by=[_group(g) for g in request.group_by],
             team=request.team,
         )
         out = pb.ListSpendResponse()

@@ -19,8 +19,10 @@ Shape (every key is checked; unknown keys are refused)::
 
 Base URLs must be https unless the provider is marked ``local: true``: an OpenAI-compatible
 server the platform runs itself (vLLM, Ollama) on this host or inside the cluster, which may
-speak plain http (``http://vllm.inference.svc:8000/v1``). Names that end up in URLs are
-restricted to a safe alphabet.
+speak plain http (``http://vllm.inference.svc:8000/v1``). What ``local`` admits, and what no
+provider may use (link-local, metadata, unspecified, multicast hosts), is one rule shared with
+the vault: :mod:`services.common.egress`. Names that end up in URLs are restricted to a safe
+alphabet.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from services.common import ids
+from services.common.egress import EgressRefused, check_base_url
 from services.router.providers.base import check_body_model, check_url_name
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "openai_compatible")
@@ -199,19 +201,11 @@ def _model(where: str, value: Any, provider_type: str) -> str:
 
 
 def _base_url(where: str, value: Any, local: bool) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: must be a URL")
-    parts = urlsplit(value)
-    if parts.username or parts.password or parts.query or parts.fragment or not parts.hostname:
-        raise ConfigError(f"{where}: must be scheme://host[:port][/path] with no credentials, query or fragment")
-    if parts.scheme == "https":
-        pass
-    elif parts.scheme == "http" and local:
-        pass  # the operator vouches for the network path to a server of their own
-    else:
-        raise ConfigError(f"{where}: must be https (http only for providers marked local)")
-    if any(c in parts.path for c in "%#?@") or ".." in parts.path:
-        raise ConfigError(f"{where}: path has URL-significant characters")
+    try:
+        check_base_url(value, local=local)  # the rule the vault applies too
+    except EgressRefused as err:
+        raise ConfigError(f"{where}: {err}") from None
+    assert isinstance(value, str)
     return value.rstrip("/")
 
 

@@ -43,11 +43,12 @@ from services.router.providers.domain import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UsageSoFar,
 )
 from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.providers.registry import get_adapter
 from services.router.routing import Alias, Deployment, RoutingConfig
-from services.router.settler import Settler, release_hold
+from services.router.settler import Settler, release_hold, release_request, with_retries
 from services.router.slices import SliceBook, SliceHold
 from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
 
@@ -74,6 +75,14 @@ _TERMINAL = {
 # Deployment-specific failures: skip this deployment, try the others, do not feed the breaker.
 _SKIP = {ErrorKind.AUTH_FAILED, ErrorKind.REDIRECT_REFUSED}
 _BREAKER_GAUGE = {State.CLOSED: 0, State.OPEN: 1, State.HALF_OPEN: 2}
+# Ledger refusals that say no hold was placed (a Reserve whose answer is anything else may have
+# left one: the call then releases its request id when it ends).
+_NO_HOLD = frozenset({
+    grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+})
+# IssueCredential gets this long whatever the call's deadline: a lease issued after the caller
+# left is still learnt, and returned (EndLease) so the audit shows it closed.
+_VAULT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +119,19 @@ class PriceBook:
 
 @dataclass
 class AttemptLog:
-    """The attempts of one call, for the answer and for metrics."""
+    """The attempts of one call, for the answer and for metrics.
+
+    ``causes[i]`` says more than ``items[i].outcome`` where we know more: the provider error
+    kind (``auth_failed``, ``redirect_refused``...), the vault's reason for issuing no
+    credential (``NO_ACTIVE_KEY``, ``VAULT_UNAVAILABLE``...), ``LEASE_BASE_URL_MISMATCH``.
+    """
 
     items: list[router_pb2.Attempt] = field(default_factory=list)
+    causes: list[str] = field(default_factory=list)
 
     def add(
         self, dep: Deployment, outcome: router_pb2.AttemptOutcome, start: float,
-        err: ProviderError | None = None,
+        err: ProviderError | None = None, cause: str = "",
     ) -> None:
         att = router_pb2.Attempt(deployment=dep.name, provider=dep.provider, outcome=outcome)
         att.latency.FromNanoseconds(int((time.perf_counter() - start) * 1e9))
@@ -124,7 +139,9 @@ class AttemptLog:
             att.http_status = err.status_code or 0
             if err.retry_after_s is not None:
                 att.retry_after.FromNanoseconds(int(err.retry_after_s * 1e9))
+            cause = cause or err.kind.value
         self.items.append(att)
+        self.causes.append(cause)
 
 
 @dataclass
@@ -134,6 +151,8 @@ class _Lease:
     # Set when the hold was drawn from a budget slice (no Reserve): settled against the slice,
     # given back to it (not released) when the attempt fails.
     slice: SliceHold | None = None
+    # How to end the vault lease (EndLease, without its end and reason); None once ended.
+    end: keyvault_pb2.EndLeaseRequest | None = None
 
 
 class Router:
@@ -238,21 +257,24 @@ class Router:
 
     async def _lease(
         self, ident: Identity, rid: str, attempt: int, dep: Deployment, prep: Prepared, cfg: RoutingConfig,
-        timeout: float,
+        timeout: float, hold_sent: Callable[[], None] | None = None,
     ) -> _Lease:
         """A hold (Reserve, or drawn from a budget slice) and a credential (IssueCredential),
-        concurrently. Raises IgwError or _SkipDeployment."""
+        concurrently. Raises IgwError or _SkipDeployment. ``hold_sent`` is called just before a
+        Reserve goes out. A credential that comes back unused, now or after the caller left, is
+        returned to the vault with the reason (EndLease)."""
         provider = cfg.providers[dep.provider]
-        issue = self.backends.vault.IssueCredential(
-            keyvault_pb2.IssueCredentialRequest(
-                provider=dep.provider, team=ident.team, model=dep.model, request_id=rid,
-                ttl=duration_pb2.Duration(seconds=self.lease_ttl_s),
-            ),
-            timeout=timeout,
+        issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse] = asyncio.ensure_future(
+            self.backends.vault.IssueCredential(
+                keyvault_pb2.IssueCredentialRequest(
+                    provider=dep.provider, team=ident.team, model=dep.model, request_id=rid,
+                    ttl=duration_pb2.Duration(seconds=self.lease_ttl_s),
+                ),
+                timeout=max(timeout, _VAULT_TIMEOUT_S),
+            )
         )
         drawn: SliceHold | None = None
-        # Both calls are in flight at once (a gRPC aio call starts when it is created); awaiting
-        # them in turn is gather() without its two wrapper tasks per call.
+        # Both calls are in flight at once (a gRPC aio call starts when it is created).
         hold: ledger_pb2.ReserveResponse | BaseException
         try:
             if cfg.budget_slices.applies(ident.team):
@@ -263,6 +285,8 @@ class Router:
             if drawn is not None:
                 hold = drawn.response()
             else:
+                if hold_sent is not None:
+                    hold_sent()
                 hold = await self.backends.ledger.Reserve(
                     ledger_pb2.ReserveRequest(
                         request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
@@ -272,22 +296,30 @@ class Router:
                     timeout=timeout,
                 )
         except asyncio.CancelledError:
-            issue.cancel()
+            self._return_when_issued(issue, "CANCELLED", ident, rid, dep)
             raise
         except Exception as exc:
             hold = exc
-        lease: keyvault_pb2.IssueCredentialResponse | BaseException
         try:
-            lease = await issue
+            # asyncio.wait neither cancels the lease call on timeout nor when this task is cancelled.
+            await asyncio.wait((issue,), timeout=timeout)
         except asyncio.CancelledError:
             if not isinstance(hold, BaseException):
                 self._free(_Lease(hold, "", drawn), "cancelled")
+            self._return_when_issued(issue, "CANCELLED", ident, rid, dep)
             raise
-        except Exception as exc:
-            lease = exc
+        lease: keyvault_pb2.IssueCredentialResponse | BaseException | None = None
+        if issue.done():
+            lease = issue.exception() or issue.result()
         if isinstance(hold, BaseException):
-            raise _ledger_error(hold, ident.team, self.metrics)
+            err = _ledger_error(hold, ident.team, self.metrics)
+            self._return_when_issued(issue, err.reason, ident, rid, dep)
+            raise err
         held = _Lease(hold, "", drawn)
+        if lease is None:
+            self._free(held, "no_credential")
+            self._return_when_issued(issue, "DEADLINE_EXCEEDED", ident, rid, dep)
+            raise _SkipDeployment("DEADLINE_EXCEEDED")
         if isinstance(lease, BaseException):
             self._free(held, "no_credential")
             if isinstance(lease, grpc.RpcError) and lease.code() in (
@@ -295,15 +327,58 @@ class Router:
                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
             ):
                 info = error_info_from_rpc_error(lease)
-                raise _SkipDeployment(info.reason if info else lease.code().name)
+                transient = lease.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                reason = info.reason if info else ("VAULT_UNAVAILABLE" if transient else lease.code().name)
+                raise _SkipDeployment(reason, transient=transient)
             raise lease
+        held.end = _end_request(lease, ident, rid, dep)
         if lease.base_url.rstrip("/") != provider.base_url:
             # The vault bound this secret to another host: never send it to ours.
             self._free(held, "lease_url_mismatch")
+            self._end_lease(held, False, "LEASE_BASE_URL_MISMATCH")
             _LOGGER.error("lease base URL differs from the routing config", extra={"deployment": dep.name})
             raise _SkipDeployment("LEASE_BASE_URL_MISMATCH")
         held.secret = lease.secret
         return held
+
+    def _end_lease(self, lease: _Lease, used: bool, reason: str) -> None:
+        """Tells the vault, in the background, how the attempt's lease ended (once)."""
+        req, lease.end = lease.end, None
+        if req is None:
+            return
+        req.end = keyvault_pb2.LEASE_END_USED if used else keyvault_pb2.LEASE_END_RETURNED
+        req.reason = reason
+        self._background(self._end_lease_now(req))
+
+    async def _end_lease_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
+        if not await with_retries(lambda: self.backends.vault.EndLease(req, timeout=5)):
+            _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
+
+    def _return_when_issued(
+        self, issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse], reason: str, ident: Identity, rid: str,
+        dep: Deployment,
+    ) -> None:
+        """Returns the attempt's lease unused (EndLease) once the vault answers, if it issued one."""
+
+        async def wait() -> None:
+            try:
+                lease = await issue
+            except Exception:  # no lease was issued (or the answer is lost): nothing to return
+                return
+            req = _end_request(lease, ident, rid, dep)
+            req.end, req.reason = keyvault_pb2.LEASE_END_RETURNED, reason
+            await self._end_lease_now(req)
+
+        self._background(wait())
+
+    def _release_request(self, rid: str, reason: str) -> None:
+        """Frees, in the background, every hold of a call that ended early, including one its
+        Reserve places after this (the ledger refuses that Reserve)."""
+        self._background(self._release_request_now(rid, reason))
+
+    async def _release_request_now(self, rid: str, reason: str) -> None:
+        if not await release_request(self.backends.ledger, rid, reason):
+            _LOGGER.warning("release by request id not acknowledged; a hold left behind will expire")
 
     def _free(self, lease: _Lease, reason: str) -> None:
         """Frees an attempt's hold: back to its slice, or released in the ledger."""
@@ -394,10 +469,123 @@ class Router:
         return _Call(self, ident, req, remaining).stream()
 
 
+def _end_request(
+    lease: keyvault_pb2.IssueCredentialResponse, ident: Identity, rid: str, dep: Deployment,
+) -> keyvault_pb2.EndLeaseRequest:
+    """The EndLease of one lease, without its end and reason (no secret in it)."""
+    return keyvault_pb2.EndLeaseRequest(
+        lease_id=lease.lease_id, request_id=rid, provider=dep.provider, team=ident.team, model=dep.model,
+        key_name=lease.key_name, key_version=lease.key_version,
+    )
+
+
+def _lease_end_of(exc: BaseException) -> tuple[bool, str]:
+    """(used, reason) for a lease whose attempt ended in ``exc`` (not a ProviderError)."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return True, "CANCELLED"  # the request may have gone out: count the secret as used
+    if isinstance(exc, ValueError):
+        return False, "UNTRANSLATABLE"  # refused by the adapter before anything was sent
+    return True, "ROUTER_ERROR"
+
+
 class _SkipDeployment(Exception):
-    def __init__(self, reason: str) -> None:
+    """No credential for this deployment: ``reason`` from the vault (or ours); ``transient`` when
+    the vault could not be reached in time (a configuration problem otherwise)."""
+
+    def __init__(self, reason: str, *, transient: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.transient = transient
+
+
+# How each attempt outcome counts when every candidate failed (see final_error).
+_CONFIG_CAUSES = {ErrorKind.AUTH_FAILED.value, ErrorKind.REDIRECT_REFUSED.value}
+_THROTTLED = {router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED, router_pb2.ATTEMPT_OUTCOME_OVERLOADED}
+_TRANSIENT_VAULT = {"VAULT_UNAVAILABLE", "DEADLINE_EXCEEDED", "KEYVAULT_UNAVAILABLE", "UNAVAILABLE"}
+# Without a retry-after from any provider, the hint for "all rate limited or overloaded".
+DEFAULT_RETRY_DELAY_S = 1.0
+_CONFIG_REASON = {
+    ErrorKind.AUTH_FAILED.value: "PROVIDER_AUTH_FAILED",
+    ErrorKind.REDIRECT_REFUSED.value: "PROVIDER_REDIRECT_REFUSED",
+    "LEASE_BASE_URL_MISMATCH": "LEASE_BASE_URL_MISMATCH",
+}
+
+
+def _is_config(att: router_pb2.Attempt, cause: str) -> bool:
+    """A configuration or credential problem: retrying changes nothing until an operator acts."""
+    if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
+        return cause not in _TRANSIENT_VAULT
+    return cause in _CONFIG_CAUSES or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED
+
+
+def _describe(att: router_pb2.Attempt, cause: str) -> str:
+    """One attempt in words for the error message (names and codes only, never provider text)."""
+    if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
+        if cause == "LEASE_BASE_URL_MISMATCH":
+            what = "the vault's key for this provider is bound to another base URL than the routing config's"
+        else:
+            what = f"the vault issued no credential ({cause or 'unknown'})"
+    elif cause == ErrorKind.AUTH_FAILED.value or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED:
+        what = "the provider refused the credential"
+    elif cause == ErrorKind.REDIRECT_REFUSED.value:
+        what = "the provider answered with a redirect (never followed)"
+    else:
+        what = router_pb2.AttemptOutcome.Name(att.outcome).removeprefix("ATTEMPT_OUTCOME_").lower().replace("_", " ")
+    if att.http_status:
+        what += f" (HTTP {att.http_status})"
+    return f"{att.deployment}: {what}"
+
+
+def final_error(model: str, log: AttemptLog) -> E.IgwError:
+    """The agent's error when every candidate failed, its status chosen by the cause.
+
+    - every tried deployment failed for configuration or credentials (no key, provider
+      401/403, lease base URL mismatch, redirect): FAILED_PRECONDITION, never worth retrying;
+    - the rest were all rate limited or overloaded: RESOURCE_EXHAUSTED
+      ``UPSTREAM_RATE_LIMITED`` with RetryInfo (the shortest retry-after a provider gave);
+    - every deployment's breaker open: UNAVAILABLE ``ALL_BREAKERS_OPEN``;
+    - otherwise UNAVAILABLE ``ALL_CANDIDATES_FAILED`` (RetryInfo when a provider gave one).
+
+    ErrorInfo metadata lists each attempt: ``attempt_<n>_deployment``, ``attempt_<n>_outcome``,
+    ``attempt_<n>_http_status``, ``attempt_<n>_cause``, ``attempt_<n>_retry_after_ms``.
+    """
+    items, causes = log.items, log.causes
+    meta: dict[str, object] = {"attempts": len(items), "model": model}
+    for n, (att, cause) in enumerate(zip(items, causes, strict=True), start=1):
+        meta[f"attempt_{n}_deployment"] = att.deployment
+        meta[f"attempt_{n}_outcome"] = router_pb2.AttemptOutcome.Name(att.outcome).removeprefix("ATTEMPT_OUTCOME_")
+        if att.http_status:
+            meta[f"attempt_{n}_http_status"] = att.http_status
+        if cause:
+            meta[f"attempt_{n}_cause"] = cause
+        if att.HasField("retry_after"):
+            meta[f"attempt_{n}_retry_after_ms"] = att.retry_after.ToMilliseconds()
+    tried = [(a, c) for a, c in zip(items, causes, strict=True)
+             if a.outcome != router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN]
+    if items and not tried:
+        return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
+    if tried and tried[-1][0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
+        return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
+    said = "; ".join(dict.fromkeys(_describe(a, c) for a, c in tried[:4]))
+    if tried and all(_is_config(a, c) for a, c in tried):
+        kinds = {_CONFIG_REASON.get(c, "NO_CREDENTIAL") for a, c in tried}
+        reason = kinds.pop() if len(kinds) == 1 else "DEPLOYMENTS_MISCONFIGURED"
+        return E.FailedPrecondition(
+            reason, f"model {model!r} has no usable deployment: {said}; an operator must fix the key or config",
+            meta,
+        )
+    delays = [a.retry_after.ToNanoseconds() / 1e9 for a, _ in tried if a.HasField("retry_after")]
+    hint = min(delays) if delays else None
+    live = [a for a, c in tried if not _is_config(a, c)]
+    if live and all(a.outcome in _THROTTLED for a in live):
+        return E.ResourceExhausted(
+            "UPSTREAM_RATE_LIMITED", f"every deployment of model {model!r} is rate limited or overloaded: {said}",
+            meta, retry_delay_s=DEFAULT_RETRY_DELAY_S if hint is None else hint,
+        )
+    return E.Unavailable(
+        "ALL_CANDIDATES_FAILED", f"no deployment of model {model!r} could answer: {said}" if said
+        else "no deployment of this model could answer", meta, retry_delay_s=hint,
+    )
 
 
 def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.IgwError:
@@ -410,6 +598,9 @@ def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.Ig
         metrics.budget_denials.labels(team).inc()
         return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if info is not None and info.reason == "NO_BUDGET":
+            metrics.budget_denials.labels(team).inc()
+            return E.FailedPrecondition("NO_BUDGET", "your team has no budget; an operator must set one", meta)
         return E.FailedPrecondition(info.reason if info else "LEDGER_REFUSED", "the ledger refused the call", meta)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return E.InvalidArgument(info.reason if info else "LEDGER_REFUSED", "the ledger refused the request", meta)
@@ -438,26 +629,34 @@ class _Call:
         self.log = AttemptLog()
         self.excluded: set[str] = set()
         self.verdict: ProviderError | None = None
+        # A Reserve of this call went out and its hold is neither owned by an attempt nor known
+        # not to exist (answer lost, late, or the call ended while waiting): when the call ends
+        # without an answer, the ledger releases the request id (covering a hold placed later).
+        self.hold_unsure = False
 
     def _remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def _hold_sent(self) -> None:
+        self.hold_unsure = True
+
+    def _ended_early(self, reason: str) -> None:
+        """The call ends without an answer: a hold it may have left behind goes (by request id)."""
+        if self.hold_unsure:
+            self.hold_unsure = False
+            self.r._release_request(self.rid, reason)
 
     def _rpc_timeout(self) -> float:
         rem = self._remaining()
         return 5.0 if rem is None else max(min(rem, 5.0), 0.001)
 
     def _final_error(self) -> E.IgwError:
-        outcomes = [a.outcome for a in self.log.items]
-        meta = {"attempts": len(outcomes), "model": self.req.model}
         remaining = self._remaining()
         # Attempts stop 50 ms short of the agent's deadline so the answer still reaches it.
         if remaining is not None and remaining < 0.1:
+            meta = {"attempts": len(self.log.items), "model": self.req.model}
             return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed before any deployment answered", meta)
-        if outcomes and all(o == router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN for o in outcomes):
-            return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
-        if outcomes and outcomes[-1] == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
-            return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
-        return E.Unavailable("ALL_CANDIDATES_FAILED", "no deployment of this model could answer", meta)
+        return final_error(self.req.model, self.log)
 
     def _failed(self, dep: Deployment, ticket: bool | str, err: ProviderError, t0: float) -> None:
         """Bookkeeping for a failed attempt; raises for errors that go straight back."""
@@ -465,7 +664,10 @@ class _Call:
         self.log.add(dep, _OUTCOME.get(err.kind, router_pb2.ATTEMPT_OUTCOME_SERVER_ERROR), t0, err)
         r.metrics.attempts.labels(dep.name, err.kind.value).inc()
         breaker = r.breakers[dep.name]
-        if err.retryable:
+        # A timeout the agent's own deadline imposed says nothing about the deployment's health.
+        cut_by_deadline = (err.kind is ErrorKind.TIMEOUT and self.deadline is not None
+                           and (self._remaining() or 0.0) < 0.1)
+        if err.retryable and not cut_by_deadline:
             breaker.record_failure()
             r.metrics.fallbacks.labels(err.kind.value).inc()
         elif ticket == "probe":
@@ -517,7 +719,7 @@ class _Call:
                 if not ticket:
                     if dep.name not in breaker_logged:
                         breaker_logged.add(dep.name)
-                        log.add(dep, router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN, time.perf_counter())
+                        log.add(dep, router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN, time.perf_counter(), cause="breaker_open")
                         r.metrics.attempts.labels(dep.name, "breaker_open").inc()
                     continue
                 rem = self._remaining()
@@ -555,7 +757,11 @@ class _Call:
         except E.IgwError as err:
             code = err.code.name
             raise
+        except BaseException as exc:
+            code = "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "UNKNOWN"
+            raise
         finally:
+            self._ended_early(code.lower())
             r._leave()
             r.metrics.calls.labels(self.alias.name, code).inc()
 
@@ -566,15 +772,21 @@ class _Call:
         """
         t0 = time.perf_counter()
         try:
-            return await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout())
-        except _SkipDeployment:
-            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0)
+            lease = await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout(),
+                                        self._hold_sent)
+            self.hold_unsure = False  # the attempt owns its hold now: settled or freed by its id
+            return lease
+        except _SkipDeployment as skip:
+            self.hold_unsure = False  # the hold was placed and freed by its id
+            self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL, t0, cause=skip.reason)
             self.r.metrics.attempts.labels(dep.name, "no_credential").inc()
             self.excluded.add(dep.name)
             if ticket == "probe":
                 self.r.breakers[dep.name].release_probe()
             return None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, E.IgwError) and exc.code in _NO_HOLD:
+                self.hold_unsure = False  # the ledger refused: no hold was placed
             if ticket == "probe":
                 self.r.breakers[dep.name].release_probe()
             raise
@@ -596,6 +808,7 @@ class _Call:
         else:
             reason = "router_error"
         r._free(lease, reason)
+        r._end_lease(lease, *_lease_end_of(exc))
         if ticket == "probe":
             r.breakers[dep.name].release_probe()
         if not isinstance(exc, ValueError):
@@ -630,6 +843,7 @@ class _Call:
                 except ProviderError as err:
                     attempt_failed(span, err.kind.value)
                     r._free(lease, err.kind.value)
+                    r._end_lease(lease, True, err.kind.name)
                     self.verdict = err
                     self._failed(dep, ticket, err, t0)
                     continue
@@ -641,6 +855,7 @@ class _Call:
                     raise refusal from None
                 finally:
                     lease.secret = ""
+                r._end_lease(lease, True, "SUCCESS")
                 attempt_usage(span, resp.usage.input_tokens, resp.usage.output_tokens)
             elapsed = time.perf_counter() - t0
             r.breakers[dep.name].record_success(elapsed)
@@ -694,6 +909,7 @@ class _Call:
             code = "CANCELLED"
             raise
         finally:
+            self._ended_early(code.lower())
             r._leave()
             r.metrics.calls.labels(self.alias.name, code).inc()
 
@@ -708,6 +924,7 @@ class _Call:
             t0 = time.perf_counter()
             upstream: AsyncIterator[Any] | None = None
             first: Any = None
+            so_far: Usage | None = None  # usage the provider reported before the first content
             err: ProviderError | None = None
             # The attempt's span covers the whole upstream stream: it is current while connecting
             # and ends after the relay (a failed attempt ends it before the next one).
@@ -718,13 +935,25 @@ class _Call:
                         r._timeouts(cfg, self._remaining(), ticket == "probe"),
                     )
                     first = await upstream.__anext__()
+                    while isinstance(first, UsageSoFar):  # commit on content, not on a usage report
+                        so_far = first.usage
+                        first = await upstream.__anext__()
                 except StopAsyncIteration:
                     err = ProviderError(ErrorKind.PROTOCOL_ERROR, f"{dep.provider}: empty stream")
                 except ProviderError as exc:
                     err = exc
                 except BaseException as exc:
                     attempt_failed(span, type(exc).__name__)
-                    refusal = self._abandon(dep, ticket, lease, exc)
+                    if so_far is not None and isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                        # The agent left after the provider reported its input count: that was used.
+                        r._settle(self.rid, lease, dep, replace(so_far, reported=False),
+                                  time.perf_counter() - t0, ledger_pb2.CALL_OUTCOME_CANCELLED)
+                        r._end_lease(lease, True, "CANCELLED")
+                        if ticket == "probe":
+                            r.breakers[dep.name].release_probe()
+                        refusal = None
+                    else:
+                        refusal = self._abandon(dep, ticket, lease, exc)
                     if upstream is not None:
                         await _aclose(upstream)
                     if refusal is None:
@@ -737,27 +966,32 @@ class _Call:
             assert upstream is not None  # adapter.stream() returned, or the handler above raised
             if err is not None:
                 end_span(span)
+                r._end_lease(lease, True, err.kind.name)
+                r._free(lease, err.kind.value)  # before the close: a cancellation there must not skip it
                 await _aclose(upstream)
-                r._free(lease, err.kind.value)
                 self.verdict = err
                 self._failed(dep, ticket, err, t0)
                 continue
             # Committed to this deployment: from here on, no fallback.
+            r._end_lease(lease, True, "STREAMED")
             ttft = time.perf_counter() - t0
             r.breakers[dep.name].record_success(ttft)
             r.metrics.ttft_seconds.labels(dep.provider, dep.model).observe(ttft)
             r.metrics.attempts.labels(dep.name, "success").inc()
             self.log.add(dep, router_pb2.ATTEMPT_OUTCOME_SUCCESS, t0)
-            async for msg in self._relay(dep, lease, upstream, first, t0, span):
+            async for msg in self._relay(dep, lease, upstream, first, t0, span, so_far):
                 yield msg
             return
         raise self._final_error()
 
     async def _relay(
         self, dep: Deployment, lease: _Lease, upstream: AsyncIterator[Any], first: Any,
-        t0: float, span: Any,
+        t0: float, span: Any, so_far: Usage | None = None,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
-        """Relays the committed attempt's events; ends its span (``span``) when the stream does."""
+        """Relays the committed attempt's events; ends its span (``span``) when the stream does.
+
+        ``so_far`` (and any later ``UsageSoFar``) is what the provider reported before its final
+        usage: a stream cut short is charged with the provider's counts where it gave them."""
         r = self.r
         text_parts: list[str] = []
         calls: dict[int, list[str]] = {}
@@ -783,6 +1017,8 @@ class _Call:
                     yield router_pb2.GenerateStreamResponse(tool_call_delta=router_pb2.ToolCallDelta(
                         index=event.index, id=event.id, name=event.name,
                         arguments_fragment=event.arguments_fragment))
+                elif isinstance(event, UsageSoFar):
+                    so_far = event.usage
                 elif isinstance(event, StreamEnd):
                     usage, finish = event.usage, event.finish_reason
                 try:
@@ -797,13 +1033,15 @@ class _Call:
         finally:
             elapsed = time.perf_counter() - t0
             if usage is None or outcome != ledger_pb2.CALL_OUTCOME_SUCCESS:
-                # No final usage (hang-up, broken stream): count what was consumed; never less than seen.
+                # No final usage (hang-up, broken stream): count what was consumed; never less than
+                # seen. Input: the provider's count when it gave one, else the upper bound.
+                known = usage or so_far
                 counted = Usage(
-                    input_tokens=self.prep.prompt_tokens_upper_bound if usage is None else usage.input_tokens,
+                    input_tokens=self.prep.prompt_tokens_upper_bound if known is None else known.input_tokens,
                     output_tokens=max(estimate_tokens("".join(text_parts))
                                       + sum(estimate_tokens(c[2]) for c in calls.values()),
-                                      usage.output_tokens if usage else 0),
-                    cached_input_tokens=0 if usage is None else usage.cached_input_tokens,
+                                      known.output_tokens if known else 0),
+                    cached_input_tokens=0 if known is None else known.cached_input_tokens,
                     reported=False,
                 )
                 usage = counted

@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from opentelemetry.trace import SpanContext
@@ -41,17 +41,33 @@ OnDone = Callable[[bool], None] | None
 _Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None, OnDone]
 
 
+async def with_retries(call: Callable[[], Awaitable[object]]) -> bool:
+    """Runs one idempotent RPC until acknowledged, a few times over about 8 s; False when it
+    never was (or was refused: another try cannot change a refusal)."""
+    for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
+        try:
+            await call()
+            return True
+        except grpc.RpcError as err:
+            if err.code().value[0] in _FINAL:
+                _LOGGER.error("background call refused", extra={"code": err.code().name})
+                return False
+            await asyncio.sleep(delay)
+    return False
+
+
 async def release_hold(ledger: ledger_pb2_grpc.LedgerServiceStub, reservation_id: str, reason: str) -> bool:
     """Frees a hold (a call's, or a budget slice), retried a few times; False when the ledger never
     acknowledged it (the hold then expires and is captured: erring towards never overspending)."""
     req = ledger_pb2.ReleaseRequest(reservation_id=reservation_id, reason=reason)
-    for delay in (0.05, 0.2, 1.0, 2.0, 5.0):
-        try:
-            await ledger.Release(req, timeout=5)
-            return True
-        except grpc.RpcError:
-            await asyncio.sleep(delay)
-    return False
+    return await with_retries(lambda: ledger.Release(req, timeout=5))
+
+
+async def release_request(ledger: ledger_pb2_grpc.LedgerServiceStub, request_id: str, reason: str) -> bool:
+    """Frees every hold of a call that ended early, including one its Reserve places later (the
+    ledger then refuses that Reserve); retried like :func:`release_hold`."""
+    req = ledger_pb2.ReleaseRequest(request_id=request_id, reason=reason)
+    return await with_retries(lambda: ledger.Release(req, timeout=5))
 
 
 class Settler:

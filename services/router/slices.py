@@ -199,7 +199,9 @@ class SliceBook:
         try:
             resp = await self._ledger.AcquireSlice(req, timeout=max(timeout, 1.0))
         except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            if err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION):
+                # Refused (over budget, no budget, not priced): nothing was placed. The calls take
+                # per-call holds for a while, which give the agent the ledger's exact answer.
                 self._metrics.slices.labels("denied").inc()
                 self._denied_until[key] = self._clock() + _DENIED_BACKOFF_S
             else:

@@ -37,6 +37,8 @@ def test_a_postgres_restart_fails_calls_fast_then_recovers_without_double_counti
                 mtls_channel(ledger.address, pki, "operator-admin") as op:
             stub = ledger_pb2_grpc.LedgerServiceStub(ch)
             admin = ledger_pb2_grpc.LedgerAdminServiceStub(op)
+            admin.SetBudget(ledger_pb2.SetBudgetRequest(
+                team="restart", window=ledger_pb2.BUDGET_WINDOW_TOTAL, limit_nanos=10**12), timeout=10)
             before_id = "before-" + uuid.uuid4().hex
             before = _reserve(stub, before_id)
 

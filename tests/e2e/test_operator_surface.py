@@ -129,6 +129,14 @@ def test_every_cli_command_works_with_tables_and_json(gateway: Gateway, tmp_path
     assert name in run("audit", "list", "--key", name)
     events = igw_json(gw, "audit", "list", "--limit", "5")
     assert events["events"]  # type: ignore[index]
+    # How the chat's lease ended is in the log: an auditor lists lease ends by action.
+    for _ in range(50):  # the router ends the lease in the background, just after the answer
+        used: Any = igw_json(gw, "audit", "list", "--action", "lease-used", "--request-id", said["request_id"])
+        if used.get("events"):
+            break
+        time.sleep(0.1)
+    assert [(e["action"], e["reason"]) for e in used["events"]] == [("AUDIT_ACTION_LEASE_USED", "SUCCESS")]
+    assert "lease_used" in run("audit", "list", "--action", "lease-used", "--limit", "3")
     head = re.search(r"^head (\d+:[0-9a-f]{64}) ", run("audit", "verify"), re.M)
     assert head, "verify prints the chain head to keep outside the vault"
     assert igw_json(gw, "audit", "verify")["ok"] is True  # type: ignore[index]

@@ -584,8 +584,18 @@ def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
     metrics += httpx.get(f"http://127.0.0.1:{rig.router.metrics_port}/metrics", timeout=10).text
     assert 'igw_http_server_handled_total{api="openai",route="chat.completions",status="200"}' in metrics
     assert 'igw_http_server_handled_total{api="anthropic",route="messages",status="400"}' in metrics
+    # The vault's audit log, with how each canary lease ended (used, returned), carries no secret either.
+    vault_admin = keyvault_pb2_grpc.KeyVaultAdminServiceStub(rig.gw.channel("keyvault"))
+    deadline = time.monotonic() + 10
+    while True:
+        audit = vault_admin.ListAuditEvents(keyvault_pb2.ListAuditEventsRequest(page_size=1000), timeout=10)
+        ends = [e for e in audit.events if e.provider == "canary" and e.action == keyvault_pb2.AUDIT_ACTION_LEASE_USED]
+        if len(ends) >= 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(ends) >= 6  # two successes, one fallback, three failures: each lease was used
     haystacks = {"errors": "\n".join(errors), "metrics": metrics, "router log": rig.router.log_text(),
-                 "gateway logs": rig.gw.all_logs()}
+                 "gateway logs": rig.gw.all_logs(), "audit": str(audit)}
     for where, text in haystacks.items():
         for form in forms:
             assert form not in text, f"canary found in {where}"

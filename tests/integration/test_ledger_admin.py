@@ -144,3 +144,19 @@ async def test_new_prices_apply_to_new_holds_and_open_holds_settle_at_their_vers
     ]
     assert sql(fresh_database, "SELECT count(*) FROM holds WHERE request_id = 'refused'") == [(0,)]
     check_invariants(fresh_database)
+
+
+async def test_grpc_list_spend_refuses_an_unknown_group_by_value_naming_the_field(
+    fresh_database: str, pki: Path
+) -> None:
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "operator-admin.pem", pki / "operator-admin-key.pem",
+                                 pki / "ca.pem")
+        async with channel:
+            admin = ledger_pb2_grpc.LedgerAdminServiceStub(channel)
+            await admin.ListSpend(pb.ListSpendRequest(group_by=[pb.SPEND_GROUP_BY_TEAM]))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await admin.ListSpend(pb.ListSpendRequest(group_by=[pb.SPEND_GROUP_BY_TEAM, 77]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = E.error_info_from_rpc_error(err.value)
+    assert info is not None and info.reason == "UNKNOWN_ENUM_VALUE" and info.metadata["field"] == "group_by"

@@ -12,11 +12,13 @@ import time
 import traceback
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import httpx
 import pytest
 
+from igw.router.v1 import router_pb2
 from services.fakes import FakeHandle, start_fake
 from services.router.providers import (
     ChatRequest,
@@ -32,10 +34,13 @@ from services.router.providers import (
     ToolCall,
     ToolCallDelta,
     ToolDef,
+    UsageSoFar,
     get_adapter,
     make_http_client,
 )
 from services.router.providers.base import estimate_tokens
+from services.router.routing import Limits
+from services.router.translate import prepare
 
 pytestmark = pytest.mark.asyncio
 
@@ -128,6 +133,64 @@ async def expect_error(coro: Any) -> ProviderError:
 
 
 # --------------------------------------------------------------------------- happy paths
+
+
+# A schema as agents write it (pydantic, zod): $defs/$ref, anyOf with null, additionalProperties.
+FULL_JSON_SCHEMA = {
+    "type": "object",
+    "$defs": {"Unit": {"type": "string", "enum": ["c", "f"]}},
+    "properties": {
+        "city": {"type": "string"},
+        "unit": {"anyOf": [{"$ref": "#/$defs/Unit"}, {"type": "null"}]},
+    },
+    "required": ["city"],
+    "additionalProperties": False,
+}
+
+
+async def test_gemini_tools_go_out_as_parameters_json_schema_unchanged(
+    client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    """Gemini's `parameters` takes an OpenAPI subset; full JSON Schema belongs in
+    `parametersJsonSchema` (FunctionDeclaration, Gemini API reference). The fake refuses
+    JSON-Schema-only keywords under `parameters`, as the API does."""
+    tool = ToolDef("get_weather", "Current weather for a city", json.dumps(FULL_JSON_SCHEMA))
+    req = simple_request("what is the weather in Paris?", tools=(tool,))
+    async with running_fake("gemini") as fk:
+        resp = await get_adapter("gemini").complete(client, fk.base_url, SECRET, req, FAST)
+        events = await collect(get_adapter("gemini").stream(client, fk.base_url, SECRET, req, FAST))
+        reqs = await recorded(ctl, fk)
+        # The fake's check is real: the old wire shape is refused.
+        old = dict(reqs[0]["body"])
+        old["tools"] = [{"functionDeclarations": [{"name": "get_weather", "parameters": FULL_JSON_SCHEMA}]}]
+        refused = await ctl.post(f"{fk.base_url}/v1beta/models/model-1:generateContent", json=old,
+                                 headers={"x-goog-api-key": SECRET})
+    assert refused.status_code == 400 and "Unknown name" in refused.text
+    assert resp.tool_calls[0].name == "get_weather"
+    assert assemble_tools(events)[0]["name"] == "get_weather"
+    for r in reqs:
+        (decl,) = r["body"]["tools"][0]["functionDeclarations"]
+        assert "parameters" not in decl
+        assert decl["parametersJsonSchema"] == FULL_JSON_SCHEMA
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_temperature_and_top_p_reach_the_provider_exactly(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient
+) -> None:
+    """0.7 stays 0.7 on its way from the agent's request bytes to the provider's JSON (the
+    contract's fields are doubles; a float32 arrived as 0.699999988)."""
+    agent = router_pb2.GenerateRequest(model="m", max_output_tokens=100, temperature=0.7, top_p=0.95)
+    agent.messages.add(role=router_pb2.ROLE_USER).parts.add(text="hello there world")
+    wire = router_pb2.GenerateRequest.FromString(agent.SerializeToString())
+    req = replace(prepare(wire, Limits()).chat, model="model-1")
+    async with running_fake(kind) as fk:
+        await get_adapter(kind).complete(client, fk.base_url, SECRET, req, FAST)
+        (sent,) = await recorded(ctl, fk)
+    body = sent["body"]
+    got = (body["generationConfig"]["temperature"], body["generationConfig"]["topP"]) if kind == "gemini" else (
+        body["temperature"], body["top_p"])
+    assert got == (0.7, 0.95)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -425,7 +488,7 @@ async def test_request_body_as_documented(kind: str, client: httpx.AsyncClient, 
         assert ub["tools"] == [
             {
                 "functionDeclarations": [
-                    {"name": "get_weather", "description": WEATHER.description, "parameters": schema}
+                    {"name": "get_weather", "description": WEATHER.description, "parametersJsonSchema": schema}
                 ]
             }
         ]
@@ -640,6 +703,25 @@ async def wait_for_cancelled(ctl: httpx.AsyncClient, fk: FakeHandle, n: int, wit
     raise AssertionError(f"fake did not record {n} cancelled stream(s) within {within_s}s")
 
 
+@pytest.mark.parametrize("kind", ["anthropic", "gemini"])
+async def test_a_stream_reports_the_providers_input_count_before_it_ends(
+    kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient,
+) -> None:
+    """Anthropic's message_start and Gemini's per-chunk usageMetadata carry the input count: it is
+    passed on at once (UsageSoFar), so a stream cut before its end is charged with it."""
+    adapter = get_adapter(kind)
+    async with running_fake(kind) as fk:
+        unary = await adapter.complete(client, fk.base_url, SECRET, simple_request(), FAST)
+        events = await collect(adapter.stream(client, fk.base_url, SECRET, simple_request(), FAST))
+    first_text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    early = [e for e in events[:first_text + 1] if isinstance(e, UsageSoFar)]
+    assert early, "no usage reported before the first text"
+    assert early[0].usage.input_tokens == unary.usage.input_tokens > 0
+    reports = [e for e in events if isinstance(e, UsageSoFar)]
+    end = events[-1]
+    assert isinstance(end, StreamEnd) and reports[-1].usage == end.usage  # running totals, the last is final
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_closing_stream_cancels_upstream(kind: str, client: httpx.AsyncClient, ctl: httpx.AsyncClient) -> None:
     adapter = get_adapter(kind)
@@ -647,6 +729,8 @@ async def test_closing_stream_cancels_upstream(kind: str, client: httpx.AsyncCli
         await set_faults(ctl, fk, {"mode": "endless", "interval_ms": 20})
         agen = adapter.stream(client, fk.base_url, SECRET, simple_request(), FAST)
         first = [await agen.__anext__(), await agen.__anext__()]
+        while any(isinstance(e, UsageSoFar) for e in first):  # usage reports come before/between text
+            first = [e for e in first if not isinstance(e, UsageSoFar)] + [await agen.__anext__()]
         assert all(isinstance(e, TextDelta) for e in first)
         await agen.aclose()  # type: ignore[attr-defined]
         await wait_for_cancelled(ctl, fk, 1)

@@ -51,9 +51,16 @@ class _Vault:
 
     def __init__(self) -> None:
         self.hang = False
+        self.ended: list[keyvault_pb2.EndLeaseRequest] = []
 
     def IssueCredential(self, req: Any, timeout: float) -> asyncio.Future[keyvault_pb2.IssueCredentialResponse]:
         return asyncio.ensure_future(self._issue())
+
+    def EndLease(self, req: keyvault_pb2.EndLeaseRequest, timeout: float) -> asyncio.Future[None]:
+        self.ended.append(req)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
 
     async def _issue(self) -> keyvault_pb2.IssueCredentialResponse:
         if self.hang:

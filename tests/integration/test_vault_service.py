@@ -377,7 +377,8 @@ async def test_create_is_idempotent_on_request_id_and_refuses_a_taken_name(vault
 
 async def test_bad_arguments_are_refused_without_echoing_them(vault: Vault) -> None:
     cases = [
-        dict(name="bad name!"), dict(provider="OpenAI"), dict(base_url="http://api.openai.com"),
+        dict(name="bad name!"), dict(provider="OpenAI"), dict(base_url="http://169.254.169.254/latest"),
+        dict(base_url="http://metadata.google.internal/"),
         dict(base_url="https://u:p@h.example"), dict(secret="x" * 4097), dict(allowed_teams=["a/b"], all_teams=False),
         dict(secret="sk-has\nnewline"),
     ]
@@ -391,6 +392,9 @@ async def test_bad_arguments_are_refused_without_echoing_them(vault: Vault) -> N
         assert str(value) not in (info.value.details() or "")
     http_local = await vault.create("local", base_url="http://127.0.0.1:8080/v1")
     assert http_local.base_url == "http://127.0.0.1:8080/v1"
+    # An in-cluster model server, as the router's `local: true` admits it (services.common.egress).
+    in_cluster = await vault.create("vllm", base_url="http://vllm.inference.svc:8000/v1")
+    assert in_cluster.base_url == "http://vllm.inference.svc:8000/v1"
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await vault.issue(provider="Not A Provider")
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -539,3 +543,17 @@ async def test_a_key_disabled_through_one_replica_stops_at_once_on_the_others(pk
             await asyncio.sleep(0.05)
     finally:
         await stop_vault(other)
+
+
+@pytest.mark.parametrize(("field", "value"), [("action", 99), ("outcome", 42)])
+async def test_an_unknown_enum_value_in_an_audit_filter_is_refused_naming_the_field(
+    vault: Vault, field: str, value: int
+) -> None:
+    await vault.create("k1")
+    everything = await vault.admin.ListAuditEvents(pb.ListAuditEventsRequest())
+    assert everything.events  # an ignored filter would return these
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await vault.admin.ListAuditEvents(pb.ListAuditEventsRequest(**{field: value}))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    detail = error_info_from_rpc_error(info.value)
+    assert detail is not None and detail.reason == "UNKNOWN_ENUM_VALUE" and detail.metadata["field"] == field

@@ -19,9 +19,11 @@ from igw.client import (
     CertificateExpired,
     ClientConfig,
     ClientConfigError,
+    FailedPrecondition,
     IgwClient,
     IgwError,
     InvalidArgument,
+    NoBudget,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -88,6 +90,14 @@ def test_a_budget_status_from_the_server_becomes_budget_exceeded_with_integer_am
     assert error.requested_nanos == 2_000_000
     assert error.remaining_dollars == "$0.0001"
     assert error.metadata["team"] == "demo"
+    assert not error.retryable
+
+
+def test_a_team_without_a_budget_becomes_no_budget_and_is_not_retryable() -> None:
+    err = server_errors.FailedPrecondition("NO_BUDGET", "your team has no budget", {"team": "t1", "agent": "a"})
+    error = error_from_rpc_error(_FakeRpcError(server_errors.to_status(err, "router.igw")))
+    assert isinstance(error, NoBudget) and isinstance(error, FailedPrecondition)
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.team == "t1"
     assert not error.retryable
 
 
@@ -199,6 +209,18 @@ def test_message_helpers_build_the_proto_messages() -> None:
 # --------------------------------------------------------------------------- against a real gRPC server
 
 
+# Errors the router chooses after its own attempts: never sent again by the client.
+_ROUTER_CHOSEN: dict[str, server_errors.IgwError] = {
+    "key_refused": server_errors.FailedPrecondition(
+        "PROVIDER_AUTH_FAILED", "model 'fast' has no usable deployment: d: the provider refused the credential",
+        {"attempt_1_deployment": "d", "attempt_1_outcome": "AUTH_FAILED", "attempt_1_http_status": 401}),
+    "all_failed": server_errors.Unavailable("ALL_CANDIDATES_FAILED", "no deployment could answer",
+                                            retry_delay_s=2.5),
+    "ledger_down": server_errors.Unavailable("LEDGER_UNAVAILABLE", "the budget ledger could not be reached"),
+    "rate_limited": server_errors.ResourceExhausted("UPSTREAM_RATE_LIMITED", "all rate limited", retry_delay_s=4),
+}
+
+
 class _FakeRouter(router_pb2_grpc.RouterServiceServicer):
     """A RouterService whose behaviour each test scripts."""
 
@@ -219,6 +241,8 @@ class _FakeRouter(router_pb2_grpc.RouterServiceServicer):
             context.abort_with_status(
                 server_errors.to_status(server_errors.Unavailable("DRAINING", "shutting down"), "router.igw")
             )
+        if self.mode in _ROUTER_CHOSEN:
+            context.abort_with_status(server_errors.to_status(_ROUTER_CHOSEN[self.mode], "router.igw"))
         return router_pb2.GenerateResponse(request_id=request.request_id, text="hello", cost_nanos=1400)
 
     def GenerateStream(
@@ -227,6 +251,8 @@ class _FakeRouter(router_pb2_grpc.RouterServiceServicer):
         self._record(request)
         if self.mode == "budget":
             context.abort_with_status(_budget_status())
+        if self.mode in _ROUTER_CHOSEN:
+            context.abort_with_status(server_errors.to_status(_ROUTER_CHOSEN[self.mode], "router.igw"))
         yield router_pb2.GenerateStreamResponse(start=router_pb2.StreamStart(request_id=request.request_id))
         if self.mode == "break_mid_stream":
             context.abort_with_status(
@@ -341,3 +367,40 @@ async def test_the_async_client_retries_and_decodes_errors_like_the_sync_one(pki
         with pytest.raises(BudgetExceeded) as caught:
             await client.generate("fast", "hi")
         assert caught.value.limit_nanos == 5_000_000_000
+
+
+@pytest.mark.parametrize("mode", sorted(_ROUTER_CHOSEN))
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_error_the_router_chose_is_sent_once_with_default_settings(
+    pki: Path, start_router: Any, mode: str, streamed: bool
+) -> None:
+    """A provider that refuses a key, every candidate failing, the ledger down: the router already
+    tried (and fell back); the client does not multiply that by its max_attempts."""
+    address, fake = start_router(mode)
+    config = ClientConfig([address], pki / "agent-demo-quickstart.pem", pki / "agent-demo-quickstart-key.pem",
+                          pki / "ca.pem")
+    assert config.max_attempts > 1  # the defaults would retry, were it safe
+    with IgwClient(config) as client, pytest.raises(IgwError) as caught:
+        if streamed:
+            list(client.stream("fast", "hi"))
+        else:
+            client.generate("fast", "hi")
+    assert len(fake.request_ids) == 1
+    assert not caught.value.retryable
+    assert caught.value.reason == _ROUTER_CHOSEN[mode].reason
+    assert caught.value.retry_delay == _ROUTER_CHOSEN[mode].retry_delay_s
+
+
+def test_a_router_that_cannot_be_reached_is_retried_on_the_next_address_with_the_same_id(
+    pki: Path, start_router: Any
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    up, fake = start_router("ok")
+    with IgwClient(_config(pki, dead, up)) as client:
+        for _ in range(3):
+            assert client.generate("fast", "hi", request_id="same-id").text == "hello"
+    assert fake.request_ids == ["same-id"] * 3

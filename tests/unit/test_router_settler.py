@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from igw.ledger.v1 import ledger_pb2 as pb
 from services.router.metrics import RouterMetrics
-from services.router.settler import Settler
+from services.router.settler import Settler, release_hold, release_request
 
 
 class _Unavailable(grpc.RpcError):
@@ -133,3 +133,32 @@ async def test_settles_after_an_idle_period_are_still_sent(n: int) -> None:
         settler.submit(_req(f"later{i}"))
     assert await settler.drain(5)
     assert ledger.calls[-1] == [f"later{i}" for i in range(n)]
+
+
+class _Releases:
+    """Answers Release from a script of codes (None: acknowledged)."""
+
+    def __init__(self, script: list[grpc.StatusCode | None]) -> None:
+        self.requests: list[pb.ReleaseRequest] = []
+        self._script = script
+
+    async def Release(self, req: pb.ReleaseRequest, timeout: float) -> pb.ReleaseResponse:
+        self.requests.append(req)
+        code = self._script.pop(0) if self._script else None
+        if code is not None:
+            err = grpc.RpcError()
+            err.code = lambda: code  # type: ignore[attr-defined]
+            raise err
+        return pb.ReleaseResponse(released=True)
+
+
+async def test_release_by_request_id_is_retried_through_faults_until_acknowledged() -> None:
+    ledger = _Releases([grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED])
+    assert await release_request(ledger, "call-1", "cancelled") is True  # type: ignore[arg-type]
+    assert [(r.request_id, r.reservation_id, r.reason) for r in ledger.requests] == [("call-1", "", "cancelled")] * 3
+
+
+async def test_a_refused_release_is_not_retried() -> None:
+    ledger = _Releases([grpc.StatusCode.INVALID_ARGUMENT])
+    assert await release_hold(ledger, "not-a-uuid", "x") is False  # type: ignore[arg-type]
+    assert len(ledger.requests) == 1

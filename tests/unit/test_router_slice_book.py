@@ -8,6 +8,7 @@ import asyncio
 from typing import Any
 
 import grpc
+import pytest
 from prometheus_client import CollectorRegistry
 
 from igw.ledger.v1 import ledger_pb2
@@ -27,15 +28,19 @@ UNIT = call_cost(100, 50, 0, 3_000, 15_000, 0)
 
 
 class _Denied(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
+        self._code = code
+
     def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
+        return self._code
 
 
 class _Ledger:
     """Grants ``grant`` calls per slice (None: refuses), answering after ``delay`` seconds."""
 
-    def __init__(self, grant: int | None = 4, delay: float = 0.0) -> None:
-        self.grant, self.delay = grant, delay
+    def __init__(self, grant: int | None = 4, delay: float = 0.0,
+                 refusal: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED) -> None:
+        self.grant, self.delay, self.refusal = grant, delay, refusal
         self.acquired: list[ledger_pb2.AcquireSliceRequest] = []
         self.released: list[str] = []
 
@@ -43,7 +48,7 @@ class _Ledger:
         await asyncio.sleep(self.delay)
         self.acquired.append(req)
         if self.grant is None:
-            raise _Denied()
+            raise _Denied(self.refusal)
         return ledger_pb2.AcquireSliceResponse(
             reservation_id=f"s{len(self.acquired)}", held_nanos=self.grant * UNIT, calls=self.grant,
             per_call_nanos=UNIT, price_version=7)
@@ -136,10 +141,14 @@ async def test_concurrent_calls_share_one_acquisition() -> None:
     await book.close(1)
 
 
-async def test_a_refused_slice_sends_calls_to_reserve_for_a_while() -> None:
-    ledger = _Ledger(grant=None)
+@pytest.mark.parametrize("refusal", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION],
+                         ids=["over_budget", "no_budget"])
+async def test_a_refused_slice_sends_calls_to_reserve_for_a_while(refusal: grpc.StatusCode) -> None:
+    ledger = _Ledger(grant=None, refusal=refusal)
     book = _book(ledger)
     assert await _draw(book) is None
     assert await _draw(book) is None
     assert len(ledger.acquired) == 1  # the second call did not ask again (backoff)
     assert book._metrics.slices.labels("denied")._value.get() == 1
+    await asyncio.sleep(0.3)
+    assert len(ledger.acquired) == 1  # a refusal placed nothing: no reclaim asks again

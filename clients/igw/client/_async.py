@@ -106,7 +106,11 @@ class AsyncIgwClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _should_retry(self, error: IgwError, attempt: int, deadline: Deadline) -> bool:
-        return is_retryable(error.code) and attempt + 1 < self._config.max_attempts and deadline.allows(0)
+        return (
+            is_retryable(error.code, error.reason)
+            and attempt + 1 < self._config.max_attempts
+            and deadline.allows(0)
+        )
 
     async def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
         next_index = self._rotation.failed(index)

@@ -8,14 +8,17 @@
     │   └── ModelNotFound         reason MODEL_NOT_FOUND / UNKNOWN_MODEL
     ├── AlreadyExists             ALREADY_EXISTS
     ├── FailedPrecondition        FAILED_PRECONDITION
-    │   └── ModelNotPriced        reason MODEL_NOT_PRICED
+    │   ├── ModelNotPriced        reason MODEL_NOT_PRICED
+    │   ├── ModelMisconfigured    no deployment usable: no key, key refused (401/403), ...
+    │   └── NoBudget              reason NO_BUDGET (no budget applies to the team; an operator sets one)
     ├── PermissionDenied          PERMISSION_DENIED
     ├── Unauthenticated           UNAUTHENTICATED
     ├── ResourceExhausted         RESOURCE_EXHAUSTED
     │   ├── BudgetExceeded        reason BUDGET_EXCEEDED (remaining_nanos, limit_nanos, ...)
-    │   └── RateLimited           reason RATE_LIMITED
-    ├── Unavailable               UNAVAILABLE (retried by the client)
-    │   └── NoCandidates          reason NO_CANDIDATES / ALL_CANDIDATES_FAILED
+    │   └── RateLimited           reason RATE_LIMITED / UPSTREAM_RATE_LIMITED
+    ├── Unavailable               UNAVAILABLE (retried only when the router was not reached
+    │   │                         or is draining; see ``retryable``)
+    │   └── NoCandidates          reason NO_CANDIDATES / ALL_CANDIDATES_FAILED / ALL_BREAKERS_OPEN
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── Cancelled                 CANCELLED
     ├── Aborted                   ABORTED
@@ -25,11 +28,14 @@
 The class is chosen by the stable ``reason`` of the ``google.rpc.ErrorInfo`` detail
 first (reasons are the contract), then by the status code. The detail is read from the
 ``grpc-status-details-bin`` trailer with :mod:`igw.rpc.v1.status_pb2`, wire-compatible
-copies of ``google.rpc.Status``/``ErrorInfo``, so only protobuf is needed.
+copies of ``google.rpc.Status``/``ErrorInfo``/``RetryInfo``, so only protobuf is needed.
+``retry_delay`` carries ``RetryInfo`` (seconds); ``attempts`` the router's per-attempt
+metadata when every candidate of a model failed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, ClassVar
@@ -50,8 +56,10 @@ __all__ = [
     "IgwError",
     "Internal",
     "InvalidArgument",
+    "ModelMisconfigured",
     "ModelNotFound",
     "ModelNotPriced",
+    "NoBudget",
     "NoCandidates",
     "NotFound",
     "PermissionDenied",
@@ -64,10 +72,15 @@ __all__ = [
     "error_class",
     "error_from_rpc_error",
     "format_nanos",
+    "is_retryable_error",
 ]
 
 _DETAILS_KEY = "grpc-status-details-bin"
 _ERROR_INFO_TYPE = "google.rpc.ErrorInfo"
+_RETRY_INFO_TYPE = "google.rpc.RetryInfo"
+# UNAVAILABLE reasons that mean "this router is going away": safe to send again elsewhere.
+_DRAINING_REASONS = frozenset({"DRAINING"})
+_ATTEMPT_KEY = re.compile(r"^attempt_(\d+)_([a-z_]+)$")
 _NANOS_PER_DOLLAR = Decimal(1_000_000_000)
 
 
@@ -90,6 +103,7 @@ class IgwError(Exception):
         domain: the error domain, e.g. ``"ledger.igw"`` ("" when none).
         message: the human-readable message.
         metadata: the ErrorInfo metadata (string values).
+        retry_delay: seconds to wait before a retry may succeed (``google.rpc.RetryInfo``), or None.
     """
 
     default_code: ClassVar[grpc.StatusCode | None] = None
@@ -101,12 +115,14 @@ class IgwError(Exception):
         domain: str = "",
         message: str = "",
         metadata: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
     ) -> None:
         self.code = code if code is not None else self.default_code
         self.reason = reason
         self.domain = domain
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
+        self.retry_delay = retry_delay
         super().__init__(str(self))
 
     @property
@@ -116,8 +132,20 @@ class IgwError(Exception):
 
     @property
     def retryable(self) -> bool:
-        """True for errors the client retries (UNAVAILABLE)."""
-        return bool(self.code == grpc.StatusCode.UNAVAILABLE)
+        """True for errors the client retries by itself: see :func:`is_retryable_error`."""
+        return is_retryable_error(self.code, self.reason)
+
+    @property
+    def attempts(self) -> list[dict[str, str]]:
+        """The router's attempts when every candidate failed, in order: dicts with
+        ``deployment``, ``outcome`` (e.g. ``AUTH_FAILED``) and, when known, ``http_status``,
+        ``cause`` and ``retry_after_ms``. Empty for other errors."""
+        found: dict[int, dict[str, str]] = {}
+        for key, value in self.metadata.items():
+            match = _ATTEMPT_KEY.match(key)
+            if match:
+                found.setdefault(int(match.group(1)), {})[match.group(2)] = value
+        return [found[n] for n in sorted(found)]
 
     def metadata_int(self, key: str) -> int | None:
         """A metadata value as an int, or ``None`` when absent or not an integer."""
@@ -186,6 +214,21 @@ class FailedPrecondition(IgwError):
 
 class ModelNotPriced(FailedPrecondition):
     """The ledger has no price for the model, so no budget hold can be sized."""
+
+
+class ModelMisconfigured(FailedPrecondition):
+    """No deployment of the model is usable until an operator acts: no key in the vault, a key
+    the provider refuses (401/403), a key bound to another base URL. ``attempts`` says which."""
+
+
+class NoBudget(FailedPrecondition):
+    """No budget applies to the team (or agent), and the gateway refuses unbudgeted teams: an
+    operator must set one. Retrying does not help."""
+
+    @property
+    def team(self) -> str:
+        """The team that has no budget."""
+        return str(self.metadata.get("team", ""))
 
 
 class PermissionDenied(IgwError):
@@ -315,9 +358,17 @@ _BY_REASON: dict[str, type[IgwError]] = {
     "BUDGET_EXCEEDED": BudgetExceeded,
     "RATE_LIMITED": RateLimited,
     "MODEL_NOT_PRICED": ModelNotPriced,
+    "NO_BUDGET": NoBudget,
     "PRICE_NOT_FOUND": ModelNotPriced,
+    "UPSTREAM_RATE_LIMITED": RateLimited,
     "NO_CANDIDATES": NoCandidates,
     "ALL_CANDIDATES_FAILED": NoCandidates,
+    "ALL_BREAKERS_OPEN": NoCandidates,
+    "PROVIDER_AUTH_FAILED": ModelMisconfigured,
+    "PROVIDER_REDIRECT_REFUSED": ModelMisconfigured,
+    "NO_CREDENTIAL": ModelMisconfigured,
+    "LEASE_BASE_URL_MISMATCH": ModelMisconfigured,
+    "DEPLOYMENTS_MISCONFIGURED": ModelMisconfigured,
     "MODEL_NOT_FOUND": ModelNotFound,
     "UNKNOWN_MODEL": ModelNotFound,
 }
@@ -364,6 +415,34 @@ def decode_status_details(blob: bytes) -> tuple[str, str, dict[str, str], str | 
     return "", "", {}, message
 
 
+def is_retryable_error(code: grpc.StatusCode | None, reason: str) -> bool:
+    """Whether the client may send the same request (same request id) again by itself.
+
+    Only when the router was not reached or is going away: UNAVAILABLE from gRPC itself (no
+    igw ErrorInfo: connection refused or reset, a router shutting down) or with reason
+    ``DRAINING``. An UNAVAILABLE the router chose (every candidate failed, the ledger is down)
+    already had the router's own retries and fallbacks; sending it again would multiply
+    provider requests, so it goes to the caller with ``retry_delay`` when known.
+    """
+    return code == grpc.StatusCode.UNAVAILABLE and (not reason or reason in _DRAINING_REASONS)
+
+
+def _retry_delay(blob: bytes) -> float | None:
+    try:
+        status = status_pb2.Status.FromString(blob)
+    except Exception:  # garbage trailer: no delay, never a crash
+        return None
+    for detail in status.details:
+        if detail.type_url.rsplit("/", 1)[-1] != _RETRY_INFO_TYPE:
+            continue
+        try:
+            info = status_pb2.RetryInfo.FromString(detail.value)
+        except Exception:
+            return None
+        return float(info.retry_delay.seconds) + float(info.retry_delay.nanos) / 1e9
+    return None
+
+
 def error_class(code: grpc.StatusCode | None, reason: str) -> type[IgwError]:
     """The typed error class for a status code and ErrorInfo reason."""
     if reason in _BY_REASON:
@@ -379,11 +458,13 @@ def error_from_rpc_error(err: grpc.RpcError) -> IgwError:
     message = _details(err)
     reason, domain = "", ""
     metadata: dict[str, str] = {}
+    retry_delay: float | None = None
     for key, value in _trailers(err):
         if key == _DETAILS_KEY and isinstance(value, bytes):
             reason, domain, metadata, status_message = decode_status_details(value)
+            retry_delay = _retry_delay(value)
             if not message and status_message:
                 message = status_message
             break
     cls = error_class(code, reason)
-    return cls(code, reason=reason, domain=domain, message=message, metadata=metadata)
+    return cls(code, reason=reason, domain=domain, message=message, metadata=metadata, retry_delay=retry_delay)

@@ -1,8 +1,10 @@
 """The retry policy shared by the sync and async clients.
 
-Only UNAVAILABLE is retried (the router could not be reached or is draining), with
-exponential backoff and full jitter, moving to the next router address each time; the
-request id stays the same so the gateway counts the call once. Everything happens
+Only what is safe to send again is retried: the router could not be reached (UNAVAILABLE
+from gRPC itself, no igw ErrorInfo) or is draining (reason ``DRAINING``). Never an error
+the router chose: a provider that refuses a key sees one request per agent call. Retries
+use exponential backoff with full jitter and move to the next router address each time;
+the request id stays the same so the gateway counts the call once. Everything happens
 inside the call's one overall deadline.
 """
 
@@ -13,6 +15,8 @@ import threading
 import time
 
 import grpc
+
+from igw.client._errors import is_retryable_error
 
 __all__ = ["AddressRotation", "Deadline", "backoff_delay", "is_retryable"]
 
@@ -25,9 +29,9 @@ def backoff_delay(retry: int, base: float = _BASE_DELAY, cap: float = _MAX_DELAY
     return random.uniform(0.0, min(cap, base * (2**retry)))
 
 
-def is_retryable(code: grpc.StatusCode | None) -> bool:
-    """True for the one status code worth retrying on another address."""
-    return bool(code == grpc.StatusCode.UNAVAILABLE)
+def is_retryable(code: grpc.StatusCode | None, reason: str = "") -> bool:
+    """True when the call may be sent again on another address (see ``is_retryable_error``)."""
+    return is_retryable_error(code, reason)
 
 
 class Deadline:

@@ -23,6 +23,7 @@ from .domain import (
     ToolCallDelta,
     ToolDef,
     Usage,
+    UsageSoFar,
 )
 from .errors import ErrorKind, ProviderError
 from .registry import get_adapter
@@ -45,6 +46,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolDef",
     "Usage",
+    "UsageSoFar",
     "build_url",
     "check_url_name",
     "get_adapter",

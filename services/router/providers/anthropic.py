@@ -39,6 +39,7 @@ from .domain import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UsageSoFar,
 )
 from .errors import ErrorKind, ProviderError, safe_token, summarize
 
@@ -264,6 +265,9 @@ class AnthropicAdapter:
                         rid = msg["id"]
                     u = msg.get("usage")
                     start_usage = u if isinstance(u, dict) else {}
+                    so_far = _usage(name, start_usage, final_usage)
+                    if so_far is not None:
+                        yield UsageSoFar(so_far)
                 elif etype == "message_delta":
                     delta = obj.get("delta")
                     if isinstance(delta, dict) and delta.get("stop_reason"):
@@ -271,6 +275,9 @@ class AnthropicAdapter:
                     u = obj.get("usage")
                     if isinstance(u, dict):
                         final_usage.update(u)
+                        so_far = _usage(name, start_usage, final_usage)
+                        if so_far is not None:
+                            yield UsageSoFar(so_far)
                 elif etype == "message_stop":
                     done = True
                     break

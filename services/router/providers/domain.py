@@ -181,7 +181,16 @@ class StreamEnd:
     response_id: str = ""
 
 
-StreamEvent: TypeAlias = TextDelta | ToolCallDelta | StreamEnd
+@dataclass(frozen=True, slots=True)
+class UsageSoFar:
+    """Usage the provider reported before the end of the stream (Anthropic ``message_start`` and
+    ``message_delta``, Gemini chunks' ``usageMetadata``): running totals, the latest wins. A
+    stream cut before its ``StreamEnd`` is charged with these numbers rather than estimates."""
+
+    usage: Usage
+
+
+StreamEvent: TypeAlias = TextDelta | ToolCallDelta | UsageSoFar | StreamEnd
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from .domain import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UsageSoFar,
 )
 from .errors import ErrorKind, ProviderError, safe_token, summarize
 
@@ -151,7 +152,9 @@ class GeminiAdapter:
                         {
                             "name": t.name,
                             "description": t.description,
-                            "parameters": load_json_arg(t.parameters_json, "tool parameters"),
+                            # Full JSON Schema (anyOf, $ref, additionalProperties...) goes in
+                            # parametersJsonSchema; `parameters` takes only an OpenAPI subset.
+                            "parametersJsonSchema": load_json_arg(t.parameters_json, "tool parameters"),
                         }
                         for t in req.tools
                     ]
@@ -250,6 +253,16 @@ class GeminiAdapter:
         return error
 
 
+def _usage_of(provider: str, u: dict[str, Any]) -> Usage:
+    """A ``usageMetadata`` object as Usage (thinking tokens are output tokens)."""
+    return Usage(
+        input_tokens=token_count(provider, u.get("promptTokenCount")),
+        output_tokens=token_count(provider, u.get("candidatesTokenCount"))
+        + token_count(provider, u.get("thoughtsTokenCount")),
+        cached_input_tokens=token_count(provider, u.get("cachedContentTokenCount")),
+    )
+
+
 class _Accumulator:
     """Folds GenerateContentResponse chunks into events and a final response."""
 
@@ -274,6 +287,8 @@ class _Accumulator:
         usage = obj.get("usageMetadata")
         if isinstance(usage, dict):
             self.usage = usage  # running total: keep the last
+            if "promptTokenCount" in usage:
+                events.append(UsageSoFar(_usage_of(provider, usage)))
         feedback = obj.get("promptFeedback")
         if isinstance(feedback, dict) and feedback.get("blockReason"):
             self.blocked = True
@@ -332,12 +347,7 @@ class _Accumulator:
         u = self.usage or {}
         text = "".join(self.texts)
         if u:
-            usage = Usage(
-                input_tokens=token_count(provider, u.get("promptTokenCount")),
-                output_tokens=token_count(provider, u.get("candidatesTokenCount"))
-                + token_count(provider, u.get("thoughtsTokenCount")),
-                cached_input_tokens=token_count(provider, u.get("cachedContentTokenCount")),
-            )
+            usage = _usage_of(provider, u)
         else:
             usage = estimate_usage(req, text + "".join(c.arguments_json for c in self.calls))
         return ChatResponse(

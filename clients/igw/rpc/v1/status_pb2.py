@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17igw/rpc/v1/status.proto\x12\nigw.rpc.v1\",\n\tAnyDetail\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"O\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x15.igw.rpc.v1.AnyDetail\"\x93\x01\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.igw.rpc.v1.ErrorInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17igw/rpc/v1/status.proto\x12\nigw.rpc.v1\x1a\x1egoogle/protobuf/duration.proto\",\n\tAnyDetail\x12\x10\n\x08type_url\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"O\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12&\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x15.igw.rpc.v1.AnyDetail\"\x93\x01\n\tErrorInfo\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\x12\x35\n\x08metadata\x18\x03 \x03(\x0b\x32#.igw.rpc.v1.ErrorInfo.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\tRetryInfo\x12.\n\x0bretry_delay\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Durationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORINFO_METADATAENTRY']._loaded_options = None
   _globals['_ERRORINFO_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_ANYDETAIL']._serialized_start=39
-  _globals['_ANYDETAIL']._serialized_end=83
-  _globals['_STATUS']._serialized_start=85
-  _globals['_STATUS']._serialized_end=164
-  _globals['_ERRORINFO']._serialized_start=167
-  _globals['_ERRORINFO']._serialized_end=314
-  _globals['_ERRORINFO_METADATAENTRY']._serialized_start=267
-  _globals['_ERRORINFO_METADATAENTRY']._serialized_end=314
+  _globals['_ANYDETAIL']._serialized_start=71
+  _globals['_ANYDETAIL']._serialized_end=115
+  _globals['_STATUS']._serialized_start=117
+  _globals['_STATUS']._serialized_end=196
+  _globals['_ERRORINFO']._serialized_start=199
+  _globals['_ERRORINFO']._serialized_end=346
+  _globals['_ERRORINFO_METADATAENTRY']._serialized_start=299
+  _globals['_ERRORINFO_METADATAENTRY']._serialized_end=346
+  _globals['_RETRYINFO']._serialized_start=348
+  _globals['_RETRYINFO']._serialized_end=407
 # @@protoc_insertion_point(module_scope)
