@@ -118,7 +118,9 @@ def test_a_connection_that_never_starts_tls_is_closed_after_the_handshake_timeou
     sock.close()
 
 
-def test_headers_trickled_byte_by_byte_are_cut_off_at_the_idle_timeout(router: ServiceProcess, gateway: Gateway) -> None:
+def test_headers_trickled_byte_by_byte_are_cut_off_at_the_idle_timeout(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     sock = _tls(router, gateway.pki)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n")
     stop = threading.Event()
@@ -143,7 +145,9 @@ def test_headers_trickled_byte_by_byte_are_cut_off_at_the_idle_timeout(router: S
     assert elapsed < TIMEOUT_S + SLACK_S
 
 
-def test_an_idle_keep_alive_connection_is_closed(router: ServiceProcess, gateway: Gateway) -> None:
+def test_an_idle_keep_alive_connection_is_closed(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     sock = _tls(router, gateway.pki)
     sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: edge\r\n\r\n")
     first = sock.recv(65536)
@@ -152,7 +156,9 @@ def test_an_idle_keep_alive_connection_is_closed(router: ServiceProcess, gateway
     sock.close()
 
 
-def test_a_body_that_never_arrives_gets_a_400_and_the_connection_back(router: ServiceProcess, gateway: Gateway) -> None:
+def test_a_body_that_never_arrives_gets_a_400_and_the_connection_back(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     sock = _tls(router, gateway.pki)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 5000\r\n\r\n{\"model\": ")
@@ -171,14 +177,18 @@ def test_a_body_that_never_arrives_gets_a_400_and_the_connection_back(router: Se
     assert data.startswith(b"HTTP/1.1 400") and b"BODY_TIMEOUT" in data
 
 
-def test_an_oversized_body_is_refused_with_413_in_the_apis_shape(router: ServiceProcess, gateway: Gateway) -> None:
+def test_an_oversized_body_is_refused_with_413_in_the_apis_shape(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     with pytest.raises(openai.APIStatusError) as exc:
         _client(router, gateway.pki).chat.completions.create(
             model="solo", messages=[{"role": "user", "content": "x" * 100_000}])
     assert exc.value.status_code == 413 and exc.value.code == "body_too_large"
 
 
-def test_connections_over_the_cap_are_dropped_and_the_edge_recovers(router: ServiceProcess, gateway: Gateway) -> None:
+def test_connections_over_the_cap_are_dropped_and_the_edge_recovers(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     held = [_tls(router, gateway.pki) for _ in range(16)]
     try:
         extra = _tls(router, gateway.pki)
@@ -199,7 +209,9 @@ def test_connections_over_the_cap_are_dropped_and_the_edge_recovers(router: Serv
             time.sleep(0.1)
 
 
-def test_calls_over_max_in_flight_are_refused_with_429_and_retry_after(router: ServiceProcess, gateway: Gateway) -> None:
+def test_calls_over_max_in_flight_are_refused_with_429_and_retry_after(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     httpx.post(f"{gateway.endpoints['fakes']['fake-openai']}/_fake/faults", timeout=10,  # type: ignore[index]
                json=[{"mode": "ok", "delay_ms": 1500, "match_model": "fake-small"}])
     results: list[Any] = []
@@ -223,7 +235,9 @@ def test_calls_over_max_in_flight_are_refused_with_429_and_retry_after(router: S
     assert all(int(r.response.headers["retry-after"]) >= 1 for r in refused)
 
 
-def test_a_provider_rate_limit_reaches_the_sdk_with_retry_after(router: ServiceProcess, gateway: Gateway) -> None:
+def test_a_provider_rate_limit_reaches_the_sdk_with_retry_after(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     httpx.post(f"{gateway.endpoints['fakes']['fake-openai']}/_fake/faults", timeout=10,  # type: ignore[index]
                json=[{"status": 429, "retry_after": 3, "match_model": "fake-limited"}])
     with pytest.raises(openai.APIStatusError) as exc:
@@ -234,7 +248,9 @@ def test_a_provider_rate_limit_reaches_the_sdk_with_retry_after(router: ServiceP
     assert "hi" not in exc.value.response.text.replace("\"", " ").split()  # no prompt text in the body
 
 
-def test_a_caller_hanging_up_mid_stream_cancels_upstream_and_settles_once(router: ServiceProcess, gateway: Gateway) -> None:
+def test_a_caller_hanging_up_mid_stream_cancels_upstream_and_settles_once(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
     fake = gateway.endpoints["fakes"]["fake-openai"]  # type: ignore[index]
     httpx.post(f"{fake}/_fake/faults", timeout=10, json=[{"mode": "endless", "match_model": "fake-small"}])
     before = httpx.get(f"{fake}/_fake/stats", timeout=10).json().get("cancelled_streams", 0)
