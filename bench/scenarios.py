@@ -43,7 +43,7 @@ from bench import procstats
 from bench.loadgen import LoadGen, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "rate-litellm-default", "profile")
+ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "rate-litellm-default", "edge", "profile")
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
 _SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
@@ -509,7 +509,7 @@ budget_slices:
         assert self.lg is not None
         self.seq += 1
         slices0 = None
-        if job["kind"] == "grpc":
+        if job["kind"] == "grpc" or job.get("rid_header"):
             job["rid_prefix"] = f"{self.run_id}.{scenario}.{self.seq}."
             # Outside the timed window: the scrape costs the router a little CPU.
             slices0 = self.slice_counters()
@@ -549,7 +549,7 @@ budget_slices:
         res["system"] = system
         res["job"] = {k: v for k, v in job.items() if k not in ("certs", "headers", "ca")}
         res["job"]["n_certs"] = len(job.get("certs", []))
-        if job["kind"] == "grpc" and record:
+        if (job["kind"] == "grpc" or job.get("rid_header")) and record:
             prefix = job["rid_prefix"]
             self.rid_owner[prefix] = (system, frozenset(self.cert_team.get(c[0], "?") for c in job["certs"]))
             exp = self.expected.setdefault(scenario, set())
@@ -1081,6 +1081,8 @@ def run(opts: Options) -> dict[str, Any]:
         "scenarios": {},
     }
     t_start = time.monotonic()
+    from bench.edge_bench import scen_edge  # it builds on this module
+
     try:
         rig.start()
         results["rig"] = {
@@ -1097,6 +1099,7 @@ def run(opts: Options) -> dict[str, Any]:
             "stream": scen_stream,
             "fallback": scen_fallback,
             "rate-litellm-default": scen_rate_litellm_default,
+            "edge": scen_edge,
         }
         for name in opts.scenarios:
             if name == "profile" or name not in runners:
