@@ -70,10 +70,12 @@ class HttpError:
 
 def _common(err: E.IgwError, status: int) -> dict[str, str]:
     headers = {"x-igw-error-reason": err.reason}
-    if (status == 429 and not is_budget(err)) or status == 503:
-        delay = getattr(err, "retry_delay_s", None)  # RetryInfo, when the engine knows it
-        if delay is None:
-            delay = _float(err.metadata.get("retry_after_s")) or DEFAULT_RETRY_AFTER_S
+    delay = getattr(err, "retry_delay_s", None)  # RetryInfo, when the engine knows when to retry
+    if delay is None:
+        delay = _float(err.metadata.get("retry_after_s"))
+    if delay is None and status in (429, 503, 529):
+        delay = DEFAULT_RETRY_AFTER_S
+    if delay is not None and not is_budget(err):
         headers["retry-after"] = str(max(1, math.ceil(delay)))
         headers["retry-after-ms"] = str(max(1, int(delay * 1000)))
     if is_budget(err) or err.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
