@@ -40,7 +40,7 @@ models:
   limited: {{candidates: [oa-limited]}}
 retries: {{max_attempts: 1, backoff_initial_ms: 20, backoff_max_ms: 100, retry_after_cap_ms: 500}}
 timeouts: {{connect_ms: 500, first_byte_ms: 5000, idle_ms: 5000, total_ms: 20000}}
-limits: {{max_in_flight: 2}}
+limits: {{max_in_flight: 2, max_messages: 5}}
 """
 
 
@@ -184,6 +184,15 @@ def test_an_oversized_body_is_refused_with_413_in_the_apis_shape(
         _client(router, gateway.pki).chat.completions.create(
             model="solo", messages=[{"role": "user", "content": "x" * 100_000}])
     assert exc.value.status_code == 413 and exc.value.code == "body_too_large"
+
+
+def test_more_messages_than_the_configured_cap_is_a_400_naming_messages(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        _client(router, gateway.pki).chat.completions.create(
+            model="solo", messages=[{"role": "user", "content": f"m{i}"} for i in range(6)])
+    assert exc.value.param == "messages" and exc.value.code == "too_many_messages"
 
 
 def test_connections_over_the_cap_are_dropped_and_the_edge_recovers(

@@ -271,6 +271,8 @@ def test_bad_requests_are_400s_naming_the_field_in_each_apis_shape(edge: Edge) -
             {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                                        "data": "!!!not base64"}}]}])
     assert "messages[0].content[0].source" in str(an.value.message)
+    count = edge.http.post(f"{edge.gw.endpoints['anthropic_base_url']}/v1/messages/count_tokens", json={})
+    assert count.status_code == 404 and count.json()["error"]["type"] == "not_found_error"
     garbage = edge.http.post(f"{edge.gw.endpoints['openai_base_url']}/chat/completions", content=b"{nope")
     assert garbage.status_code == 400 and garbage.json()["error"]["code"] == "bad_json"
 

@@ -132,6 +132,7 @@ class EdgeServer:
                                                                 self._chat))
         app.router.add_get("/v1/models", self._route("openai", "models", _LIST_MODELS, self._models))
         app.router.add_post("/v1/messages", self._route("anthropic", "messages", _GENERATE, self._messages))
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
         self._runner = web.AppRunner(app, handler_cancellation=True, keepalive_timeout=self.limits.idle_timeout_s,
                                      access_log=None)
         await self._runner.setup()
@@ -237,6 +238,9 @@ class EdgeServer:
             raise E.InvalidArgument("BAD_JSON", "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise E.InvalidArgument("BAD_JSON", "the request body must be a JSON object")
+        messages, cap = body.get("messages"), self.router.config.limits.max_messages
+        if isinstance(messages, list) and len(messages) > cap:  # refused before translating them all
+            raise bad_field("messages", f"at most {cap} messages", "TOO_MANY_MESSAGES")
         return body
 
     def _timeout(self, request: web.Request, stream: bool) -> float | None:
@@ -326,6 +330,13 @@ class EdgeServer:
     async def _write(self, resp: web.StreamResponse, chunks: list[bytes]) -> None:
         if chunks:
             await asyncio.wait_for(resp.write(b"".join(chunks)), self.limits.write_timeout_s)
+
+    async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        """Any other path or method (``/v1/messages/count_tokens`` included), in the API's shape."""
+        self.metrics.handled.labels("none", "unknown", "404").inc()
+        err = E.NotFound("NO_SUCH_ROUTE", "this igw edge does not serve that path")
+        render = anthropic_error if request.path.startswith("/v1/messages") else openai_error
+        return _json_error(render(err))
 
     async def _models(self, request: web.Request, ident: Identity) -> web.StreamResponse:
         cfg = self.router.config
