@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STATE_DIR ?= .igw
 PROTO_OUT ?= clients
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+CHECKOV_VERSION ?= 3.3.30
+CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking lint check bench bench-quick clean
+.PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking lint check bench bench-quick clean \
+	lint-deploy deploy-pin deploy-rules image-tools image-base image image-test
 
 $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +23,7 @@ run: venv
 	$(VENV)/bin/igw pki init --dir $(STATE_DIR)/pki
 	$(VENV)/bin/igw up --state-dir $(STATE_DIR) --demo
 
-test: venv
+test: venv $(CHECKOV)
 	$(PY) -m pytest -q
 
 test-fast: venv
@@ -56,7 +59,7 @@ proto-breaking: $(BUF)
 	$(BUF) breaking --against '.git#ref=$(BASE)'
 
 # What CI runs before the tests: lint, types and the contract checks.
-check: lint proto-check proto-lint
+check: lint proto-check proto-lint lint-deploy
 
 lint: venv
 	$(VENV)/bin/ruff check services clients tests bench
@@ -68,5 +71,65 @@ bench: venv
 bench-quick: venv
 	$(PY) -m bench run --quick
 
+# ---- container image (see docs/deploy.md and ../shared/notes/containers.md) -------------------------
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n1)
+COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+IMAGE ?= localhost/igw:$(VERSION)
+# The Containerfile defaults to python:3.11-slim; no registry is reachable here, so the Makefile makes
+# a base from Debian packages (mmdebstrap) and passes it in. Set BASE_IMAGE to use your own.
+BASE_IMAGE ?= localhost/igw-base:bookworm
+DEBIAN_SUITE ?= bookworm
+CONTAINERS_CONF_FILE := $(CURDIR)/.tools/containers.conf
+PODMAN := CONTAINERS_CONF=$(CONTAINERS_CONF_FILE) podman
+HOST_CA ?= /etc/ssl/certs/ca-certificates.crt
+
+# checkov (the Kubernetes policy linter) in its own venv: its pins must not bend the project's.
+$(CHECKOV):
+	$(PYTHON) -m venv .tools/checkov
+	.tools/checkov/bin/pip install -q checkov==$(CHECKOV_VERSION)
+
+# After editing deploy/k8s/base/config/router.yaml: refresh the digest pin beside it.
+deploy-pin:
+	cd deploy/k8s/base/config && sha256sum router.yaml | cut -d' ' -f1 > router.yaml.sha256
+
+# After editing deploy/prometheus/igw-rules.yaml: rebuild the PrometheusRule from it.
+deploy-rules: venv
+	$(PY) deploy/prometheus/build_rules.py
+
+# Dockerfile lint (hadolint from PyPI, in the dev extra).
+lint-deploy: venv
+	$(VENV)/bin/hadolint Containerfile
+
+# podman (with runc) and mmdebstrap from Debian, when missing.
+image-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q podman runc mmdebstrap; }
+
+# Project-local podman settings: runc (crun refuses this cgroup layout), pinned rlimits, file events.
+$(CONTAINERS_CONF_FILE):
+	@mkdir -p $(dir $@)
+	@n=$$(ulimit -Hn); printf '%s\n' '[containers]' \
+		"default_ulimits = [\"nofile=$$n:$$n\", \"nproc=32768:32768\"]" \
+		'[engine]' 'runtime = "runc"' 'cgroup_manager = "cgroupfs"' 'events_logger = "file"' > $@
+
+image-base: image-tools $(CONTAINERS_CONF_FILE)
+	@if [ "$(BASE_IMAGE)" = "localhost/igw-base:$(DEBIAN_SUITE)" ] && ! $(PODMAN) image exists $(BASE_IMAGE); then \
+		set -e; mkdir -p build; \
+		mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,ca-certificates \
+			$(DEBIAN_SUITE) build/igw-base.tar; \
+		$(PODMAN) import --change 'CMD ["/bin/bash"]' --change 'ENV LANG=C.UTF-8' build/igw-base.tar $(BASE_IMAGE); \
+		rm -f build/igw-base.tar; \
+	fi
+
+image: image-base lint-deploy
+	$(PODMAN) build -f Containerfile -t $(IMAGE) \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) \
+		$(if $(wildcard $(HOST_CA)),-v $(HOST_CA):/run/host-ca.crt:ro --build-arg PIP_CERT=/run/host-ca.crt) .
+
+# The three services from the image: read-only, non-root, host network, against an embedded Postgres on
+# TCP; migrations as a one-off job container; real calls through the router; then everything stops.
+image-test: image venv
+	IGW_IMAGE=$(IMAGE) CONTAINERS_CONF=$(CONTAINERS_CONF_FILE) $(PY) -m pytest -q tests/image
+
 clean:
-	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .tools
+	rm -rf $(VENV) $(STATE_DIR) .pytest_cache .tools build

@@ -1,4 +1,7 @@
-"""``python -m bench run [--quick] [--scenarios ...] [--litellm/--no-litellm]``: the igw benchmark."""
+"""``python -m bench run [--quick] [--scenarios ...] [--litellm/--no-litellm]``: the igw benchmark.
+
+``python -m bench ledger-scale [--steps N ...]``: the spend ledger at 10^7+ entries (bench/ledger_scale.py).
+"""
 
 from __future__ import annotations
 
@@ -67,6 +70,11 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    rest = sys.argv[1:] if argv is None else argv
+    if rest and rest[0] == "ledger-scale":
+        from bench import ledger_scale
+
+        return ledger_scale.main(rest[1:])
     args = _parse(argv)
     if args.cmd == "report":
         path = Path(args.results)

@@ -10,6 +10,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MARKDOWN = ROOT / "BENCHMARKS.md"
+LEDGER_SCALE = Path(__file__).resolve().parent / "ledger_scale.md"
 ANALYSIS = ROOT / "bench" / "analysis.md"
 PLOT = RESULTS / "latency.png"
 
@@ -675,6 +676,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
     if ANALYSIS.exists():
         # Hand-written: what changed between runs and what holds the bar back (kept across runs).
         L += [ANALYSIS.read_text().rstrip(), ""]
+    if LEDGER_SCALE.exists():
+        # Written by `python -m bench ledger-scale` (a separate, much longer run): kept across runs.
+        L += ["<!-- ledger-scale:start -->", LEDGER_SCALE.read_text().rstrip(), "<!-- ledger-scale:end -->", ""]
     return "\n".join(L)
 
 

@@ -54,6 +54,7 @@ GROUP_BY = {
     "model": ledger_pb2.SPEND_GROUP_BY_MODEL,
     "provider": ledger_pb2.SPEND_GROUP_BY_PROVIDER,
     "day": ledger_pb2.SPEND_GROUP_BY_DAY,
+    "run": ledger_pb2.SPEND_GROUP_BY_RUN,
 }
 AUDIT_ACTIONS = {
     "issue": keyvault_pb2.AUDIT_ACTION_ISSUE_CREDENTIAL,
@@ -109,6 +110,7 @@ def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     _register_keys(sub, parent)
     _register_budgets(sub, parent)
     _register_spend(sub, parent)
+    _register_limits(sub, parent)
     _register_audit(sub, parent)
 
     config = sub.add_parser("config", help="the router's routing config")
@@ -192,11 +194,12 @@ def _register_keys(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
 
 def _register_budgets(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     budgets = sub.add_parser("budgets", help="team and agent budgets")
-    budgets_sub = budgets.add_subparsers(dest="budgets_command", required=True, metavar="{set,get}")
+    budgets_sub = budgets.add_subparsers(dest="budgets_command", required=True, metavar="{set,get,list,delete}")
     bset = budgets_sub.add_parser("set", parents=[parent], help="create or replace a budget")
     bset.add_argument("--team", required=True)
     bset.add_argument("--agent", default="", help="one agent of the team (default: the whole team)")
-    bset.add_argument("--window", required=True, choices=list(WINDOWS))
+    bset.add_argument("--run", default="", help="a run of the team: its cap (window total)")
+    bset.add_argument("--window", choices=list(WINDOWS), help="required unless --run (always total)")
     bset.add_argument("--limit", required=True, type=dollars_arg, metavar="DOLLARS", help="hard limit, e.g. 25.00")
     bset.add_argument("--soft", type=dollars_arg, default=0, metavar="DOLLARS", help="alert threshold")
     bset.set_defaults(func=cmd_budgets_set)
@@ -204,12 +207,37 @@ def _register_budgets(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     bget.add_argument("--team", required=True)
     bget.add_argument("--agent", default="")
     bget.set_defaults(func=cmd_budgets_get)
+    blist = budgets_sub.add_parser("list", parents=[parent], help="configured budgets (every page)")
+    blist.add_argument("--team", default="", help="only this team")
+    blist.add_argument("--runs", action="store_true", help="include run budgets")
+    blist.set_defaults(func=cmd_budgets_list)
+    bdel = budgets_sub.add_parser("delete", parents=[parent], help="delete one budget")
+    bdel.add_argument("--team", required=True)
+    bdel.add_argument("--agent", default="")
+    bdel.add_argument("--run", default="")
+    bdel.add_argument("--window", choices=list(WINDOWS), help="required unless --run")
+    bdel.set_defaults(func=cmd_budgets_delete)
+
+
+def _register_limits(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
+    limits = sub.add_parser("limits", help="team and agent rate limits (requests and tokens per minute)")
+    limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="{set,get}")
+    lset = limits_sub.add_parser("set", parents=[parent], help="set a team's (or agent's) rate limits; 0 clears")
+    lset.add_argument("--team", required=True)
+    lset.add_argument("--agent", default="", help="one agent of the team (default: the whole team)")
+    lset.add_argument("--rpm", type=int, default=0, metavar="N", help="requests per minute (0: none)")
+    lset.add_argument("--tpm", type=int, default=0, metavar="N", help="input+output tokens per minute (0: none)")
+    lset.set_defaults(func=cmd_limits_set)
+    lget = limits_sub.add_parser("get", parents=[parent], help="a team's rate limits and the last minute's use")
+    lget.add_argument("--team", required=True)
+    lget.set_defaults(func=cmd_limits_get)
 
 
 def _register_spend(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     spend = sub.add_parser("spend", parents=[parent], help="spend totals (or `spend entries`)")
-    spend.add_argument("--by", type=group_by_arg, default=[], metavar="DIMS", help="team,agent,model,provider,day")
+    spend.add_argument("--by", type=group_by_arg, default=[], metavar="DIMS", help="team,agent,model,provider,day,run")
     spend.add_argument("--team", default="", help="only this team")
+    spend.add_argument("--run", default="", help="only this run (with --team)")
     spend.add_argument("--since", type=time_arg, metavar="TIME", help="2026-11-01, an ISO time or 24h/7d ago")
     spend.add_argument("--until", type=time_arg, metavar="TIME", help="end (exclusive), same forms")
     spend.set_defaults(func=cmd_spend)
@@ -431,15 +459,17 @@ def cmd_budgets_set(args: argparse.Namespace) -> int:
     """`igw budgets set --team T [--agent A] --window W --limit $ [--soft $]`."""
     if args.soft and args.soft > args.limit:
         raise CliError("--soft must not exceed --limit")
+    window = _window(args)
     session = Session(args)
     stub = ledger_pb2_grpc.LedgerAdminServiceStub(session.channel("ledger"))  # type: ignore[no-untyped-call]
     budget = stub.SetBudget(
         ledger_pb2.SetBudgetRequest(
             team=args.team,
             agent=args.agent,
-            window=WINDOWS[args.window],
+            window=window,
             limit_nanos=args.limit,
             soft_limit_nanos=args.soft or 0,
+            run=args.run,
         ),
         timeout=session.timeout,
     )
@@ -447,9 +477,11 @@ def cmd_budgets_set(args: argparse.Namespace) -> int:
         print_json(budget)
         return 0
     who = f"{budget.team}/{budget.agent}" if budget.agent else budget.team
+    if budget.run:
+        who = f"{budget.team} run {budget.run}"
     soft = f", soft {nanos_to_dollars(budget.soft_limit_nanos)}" if budget.soft_limit_nanos else ""
-    window = _enum_name(ledger_pb2.BudgetWindow, budget.window, "BUDGET_WINDOW_")
-    print(f"budget set: {who} {window} limit {nanos_to_dollars(budget.limit_nanos)}{soft}")
+    window_name = _enum_name(ledger_pb2.BudgetWindow, budget.window, "BUDGET_WINDOW_")
+    print(f"budget set: {who} {window_name} limit {nanos_to_dollars(budget.limit_nanos)}{soft}")
     return 0
 
 
@@ -462,6 +494,102 @@ def cmd_budgets_get(args: argparse.Namespace) -> int:
         print_json(response)
     else:
         print_table(BUDGET_HEADERS, _budget_rows(response.budgets), empty=f"no budget set for {args.team}")
+    return 0
+
+
+def _window(args: argparse.Namespace) -> Any:
+    if args.run:
+        if args.agent or (args.window and args.window != "total"):
+            raise CliError("a run budget has no --agent and the total window")
+        return ledger_pb2.BUDGET_WINDOW_TOTAL
+    if not args.window:
+        raise CliError("--window is required")
+    return WINDOWS[args.window]
+
+
+def cmd_budgets_list(args: argparse.Namespace) -> int:
+    """`igw budgets list [--team T] [--runs]`: every page of ListBudgets."""
+    session = Session(args)
+    stub = _ledger_admin(session)
+    budgets: list[Any] = []
+    token = ""
+    while True:
+        page = stub.ListBudgets(
+            ledger_pb2.ListBudgetsRequest(team=args.team, include_runs=args.runs, page_size=1000, page_token=token),
+            timeout=session.timeout,
+        )
+        budgets.extend(page.budgets)
+        token = page.next_page_token
+        if not token:
+            break
+    if session.json:
+        print_json(ledger_pb2.ListBudgetsResponse(budgets=budgets))
+        return 0
+    rows = [
+        [b.team, b.agent or "-", b.run or "-", _enum_name(ledger_pb2.BudgetWindow, b.window, "BUDGET_WINDOW_"),
+         nanos_to_dollars(b.limit_nanos), nanos_to_dollars(b.soft_limit_nanos) if b.soft_limit_nanos else "-"]
+        for b in budgets
+    ]
+    print_table(["team", "agent", "run", "window", "limit", "soft"], rows, empty="no budgets")
+    return 0
+
+
+def cmd_budgets_delete(args: argparse.Namespace) -> int:
+    """`igw budgets delete --team T [--agent A] [--run R] --window W`."""
+    window = _window(args)
+    session = Session(args)
+    gone = _ledger_admin(session).DeleteBudget(
+        ledger_pb2.DeleteBudgetRequest(team=args.team, agent=args.agent, run=args.run, window=window),
+        timeout=session.timeout,
+    )
+    if session.json:
+        print_json(gone)
+        return 0
+    print(f"budget deleted: {args.team}" + (f"/{args.agent}" if args.agent else "")
+          + (f" run {args.run}" if args.run else "") + f" (limit was {nanos_to_dollars(gone.budget.limit_nanos)})")
+    return 0
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def cmd_limits_set(args: argparse.Namespace) -> int:
+    """`igw limits set --team T [--agent A] [--rpm N] [--tpm N]`."""
+    if args.rpm < 0 or args.tpm < 0:
+        raise CliError("--rpm and --tpm must be >= 0")
+    session = Session(args)
+    limit = _ledger_admin(session).SetRateLimit(
+        ledger_pb2.SetRateLimitRequest(team=args.team, agent=args.agent, requests_per_minute=args.rpm,
+                                       tokens_per_minute=args.tpm),
+        timeout=session.timeout,
+    )
+    if session.json:
+        print_json(limit)
+        return 0
+    who = f"{limit.team}/{limit.agent}" if limit.agent else limit.team
+    if not limit.requests_per_minute and not limit.tokens_per_minute:
+        print(f"rate limits cleared: {who}")
+    else:
+        print(f"rate limits set: {who} rpm {limit.requests_per_minute or 'none'}"
+              f" tpm {limit.tokens_per_minute or 'none'}")
+    return 0
+
+
+def cmd_limits_get(args: argparse.Namespace) -> int:
+    """`igw limits get --team T`: the team's and its agents' limits with the last minute's use."""
+    session = Session(args)
+    response = _ledger_admin(session).GetRateLimits(
+        ledger_pb2.GetRateLimitsRequest(team=args.team), timeout=session.timeout)
+    if session.json:
+        print_json(response)
+        return 0
+    rows = [
+        [r.agent or "(team)", f"{r.requests_per_minute:,}" if r.requests_per_minute else "-",
+         f"{r.requests_used:,}", f"{r.tokens_per_minute:,}" if r.tokens_per_minute else "-", f"{r.tokens_used:,}"]
+        for r in response.limits
+    ]
+    print_table(["agent", "rpm", "requests (60s)", "tpm", "tokens (60s)"], rows,
+                empty=f"no rate limits for {args.team}")
     return 0
 
 
@@ -486,14 +614,25 @@ def cmd_spend(args: argparse.Namespace) -> int:
         end_time=_ts(args.until),
         group_by=[GROUP_BY[d] for d in args.by],
         team=args.team,
+        run=args.run,
+        page_size=10000,
     )
-    response = _ledger_admin(session).ListSpend(request, timeout=session.timeout)
+    stub = _ledger_admin(session)
+    response = stub.ListSpend(request, timeout=session.timeout)
+    while response.next_page_token:
+        request.page_token = response.next_page_token
+        more = stub.ListSpend(request, timeout=session.timeout)
+        response.totals.extend(more.totals)
+        response.next_page_token = more.next_page_token
     if session.json:
         print_json(response)
         return 0
+    if args.run and not args.team:
+        raise CliError("--run needs --team")
     dims = list(args.by)
-    if "agent" in dims and "team" not in dims:
-        dims.insert(dims.index("agent"), "team")
+    for d in ("agent", "run"):
+        if d in dims and "team" not in dims:
+            dims.insert(dims.index(d), "team")
     headers = [*dims, "requests", "input tok", "output tok", "cached tok", "cost"]
     rows: list[list[str]] = []
     totals = [0, 0, 0, 0, 0]

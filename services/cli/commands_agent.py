@@ -38,7 +38,7 @@ def _client(session: Session) -> IgwClient:
         cert=files.cert,
         key=files.key,
         ca=files.ca,
-        server_name=session.server_name(),
+        server_id=session.server_id("router"),
         timeout=session.timeout,
     )
     return IgwClient(config)

@@ -55,7 +55,9 @@ def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--cert", help="client certificate (with --tls)")
     p.add_argument("--key", help="client key (with --tls)")
     p.add_argument("--ca", help="CA to trust (with --tls)")
-    p.add_argument("--server-name", default="localhost", help="TLS name override (default localhost)")
+    p.add_argument("--server-name", default=None, help="with --tls: check this DNS name instead of the address")
+    p.add_argument("--server-id", default=None, metavar="SPIFFE_ID",
+                   help="with --tls and --cert/--key/--ca: the SPIFFE id the server must present (its URI SAN)")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_probe, error_exit_code=EXIT_INVALID_ARGUMENTS)
 
@@ -81,8 +83,25 @@ def cmd_probe(args: argparse.Namespace) -> int:
             )
         except OSError as err:
             return _fail(EXIT_INVALID_ARGUMENTS, f"error: cannot read TLS files: {err}")
-    elif args.cert or args.key or args.ca:
-        return _fail(EXIT_INVALID_ARGUMENTS, "error: --cert/--key/--ca need --tls")
+    elif args.cert or args.key or args.ca or args.server_id:
+        return _fail(EXIT_INVALID_ARGUMENTS, "error: --cert/--key/--ca/--server-id need --tls")
+    if args.server_id:
+        if not (args.cert and args.key and args.ca):
+            return _fail(EXIT_INVALID_ARGUMENTS, "error: --server-id needs --cert, --key and --ca")
+        from igw.client._spiffe import TlsFiles, TunnelThread
+
+        tunnels = TunnelThread()
+        try:
+            tunnel = tunnels.open(args.addr, args.server_id, TlsFiles(Path(args.cert), Path(args.key), Path(args.ca)))
+            code, message = probe(tunnel.target, args.service, timeout=args.timeout,
+                                  connect_timeout=args.connect_timeout)
+        finally:
+            tunnels.close()
+        if code != EXIT_SUCCESS:
+            return _fail(code, message.replace(tunnel.target, args.addr))
+        if not args.quiet:
+            print(message)
+        return code
     code, message = probe(
         args.addr,
         args.service,
@@ -105,12 +124,12 @@ def probe(
     timeout: float = 1.0,
     connect_timeout: float = 1.0,
     credentials: grpc.ChannelCredentials | None = None,
-    server_name: str = "localhost",
+    server_name: str | None = None,
 ) -> tuple[int, str]:
     """Checks ``service`` at ``address``; returns ``(exit_code, message)``."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    options = [("grpc.ssl_target_name_override", server_name)] if credentials is not None else []
+    options = [("grpc.ssl_target_name_override", server_name)] if credentials is not None and server_name else []
     channel = (
         grpc.secure_channel(address, credentials, options)
         if credentials is not None

@@ -82,7 +82,9 @@ def common_options(*, plain_key_option: bool = True) -> argparse.ArgumentParser:
     group.add_argument(*key_flags, dest="key", metavar="PATH", help="client private key")
     group.add_argument("--ca", "--tls-ca", dest="ca", metavar="PATH", help="CA certificate to trust")
     group.add_argument("--address", metavar="HOST:PORT", help="service address (overrides the endpoints file)")
-    group.add_argument("--server-name", metavar="NAME", help="TLS name of the services (default localhost)")
+    group.add_argument("--server-id", metavar="SPIFFE_ID",
+                       help="SPIFFE id the service must present (default spiffe://$IGW_TRUST_DOMAIN/<service>, "
+                            "trust domain from the endpoints file or igw.local)")
     group.add_argument("--timeout", type=float, metavar="SECONDS", help="deadline of each call (default 30)")
     group.add_argument("--json", action="store_true", help="JSON output for scripts")
     return parent
@@ -240,7 +242,7 @@ class Endpoints:
     agent_cert: str = ""
     agent_key: str = ""
     state_dir: str = ""
-    server_name: str = "localhost"
+    trust_domain: str = "igw.local"
     raw: Mapping[str, Any] = field(default_factory=dict)
 
     def address(self, service: str) -> str:
@@ -304,7 +306,7 @@ def load_endpoints(path: Path) -> Endpoints:
         agent_cert=text("agent_cert"),
         agent_key=text("agent_key"),
         state_dir=text("state_dir"),
-        server_name=text("server_name") or "localhost",
+        trust_domain=text("trust_domain") or "igw.local",
         raw=data,
     )
 
@@ -328,19 +330,30 @@ def check_cert_files(files: TlsFiles) -> TlsFiles:
     return files
 
 
-def mtls_channel(address: str, files: TlsFiles, server_name: str = "localhost") -> grpc.Channel:
-    """A blocking mTLS channel presenting ``files.cert`` and trusting only ``files.ca``."""
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=files.ca.read_bytes(),
-        private_key=files.key.read_bytes(),
-        certificate_chain=files.cert.read_bytes(),
-    )
+_TUNNELS: list[Any] = []
+
+
+def mtls_channel(address: str, files: TlsFiles, expected_id: str) -> grpc.Channel:
+    """A blocking mTLS channel presenting ``files.cert``, trusting only ``files.ca``, and refusing
+    any server whose certificate does not carry ``expected_id`` as its SPIFFE id."""
+    from igw.client._spiffe import TlsFiles as Files
+    from igw.client._spiffe import TunnelThread
+
+    if not _TUNNELS:
+        _TUNNELS.append(TunnelThread())
+    tunnel = _TUNNELS[0].open(address, expected_id, Files(files.cert, files.key, files.ca))
     options = [
-        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.default_authority", address),
         ("grpc.max_receive_message_length", 32 * 1024 * 1024),
         ("grpc.primary_user_agent", "igw-cli/0.1"),
     ]
-    return grpc.secure_channel(address, creds, options)
+    return grpc.insecure_channel(tunnel.target, options)
+
+
+def close_tunnels() -> None:
+    """Stops the CLI's TLS tunnels (after its channels are closed)."""
+    while _TUNNELS:
+        _TUNNELS.pop().close()
 
 
 # --------------------------------------------------------------------------- a command's connections
@@ -395,14 +408,19 @@ class Session:
         )
         return check_cert_files(files)
 
-    def server_name(self) -> str:
-        """The name the services' certificates are checked against."""
-        explicit = getattr(self.args, "server_name", None)
+    def trust_domain(self) -> str:
+        """$IGW_TRUST_DOMAIN, else the endpoints file's, else igw.local."""
+        explicit = os.environ.get("IGW_TRUST_DOMAIN", "").strip()
         if explicit:
-            return str(explicit)
+            return explicit
         if self._endpoints is not None:
-            return self._endpoints.server_name
-        return "localhost"
+            return self._endpoints.trust_domain
+        return "igw.local"
+
+    def server_id(self, service: str) -> str:
+        """The SPIFFE id ``service`` must present: --server-id, else spiffe://<trust domain>/<service>."""
+        explicit = getattr(self.args, "server_id", None)
+        return str(explicit) if explicit else f"spiffe://{self.trust_domain()}/{service}"
 
     def address(self, service: str) -> str:
         """``--address``, else the service's address from the endpoints file."""
@@ -413,7 +431,7 @@ class Session:
         """An mTLS channel to ``service`` with the ``role`` certificate."""
         address = self.address(service)
         files = self.tls(role)
-        channel = mtls_channel(address, files, self.server_name())
+        channel = mtls_channel(address, files, self.server_id(service))
         self._channels.append(channel)
         return channel
 
@@ -422,3 +440,4 @@ class Session:
         for channel in self._channels:
             channel.close()
         self._channels.clear()
+        close_tunnels()

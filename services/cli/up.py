@@ -4,6 +4,10 @@ Starts (in order) an embedded Postgres when no ``IGW_DATABASE_URL`` is given (th
 and the ledger get separate databases), the ledger, the keyvault, the fake providers and
 their keys (demo mode), and the router; waits until all are healthy; writes
 ``<state>/endpoints.json``; prints how to call it; stops everything on Ctrl-C/SIGTERM.
+
+``--replicas N`` starts N ledgers, N keyvaults and N routers (one Postgres): every router
+spreads its calls over every ledger and vault replica. ``endpoints.json`` then lists them all
+(``routers``, ``ledgers``, ``keyvaults``; ``router``, ``ledger`` and ``keyvault`` stay the first).
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ def _stopper(proc: subprocess.Popen[bytes]) -> Callable[[], object]:
     return stop
 
 
-def _wait_healthy(proc: ServiceProcess, timeout: float = 30) -> None:
+def _wait_healthy(proc: ServiceProcess, timeout: float = 60) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -164,7 +168,8 @@ def _operator_channel(pki: Path, addr: str) -> grpc.Channel:
         (pki / "ca.pem").read_bytes(), (pki / "operator-admin-key.pem").read_bytes(),
         (pki / "operator-admin.pem").read_bytes(),
     )
-    return grpc.secure_channel(addr, creds, options=(("grpc.ssl_target_name_override", "localhost"),))
+    # The dev PKI's service certificates name 127.0.0.1, the address dialled here.
+    return grpc.secure_channel(addr, creds)
 
 
 def _ensure_demo_keys(ch: grpc.Channel, fake_urls: dict[str, str], demo_secrets: dict[str, str]) -> None:
@@ -229,23 +234,38 @@ def run_up(args: argparse.Namespace) -> int:
             pg.create_database("igw_keyvault")
             ledger_url, vault_url = pg.url("igw_ledger"), pg.url("igw_keyvault")
 
-        def ports(name: str) -> dict[str, str]:
-            g, p, m = (0, 0, 0) if auto else FIXED_PORTS[name]
+        replicas = max(1, int(getattr(args, "replicas", 1) or 1))
+
+        def ports(name: str, i: int = 0) -> dict[str, str]:
+            # Fixed ports step by 100 per replica (router 50051, 50151, ...).
+            g, p, m = (0, 0, 0) if auto else (port + 100 * i for port in FIXED_PORTS[name])
             return {"IGW_LISTEN": f"127.0.0.1:{g}", "IGW_PROBE_LISTEN": f"127.0.0.1:{p}",
                     "IGW_METRICS_LISTEN": f"127.0.0.1:{m}", "IGW_LOG_FORMAT": "json"}
 
+        def label(name: str, i: int) -> str:
+            return name if i == 0 else f"{name}-{i + 1}"
+
         procs: dict[str, ServiceProcess] = {}
-        ledger = start_service("ledger", {**ports("ledger"), **tls_env(pki, "ledger"),
-                                          "IGW_DATABASE_URL": ledger_url}, state)
-        procs["ledger"] = ledger
-        stoppers.append(ledger.terminate)
-        vault = start_service("keyvault", {**ports("keyvault"), **tls_env(pki, "keyvault"),
-                                           "IGW_DATABASE_URL": vault_url,
-                                           "IGW_VAULT_MASTER_KEY_FILE": str(_master_key(state))}, state)
-        procs["keyvault"] = vault
-        stoppers.append(vault.terminate)
-        _wait_healthy(ledger)
-        _wait_healthy(vault)
+        ledgers: list[ServiceProcess] = []
+        vaults: list[ServiceProcess] = []
+        for i in range(replicas):
+            # Migrations run under an advisory lock, so replicas may start together.
+            ledger = start_service(label("ledger", i), {**ports("ledger", i), **tls_env(pki, "ledger"),
+                                                        "IGW_DATABASE_URL": ledger_url}, state,
+                                   module="services.ledger")
+            procs[ledger.name] = ledger
+            ledgers.append(ledger)
+            stoppers.append(ledger.terminate)
+            vault = start_service(label("keyvault", i), {**ports("keyvault", i), **tls_env(pki, "keyvault"),
+                                                         "IGW_DATABASE_URL": vault_url,
+                                                         "IGW_VAULT_MASTER_KEY_FILE": str(_master_key(state))},
+                                  state, module="services.keyvault")
+            procs[vault.name] = vault
+            vaults.append(vault)
+            stoppers.append(vault.terminate)
+        for p in [*ledgers, *vaults]:
+            _wait_healthy(p)
+        ledger, vault = ledgers[0], vaults[0]
 
         fake_ports: dict[str, int] = {}
         if demo:
@@ -267,24 +287,31 @@ def run_up(args: argparse.Namespace) -> int:
                 print("igw up --no-demo needs --config PATH (a routing config)", file=sys.stderr)
                 return 2
             config_path = Path(args.config)
-        router = start_service("router", {**ports("router"), **tls_env(pki, "router"),
-                                          "IGW_ROUTER_CONFIG": str(config_path),
-                                          "IGW_ROUTER_HTTP_LISTEN": f"127.0.0.1:{0 if auto else EDGE_PORT}",
-                                          "IGW_LEDGER_ADDR": ledger.address,
-                                          "IGW_KEYVAULT_ADDR": vault.address}, state)
-        procs["router"] = router
-        stoppers.append(router.terminate)
-        _wait_healthy(router)
+        routers: list[ServiceProcess] = []
+        for i in range(replicas):
+            router = start_service(label("router", i), {
+                **ports("router", i), **tls_env(pki, "router"), "IGW_ROUTER_CONFIG": str(config_path),
+                "IGW_ROUTER_HTTP_LISTEN": f"127.0.0.1:{0 if auto else EDGE_PORT + 100 * i}",
+                "IGW_LEDGER_ADDR": ",".join(p.address for p in ledgers),
+                "IGW_KEYVAULT_ADDR": ",".join(p.address for p in vaults)}, state, module="services.router")
+            procs[router.name] = router
+            routers.append(router)
+            stoppers.append(router.terminate)
+        for p in routers:
+            _wait_healthy(p)
+        router = routers[0]
 
         endpoints: dict[str, Any] = {
             "router": router.address, "keyvault": vault.address, "ledger": ledger.address,
             "openai_base_url": f"https://127.0.0.1:{router.http_port}/v1",
             "anthropic_base_url": f"https://127.0.0.1:{router.http_port}",
+            "routers": [p.address for p in routers], "ledgers": [p.address for p in ledgers],
+            "keyvaults": [p.address for p in vaults],
             "probes": {n: f"127.0.0.1:{p.probe_port}" for n, p in procs.items()},
             "metrics": {n: f"http://127.0.0.1:{p.metrics_port}/metrics" for n, p in procs.items()},
             "pids": {n: p.proc.pid for n, p in procs.items()},
             "fakes": {n: f"http://127.0.0.1:{p}" for n, p in fake_ports.items()},
-            "ca": str(pki / "ca.pem"),
+            "ca": str(pki / "ca.pem"), "trust_domain": "igw.local",
             "operator_cert": str(pki / "operator-admin.pem"), "operator_key": str(pki / "operator-admin-key.pem"),
             "agent_cert": str(pki / "agent-demo-quickstart.pem"),
             "agent_key": str(pki / "agent-demo-quickstart-key.pem"),
@@ -303,10 +330,17 @@ Try, in another terminal:
   .venv/bin/igw spend --by team,model
 Ctrl-C stops everything.""", flush=True)
         crashed = False
+        reported: set[str] = set()
+        kinds = {"ledger": ledgers, "keyvault": vaults, "router": routers}
         while not stopping["flag"]:
             for p in procs.values():
-                if p.proc.poll() is not None:
-                    print(f"{p.name} exited with {p.proc.returncode}; stopping", file=sys.stderr)
+                if p.proc.poll() is not None and p.name not in reported:
+                    reported.add(p.name)
+                    print(f"{p.name} exited with {p.proc.returncode}", file=sys.stderr, flush=True)
+            # One replica down is what replicas are for; the last one of a kind stops everything.
+            for kind, members in kinds.items():
+                if all(m.proc.poll() is not None for m in members):
+                    print(f"no {kind} left; stopping", file=sys.stderr)
                     stopping["flag"] = crashed = True
             time.sleep(0.2)
         return 1 if crashed else 0
@@ -326,6 +360,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
     p.add_argument("--ports", choices=["fixed", "auto"], default="fixed", help="fixed well-known ports or any free")
     p.add_argument("--config", default=None, help="routing config (YAML); default: the demo config")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="routers, ledgers and keyvaults to start (each N; one Postgres); default 1")
 
 
 if __name__ == "__main__":

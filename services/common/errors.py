@@ -130,6 +130,19 @@ class _RichStatus(grpc.Status):
         self.trailing_metadata = trailing_metadata
 
 
+def retry_delay_from_rpc_error(err: grpc.RpcError) -> float | None:
+    """The RetryInfo delay (seconds) of a received RpcError, if it carries one."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    return float(retry.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
 def error_info_from_rpc_error(err: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     """Reads the ErrorInfo detail out of a received RpcError, if any."""
     trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None

@@ -15,6 +15,8 @@ import re
 import sys
 import time
 
+from opentelemetry import trace
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_request_id", default="")
 method_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_method", default="")
 peer_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_peer", default="")
@@ -54,6 +56,11 @@ class JsonFormatter(logging.Formatter):
         method = method_var.get()
         if method:
             out["method"] = method
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            # Log lines join their trace: the same ids the spans carry (W3C hex).
+            out["trace_id"] = f"{ctx.trace_id:032x}"
+            out["span_id"] = f"{ctx.span_id:016x}"
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 out[key] = redact(value) if isinstance(value, str) else value

@@ -225,7 +225,9 @@ class EmbeddedPostgres:
         fast: throw-away mode for tests - ``fsync``, ``synchronous_commit``
             and ``full_page_writes`` off, ``initdb --no-sync``.  A crash can
             corrupt such a cluster.  Never use for data you care about.
-        port: only names the socket file (``.s.PGSQL.<port>``); no TCP.
+        port: names the socket file (``.s.PGSQL.<port>``); also the TCP port when ``listen_host`` is set.
+        listen_host: also listen on TCP at this address (e.g. ``127.0.0.1`` for containers on the host
+            network; ``trust`` authentication, so loopback only). Default: Unix socket only.
         stop_at_exit: if this object started the server, stop it from an
             ``atexit`` hook in the starting process.
     """
@@ -237,10 +239,12 @@ class EmbeddedPostgres:
         fast: bool = False,
         port: int = _DEFAULT_PORT,
         stop_at_exit: bool = True,
+        listen_host: str | None = None,
     ) -> None:
         self._data_dir = Path(data_dir).expanduser().absolute()
         self._fast = fast
         self._port = port
+        self._listen_host = listen_host
         self._stop_at_exit = stop_at_exit
         self._socket_dir = _socket_dir_for(self._data_dir, port)
         self._lock = threading.RLock()
@@ -288,6 +292,13 @@ class EmbeddedPostgres:
     def libpq_dsn(self, database: str) -> str:
         """libpq connection URI for raw ``psycopg.connect`` / ``psql``."""
         return self._uri("postgresql", database)
+
+    def tcp_url(self, database: str) -> str:
+        """SQLAlchemy URL over TCP (``listen_host`` must be set): ``postgresql+psycopg://postgres@HOST:PORT/DB``."""
+        _check_db_name(database)
+        if not self._listen_host:
+            raise EmbeddedPostgresError("this cluster listens on a Unix socket only (no listen_host)")
+        return f"postgresql+psycopg://{_SUPERUSER}@{self._listen_host}:{self._port}/{database}"
 
     def _uri(self, scheme: str, database: str) -> str:
         _check_db_name(database)
@@ -612,7 +623,7 @@ class EmbeddedPostgres:
     def _write_runtime_conf(self) -> None:
         """(Re)write ``igw.conf``, read by the server at every start."""
         settings: dict[str, str] = {
-            "listen_addresses": "''",
+            "listen_addresses": _conf_quote(self._listen_host) if self._listen_host else "''",
             "port": str(self._port),
             "unix_socket_directories": _conf_quote(str(self._socket_dir)),
             "unix_socket_permissions": "0700",

@@ -6,6 +6,15 @@ port that serves health and nothing else. Every call on the mTLS port passes the
 first: identity from the client certificate, the authorisation table, a request id in
 the logging context, errors mapped once to status + ErrorInfo, and RPC metrics.
 
+Health service names (the same on the mTLS port and the plaintext probe port):
+
+- ``liveness``: SERVING while the process is up and its event loop answers; NOT_SERVING
+  only once shutting down. A Kubernetes liveness probe restarts a process that stops answering.
+- ``readiness``: SERVING only while the service can reach what it depends on (the service's
+  ``readiness`` check, run every second: a cheap database query for the ledger and the vault,
+  a healthy ledger and vault replica for the router) and is not draining.
+- ``""`` and each service's full name (e.g. ``igw.ledger.v1.LedgerService``) mirror readiness.
+
 Lifecycle: SERVING once both ports are bound; on SIGTERM/SIGINT health turns
 NOT_SERVING, in-flight calls drain within the grace period, then the service's own
 closers run (engines, channels, HTTP clients) and the process exits 0.
@@ -14,6 +23,7 @@ closers run (engines, channels, HTTP clients) and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -29,13 +39,22 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from services.common import errors as E
 from services.common import ids
 from services.common.authz import Policy
 from services.common.identity import Identity, IdentityError, identity_from_context
 from services.common.logs import method_var, request_id_var
+from services.common.pki import describe_cert
 from services.common.settings import RuntimeSettings
 from services.common.tls import SERVER_OPTIONS, server_credentials
 from services.common.tracing import server_span, setup_tracing, shutdown_tracing
@@ -65,6 +84,15 @@ def current_identity() -> Identity:
     return ident
 
 
+def cert_not_after(path: os.PathLike[str] | str) -> float:
+    """The certificate's notAfter as Unix time (0 when the file cannot be read: the alert then fires)."""
+    try:
+        with open(path, "rb") as fh:
+            return describe_cert(fh.read()).not_after.timestamp()
+    except (OSError, ValueError):
+        return 0.0
+
+
 @dataclass
 class RpcMetrics:
     """Per-method request counts and latency, on the service's own registry."""
@@ -73,8 +101,15 @@ class RpcMetrics:
     handled: Counter = field(init=False)
     latency: Histogram = field(init=False)
     in_flight: Gauge = field(init=False)
+    cert_expiry: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
+        # For the certificate-expiry alert (deploy/prometheus): read from the file at each scrape, so a
+        # rotated certificate shows at once.
+        self.cert_expiry = Gauge(
+            "igw_tls_cert_expiry_timestamp_seconds", "notAfter of the certificate the service presents (Unix time).",
+            ["service"], registry=self.registry,
+        )
         self.handled = Counter(
             "igw_grpc_server_handled",
             "gRPC calls handled, by method and status code.",
@@ -91,6 +126,9 @@ class RpcMetrics:
         self.in_flight = Gauge(
             "igw_grpc_server_in_flight", "gRPC calls being handled now.", ["service"], registry=self.registry
         )
+
+
+_ALWAYS_ANSWERED = ("/grpc.health.", "/grpc.reflection.")
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):
@@ -110,6 +148,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
         self._labels: dict[str, Callable[[str], tuple[Any, Any]]] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Set when a stop begins: new calls get UNAVAILABLE DRAINING (clients send them to another
+        # replica at once) while calls already in flight finish. Health and reflection still answer.
+        self.draining = False
+
+    def _refuse_if_draining(self, method: str) -> None:
+        if self.draining and not method.startswith(_ALWAYS_ANSWERED):
+            raise E.Unavailable("DRAINING", "this instance is shutting down; send the call to another one")
 
     def _method_metrics(self, method: str) -> Callable[[str], tuple[Any, Any]]:
         """For one method: status code -> (latency histogram, handled counter), label lookups cached."""
@@ -249,7 +294,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, context: Any, err: E.IgwError) -> None:
         await context.abort_with_status(E.to_status(err, self._domain))
 
-    def _finish(self, method: str, start: float, code: str, err: BaseException | None) -> None:
+    def _finish(self, method: str, start: float, code: str, err: BaseException | None, span: Any = None) -> None:
         hist, counter = self._method_metrics(method)(code)
         elapsed = time.perf_counter() - start
         hist.observe(elapsed)
@@ -257,11 +302,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         if self._access_log or (code not in ("OK", "CANCELLED") and err is not None):
             level = logging.INFO if code in ("OK",) else logging.WARNING
             reason = getattr(err, "reason", "") if err is not None else ""
-            _LOGGER.log(
-                level,
-                "rpc",
-                extra={"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)},
-            )
+            extra: dict[str, Any] = {"code": code, "reason": reason, "elapsed_ms": round(elapsed * 1000, 3)}
+            ctx = span.get_span_context() if span is not None else None
+            if ctx is not None and ctx.is_valid:
+                # The call's span has ended; its ids still tie this line to the trace.
+                extra["trace_id"] = f"{ctx.trace_id:032x}"
+                extra["span_id"] = f"{ctx.span_id:016x}"
+            _LOGGER.log(level, "rpc", extra=extra)
 
     def _wrap_unary(
         self, method: str, allowed: frozenset[Any], behavior: Any, decode: Callable[[bytes], Any] | None,
@@ -271,12 +318,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             self._in_flight.inc()
             code, err = "OK", cast(BaseException | None, None)
             admitted = False
+            span: Any = None
             try:
                 self._authorize(method, allowed, context)
                 admitted = True
+                self._refuse_if_draining(method)
                 request = self._decode(method, decode, request)
                 self._tag(method, request, context)
-                with server_span(self._tracer, method, context.invocation_metadata()):
+                with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
                     return await behavior(request, context)
             except E.IgwError as exc:
                 code, err = exc.code.name, exc
@@ -295,7 +344,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(context, E.Internal("INTERNAL", "internal error"))
             finally:
                 self._in_flight.dec()
-                self._finish(method, start, code, err)
+                self._finish(method, start, code, err, span)
 
         return wrapped
 
@@ -309,12 +358,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight.inc()
                 code, err = "OK", cast(BaseException | None, None)
                 admitted = False
+                span: Any = None
                 try:
                     self._authorize(method, allowed, context)
                     admitted = True
+                    self._refuse_if_draining(method)
                     request = self._decode(method, decode, request)
                     self._tag(method, request, context)
-                    with server_span(self._tracer, method, context.invocation_metadata()):
+                    with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
                         async for item in behavior(request, context):
                             yield item
                 except E.IgwError as exc:
@@ -334,7 +385,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                     await self._fail(context, E.Internal("INTERNAL", "internal error"))
                 finally:
                     self._in_flight.dec()
-                    self._finish(method, start, code, err)
+                    self._finish(method, start, code, err, span)
 
             return gen
         return self._wrap_unary(method, allowed, behavior, decode)
@@ -352,6 +403,61 @@ def parse_listen(addr: str) -> tuple[str, int]:
 
 Registrar = Callable[[grpc.aio.Server], None]
 Closer = Callable[[], Awaitable[None]]
+#: True when the service can reach its dependencies (called every ``readiness_interval_s``).
+ReadinessCheck = Callable[[], Awaitable[bool]]
+LIVENESS = "liveness"
+READINESS = "readiness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_info() -> tuple[str, str]:
+    """(version, commit) of this build: the package version, and IGW_BUILD_COMMIT or the git HEAD."""
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        version = metadata.version("igw")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    commit = os.environ.get("IGW_BUILD_COMMIT", "").strip()
+    if not commit:
+        git = Path(__file__).resolve().parents[2] / ".git"
+        try:
+            if git.is_file():  # a worktree: "gitdir: <path>"
+                git = Path(git.read_text().split(":", 1)[1].strip())
+            head = (git / "HEAD").read_text().strip()
+            if head.startswith("ref:"):
+                ref = head.split(":", 1)[1].strip()
+                ref_file = git / ref
+                if not ref_file.exists():
+                    common = git / "commondir"
+                    base = (git / common.read_text().strip()) if common.exists() else git
+                    ref_file = base / ref
+                    if not ref_file.exists():
+                        packed = (base / "packed-refs").read_text().splitlines()
+                        head = next((ln.split()[0] for ln in packed if ln.endswith(" " + ref)), "")
+                    else:
+                        head = ref_file.read_text().strip()
+                else:
+                    head = ref_file.read_text().strip()
+            commit = head[:12]
+        except (OSError, IndexError):
+            commit = ""
+    return version, commit or "unknown"
+
+
+def add_standard_metrics(registry: CollectorRegistry, service: str) -> Gauge:
+    """``process_*``, ``python_info`` and ``igw_build_info{version,commit}`` on ``registry``;
+    returns the ``igw_ready`` gauge."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR):
+        with contextlib.suppress(ValueError):  # already registered
+            registry.register(collector)
+    version, commit = build_info()
+    info = Gauge("igw_build_info", "The running build (value 1).", ["service", "version", "commit"],
+                 registry=registry)
+    info.labels(service, version, commit).set(1)
+    return Gauge("igw_ready", "1 while the readiness health status is SERVING.", registry=registry)
 
 
 class Listener(Protocol):
@@ -380,6 +486,8 @@ class ServiceRuntime:
         initially_serving: bool = True,
         on_denied: DenialHook | None = None,
         listeners: Iterable[Listener] = (),
+        readiness: ReadinessCheck | None = None,
+        readiness_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
         self._listeners = list(listeners)
@@ -387,17 +495,22 @@ class ServiceRuntime:
         self.domain = f"{settings.service}.igw"
         self.registry = registry or CollectorRegistry()
         self.metrics = RpcMetrics(self.registry)
+        self._ready_gauge = add_standard_metrics(self.registry, settings.service)
+        self._readiness = readiness
+        self.readiness_interval_s = readiness_interval_s
+        self._deps_ok = True
+        self._readiness_task: asyncio.Task[None] | None = None
         self.health = HealthServicer()
         self._service_names = list(service_names)
         self._closers = list(closers)
         self._stop_deadline: float | None = None
         self._stopping = asyncio.Event()
         self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
+        self.guard = GuardInterceptor(
+            policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer, on_denied,
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer,
-                                 on_denied)
-            ],
+            interceptors=[self.guard],
             options=SERVER_OPTIONS,
             maximum_concurrent_rpcs=None,
         )
@@ -428,6 +541,7 @@ class ServiceRuntime:
         s = self.settings
         host, port = parse_listen(s.listen)
         creds = server_credentials(s.tls_cert, s.tls_key, s.tls_ca)
+        self.metrics.cert_expiry.labels(s.service).set_function(lambda: cert_not_after(s.tls_cert))
         self.port = self.server.add_secure_port(f"{host}:{port}", creds)
         phost, pport = parse_listen(s.probe_listen)
         self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
@@ -439,6 +553,10 @@ class ServiceRuntime:
         httpd, _thread = start_http_server(mport, addr=mhost, registry=self.registry)
         self._metrics_httpd = httpd
         self.metrics_port = httpd.server_address[1]
+        await self.health.set(LIVENESS, _SERVING)
+        if self._readiness is not None:
+            self._deps_ok = await self._check_readiness()
+            self._readiness_task = asyncio.get_running_loop().create_task(self._readiness_loop())
         await self.set_serving(serving)
         if s.ready_file is not None:
             tmp = s.ready_file.with_suffix(".tmp")
@@ -462,14 +580,43 @@ class ServiceRuntime:
         )
 
     async def set_serving(self, serving: bool) -> None:
-        """Sets overall and per-service health."""
-        self.serving = serving
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        """Opens or closes the service (e.g. a sealed vault); readiness also needs its dependencies."""
+        self.initially_serving = serving
+        await self._publish()
+
+    @property
+    def ready(self) -> bool:
+        """What ``readiness`` (and ``""`` and the service names) answer now."""
+        return self.serving
+
+    async def _publish(self) -> None:
+        ready = self.initially_serving and self._deps_ok and self._stop_deadline is None
+        changed = ready != self.serving
+        self.serving = ready
+        self._ready_gauge.set(1 if ready else 0)
+        status = _SERVING if ready else _NOT_SERVING
+        await self.health.set(READINESS, status)
         await self.health.set("", status)
         for name in self._service_names:
             await self.health.set(name, status)
+        if changed and self.port:
+            _LOGGER.log(logging.INFO if ready else logging.WARNING, "readiness changed", extra={"ready": ready})
+
+    async def _check_readiness(self) -> bool:
+        assert self._readiness is not None
+        try:
+            return bool(await asyncio.wait_for(self._readiness(), max(self.readiness_interval_s * 2, 1.0)))
+        except Exception as err:  # a check that fails or hangs means "not ready", never a crash
+            _LOGGER.debug("readiness check failed", extra={"error": f"{type(err).__name__}: {err}"})
+            return False
+
+    async def _readiness_loop(self) -> None:
+        while self._stop_deadline is None:
+            await asyncio.sleep(self.readiness_interval_s)
+            ok = await self._check_readiness()
+            if ok != self._deps_ok and self._stop_deadline is None:
+                self._deps_ok = ok
+                await self._publish()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a graceful stop."""
@@ -496,8 +643,12 @@ class ServiceRuntime:
         """NOT_SERVING, drain in-flight calls, close everything: all within one grace period."""
         _LOGGER.info("shutting down", extra={"grace_seconds": self.settings.grace_seconds})
         self._stop_deadline = time.monotonic() + self.settings.grace_seconds
+        self.guard.draining = True
+        if self._readiness_task is not None:
+            self._readiness_task.cancel()
         await self.health.enter_graceful_shutdown()
         self.serving = False
+        self._ready_gauge.set(0)
         # Give probes a moment to see NOT_SERVING before the port goes away.
         await asyncio.sleep(min(0.5, self.settings.grace_seconds / 4))
         await asyncio.gather(self.server.stop(self.time_left()),

@@ -111,14 +111,23 @@ class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         method = client_call_details.method
         name = method.decode() if isinstance(method, bytes) else method
-        with self._tracer.start_as_current_span(name.lstrip("/"), kind=trace.SpanKind.CLIENT) as span:
-            span.set_attribute("rpc.system", "grpc")
+        svc, _, rpc = name.lstrip("/").rpartition("/")
+        with self._tracer.start_as_current_span(
+            name.lstrip("/"), kind=trace.SpanKind.CLIENT, record_exception=False, set_status_on_exception=False,
+        ) as span:
+            span.set_attributes({"rpc.system": "grpc", "rpc.service": svc, "rpc.method": rpc})
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
             metadata = list(client_call_details.metadata or ()) + list(carrier.items())
             details = client_call_details._replace(metadata=metadata)
             call = await continuation(details, request)
-            await call  # keep the span open until the answer (or error) arrives
+            try:
+                await call  # keep the span open until the answer (or error) arrives
+            except grpc.aio.AioRpcError as err:
+                span.set_attribute("rpc.grpc.status_code", int(err.code().value[0]))
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+                raise
+            span.set_attribute("rpc.grpc.status_code", 0)
             return call
 
 
@@ -127,12 +136,42 @@ def client_interceptors(tracer: trace.Tracer | None) -> list[Any]:
     return [] if tracer is None else [_ClientTracing(tracer)]
 
 
-def server_span(tracer: trace.Tracer | None, method: str, metadata: Any) -> Any:
-    """A context manager: a SERVER span child of the caller's trace, or nothing when off."""
+def server_span(tracer: trace.Tracer | None, method: str, metadata: Any, context: Any = None) -> Any:
+    """A context manager: a SERVER span child of the caller's trace, or nothing when off.
+
+    The span carries ``rpc.grpc.status_code`` (the numeric status the call ended with) and is
+    marked as an error for the codes that mean the server failed (OpenTelemetry's RPC conventions).
+    """
     if tracer is None:
         return _NULL
     svc, _, name = method.lstrip("/").rpartition("/")
-    return _ServerSpan(tracer, method.lstrip("/"), svc, name, extract(metadata))
+    return _ServerSpan(tracer, method.lstrip("/"), svc, name, extract(metadata), context)
+
+
+# Status codes that are server errors for a SERVER span (OpenTelemetry RPC semantic conventions).
+_SERVER_ERROR_CODES = frozenset(c.value[0] for c in (
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+))
+
+
+def status_code_of(exc: BaseException | None, context: Any = None) -> int:
+    """The numeric gRPC status a handler ended with, from its exception (or OK)."""
+    import asyncio
+
+    if exc is None:
+        return 0
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return int(code.value[0])
+    if isinstance(exc, grpc.aio.AbortError) and context is not None:
+        c = context.code()
+        if isinstance(c, grpc.StatusCode):
+            return int(c.value[0])
+        return 2
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return 1
+    return 13
 
 
 class _Null:
@@ -147,27 +186,43 @@ _NULL = _Null()
 
 
 class _ServerSpan:
-    def __init__(self, tracer: trace.Tracer, span_name: str, svc: str, name: str, parent: Any) -> None:
+    def __init__(
+        self, tracer: trace.Tracer, span_name: str, svc: str, name: str, parent: Any, context: Any = None,
+    ) -> None:
+        self._context = context
         self._cm = tracer.start_as_current_span(
-            span_name, context=parent, kind=trace.SpanKind.SERVER,
+            span_name, context=parent, kind=trace.SpanKind.SERVER, record_exception=False,
+            set_status_on_exception=False,
             attributes={"rpc.system": "grpc", "rpc.service": svc, "rpc.method": name},
         )
+        self._span: Any = None
 
     def __enter__(self) -> Any:
-        return self._cm.__enter__()
+        self._span = self._cm.__enter__()
+        return self._span
 
-    def __exit__(self, *exc: Any) -> Any:
-        return self._cm.__exit__(*exc)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> Any:
+        span = self._span
+        if span is not None and span.is_recording():
+            code = status_code_of(exc, self._context)
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code in _SERVER_ERROR_CODES:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+        return self._cm.__exit__(exc_type, exc, tb)
 
 
 def annotate_genai(
     alias: str, provider: str, provider_type: str, model: str, input_tokens: int, output_tokens: int,
-    cost_nanos: int, request_id: str,
+    cost_nanos: int, request_id: str, *, max_tokens: int = 0, finish_reason: str = "",
 ) -> None:
     """GenAI semantic-convention attributes on the current span (no content, ever)."""
     span = trace.get_current_span()
     if not span.is_recording():
         return
+    if max_tokens:
+        span.set_attribute("gen_ai.request.max_tokens", max_tokens)
+    if finish_reason:
+        span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
     span.set_attributes({
         "gen_ai.operation.name": "chat",
         "gen_ai.system": provider_type,
@@ -185,6 +240,7 @@ def annotate_genai(
 @contextlib.contextmanager
 def attempt_span(
     provider_type: str, provider: str, deployment: str, model: str, attempt: int, *, keep_open: bool = False,
+    server_url: str = "",
 ) -> Iterator[trace.Span | None]:
     """A CLIENT span per upstream attempt (``chat <provider model>``), so fallbacks show in the
     trace; None (and no cost) when the call is not traced. No content, no error text, ever.
@@ -201,7 +257,7 @@ def attempt_span(
         attributes={
             "gen_ai.operation.name": "chat", "gen_ai.provider.name": provider_type,
             "gen_ai.request.model": model, "igw.provider": provider, "igw.deployment": deployment,
-            "igw.attempt": attempt,
+            "igw.attempt": attempt, **_server_attributes(server_url),
         },
     )
     try:
@@ -212,6 +268,19 @@ def attempt_span(
         raise
     if not keep_open:
         span.end()
+
+
+def _server_attributes(url: str) -> dict[str, Any]:
+    """``server.address`` / ``server.port`` of the provider's base URL (host only, never a path or query)."""
+    if not url:
+        return {}
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return {}
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return {"server.address": parts.hostname, "server.port": port}
 
 
 def end_span(span: trace.Span | None) -> None:

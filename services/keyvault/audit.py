@@ -88,6 +88,7 @@ class AuditMetrics:
     leases_ended: Counter = field(init=False)
     write_failures: Counter = field(init=False)
     integrity_failures: Counter = field(init=False)
+    verify_failures: Counter = field(init=False)
     head_sequence: Gauge = field(init=False)
     refusals: Counter = field(init=False)
 
@@ -114,6 +115,9 @@ class AuditMetrics:
         )
         self.write_failures = Counter(
             "igw_keyvault_audit_write_failures", "Audit batches that could not be committed.", registry=r
+        )
+        self.verify_failures = Counter(
+            "igw_keyvault_audit_verify_failures", "VerifyAuditLog walks that found the chain broken.", registry=r
         )
         self.integrity_failures = Counter(
             "igw_keyvault_integrity_failures", "Stored secrets or data keys that failed to authenticate.",

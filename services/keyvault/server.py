@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from igw.keyvault.v1 import keyvault_pb2_grpc
 from services.common.db import make_async_engine, upgrade
+from services.common.dbprobe import DatabaseProbe
 from services.common.server import ServiceRuntime
 from services.keyvault import domain as D
 from services.keyvault.audit import AuditMetrics, AuditWriter, chain_head
@@ -102,16 +103,19 @@ async def build(
         keyvault_pb2_grpc.add_KeyVaultServiceServicer_to_server(KeyVaultServicer(service), server)
         keyvault_pb2_grpc.add_KeyVaultAdminServiceServicer_to_server(KeyVaultAdminServicer(service), server)
 
+    probe = DatabaseProbe(settings.database_url)
     runtime = ServiceRuntime(
         settings.runtime,
         policy=POLICY,
         registrars=[register],
         service_names=SERVICE_NAMES,
         registry=registry,
-        closers=[engine.dispose, writer.close, watch.close],  # closed in reverse: watch, writer, engine
+        # closed in reverse: probe, watch, writer, engine
+        closers=[engine.dispose, writer.close, watch.close, probe.close],
         access_log=False,
         initially_serving=not service.sealed,
         on_denied=service.record_refusal,  # refused calls are audited too
+        readiness=probe,
     )
     runtime.vault = service  # type: ignore[attr-defined]
     return runtime

@@ -408,7 +408,10 @@ class VaultService:
         if key is None:
             raise master_key_unavailable()
         anchor = (anchor_sequence, anchor_hash) if anchor_sequence else None
-        return await A.verify_chain(self._engine, key, anchor=anchor)
+        result = await A.verify_chain(self._engine, key, anchor=anchor)
+        if not result.ok:
+            self._metrics.verify_failures.inc()
+        return result
 
 
 def _canonical(*parts: object) -> bytes:

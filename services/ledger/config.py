@@ -23,6 +23,11 @@ class LedgerSettings:
     pool_size: int = 20
     migrate: bool = True
     db_timeout_seconds: float = 2.0
+    # Spend partitions (one a month) kept created ahead of now; whole partitions older than the
+    # retention are dropped (0: keep forever). Maintenance runs on start and every interval.
+    partitions_ahead_months: int = 3
+    retention_days: int = 0
+    maintenance_interval_seconds: float = 3600.0
     # False (the default): a team (and agent) no budget applies to is refused with NO_BUDGET.
     allow_unbudgeted: bool = False
 
@@ -41,7 +46,19 @@ class LedgerSettings:
         timeout = env_float(e, "IGW_LEDGER_DB_TIMEOUT_SECONDS", 2.0)
         if not 0.1 <= timeout <= 60:
             raise SettingsError("IGW_LEDGER_DB_TIMEOUT_SECONDS must be between 0.1 and 60")
+        ahead = env_int(e, "IGW_LEDGER_PARTITIONS_AHEAD_MONTHS", 3)
+        if not 1 <= ahead <= 24:
+            raise SettingsError("IGW_LEDGER_PARTITIONS_AHEAD_MONTHS must be between 1 and 24")
+        retention = env_int(e, "IGW_LEDGER_RETENTION_DAYS", 0)
+        if retention != 0 and not 31 <= retention <= 36500:
+            raise SettingsError("IGW_LEDGER_RETENTION_DAYS must be 0 (keep forever) or between 31 and 36500")
+        maint = env_float(e, "IGW_LEDGER_MAINTENANCE_INTERVAL_SECONDS", 3600.0)
+        if not 1 <= maint <= 86400:
+            raise SettingsError("IGW_LEDGER_MAINTENANCE_INTERVAL_SECONDS must be between 1 and 86400")
         return cls(
+            partitions_ahead_months=ahead,
+            retention_days=retention,
+            maintenance_interval_seconds=maint,
             database_url=env_str(e, "IGW_DATABASE_URL"),
             hold_ttl_seconds=ttl,
             sweep_interval_seconds=sweep,

@@ -9,6 +9,7 @@ Errors are the shared tree of :mod:`services.common.errors` with stable reasons:
                          NO_BUDGET (no budget applies and unbudgeted teams are not allowed),
                          REQUEST_RELEASED (the request id's call was released as a whole)
     ResourceExhausted    BUDGET_EXCEEDED   (metadata: limit/spent/held/remaining nanos, window, ...)
+                         RATE_LIMITED      (metadata: limits and use; a google.rpc.RetryInfo)
     Aborted              IDEMPOTENCY_MISMATCH (same request id, different payload: a conflict)
     NotFound             RESERVATION_NOT_FOUND, OPEN_HOLD_NOT_FOUND (Settle by request id alone),
                          PRICE_VERSION_NOT_FOUND
@@ -102,6 +103,8 @@ class BudgetStatus:
     spent_nanos: int
     held_nanos: int
     window_start: dt.datetime
+    # The run the budget caps ('' for team and agent budgets).
+    run: str = ""
 
     @property
     def remaining_nanos(self) -> int:
@@ -170,6 +173,7 @@ class SpendEntry:
     latency_us: int
     created_at: dt.datetime
     reserve_time: dt.datetime
+    run_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,29 @@ class BudgetConfig:
     limit_nanos: int
     soft_limit_nanos: int
     updated_at: dt.datetime
+    run: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A team's (agent '') or agent's rate limits (0: none) and what the last 60 s counted."""
+
+    team: str
+    agent: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    requests_used: int
+    tokens_used: int
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Maintenance:
+    """What one partition maintenance did."""
+
+    created: list[str]
+    dropped: list[str]
+    partitions: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +228,7 @@ class SpendTotal:
     agent: str = ""
     model: str = ""
     provider: str = ""
+    run: str = ""
     day: dt.datetime | None = None
     request_count: int = 0
     usage: Usage = Usage(0, 0, 0)
@@ -214,6 +242,7 @@ class PriceList:
     version: int
     created_at: dt.datetime
     prices: list[tuple[str, int, int, int]]  # (model, input, output, cached) per million tokens
+    next_page_token: str = ""
 
 
 # ---------------------------------------------------------------- validation
@@ -298,4 +327,25 @@ def budget_exceeded(status: BudgetStatus, amount: int) -> E.ResourceExhausted:
             "requested_nanos": amount,
             "window_start": status.window_start.isoformat(),
         },
+    )
+
+
+def rate_limited(team: str, res: dict[str, object]) -> E.ResourceExhausted:
+    """The RATE_LIMITED error from ``ledger_hold``'s refusal, with when to retry."""
+    agent = str(res["agent"])
+    retry_s = max(int(str(res["retry_us"])), 1000) / 1_000_000
+    return E.ResourceExhausted(
+        "RATE_LIMITED",
+        f"rate limit reached for team {team}" + (f" agent {agent}" if agent else "")
+        + f"; retry in {retry_s:.3f} s",
+        {
+            "team": team,
+            "agent": agent,
+            "requests_per_minute": res["rpm"],
+            "tokens_per_minute": res["tpm"],
+            "requests_used": res["requests"],
+            "tokens_used": int(float(str(res["tokens"]))),
+            "retry_after_seconds": f"{retry_s:.3f}",
+        },
+        retry_delay_s=retry_s,
     )

@@ -6,7 +6,11 @@ Tables::
     budgets            (team, agent, window) -> hard limit, soft limit; agent '' = team-wide
     budget_counters    (budget, window start) -> spent, held, soft-limit crossed once
     holds              reservations: amount, price version, the counters they count in, state
-    spend_entries      append-only, one per request id
+    spend_entries      append-only, one per request id; range-partitioned by created_at, one
+                       partition a month (spend_entries_pYYYYMM) plus a default partition
+    spend_rollup_hourly  per hour/team/agent/model/provider/run totals (kept by a trigger)
+    rate_limits        (team, agent) -> requests and tokens per minute
+    rate_events        admitted calls and slices of rate-limited teams, last minutes only
     request_releases   request ids released as a whole (a later Reserve for one is refused)
     price_versions     catalogue versions (immutable once written)
     prices             (version, model) -> nano-dollars per million tokens
@@ -32,6 +36,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     SmallInteger,
     String,
     Text,
@@ -80,14 +85,16 @@ class Team(Base):
 
 
 class Budget(Base):
-    """A hard (and optional soft) limit for a team, or one agent of it, per window kind."""
+    """A hard (and optional soft) limit for a team, one agent of it, or one run of it (agent ''
+    and window TOTAL), per window kind."""
 
     __tablename__ = "budgets"
     __table_args__ = (
-        UniqueConstraint("team", "agent", "window"),
+        UniqueConstraint("team", "agent", "run", "window"),
         CheckConstraint("limit_nanos >= 0", name="limit_nonneg"),
         CheckConstraint("soft_limit_nanos >= 0 AND soft_limit_nanos <= limit_nanos", name="soft_limit_range"),
         CheckConstraint('"window" BETWEEN 1 AND 4', name="window_known"),
+        CheckConstraint("""run = '' OR (agent = '' AND "window" = 4)""", name="run_total"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
@@ -97,6 +104,8 @@ class Budget(Base):
     limit_nanos: Mapped[int] = mapped_column(BigInteger)
     soft_limit_nanos: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     updated_at: Mapped[dt.datetime] = mapped_column(TZ, server_default=text("now()"))
+    # '' for team and agent budgets; a run's id for a run's cap.
+    run: Mapped[str] = mapped_column(String(128), server_default=text("''"))
 
 
 class BudgetCounter(Base):
@@ -160,10 +169,13 @@ class Hold(Base):
     # 0: one call's hold. N > 0: a budget slice leased to a router for up to N calls; its calls
     # settle against it by their own request ids and it shrinks as they do.
     slice_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    # The run the call belongs to ('' for none); copied to its spend entry.
+    run_id: Mapped[str] = mapped_column(String(128), server_default=text("''"))
 
 
 class SpendEntry(Base):
-    """One settled (or captured) call; append-only, one per request id."""
+    """One settled (or captured) call; append-only, one per request id (kept by settle and
+    capture under the request id's advisory lock: a unique index cannot span partitions)."""
 
     __tablename__ = "spend_entries"
     __table_args__ = (
@@ -177,10 +189,12 @@ class SpendEntry(Base):
         # Operator reads: newest first overall, and per team over a time range.
         Index("ix_spend_entries_created_at_id", "created_at", "id"),
         Index("ix_spend_entries_team_created_at_id", "team", "created_at", "id"),
+        Index("ix_spend_entries_request_id", "request_id"),
+        {"postgresql_partition_by": "RANGE (created_at)"},
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(always=False), primary_key=True)
-    request_id: Mapped[str] = mapped_column(String(128), unique=True)
+    request_id: Mapped[str] = mapped_column(String(128))
     reservation_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
     team: Mapped[str] = mapped_column(String(128))
     agent: Mapped[str] = mapped_column(String(128))
@@ -196,8 +210,71 @@ class SpendEntry(Base):
     outcome: Mapped[int] = mapped_column(SmallInteger)
     flags: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     latency_us: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
-    created_at: Mapped[dt.datetime] = mapped_column(TZ)
+    created_at: Mapped[dt.datetime] = mapped_column(TZ, primary_key=True)
     reserve_time: Mapped[dt.datetime] = mapped_column(TZ)
+    run_id: Mapped[str] = mapped_column(String(128), server_default=text("''"))
+
+
+class SpendRollupHourly(Base):
+    """Spend per UTC hour, team, agent, model, provider and run: what ListSpend reads for whole
+    hours. Kept by a statement-level trigger on spend_entries; outlives the entries' retention."""
+
+    __tablename__ = "spend_rollup_hourly"
+    __table_args__ = (
+        Index("ix_spend_rollup_hourly_team_hour", "team", "hour"),
+        {"postgresql_partition_by": "RANGE (hour)"},
+    )
+
+    hour: Mapped[dt.datetime] = mapped_column(TZ, primary_key=True)
+    team: Mapped[str] = mapped_column(String(128), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(128), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    request_count: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(Numeric)
+    output_tokens: Mapped[int] = mapped_column(Numeric)
+    cached_input_tokens: Mapped[int] = mapped_column(Numeric)
+    cost_nanos: Mapped[int] = mapped_column(Numeric)
+
+
+class RateLimit(Base):
+    """Requests and input+output tokens per minute for a team (agent '') or one agent; 0 = none."""
+
+    __tablename__ = "rate_limits"
+    __table_args__ = (
+        CheckConstraint("requests_per_minute >= 0 AND tokens_per_minute >= 0", name="limits_nonneg"),
+    )
+
+    team: Mapped[str] = mapped_column(String(128), primary_key=True)
+    agent: Mapped[str] = mapped_column(String(128), primary_key=True, server_default=text("''"))
+    requests_per_minute: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    tokens_per_minute: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    updated_at: Mapped[dt.datetime] = mapped_column(TZ, server_default=text("now()"))
+
+
+class RateEvent(Base):
+    """One admitted call (key ``c:<request id>``) or budget slice (``s:<slice id>``) of a
+    rate-limited team: what it counts in the sliding 60 s windows from ``at``."""
+
+    __tablename__ = "rate_events"
+    __table_args__ = (
+        CheckConstraint("requests >= 0 AND tokens >= 0 AND used_calls >= 0", name="counts_nonneg"),
+        Index("ix_rate_events_team_at", "team", "at"),
+        Index("ix_rate_events_team_agent_at", "team", "agent", "at"),
+        Index("ix_rate_events_at", "at"),
+    )
+
+    key: Mapped[str] = mapped_column(String(140), primary_key=True)
+    hold_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    team: Mapped[str] = mapped_column(String(128))
+    agent: Mapped[str] = mapped_column(String(128))
+    at: Mapped[dt.datetime] = mapped_column(TZ)
+    requests: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Numeric)
+    unit_tokens: Mapped[int] = mapped_column(Numeric)
+    used_calls: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    used_tokens: Mapped[int] = mapped_column(Numeric, server_default=text("0"))
 
 
 class RequestRelease(Base):

@@ -52,7 +52,17 @@ _GROUP_COLUMNS: dict[str, tuple[str, ...]] = {
     "model": ("model",),
     "provider": ("provider",),
     "day": ("date_trunc('day', created_at AT TIME ZONE 'UTC') AS day",),
+    "run": ("team", "run_id"),
 }
+
+
+def _floor_hour(t: dt.datetime) -> dt.datetime:
+    return t.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(t: dt.datetime) -> dt.datetime:
+    f = _floor_hour(t)
+    return f if f == t else f + dt.timedelta(hours=1)
 
 
 def libpq_dsn(url: str) -> str:
@@ -158,14 +168,16 @@ class Repository:
         ttl_us: int,
         now: dt.datetime,
         slice_calls: int = 0,
+        run_id: str = "",
+        run_cap_nanos: int = 0,
     ) -> dict[str, Any]:
-        """Calls ``ledger_hold`` (a call's hold, or a slice of ``slice_calls`` calls); the JSON
-        result says OK / DENIED / MISMATCH / ..."""
+        """Calls ``ledger_hold`` (a call's hold, or a slice of ``slice_calls`` calls, optionally
+        for a run); the JSON result says OK / DENIED / RATE_LIMITED / MISMATCH / ..."""
         return await self._call(  # type: ignore[no-any-return]
             "reserve" if not slice_calls else "acquire_slice",
-            "SELECT ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            "SELECT ledger_hold(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (hold_id, request_id, attempt, team, agent, model, provider, prompt_tokens,
-             max_output_tokens, slice_calls, ttl_us, now),
+             max_output_tokens, slice_calls, ttl_us, now, run_id, run_cap_nanos),
         )
 
     async def settle(
@@ -237,22 +249,131 @@ class Repository:
     async def budgets(self, team: str, agent: str, now: dt.datetime) -> list[dict[str, Any]]:
         """The budgets applying to (team, agent) in their current windows."""
         return await self._call(  # type: ignore[no-any-return]
-            "budgets", "SELECT ledger_budgets(%s, %s, %s)", (team, agent, now)
+            "budgets", "SELECT ledger_budgets(%s, %s, '', %s)", (team, agent, now)
         )
 
     # ------------------------------------------------------------ administration
 
     async def set_budget(
-        self, team: str, agent: str, window: int, limit: int, soft: int, now: dt.datetime
+        self, team: str, agent: str, window: int, limit: int, soft: int, now: dt.datetime, run: str = ""
     ) -> dict[str, Any]:
         """Calls ``ledger_set_budget``: upserts a budget (and its team); a new budget's current
-        window starts from the spend and open holds its team (or agent) already has there."""
+        window starts from the spend and open holds its team (or agent, or run) already has there."""
         row: dict[str, Any] = await self._call(
             "set_budget",
-            "SELECT ledger_set_budget(%s, %s, %s::smallint, %s, %s, %s)",
-            (team, agent, window, limit, soft, now),
+            "SELECT ledger_set_budget(%s, %s, %s, %s::smallint, %s, %s, %s)",
+            (team, agent, run, window, limit, soft, now),
         )
         return {**row, "updated_at": EPOCH + dt.timedelta(microseconds=int(row["updated_us"]))}
+
+    async def list_budgets(
+        self, team: str, include_runs: bool, limit: int, after: tuple[str, str, str, int] | None
+    ) -> list[dict[str, Any]]:
+        """Budgets ordered by (team, run, agent, window), keyset-paged after ``after``."""
+        conds = ["true"]
+        params: list[Any] = []
+        if team:
+            conds.append("team = %s")
+            params.append(team)
+        if not include_runs:
+            conds.append("run = ''")
+        if after is not None:
+            conds.append('(team, run, agent, "window") > (%s, %s, %s, %s)')
+            params.extend(after)
+        sql = (
+            'SELECT team, run, agent, "window", limit_nanos, soft_limit_nanos, updated_at FROM budgets'  # noqa: S608
+            f" WHERE {' AND '.join(conds)} ORDER BY team, run, agent, \"window\" LIMIT %s"
+        )
+        params.append(limit)
+
+        async def go(conn: Conn) -> list[dict[str, Any]]:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(sql, params)  # type: ignore[arg-type]
+            return await cur.fetchall()
+
+        return await self._run("list_budgets", go)
+
+    async def delete_budget(self, team: str, agent: str, run: str, window: int) -> dict[str, Any] | None:
+        """Deletes one budget and its counters (under the team's lock); None when there is none."""
+
+        async def go(conn: Conn) -> dict[str, Any] | None:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(ledger_team_lock_key(%s))", (team,))
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(
+                    'DELETE FROM budgets WHERE team = %s AND agent = %s AND run = %s AND "window" = %s'
+                    ' RETURNING team, run, agent, "window", limit_nanos, soft_limit_nanos, updated_at',
+                    (team, agent, run, window),
+                )
+                return await cur.fetchone()
+
+        return await self._run("delete_budget", go)
+
+    async def set_rate_limit(self, team: str, agent: str, rpm: int, tpm: int, now: dt.datetime) -> dict[str, Any]:
+        """Upserts a rate limit (both 0: deletes it, so the team's holds skip the rate check)."""
+
+        async def go(conn: Conn) -> dict[str, Any]:
+            cur = conn.cursor(row_factory=dict_row)
+            if rpm == 0 and tpm == 0:
+                await cur.execute("DELETE FROM rate_limits WHERE team = %s AND agent = %s", (team, agent))
+                return {"team": team, "agent": agent, "requests_per_minute": 0, "tokens_per_minute": 0,
+                        "updated_at": now}
+            await cur.execute(
+                "INSERT INTO rate_limits (team, agent, requests_per_minute, tokens_per_minute, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (team, agent) DO UPDATE SET"
+                " requests_per_minute = EXCLUDED.requests_per_minute,"
+                " tokens_per_minute = EXCLUDED.tokens_per_minute, updated_at = EXCLUDED.updated_at"
+                " RETURNING team, agent, requests_per_minute, tokens_per_minute, updated_at",
+                (team, agent, rpm, tpm, now),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return row
+
+        return await self._run("set_rate_limit", go)
+
+    async def rate_limits(self, team: str, now: dt.datetime) -> list[dict[str, Any]]:
+        """``ledger_rate_limits``: the team's limits with what the last 60 s counted."""
+        return await self._call(  # type: ignore[no-any-return]
+            "rate_limits", "SELECT ledger_rate_limits(%s, %s)", (team, now)
+        )
+
+    async def all_rate_limits(self) -> list[tuple[str, str, int, int]]:
+        """Every configured rate limit (for the metrics)."""
+
+        async def go(conn: Conn) -> list[tuple[str, str, int, int]]:
+            cur = await conn.execute(
+                "SELECT team, agent, requests_per_minute, tokens_per_minute FROM rate_limits ORDER BY 1, 2 LIMIT 10000"
+            )
+            return [tuple(r) for r in await cur.fetchall()]  # type: ignore[misc]
+
+        return await self._run("all_rate_limits", go)
+
+    async def prune_rate_events(self, now: dt.datetime) -> int:
+        """Forgets rate events older than every window."""
+        return int(await self._call("prune_rate_events", "SELECT ledger_prune_rate_events(%s)", (now,)))
+
+    async def maintain_partitions(
+        self, now: dt.datetime, ahead_months: int, cutoff: dt.datetime | None
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Creates the partitions due ahead, drops those wholly before ``cutoff``; returns
+        (created, dropped, every partition)."""
+
+        async def go(conn: Conn) -> tuple[list[str], list[str], list[str]]:
+            async with conn.transaction():
+                cur = await conn.execute("SELECT ledger_ensure_partitions(%s, %s)", (now, ahead_months))
+                row = await cur.fetchone()
+                created = list(row[0]) if row else []
+                dropped: list[str] = []
+                if cutoff is not None:
+                    cur = await conn.execute("SELECT ledger_drop_partitions(%s)", (cutoff,))
+                    row = await cur.fetchone()
+                    dropped = list(row[0]) if row else []
+                cur = await conn.execute("SELECT name FROM ledger_partitions() ORDER BY lo")
+                names = [r[0] for r in await cur.fetchall()]
+            return created, dropped, names
+
+        return await self._run("maintain_partitions", go)
 
     async def list_spend(
         self,
@@ -260,24 +381,61 @@ class Repository:
         end: dt.datetime,
         group_by: Sequence[str],
         team: str,
+        run: str = "",
+        limit: int = 1000,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Totals over [start, end) grouped by a whitelist of dimensions (SQL GROUP BY)."""
+        """Totals over [start, end) grouped by a whitelist of dimensions.
+
+        Whole UTC hours come from ``spend_rollup_hourly`` (a few rows per hour and group); only
+        the partial hours at the two ends are read from the entries, through the time index.
+        So the cost follows the range and the number of groups, not the size of the table.
+        """
         cols: list[str] = []
         for dim in group_by:
             for col in _GROUP_COLUMNS[dim]:
                 if col not in cols:
                     cols.append(col)
         names = [c.rsplit(" AS ", 1)[-1] for c in cols]
-        select = ", ".join([*cols, ""]) if cols else ""
-        where = "created_at >= %s AND created_at < %s" + (" AND team = %s" if team else "")
-        params: list[Any] = [start, end] + ([team] if team else [])
-        sql = (
-            f"SELECT {select}count(*) AS n, coalesce(sum(input_tokens), 0) AS input,"  # noqa: S608
-            " coalesce(sum(output_tokens), 0) AS output,"
-            " coalesce(sum(cached_input_tokens), 0) AS cached, coalesce(sum(cost_nanos), 0) AS cost"
-            f" FROM spend_entries WHERE {where}"
-            + (f" GROUP BY {', '.join(names)} ORDER BY {', '.join(names)}" if names else "")
+        lo = _ceil_hour(start)
+        hi = _floor_hour(end)
+        filt = (" AND team = %s" if team else "") + (" AND run_id = %s" if run else "")
+        fparams: list[Any] = ([team] if team else []) + ([run] if run else [])
+        parts: list[str] = []
+        params: list[Any] = []
+        entry_cols = ", ".join([*cols, ""]) if cols else ""
+        entry_sel = (
+            f"SELECT {entry_cols}count(*) AS n, sum(input_tokens) AS input, sum(output_tokens) AS output,"  # noqa: S608
+            " sum(cached_input_tokens) AS cached, sum(cost_nanos) AS cost FROM spend_entries"
         )
+        group = f" GROUP BY {', '.join(names)}" if names else ""
+        if lo < hi:
+            roll_cols = ", ".join([*(c.replace("created_at", "hour") for c in cols), ""]) if cols else ""
+            parts.append(
+                f"SELECT {roll_cols}sum(request_count) AS n, sum(input_tokens) AS input,"  # noqa: S608
+                " sum(output_tokens) AS output, sum(cached_input_tokens) AS cached, sum(cost_nanos) AS cost"
+                f" FROM spend_rollup_hourly WHERE hour >= %s AND hour < %s{filt}{group}"
+            )
+            params += [lo, hi, *fparams]
+            edges = [(start, lo), (hi, end)]
+        else:
+            edges = [(start, end)]
+        for a, b in edges:
+            if a < b:
+                parts.append(f"{entry_sel} WHERE created_at >= %s AND created_at < %s{filt}{group}")
+                params += [a, b, *fparams]
+        if not parts:
+            parts.append(f"{entry_sel} WHERE false{group}")
+        union = " UNION ALL ".join(f"({p})" for p in parts)
+        outer = ", ".join([*names, ""]) if names else ""
+        sql = (
+            f"SELECT {outer}coalesce(sum(n), 0) AS n, coalesce(sum(input), 0) AS input,"  # noqa: S608
+            " coalesce(sum(output), 0) AS output, coalesce(sum(cached), 0) AS cached,"
+            f" coalesce(sum(cost), 0) AS cost FROM ({union}) u"
+            + (f" GROUP BY {', '.join(names)} ORDER BY {', '.join(names)}" if names else "")
+            + " LIMIT %s OFFSET %s"
+        )
+        params += [limit, offset]
 
         async def go(conn: Conn) -> list[dict[str, Any]]:
             cur = conn.cursor(row_factory=dict_row)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from igw.ledger.v1 import ledger_pb2_grpc
 from services.common import db
+from services.common.dbprobe import DatabaseProbe
 from services.common.server import Registrar, ServiceRuntime
 from services.ledger.authz import POLICY
 from services.ledger.config import LedgerSettings, Settings
@@ -36,9 +37,13 @@ async def open_service(
     )
     if settings.allow_unbudgeted:
         _LOGGER.warning("IGW_LEDGER_ALLOW_UNBUDGETED is on: teams without a budget spend without limit")
-    service = LedgerService(repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds)
+    service = LedgerService(
+        repo, LedgerMetrics(registry), now=now, hold_ttl_seconds=settings.hold_ttl_seconds,
+        partitions_ahead_months=settings.partitions_ahead_months, retention_days=settings.retention_days,
+    )
     try:
         await service.seed_default_prices()
+        await service.maintain()
     except BaseException:
         await repo.close()
         raise
@@ -59,10 +64,12 @@ async def build(settings: Settings) -> ServiceRuntime:
     """Builds the ledger's runtime (not yet started); the sweeper runs while it serves."""
     registry = CollectorRegistry()
     service = await open_service(settings.ledger, registry)
-    sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds)
+    sweeper = Sweeper(service, settings.ledger.sweep_interval_seconds, settings.ledger.maintenance_interval_seconds)
+    probe = DatabaseProbe(settings.ledger.database_url)
 
     async def close() -> None:
         await sweeper.stop()
+        await probe.close()
         await service.repo.close()
 
     runtime = ServiceRuntime(
@@ -73,6 +80,7 @@ async def build(settings: Settings) -> ServiceRuntime:
         registry=registry,
         closers=[close],
         access_log=False,
+        readiness=probe,
     )
     sweeper.start()
     return runtime

@@ -36,11 +36,14 @@ Decisions where the issue is silent (also in the report):
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -97,12 +100,28 @@ class LedgerMetrics:
         self.spend = Counter(
             "igw_ledger_spend_nanodollars", "Nano-dollars settled or captured, by team.", ["team"], registry=registry
         )
+        self.rate_limited = Counter(
+            "igw_ledger_rate_limited", "Holds refused by a rate limit, by team and limit kind.", ["team", "kind"],
+            registry=registry,
+        )
+        self.rpm_limit = Gauge(
+            "igw_ledger_rate_limit_requests_per_minute", "Configured requests-per-minute limit, by team and agent"
+            " (agent empty: team-wide).", ["team", "agent"], registry=registry,
+        )
+        self.tpm_limit = Gauge(
+            "igw_ledger_rate_limit_tokens_per_minute", "Configured input+output tokens-per-minute limit, by team and"
+            " agent (agent empty: team-wide).", ["team", "agent"], registry=registry,
+        )
+        self.partitions = Gauge(
+            "igw_ledger_spend_partitions", "Monthly spend-entry partitions attached.", registry=registry
+        )
 
 
 def _status(raw: dict[str, Any]) -> D.BudgetStatus:
     return D.BudgetStatus(
         team=raw["team"],
         agent=raw["agent"],
+        run=raw.get("run", ""),
         window=D.Window(raw["window"]),
         limit_nanos=int(raw["limit"]),
         soft_limit_nanos=int(raw["soft"]),
@@ -149,6 +168,7 @@ def entry_from_json(raw: dict[str, Any]) -> D.SpendEntry:
         latency_us=int(raw["latency_us"]),
         created_at=D.from_us(int(raw["created_us"])),
         reserve_time=D.from_us(int(raw["reserve_us"])),
+        run_id=raw.get("run_id", ""),
     )
 
 
@@ -167,11 +187,15 @@ class LedgerService:
         *,
         now: Clock = utcnow,
         hold_ttl_seconds: int = 300,
+        partitions_ahead_months: int = 3,
+        retention_days: int = 0,
     ) -> None:
         self.repo = repo
         self.metrics = metrics
         self.now = now
         self.hold_ttl_us = hold_ttl_seconds * 1_000_000
+        self.partitions_ahead_months = partitions_ahead_months
+        self.retention_days = retention_days
 
     # ------------------------------------------------------------ startup
 
@@ -196,13 +220,20 @@ class LedgerService:
         max_output_tokens: int,
         hold_ttl: dt.timedelta | None = None,
         provider: str = "",
+        run_id: str = "",
+        run_cap_nanos: int = 0,
     ) -> D.ReserveResult:
-        """Places a hold sized to the most the call can cost, or raises BUDGET_EXCEEDED."""
+        """Places a hold sized to the most the call can cost, or raises BUDGET_EXCEEDED /
+        RATE_LIMITED. A run (``run_id``) with a cap gets its budget on its first request."""
         if attempt < 0:
             raise E.InvalidArgument("INVALID_ATTEMPT", "attempt must be >= 0", {"field": "attempt"})
+        D.check_name("run_id", run_id, required=False)
+        D.check_amount("run_cap_nanos", run_cap_nanos)
+        if run_cap_nanos and not run_id:
+            raise E.InvalidArgument("MISSING_FIELD", "run_cap_nanos needs a run_id", {"field": "run_id"})
         return await self._place(
             request_id, attempt, team, agent, model, prompt_tokens_upper_bound, max_output_tokens,
-            0, hold_ttl, provider,
+            0, hold_ttl, provider, run_id=run_id, run_cap_nanos=run_cap_nanos,
         )
 
     async def acquire_slice(
@@ -231,7 +262,7 @@ class LedgerService:
     async def _place(
         self, request_id: str, attempt: int, team: str, agent: str, model: str, prompt_tokens: int,
         max_output_tokens: int, calls: int, hold_ttl: dt.timedelta | None, provider: str,
-        *, what: str = "request_id",
+        *, what: str = "request_id", run_id: str = "", run_cap_nanos: int = 0,
     ) -> D.ReserveResult:
         D.check_request_id(request_id, what)
         D.check_principal("team", team)
@@ -247,7 +278,7 @@ class LedgerService:
             ttl_us = min(hold_ttl // dt.timedelta(microseconds=1), MAX_HOLD_TTL_SECONDS * 1_000_000)
         res = await self.repo.reserve(
             uuid.uuid4(), request_id, attempt, team, agent, model, provider,
-            prompt_tokens, max_output_tokens, ttl_us, self.now(), calls,
+            prompt_tokens, max_output_tokens, ttl_us, self.now(), calls, run_id, run_cap_nanos,
         )
         kind = "slice_" if calls else ""
         result = res["result"]
@@ -262,6 +293,16 @@ class LedgerService:
             self.metrics.denials.labels(team).inc()
             self.metrics.remaining.labels(team).set(status.remaining_nanos)
             raise D.budget_exceeded(status, int(res["amount"]))
+        if result == "RATE_LIMITED":
+            kind = "requests" if int(res["rpm"]) and int(res["requests"]) >= int(res["rpm"]) else "tokens"
+            self.metrics.rate_limited.labels(team, kind).inc()
+            raise D.rate_limited(team, res)
+        if result == "RATE_TOO_LARGE":
+            raise E.FailedPrecondition(
+                "CALL_EXCEEDS_RATE_LIMIT",
+                "the call's token bound (prompt + max output) is above the tokens-per-minute limit",
+                {"team": team, "agent": res["agent"], "tokens_per_minute": res["tpm"], "tokens": res["tokens"]},
+            )
         if result == "NOT_PRICED":
             raise E.FailedPrecondition(
                 "MODEL_NOT_PRICED",
@@ -520,11 +561,17 @@ class LedgerService:
     # ------------------------------------------------------------ administration
 
     async def set_budget(
-        self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0
+        self, *, team: str, agent: str, window: int, limit_nanos: int, soft_limit_nanos: int = 0, run: str = ""
     ) -> D.BudgetConfig:
-        """Creates or replaces a budget."""
+        """Creates or replaces a budget (of a team, an agent, or a run: TOTAL window, no agent)."""
         D.check_principal("team", team)
         D.check_principal("agent", agent, required=False)
+        D.check_name("run", run, required=False)
+        if run and window == 0:
+            window = D.Window.TOTAL
+        if run and (agent or window != D.Window.TOTAL):
+            raise E.InvalidArgument(
+                "INVALID_RUN_BUDGET", "a run budget has no agent and the TOTAL window", {"field": "run"})
         if window not in (1, 2, 3, 4):
             raise E.InvalidArgument("INVALID_WINDOW", "window is required", {"field": "window"})
         D.check_amount("limit_nanos", limit_nanos)
@@ -533,15 +580,107 @@ class LedgerService:
             raise E.InvalidArgument(
                 "INVALID_AMOUNT", "soft_limit_nanos cannot exceed limit_nanos", {"field": "soft_limit_nanos"}
             )
-        row = await self.repo.set_budget(team, agent, window, limit_nanos, soft_limit_nanos, self.now())
+        row = await self.repo.set_budget(team, agent, window, limit_nanos, soft_limit_nanos, self.now(), run)
         _LOGGER.info(
             "budget set",
-            extra={"team": team, "agent": agent, "window": D.Window(window).name, "limit_nanos": limit_nanos},
+            extra={"team": team, "agent": agent, "run": run, "window": D.Window(window).name,
+                   "limit_nanos": limit_nanos},
         )
         return D.BudgetConfig(
             row["team"], row["agent"], D.Window(row["window"]), int(row["limit"]), int(row["soft"]),
-            row["updated_at"],
+            row["updated_at"], row.get("run", ""),
         )
+
+    async def list_budgets(
+        self, *, team: str = "", include_runs: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[D.BudgetConfig], str]:
+        """Configured budgets ordered by (team, run, agent, window), paged; (budgets, next token)."""
+        D.check_principal("team", team, required=False)
+        size = _page_size(page_size, 100, 1000)
+        after: tuple[str, str, str, int] | None = None
+        if page_token:
+            parts = _decode_parts(page_token, 4)
+            try:
+                after = (parts[0], parts[1], parts[2], int(parts[3]))
+            except ValueError:
+                raise _bad_token() from None
+        rows = await self.repo.list_budgets(team, include_runs, size + 1, after)
+        out = [
+            D.BudgetConfig(r["team"], r["agent"], D.Window(r["window"]), int(r["limit_nanos"]),
+                           int(r["soft_limit_nanos"]), r["updated_at"], r["run"])
+            for r in rows[:size]
+        ]
+        token = ""
+        if len(rows) > size:
+            last = out[-1]
+            token = _encode_parts(last.team, last.run, last.agent, str(int(last.window)))
+        return out, token
+
+    async def delete_budget(self, *, team: str, agent: str = "", window: int, run: str = "") -> D.BudgetConfig:
+        """Deletes one budget; NOT_FOUND / BUDGET_NOT_FOUND when there is none."""
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
+        D.check_name("run", run, required=False)
+        if run and window == 0:
+            window = D.Window.TOTAL
+        if window not in (1, 2, 3, 4):
+            raise E.InvalidArgument("INVALID_WINDOW", "window is required", {"field": "window"})
+        row = await self.repo.delete_budget(team, agent, run, window)
+        if row is None:
+            raise E.NotFound(
+                "BUDGET_NOT_FOUND", "no such budget",
+                {"team": team, "agent": agent, "run": run, "window": D.Window(window).name},
+            )
+        _LOGGER.info("budget deleted", extra={"team": team, "agent": agent, "run": run,
+                                              "window": D.Window(window).name})
+        return D.BudgetConfig(row["team"], row["agent"], D.Window(row["window"]), int(row["limit_nanos"]),
+                              int(row["soft_limit_nanos"]), row["updated_at"], row["run"])
+
+    async def set_rate_limit(
+        self, *, team: str, agent: str = "", requests_per_minute: int = 0, tokens_per_minute: int = 0
+    ) -> D.RateLimit:
+        """Sets (or, both 0, clears) a team's or agent's rate limits."""
+        D.check_principal("team", team)
+        D.check_principal("agent", agent, required=False)
+        D.check_amount("requests_per_minute", requests_per_minute)
+        D.check_amount("tokens_per_minute", tokens_per_minute)
+        row = await self.repo.set_rate_limit(team, agent, requests_per_minute, tokens_per_minute, self.now())
+        self.metrics.rpm_limit.labels(team, agent).set(requests_per_minute)
+        self.metrics.tpm_limit.labels(team, agent).set(tokens_per_minute)
+        _LOGGER.info("rate limit set", extra={"team": team, "agent": agent, "requests_per_minute": requests_per_minute,
+                                              "tokens_per_minute": tokens_per_minute})
+        return D.RateLimit(team, agent, int(row["requests_per_minute"]), int(row["tokens_per_minute"]),
+                           0, 0, row["updated_at"])
+
+    async def get_rate_limits(self, *, team: str) -> list[D.RateLimit]:
+        """The team's limits (team-wide first, then its agents') with the last 60 s's use."""
+        D.check_principal("team", team)
+        return [
+            D.RateLimit(r["team"], r["agent"], int(r["rpm"]), int(r["tpm"]), int(r["requests"]),
+                        int(Decimal(str(r["tokens"]))), D.from_us(int(r["updated_us"])))
+            for r in await self.repo.rate_limits(team, self.now())
+        ]
+
+    async def refresh_limit_metrics(self) -> None:
+        """Sets the limit gauges from the database (every replica shows every limit)."""
+        for team, agent, rpm, tpm in await self.repo.all_rate_limits():
+            self.metrics.rpm_limit.labels(team, agent).set(rpm)
+            self.metrics.tpm_limit.labels(team, agent).set(tpm)
+
+    async def maintain(self) -> D.Maintenance:
+        """Creates the spend partitions due ahead; drops those past retention; prunes rate events."""
+        now = self.now()
+        cutoff = now - dt.timedelta(days=self.retention_days) if self.retention_days else None
+        created, dropped, names = await self.repo.maintain_partitions(now, self.partitions_ahead_months, cutoff)
+        for name in created:
+            _LOGGER.info("spend partition created", extra={"partition": name})
+        for name in dropped:
+            _LOGGER.warning("spend partition dropped (retention)", extra={"partition": name,
+                                                                          "retention_days": self.retention_days})
+        self.metrics.partitions.set(len(names))
+        await self.repo.prune_rate_events(now)
+        await self.refresh_limit_metrics()
+        return D.Maintenance(created, dropped, names)
 
     async def list_spend(
         self,
@@ -550,15 +689,47 @@ class LedgerService:
         end: dt.datetime | None,
         group_by: Sequence[str],
         team: str = "",
+        run: str = "",
     ) -> list[D.SpendTotal]:
-        """Totals grouped by team/agent/model/provider/day over [start, end)."""
+        """The first page (up to 10,000 groups) of :meth:`list_spend_page`."""
+        totals, _ = await self.list_spend_page(
+            start=start, end=end, group_by=group_by, team=team, run=run, page_size=10000)
+        return totals
+
+    async def list_spend_page(
+        self,
+        *,
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        group_by: Sequence[str],
+        team: str = "",
+        run: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[D.SpendTotal], str]:
+        """Totals grouped by team/agent/model/provider/day/run over [start, end), paged; returns
+        (totals, next_page_token). Whole hours are read from the hourly rollup."""
         D.check_principal("team", team, required=False)
+        D.check_name("run", run, required=False)
+        if run and not team:
+            raise E.InvalidArgument("MISSING_FIELD", "a run filter needs the team", {"field": "team"})
+        size = _page_size(page_size, 1000, 10000)
+        offset = 0
+        if page_token:
+            try:
+                offset = int(_decode_parts(page_token, 1)[0])
+            except ValueError:
+                raise _bad_token() from None
+            if offset < 0:
+                raise _bad_token()
         now = self.now()
         end = end or now
         start = start or (end - dt.timedelta(days=30))
         if start > end:
             raise E.InvalidArgument("INVALID_TIME_RANGE", "start_time is after end_time", {})
-        rows = await self.repo.list_spend(start, end, list(dict.fromkeys(group_by)), team)
+        rows = await self.repo.list_spend(start, end, list(dict.fromkeys(group_by)), team, run, size + 1, offset)
+        token = _encode_parts(str(offset + size)) if len(rows) > size else ""
+        rows = rows[:size]
         out = []
         for r in rows:
             day = r.get("day")
@@ -568,13 +739,14 @@ class LedgerService:
                     agent=r.get("agent") or "",
                     model=r.get("model") or "",
                     provider=r.get("provider") or "",
+                    run=r.get("run_id") or "",
                     day=day.replace(tzinfo=dt.UTC) if day is not None else None,
                     request_count=int(r["n"]),
                     usage=D.Usage(int(r["input"]), int(r["output"]), int(r["cached"])),
                     cost_nanos=int(r["cost"]),
                 )
             )
-        return out
+        return out, token
 
     async def list_entries(
         self,
@@ -635,14 +807,20 @@ class LedgerService:
             _LOGGER.info("price catalogue version %d created", version)
         return version
 
-    async def list_prices(self, *, version: int = 0) -> D.PriceList:
-        """One catalogue version (0 = current)."""
+    async def list_prices(self, *, version: int = 0, page_size: int = 0, page_token: str = "") -> D.PriceList:
+        """One catalogue version (0 = current), by model name; paged when ``page_size`` is set."""
         if version < 0:
             raise E.InvalidArgument("INVALID_VERSION", "version must be >= 0", {"field": "version"})
+        if page_size < 0:
+            raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
+        after = _decode_parts(page_token, 1)[0] if page_token else None
         res = await self.repo.list_prices(version)
         if res is None:
             raise E.NotFound("PRICE_VERSION_NOT_FOUND", "no such price catalogue version", {"version": version})
-        return D.PriceList(res[0], res[1], res[2])
+        prices = [p for p in res[2] if after is None or p[0] > after]
+        size = min(page_size, 10000) if page_size else len(prices)
+        token = _encode_parts(prices[size - 1][0]) if len(prices) > size else ""
+        return D.PriceList(res[0], res[1], prices[:size], token)
 
     # ------------------------------------------------------------ helpers
 
@@ -657,9 +835,34 @@ class LedgerService:
             )
 
     def _update_remaining(self, team: str, budgets: list[D.BudgetStatus]) -> None:
-        team_wide = [b.remaining_nanos for b in budgets if not b.agent]
+        team_wide = [b.remaining_nanos for b in budgets if not b.agent and not b.run]
         if team_wide:
             self.metrics.remaining.labels(team).set(min(team_wide))
+
+
+def _page_size(page_size: int, default: int, most: int) -> int:
+    if page_size < 0:
+        raise E.InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0", {"field": "page_size"})
+    return min(page_size or default, most)
+
+
+def _bad_token() -> E.InvalidArgument:
+    return E.InvalidArgument("INVALID_PAGE_TOKEN", "page_token is malformed", {"field": "page_token"})
+
+
+def _encode_parts(*parts: str) -> str:
+    """An opaque page token: the keyset values, urlsafe base64 of their JSON."""
+    return base64.urlsafe_b64encode(json.dumps(list(parts)).encode()).decode().rstrip("=")
+
+
+def _decode_parts(token: str, n: int) -> list[str]:
+    try:
+        parts = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, TypeError):
+        raise _bad_token() from None
+    if not isinstance(parts, list) or len(parts) != n or not all(isinstance(p, str) for p in parts):
+        raise _bad_token()
+    return parts
 
 
 def _decode_token(token: str) -> tuple[dt.datetime, int]:

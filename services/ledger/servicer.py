@@ -26,6 +26,7 @@ _GROUP = {
     pb.SPEND_GROUP_BY_MODEL: "model",
     pb.SPEND_GROUP_BY_PROVIDER: "provider",
     pb.SPEND_GROUP_BY_DAY: "day",
+    pb.SPEND_GROUP_BY_RUN: "run",
 }
 
 
@@ -69,6 +70,7 @@ def budget_status_pb(s: D.BudgetStatus) -> pb.BudgetStatus:
         spent_nanos=s.spent_nanos,
         held_nanos=s.held_nanos,
         remaining_nanos=s.remaining_nanos,
+        run=s.run,
     )
     end = s.window_end
     if end is not None:
@@ -113,6 +115,24 @@ def spend_entry_pb(e: D.SpendEntry) -> pb.SpendEntry:
         create_time=_ts(e.created_at),
         reserve_time=_ts(e.reserve_time),
         latency=duration_pb2.Duration(seconds=e.latency_us // 1_000_000, nanos=(e.latency_us % 1_000_000) * 1000),
+        run_id=e.run_id,
+    )
+
+
+def budget_pb(b: D.BudgetConfig) -> pb.Budget:
+    """A configured budget as its proto."""
+    return pb.Budget(
+        team=b.team, agent=b.agent, window=pb.BudgetWindow.ValueType(b.window), limit_nanos=b.limit_nanos,
+        soft_limit_nanos=b.soft_limit_nanos, update_time=_ts(b.updated_at), run=b.run,
+    )
+
+
+def rate_limit_pb(r: D.RateLimit) -> pb.RateLimit:
+    """A rate limit as its proto."""
+    return pb.RateLimit(
+        team=r.team, agent=r.agent, requests_per_minute=r.requests_per_minute,
+        tokens_per_minute=r.tokens_per_minute, requests_used=r.requests_used, tokens_used=r.tokens_used,
+        update_time=_ts(r.updated_at),
     )
 
 
@@ -133,6 +153,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             max_output_tokens=request.max_output_tokens,
             hold_ttl=request.hold_ttl.ToTimedelta() if request.HasField("hold_ttl") else None,
             provider=request.provider,
+            run_id=request.run_id,
+            run_cap_nanos=request.run_cap_nanos,
         )
         return pb.ReserveResponse(
             reservation_id=str(res.hold.reservation_id),
@@ -221,23 +243,53 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):  # type: 
             window=request.window,
             limit_nanos=request.limit_nanos,
             soft_limit_nanos=request.soft_limit_nanos,
+            run=request.run,
         )
-        return pb.Budget(
-            team=b.team, agent=b.agent, window=pb.BudgetWindow.ValueType(b.window), limit_nanos=b.limit_nanos,
-            soft_limit_nanos=b.soft_limit_nanos, update_time=_ts(b.updated_at),
+        return budget_pb(b)
+
+    async def ListBudgets(self, request: pb.ListBudgetsRequest, context: Any) -> pb.ListBudgetsResponse:
+        budgets, token = await self._svc.list_budgets(
+            team=request.team, include_runs=request.include_runs, page_size=request.page_size,
+            page_token=request.page_token,
         )
+        return pb.ListBudgetsResponse(budgets=[budget_pb(b) for b in budgets], next_page_token=token)
+
+    async def DeleteBudget(self, request: pb.DeleteBudgetRequest, context: Any) -> pb.DeleteBudgetResponse:
+        b = await self._svc.delete_budget(team=request.team, agent=request.agent, window=request.window,
+                                          run=request.run)
+        return pb.DeleteBudgetResponse(budget=budget_pb(b))
+
+    async def SetRateLimit(self, request: pb.SetRateLimitRequest, context: Any) -> pb.RateLimit:
+        r = await self._svc.set_rate_limit(
+            team=request.team, agent=request.agent, requests_per_minute=request.requests_per_minute,
+            tokens_per_minute=request.tokens_per_minute,
+        )
+        return rate_limit_pb(r)
+
+    async def GetRateLimits(self, request: pb.GetRateLimitsRequest, context: Any) -> pb.GetRateLimitsResponse:
+        return pb.GetRateLimitsResponse(limits=[rate_limit_pb(r) for r in await self._svc.get_rate_limits(
+            team=request.team)])
+
+    async def MaintainPartitions(
+        self, request: pb.MaintainPartitionsRequest, context: Any
+    ) -> pb.MaintainPartitionsResponse:
+        m = await self._svc.maintain()
+        return pb.MaintainPartitionsResponse(created=m.created, dropped=m.dropped, partitions=m.partitions)
 
     async def ListSpend(self, request: pb.ListSpendRequest, context: Any) -> pb.ListSpendResponse:
-        totals = await self._svc.list_spend(
+        totals, token = await self._svc.list_spend_page(
             start=_opt_dt(request, "start_time"),
             end=_opt_dt(request, "end_time"),
             group_by=[_group(g) for g in request.group_by],
             team=request.team,
+            run=request.run,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
-        out = pb.ListSpendResponse()
+        out = pb.ListSpendResponse(next_page_token=token)
         for t in totals:
             row = out.totals.add(
-                team=t.team, agent=t.agent, model=t.model, provider=t.provider,
+                team=t.team, agent=t.agent, model=t.model, provider=t.provider, run=t.run,
                 request_count=t.request_count, cost_nanos=t.cost_nanos,
                 usage=pb.TokenUsage(
                     input_tokens=t.usage.input_tokens, output_tokens=t.usage.output_tokens,
@@ -272,9 +324,11 @@ class LedgerAdminServicer(ledger_pb2_grpc.LedgerAdminServiceServicer):  # type: 
         return pb.SetPricesResponse(version=version)
 
     async def ListPrices(self, request: pb.ListPricesRequest, context: Any) -> pb.ListPricesResponse:
-        pl = await self._svc.list_prices(version=request.version)
+        pl = await self._svc.list_prices(
+            version=request.version, page_size=request.page_size, page_token=request.page_token)
         return pb.ListPricesResponse(
             version=pl.version,
+            next_page_token=pl.next_page_token,
             create_time=_ts(pl.created_at),
             prices=[
                 pb.ModelPrice(model=m, input_per_mtok_nanos=i, output_per_mtok_nanos=o, cached_input_per_mtok_nanos=c)

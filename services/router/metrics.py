@@ -29,7 +29,9 @@ class RouterMetrics:
     overload_rejections: Counter = field(init=False)
     settle_retries: Counter = field(init=False)
     config_info: Gauge = field(init=False)
+    settles_pending: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
+    replicas: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -69,7 +71,13 @@ class RouterMetrics:
             ["event"], registry=r)
         self.slice_draws = Counter(
             "igw_router_slice_draws", "Call holds placed locally from a budget slice (no Reserve).", registry=r)
+        self.settles_pending = Gauge(
+            "igw_router_settles_pending", "Settles queued or in flight, not yet acknowledged by the ledger.",
+            registry=r)
         self.config_info = Gauge(
             "igw_router_config_info", "The active routing config (value 1), by digest.", ["sha256"], registry=r)
         self.config_reloads = Counter(
             "igw_router_config_reloads", "Config reloads by result.", ["result"], registry=r)
+        self.replicas = Gauge(
+            "igw_router_healthy_replicas", "Ledger and vault replicas this router sees SERVING, by service.",
+            ["service"], registry=r)

@@ -1,4 +1,4 @@
-"""Wires the router: routing config, long-lived channels to ledger and vault, HTTP pool, servicers."""
+"""Wires the router: routing config (followed on disk), every ledger and vault replica, HTTP pool, servicers."""
 
 from __future__ import annotations
 
@@ -10,34 +10,55 @@ import signal
 import grpc
 from prometheus_client import CollectorRegistry
 
+from igw.client._spiffe import TlsFiles
 from igw.keyvault.v1 import keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2_grpc
 from igw.router.v1 import router_pb2_grpc
 from services.common.server import ServiceRuntime
-from services.common.tls import secure_channel
 from services.common.tracing import client_interceptors, setup_tracing
 from services.router.authz import POLICY
-from services.router.config import Settings
+from services.router.config import ConfigSource, Settings
 from services.router.edge.server import EdgeLimits, EdgeServer, server_ssl_context
 from services.router.metrics import RouterMetrics
+from services.router.pool import ReplicaPool
 from services.router.providers.base import make_http_client
 from services.router.routing import ConfigError
 from services.router.service import Backends, Router
-from services.router.servicer import ConfigHolder, RouterAdminServicer, RouterServicer, make_loader
+from services.router.servicer import ConfigHolder, RouterAdminServicer, RouterServicer
 
 _LOGGER = logging.getLogger(__name__)
 SERVICE_NAMES = ("igw.router.v1.RouterService", "igw.router.v1.RouterAdminService")
+LEDGER_HEALTH_NAME = "igw.ledger.v1.LedgerService"
+KEYVAULT_HEALTH_NAME = "igw.keyvault.v1.KeyVaultService"
 
 
 class ConfigRefused(SystemExit):
     """The routing config does not validate or does not match its pinned digest."""
 
 
+async def watch_config(holder: ConfigHolder, source: ConfigSource, interval_s: float) -> None:
+    """Reloads the routing config whenever its file or its pin file changes on disk.
+
+    This is how a Kubernetes ConfigMap update arrives (the kubelet swaps a symlink). A file
+    that does not validate or match its pin is rejected by ``holder.reload``: the last good
+    config stays active and the rejection is logged and counted.
+    """
+    seen = source.stamps()
+    while True:
+        await asyncio.sleep(interval_s)
+        now = source.stamps()
+        if now == seen:
+            continue
+        seen = now
+        with contextlib.suppress(Exception):  # a rejected reload is logged and counted by reload()
+            await holder.reload()
+
+
 async def build(settings: Settings) -> ServiceRuntime:
     """Builds the router's runtime (not yet started). Refuses to start on a bad or unpinned config."""
-    loader = make_loader(settings.config_path, settings.config_sha256)
+    source = ConfigSource(settings.config_path, settings.config_sha256, settings.config_sha256_file)
     try:
-        config = loader()
+        config = source.load()
     except ConfigError as err:
         _LOGGER.error("routing config refused; not starting", extra={"error": str(err)})
         raise ConfigRefused(3) from None
@@ -45,34 +66,48 @@ async def build(settings: Settings) -> ServiceRuntime:
     rt = settings.runtime
     tracer = setup_tracing("router", rt.otlp_endpoint, rt.trace_file)
     hooks = client_interceptors(tracer)
-    ledger_ch = secure_channel(settings.ledger_addr, rt.tls_cert, rt.tls_key, rt.tls_ca, interceptors=hooks)
-    vault_ch = secure_channel(settings.keyvault_addr, rt.tls_cert, rt.tls_key, rt.tls_ca, interceptors=hooks)
+    files = TlsFiles(rt.tls_cert, rt.tls_key, rt.tls_ca)
+    ledgers = ReplicaPool("ledger", settings.ledger_addr.split(","), settings.ledger_id, files,
+                          LEDGER_HEALTH_NAME, interceptors=hooks)
+    vaults = ReplicaPool("keyvault", settings.keyvault_addr.split(","), settings.keyvault_id, files,
+                         KEYVAULT_HEALTH_NAME, interceptors=hooks)
+    await ledgers.start()
+    await vaults.start()
     backends = Backends(
-        ledger=ledger_pb2_grpc.LedgerServiceStub(ledger_ch),
-        ledger_admin=ledger_pb2_grpc.LedgerAdminServiceStub(ledger_ch),
-        vault=keyvault_pb2_grpc.KeyVaultServiceStub(vault_ch),
+        ledger=ledgers.stub(ledger_pb2_grpc.LedgerServiceStub),
+        ledger_admin=ledgers.stub(ledger_pb2_grpc.LedgerAdminServiceStub),
+        vault=vaults.stub(keyvault_pb2_grpc.KeyVaultServiceStub),
     )
     http = make_http_client(max_connections=settings.max_connections,
                             connect_timeout_s=config.timeouts.connect_ms / 1000)
     registry = CollectorRegistry()
     metrics = RouterMetrics(registry)
     router = Router(config, backends, http, metrics, lease_ttl_s=settings.lease_ttl_seconds)
-    holder = ConfigHolder(router, loader, settings.config_sha256)
+    holder = ConfigHolder(router, source.load, lambda: source.current_pin)
+    for pool in (ledgers, vaults):
+        metrics.replicas.labels(pool.service).set_function(pool.healthy_count)
+    watcher = asyncio.get_running_loop().create_task(
+        watch_config(holder, source, settings.config_watch_seconds))
 
     def register(server: grpc.aio.Server) -> None:
         router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
         router_pb2_grpc.add_RouterAdminServiceServicer_to_server(RouterAdminServicer(holder), server)
 
     async def close() -> None:
+        watcher.cancel()
         await router.drain(runtime.time_left())
         await http.aclose()
-        await ledger_ch.close()
-        await vault_ch.close()
+        await ledgers.close()
+        await vaults.close()
+
+    async def ready() -> bool:
+        # Ready while at least one ledger and one vault replica answer SERVING.
+        return ledgers.ready() and vaults.ready()
 
     edge = _edge(settings, router, registry)
     runtime = ServiceRuntime(
         rt, policy=POLICY, registrars=[register], service_names=SERVICE_NAMES, registry=registry,
-        closers=[close], access_log=settings.access_log, listeners=[edge] if edge else [],
+        closers=[close], access_log=settings.access_log, readiness=ready, listeners=[edge] if edge else [],
     )
     if edge is not None:
         edge.tracer = runtime.tracer
@@ -85,9 +120,6 @@ async def build(settings: Settings) -> ServiceRuntime:
         asyncio.get_running_loop().create_task(_reload())
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
-    # Warm the channels so the first call does not pay for two mTLS handshakes.
-    for ch in (ledger_ch, vault_ch):
-        ch.get_state(try_to_connect=True)
     return runtime
 
 

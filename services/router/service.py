@@ -27,7 +27,7 @@ from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2
 from services.common import errors as E
-from services.common.errors import error_info_from_rpc_error
+from services.common.errors import error_info_from_rpc_error, retry_delay_from_rpc_error
 from services.common.identity import Identity
 from services.common.money import call_cost
 from services.common.tracing import annotate_genai, attempt_failed, attempt_span, attempt_usage, end_span
@@ -257,7 +257,7 @@ class Router:
 
     async def _lease(
         self, ident: Identity, rid: str, attempt: int, dep: Deployment, prep: Prepared, cfg: RoutingConfig,
-        timeout: float, hold_sent: Callable[[], None] | None = None,
+        timeout: float, hold_sent: Callable[[], None] | None = None, run_id: str = "", run_cap_nanos: int = 0,
     ) -> _Lease:
         """A hold (Reserve, or drawn from a budget slice) and a credential (IssueCredential),
         concurrently. Raises IgwError or _SkipDeployment. ``hold_sent`` is called just before a
@@ -277,7 +277,8 @@ class Router:
         # Both calls are in flight at once (a gRPC aio call starts when it is created).
         hold: ledger_pb2.ReserveResponse | BaseException
         try:
-            if cfg.budget_slices.applies(ident.team):
+            # A call of a run takes its own hold: the run's cap is one more budget of that hold.
+            if cfg.budget_slices.applies(ident.team) and not run_id:
                 drawn = await self.slices.draw(
                     ident.team, ident.agent, dep.price, prep.prompt_tokens_upper_bound,
                     prep.chat.max_output_tokens, cfg, timeout, dep.provider,
@@ -292,6 +293,7 @@ class Router:
                         request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
                         prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
                         max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                        run_id=run_id, run_cap_nanos=run_cap_nanos,
                     ),
                     timeout=timeout,
                 )
@@ -595,6 +597,10 @@ def _ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.Ig
     code = err.code()
     meta = dict(info.metadata) if info else {}
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if info is not None and info.reason == "RATE_LIMITED":
+            # The ledger's verdict and its RetryInfo, passed through to the agent.
+            return E.ResourceExhausted(
+                "RATE_LIMITED", "rate limit reached; retry later", meta, retry_delay_s=retry_delay_from_rpc_error(err))
         metrics.budget_denials.labels(team).inc()
         return E.ResourceExhausted(info.reason if info else "BUDGET_EXCEEDED", "team budget exhausted", meta)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
@@ -623,6 +629,10 @@ class _Call:
         self.deadline = None if remaining is None else time.monotonic() + remaining
         if req.request_id and not valid_request_id(req.request_id):
             raise E.InvalidArgument("BAD_REQUEST_ID", "request_id must be [A-Za-z0-9._:-], at most 128")
+        if req.run_id and not valid_request_id(req.run_id):
+            raise E.InvalidArgument("BAD_RUN_ID", "run_id must be [A-Za-z0-9._:-], at most 128")
+        if req.run_cap_nanos < 0 or (req.run_cap_nanos and not req.run_id):
+            raise E.InvalidArgument("BAD_RUN_CAP", "run_cap_nanos must be >= 0 and needs a run_id")
         self.rid = req.request_id or uuid.uuid4().hex
         self.alias = self.r._alias(ident, req.model, self.cfg)
         self.prep = prepare(req, self.cfg.limits)
@@ -773,7 +783,7 @@ class _Call:
         t0 = time.perf_counter()
         try:
             lease = await self.r._lease(self.ident, self.rid, attempt, dep, self.prep, self.cfg, self._rpc_timeout(),
-                                        self._hold_sent)
+                                        self._hold_sent, self.req.run_id, self.req.run_cap_nanos)
             self.hold_unsure = False  # the attempt owns its hold now: settled or freed by its id
             return lease
         except _SkipDeployment as skip:
@@ -834,7 +844,8 @@ class _Call:
             if lease is None:
                 continue
             t0 = time.perf_counter()
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt) as span:
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt,
+                              server_url=provider.base_url) as span:
                 try:
                     resp: ChatResponse = await adapter.complete(
                         r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
@@ -867,13 +878,14 @@ class _Call:
             r._settle(self.rid, lease, dep, usage, elapsed, ledger_pb2.CALL_OUTCOME_SUCCESS)
             cost = await r._cost(lease.hold, dep, usage)
             r._account(dep, self.ident, usage, cost)
-            self._trace(dep, usage, cost)
+            self._trace(dep, usage, cost, resp.finish_reason)
             return self._response(dep, resp.text, resp.tool_calls, resp.finish_reason, usage, cost)
         raise self._final_error()
 
-    def _trace(self, dep: Deployment, usage: Usage, cost: int) -> None:
+    def _trace(self, dep: Deployment, usage: Usage, cost: int, finish: FinishReason) -> None:
         annotate_genai(self.alias.name, dep.provider, self.cfg.providers[dep.provider].type, dep.model,
-                       usage.input_tokens, usage.output_tokens, cost, self.rid)
+                       usage.input_tokens, usage.output_tokens, cost, self.rid,
+                       max_tokens=self.prep.chat.max_output_tokens, finish_reason=finish.value)
 
     def _response(
         self, dep: Deployment, text: str, calls: tuple[ToolCall, ...] | list[ToolCall], finish: FinishReason,
@@ -928,7 +940,8 @@ class _Call:
             err: ProviderError | None = None
             # The attempt's span covers the whole upstream stream: it is current while connecting
             # and ends after the relay (a failed attempt ends it before the next one).
-            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True) as span:
+            with attempt_span(provider.type, dep.provider, dep.name, dep.model, attempt, keep_open=True,
+                              server_url=provider.base_url) as span:
                 try:
                     upstream = adapter.stream(
                         r.http, provider.base_url, lease.secret, replace(self.prep.chat, model=dep.model),
@@ -1055,7 +1068,7 @@ class _Call:
             await _aclose(upstream)
         cost = await r._cost(lease.hold, dep, usage)
         r._account(dep, self.ident, usage, cost)
-        self._trace(dep, usage, cost)
+        self._trace(dep, usage, cost, finish)
         tool_calls = [ToolCall(c[0], c[1], c[2]) for _, c in sorted(calls.items())]
         yield router_pb2.GenerateStreamResponse(
             final=self._response(dep, "".join(text_parts), tool_calls, finish, usage, cost))

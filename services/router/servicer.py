@@ -83,13 +83,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 class ConfigHolder:
     """Loads, pins and reloads the routing config; a bad reload keeps the last good one."""
 
-    def __init__(self, router: Router, path_loader: Callable[[], RoutingConfig], pinned: str) -> None:
+    def __init__(
+        self, router: Router, path_loader: Callable[[], RoutingConfig], pinned: str | Callable[[], str]
+    ) -> None:
         self.router = router
         self._load = path_loader
-        self.pinned = pinned
+        self._pinned = pinned
         self.loaded_at = datetime.now(UTC)
         self.last_error = ""
         self._lock = asyncio.Lock()
+
+    @property
+    def pinned(self) -> str:
+        """The digest the active config was checked against ('' when none is pinned)."""
+        return self._pinned() if callable(self._pinned) else self._pinned
 
     async def reload(self) -> tuple[str, str, bool]:
         """Returns (new sha, previous sha, changed); raises FailedPrecondition and keeps the old config."""

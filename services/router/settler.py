@@ -88,6 +88,7 @@ class Settler:
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        metrics.settles_pending.set_function(lambda: self._pending)
 
     def submit(self, req: ledger_pb2.SettleRequest, on_done: OnDone = None) -> None:
         """Queues one settle; returns at once. ``on_done(acknowledged)`` runs when it is done."""

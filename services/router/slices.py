@@ -56,6 +56,10 @@ class Slice:
     price_version: int
     granted: int
     draw_until: float
+    # The slice covers at most this many calls of at most this many tokens in all (its grant
+    # counted that many against the team's rate limits in the ledger).
+    calls_left: int = 1 << 30
+    tokens_left: int = 1 << 62
     used: int = 0
     open_calls: int = 0
     retired: bool = False
@@ -70,6 +74,7 @@ class SliceHold:
     slice: Slice
     amount: int
     done: bool = False
+    tokens: int = 0
 
     def response(self) -> ledger_pb2.ReserveResponse:
         """The hold as the call path sees a Reserve answer (settles go to the slice)."""
@@ -122,11 +127,14 @@ class SliceBook:
                 amount = await self._amount(s.price_version, price_key, prompt_tokens, max_output_tokens)
                 if amount is None:
                     return None
-                if not s.retired and s.granted - s.used >= amount:
+                tokens = prompt_tokens + max_output_tokens
+                if not s.retired and s.granted - s.used >= amount and s.calls_left >= 1 and s.tokens_left >= tokens:
                     s.used += amount
+                    s.calls_left -= 1
+                    s.tokens_left -= tokens
                     s.open_calls += 1
                     self._metrics.slice_draws.inc()
-                    return SliceHold(s, amount)
+                    return SliceHold(s, amount, tokens=tokens)
                 if not s.retired:
                     self._retire(s)  # no room for this call: the next acquisition replaces it
             if await self._acquire(key, prompt_tokens, max_output_tokens, cfg, timeout, provider) is None:
@@ -140,6 +148,8 @@ class SliceBook:
         hold.done = True
         s = hold.slice
         s.used -= hold.amount
+        s.calls_left += 1
+        s.tokens_left += hold.tokens
         s.open_calls -= 1
         self._maybe_release(s)
 
@@ -211,7 +221,8 @@ class SliceBook:
             return None
         self._denied_until.pop(key, None)
         self._metrics.slices.labels("acquired").inc()
-        s = Slice(key, resp.reservation_id, resp.price_version, resp.held_nanos, self._clock() + draw_s)
+        s = Slice(key, resp.reservation_id, resp.price_version, resp.held_nanos, self._clock() + draw_s,
+                  calls_left=resp.calls, tokens_left=resp.calls * (prompt + max_out))
         old = self._active.get(key)
         if old is not None:
             self._retire(old)

@@ -26,6 +26,7 @@ class Gateway:
     endpoints: dict[str, object]
     state_dir: Path
     proc: subprocess.Popen[bytes]
+    ledger_url: str = ""
 
     @property
     def pki(self) -> Path:
@@ -55,7 +56,9 @@ def mtls_channel(addr: str, pki: Path, cert: str, *, ca: Path | None = None, key
     return grpc.secure_channel(addr, creds, options=(("grpc.ssl_target_name_override", "localhost"),))
 
 
-def start_gateway(state_dir: Path, pg: object, extra_env: dict[str, str] | None = None) -> Gateway:
+def start_gateway(
+    state_dir: Path, pg: object, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+) -> Gateway:
     """Runs `python -m services.cli.up --ports auto` and waits for endpoints.json."""
     suffix = uuid.uuid4().hex[:8]
     pg.create_database(f"ledger_{suffix}")  # type: ignore[attr-defined]
@@ -70,16 +73,17 @@ def start_gateway(state_dir: Path, pg: object, extra_env: dict[str, str] | None 
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "up.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.up", "--state-dir", str(state_dir), "--ports", "auto"],
+        [sys.executable, "-m", "services.cli.up", "--state-dir", str(state_dir), "--ports", "auto", *args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     endpoints = state_dir / "endpoints.json"
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("igw up exited:\n" + (state_dir / "up.log").read_text()[-5000:])
         if endpoints.exists():
-            return Gateway(json.loads(endpoints.read_text()), state_dir, proc)
+            return Gateway(json.loads(endpoints.read_text()), state_dir, proc,
+                           pg.url(f"ledger_{suffix}"))  # type: ignore[attr-defined]
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("igw up did not come up:\n" + (state_dir / "up.log").read_text()[-5000:])

@@ -112,6 +112,7 @@ def check_invariants(url: str) -> None:
           SELECT c.budget_id AS b, c.window_start AS w, sum(e.cost_nanos) AS spent
           FROM budget_counters c JOIN budgets bu ON bu.id = c.budget_id
           JOIN spend_entries e ON e.team = bu.team AND (bu.agent = '' OR e.agent = bu.agent)
+           AND (bu.run = '' OR e.run_id = bu.run)
            AND ledger_window_start(bu."window", e.reserve_time) = c.window_start
           GROUP BY c.budget_id, c.window_start
         )
@@ -132,6 +133,7 @@ def check_invariants(url: str) -> None:
           SELECT c.budget_id AS b, c.window_start AS w, sum(e.cost_nanos) AS carried
           FROM budget_counters c JOIN budgets bu ON bu.id = c.budget_id
           JOIN spend_entries e ON e.team = bu.team AND (bu.agent = '' OR e.agent = bu.agent)
+           AND (bu.run = '' OR e.run_id = bu.run)
            AND ledger_window_start(bu."window", e.reserve_time) = c.window_start
           JOIN holds h ON h.id = e.reservation_id
           WHERE NOT EXISTS (SELECT 1 FROM unnest(h.budget_ids, h.window_starts) AS u(b, w)
@@ -146,6 +148,18 @@ def check_invariants(url: str) -> None:
         """,
     )
     assert over == [], f"budgets overspent: {over}"
+    # The hourly rollup says what the entries say (ListSpend reads it for whole hours).
+    rollup = sql(
+        url,
+        """
+        SELECT coalesce(e.team, r.team), e.n, r.n, e.cost, r.cost FROM
+          (SELECT team, count(*) AS n, sum(cost_nanos) AS cost FROM spend_entries GROUP BY team) e
+          FULL JOIN (SELECT team, sum(request_count) AS n, sum(cost_nanos) AS cost FROM spend_rollup_hourly
+                     GROUP BY team) r ON r.team = e.team
+        WHERE e.n IS DISTINCT FROM r.n OR e.cost IS DISTINCT FROM r.cost
+        """,
+    )
+    assert rollup == [], f"rollup disagrees with entries: {rollup}"
     # One entry per request id (also a UNIQUE constraint; checked anyway).
     dup = sql(url, "SELECT request_id FROM spend_entries GROUP BY request_id HAVING count(*) > 1")
     assert dup == []

@@ -26,8 +26,10 @@ from igw.client import (
     NoBudget,
     NotFound,
     PermissionDenied,
+    RateLimited,
     ResourceExhausted,
     Unavailable,
+    build_request,
     error_from_rpc_error,
     format_nanos,
     system,
@@ -178,12 +180,14 @@ def test_config_from_env_reads_igw_variables_and_arguments_win(pki: Path) -> Non
         "IGW_TLS_CERT": str(pki / "agent-demo-quickstart.pem"),
         "IGW_TLS_KEY": str(pki / "agent-demo-quickstart-key.pem"),
         "IGW_TLS_CA": str(pki / "ca.pem"),
-        "IGW_SERVER_NAME": "gateway.internal",
+        "IGW_TRUST_DOMAIN": "prod.example",
         "IGW_TIMEOUT": "12.5",
     }
     config = ClientConfig.from_env(env)
     assert config.addresses == ("10.0.0.1:50051", "10.0.0.2:50051")
-    assert config.server_name == "gateway.internal"
+    # The router is checked by its SPIFFE id in the configured trust domain, never a DNS name.
+    assert config.server_id == "spiffe://prod.example/router"
+    assert ClientConfig.from_env({**env, "IGW_ROUTER_SPIFFE_ID": "spiffe://x/gw"}).server_id == "spiffe://x/gw"
     assert config.timeout == 12.5
     assert config.max_attempts == 4
 
@@ -404,3 +408,25 @@ def test_a_router_that_cannot_be_reached_is_retried_on_the_next_address_with_the
         for _ in range(3):
             assert client.generate("fast", "hi", request_id="same-id").text == "hello"
     assert fake.request_ids == ["same-id"] * 3
+
+
+def test_a_rate_limited_status_becomes_rate_limited_with_the_retry_delay_and_retry_info() -> None:
+    err = server_errors.ResourceExhausted(
+        "RATE_LIMITED", "rate limit reached", {"team": "demo", "requests_per_minute": 10,
+                                               "retry_after_seconds": "12.500"}, retry_delay_s=12.5)
+    status = server_errors.to_status(err, "ledger.igw")
+    rpc = _FakeRpcError(status)
+    error = error_from_rpc_error(rpc)
+    assert isinstance(error, RateLimited) and isinstance(error, ResourceExhausted)
+    assert error.retry_after_seconds == 12.5
+    assert server_errors.retry_delay_from_rpc_error(rpc) == 12.5  # the google.rpc.RetryInfo detail
+    without = error_from_rpc_error(_FakeRpcError(server_errors.to_status(
+        server_errors.ResourceExhausted("RATE_LIMITED", "slow down"), "router.igw")))
+    assert isinstance(without, RateLimited) and without.retry_after_seconds is None
+
+
+def test_a_request_names_its_run_and_cap() -> None:
+    req = build_request("fast", "hi", run_id="job-42", run_cap_nanos=2_000_000_000)
+    assert (req.run_id, req.run_cap_nanos) == ("job-42", 2_000_000_000)
+    plain = build_request("fast", "hi")
+    assert (plain.run_id, plain.run_cap_nanos) == ("", 0)

@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
-from igw.client._config import ClientConfig
+from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
 from igw.client._messages import MessagesArg, ToolLike, build_request
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.client._spiffe import SpiffeTunnel
 from igw.client._sync import USER_AGENT
 from igw.router.v1 import router_pb2, router_pb2_grpc
 
@@ -44,7 +45,9 @@ class AsyncIgwClient:
         self._config = config
         self._rotation = AddressRotation(len(config.addresses))
         self._channels: dict[int, grpc.aio.Channel] = {}
-        self._credentials: grpc.ChannelCredentials | None = None
+        self._tunnels: list[SpiffeTunnel] = []
+        self._starting: set[asyncio.Task[None]] = set()
+        self._files = config.tls_files()
         self._closed = False
 
     @classmethod
@@ -64,10 +67,17 @@ class AsyncIgwClient:
             raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
         channel = self._channels.get(index)
         if channel is None:
-            if self._credentials is None:
-                self._credentials = self._config.credentials()
-            options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
-            channel = grpc.aio.secure_channel(self._config.addresses[index], self._credentials, options)
+            address = self._config.addresses[index]
+            # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection;
+            # its socket listens already, so the channel may dial before the tunnel task runs.
+            tunnel = SpiffeTunnel(address, self._config.server_id, self._files)
+            self._tunnels.append(tunnel)
+            task = asyncio.get_running_loop().create_task(tunnel.start())
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+            options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT),
+                       ("grpc.default_authority", address)]
+            channel = grpc.aio.insecure_channel(tunnel.target, options)
             self._channels[index] = channel
         return router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
 
@@ -77,6 +87,9 @@ class AsyncIgwClient:
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close(grace)
+        tunnels, self._tunnels = self._tunnels, []
+        for tunnel in tunnels:
+            await tunnel.close()
 
     async def __aenter__(self) -> AsyncIgwClient:
         return self
@@ -140,7 +153,10 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> router_pb2.GenerateResponse:
         """Sends one request to model alias ``model`` and returns the whole answer.
 
@@ -157,9 +173,12 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
+        md = _metadata(metadata)
         response: router_pb2.GenerateResponse = await self._unary(
-            lambda stub, t: stub.Generate(request, timeout=t), timeout
+            lambda stub, t: stub.Generate(request, timeout=t, metadata=md), timeout
         )
         return response
 
@@ -176,7 +195,10 @@ class AsyncIgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         """Yields the answer as it arrives (``async for``); see :meth:`igw.client.IgwClient.stream`."""
         request = build_request(
@@ -190,16 +212,19 @@ class AsyncIgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
-        return self._stream(request, timeout)
+        return self._stream(request, timeout, _metadata(metadata))
 
     async def _stream(
-        self, request: router_pb2.GenerateRequest, timeout: float | None
+        self, request: router_pb2.GenerateRequest, timeout: float | None,
+        md: tuple[tuple[str, str], ...] | None = None,
     ) -> AsyncIterator[router_pb2.GenerateStreamResponse]:
         deadline = Deadline(timeout if timeout is not None else self._config.timeout)
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
-            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001))
+            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
             yielded = False
             try:
                 async for message in call:
@@ -215,19 +240,25 @@ class AsyncIgwClient:
                 raise error
             index = await self._backoff(index, attempt, error)
 
-    async def list_models(self, *, timeout: float | None = None) -> router_pb2.ListModelsResponse:
+    async def list_models(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> router_pb2.ListModelsResponse:
         """The model aliases the caller's team may use, with prices and capabilities."""
         request = router_pb2.ListModelsRequest()
+        md = _metadata(metadata)
         response: router_pb2.ListModelsResponse = await self._unary(
-            lambda stub, t: stub.ListModels(request, timeout=t), timeout
+            lambda stub, t: stub.ListModels(request, timeout=t, metadata=md), timeout
         )
         return response
 
-    async def get_budget(self, *, timeout: float | None = None) -> router_pb2.GetBudgetResponse:
+    async def get_budget(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> router_pb2.GetBudgetResponse:
         """The caller's own team's budgets (and its agent's, if any)."""
         request = router_pb2.GetBudgetRequest()
+        md = _metadata(metadata)
         response: router_pb2.GetBudgetResponse = await self._unary(
-            lambda stub, t: stub.GetBudget(request, timeout=t), timeout
+            lambda stub, t: stub.GetBudget(request, timeout=t, metadata=md), timeout
         )
         return response
 

@@ -14,11 +14,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from igw.client._errors import CertificateExpired, ClientConfigError
+from igw.client._spiffe import TlsFiles
 
-__all__ = ["ENV_VARS", "ClientConfig", "certificate_not_after"]
+__all__ = ["ENV_VARS", "ClientConfig", "Metadata", "certificate_not_after"]
 
 #: The environment variables :meth:`ClientConfig.from_env` reads.
 ENV_VARS = (
@@ -26,7 +25,8 @@ ENV_VARS = (
     "IGW_TLS_CERT",
     "IGW_TLS_KEY",
     "IGW_TLS_CA",
-    "IGW_SERVER_NAME",
+    "IGW_TRUST_DOMAIN",
+    "IGW_ROUTER_SPIFFE_ID",
     "IGW_TIMEOUT",
     "IGW_MAX_ATTEMPTS",
 )
@@ -72,6 +72,18 @@ def _check_file(what: str, env_var: str, value: Path) -> Path:
     return value
 
 
+#: Call metadata: ``(key, value)`` pairs sent with a call (keys lower case), e.g. ``traceparent``.
+Metadata = Sequence[tuple[str, str]] | Mapping[str, str]
+
+
+def _metadata(value: Metadata | None) -> tuple[tuple[str, str], ...] | None:
+    """Call metadata as gRPC wants it (lower-case keys), or None."""
+    if not value:
+        return None
+    items = value.items() if isinstance(value, Mapping) else value
+    return tuple((str(k).lower(), str(v)) for k, v in items)
+
+
 def _split_addresses(value: str | Sequence[str]) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     return tuple(a.strip() for a in items if a and a.strip())
@@ -87,7 +99,9 @@ class ClientConfig:
         cert: the agent's client certificate (PEM), carrying its SPIFFE identity.
         key: its private key (PEM).
         ca: the CA that signed the router's certificate (PEM).
-        server_name: the name the router's certificate is checked against.
+        server_id: the SPIFFE id the router's certificate must carry (its one URI SAN); default
+            ``spiffe://<trust_domain>/router``. No DNS name is checked or needed.
+        trust_domain: used for the default ``server_id`` (default ``igw.local``).
         timeout: the default deadline of a call, in seconds (a call may pass its own).
         max_attempts: how many times a call is tried in all when the router is UNAVAILABLE.
 
@@ -100,7 +114,7 @@ class ClientConfig:
     cert: Path
     key: Path
     ca: Path
-    server_name: str
+    server_id: str
     timeout: float
     max_attempts: int
 
@@ -110,9 +124,10 @@ class ClientConfig:
         cert: str | os.PathLike[str],
         key: str | os.PathLike[str],
         ca: str | os.PathLike[str],
-        server_name: str = "localhost",
+        server_id: str = "",
         timeout: float = 60.0,
         max_attempts: int = 4,
+        trust_domain: str = "igw.local",
     ) -> None:
         addrs = _split_addresses(addresses)
         if not addrs:
@@ -129,7 +144,7 @@ class ClientConfig:
             "cert": _check_file("client certificate", "IGW_TLS_CERT", Path(cert)),
             "key": _check_file("client key", "IGW_TLS_KEY", Path(key)),
             "ca": _check_file("CA certificate", "IGW_TLS_CA", Path(ca)),
-            "server_name": server_name,
+            "server_id": server_id or f"spiffe://{trust_domain}/router",
             "timeout": float(timeout),
             "max_attempts": int(max_attempts),
         }
@@ -146,14 +161,15 @@ class ClientConfig:
         cert: str | os.PathLike[str] | None = None,
         key: str | os.PathLike[str] | None = None,
         ca: str | os.PathLike[str] | None = None,
-        server_name: str | None = None,
+        server_id: str | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
     ) -> ClientConfig:
         """Builds a config from ``IGW_*`` variables; any argument given overrides its variable.
 
         ``IGW_ROUTER_ADDRS`` (comma separated), ``IGW_TLS_CERT``, ``IGW_TLS_KEY``, ``IGW_TLS_CA``,
-        ``IGW_SERVER_NAME`` (default ``localhost``), ``IGW_TIMEOUT`` (seconds, default 60),
+        ``IGW_ROUTER_SPIFFE_ID`` (default ``spiffe://$IGW_TRUST_DOMAIN/router``, trust domain
+        ``igw.local`` unless set), ``IGW_TIMEOUT`` (seconds, default 60),
         ``IGW_MAX_ATTEMPTS`` (default 4).
         """
         source = os.environ if env is None else env
@@ -186,7 +202,8 @@ class ClientConfig:
             cert=need(cert, "IGW_TLS_CERT", "client certificate"),
             key=need(key, "IGW_TLS_KEY", "client key"),
             ca=need(ca, "IGW_TLS_CA", "CA certificate"),
-            server_name=server_name or source.get("IGW_SERVER_NAME", "").strip() or "localhost",
+            server_id=server_id or source.get("IGW_ROUTER_SPIFFE_ID", "").strip(),
+            trust_domain=source.get("IGW_TRUST_DOMAIN", "").strip() or "igw.local",
             timeout=timeout if timeout is not None else number("IGW_TIMEOUT", 60.0),
             max_attempts=max_attempts if max_attempts is not None else int(number("IGW_MAX_ATTEMPTS", 4)),
         )
@@ -202,14 +219,10 @@ class ClientConfig:
                 "issue a new one (e.g. `igw pki issue agent TEAM AGENT --dir DIR`)"
             )
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """mTLS channel credentials: present our certificate, trust only our CA."""
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.read_bytes(),
-            private_key=self.key.read_bytes(),
-            certificate_chain=self.cert.read_bytes(),
-        )
+    def tls_files(self) -> TlsFiles:
+        """Our certificate, key and CA as followed on disk (rotations apply to new connections)."""
+        return TlsFiles(self.cert, self.key, self.ca)
 
     def channel_options(self) -> list[tuple[str, int | str]]:
-        """Channel options: keepalive, message sizes, the TLS name override."""
-        return [*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self.server_name)]
+        """Channel options: keepalive, message sizes."""
+        return list(_CHANNEL_OPTIONS)

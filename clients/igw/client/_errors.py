@@ -292,6 +292,15 @@ class BudgetExceeded(ResourceExhausted):
 class RateLimited(ResourceExhausted):
     """Too many calls; slow down (``retry_after_seconds`` in the metadata when known)."""
 
+    @property
+    def retry_after_seconds(self) -> float | None:
+        """When a retry may pass, in seconds (the server's google.rpc.RetryInfo), when it says."""
+        value = self.metadata.get("retry_after_seconds", "")
+        try:
+            return float(value) if value else None
+        except ValueError:
+            return None
+
 
 class Unavailable(IgwError):
     """The gateway (or every provider behind it) cannot serve now; retried by the client."""

@@ -121,8 +121,12 @@ def build_request(
     top_p: float | None = None,
     stop: Sequence[str] | None = None,
     request_id: str | None = None,
+    run_id: str | None = None,
+    run_cap_nanos: int | None = None,
 ) -> router_pb2.GenerateRequest:
-    """Builds a GenerateRequest; a request id is generated when none is given."""
+    """Builds a GenerateRequest; a request id is generated when none is given. ``run_id``
+    names the run (task) the call belongs to; ``run_cap_nanos`` caps the run's spend (the first
+    call of a run with a cap creates the run's budget)."""
     if not model:
         raise ClientConfigError("model alias is required", reason="BAD_REQUEST")
     msgs: list[router_pb2.Message] = []
@@ -140,6 +144,8 @@ def build_request(
         max_output_tokens=max_output_tokens or 0,
         stop=list(stop or ()),
         request_id=request_id or new_request_id(),
+        run_id=run_id or "",
+        run_cap_nanos=run_cap_nanos or 0,
     )
     if temperature is not None:
         request.temperature = temperature

@@ -11,10 +11,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from igw.client._config import ClientConfig
+from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
 from igw.client._messages import MessagesArg, ToolLike, build_request
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
+from igw.client._spiffe import TunnelThread
 from igw.router.v1 import router_pb2, router_pb2_grpc
 
 __all__ = ["IgwClient"]
@@ -40,7 +41,7 @@ class IgwClient:
 
     def __init__(self, config: ClientConfig | None = None, **overrides: Any) -> None:
         """Uses ``config``, or builds one from ``IGW_*`` variables with ``overrides``
-        (``addresses``, ``cert``, ``key``, ``ca``, ``server_name``, ``timeout``, ``max_attempts``)."""
+        (``addresses``, ``cert``, ``key``, ``ca``, ``server_id``, ``timeout``, ``max_attempts``)."""
         if config is None:
             config = ClientConfig.from_env(**overrides)
         elif overrides:
@@ -48,7 +49,8 @@ class IgwClient:
         self._config = config
         self._rotation = AddressRotation(len(config.addresses))
         self._channels: dict[int, grpc.Channel] = {}
-        self._credentials: grpc.ChannelCredentials | None = None
+        self._tunnels: TunnelThread | None = None
+        self._files = config.tls_files()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -73,10 +75,14 @@ class IgwClient:
                 raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
             channel = self._channels.get(index)
             if channel is None:
-                if self._credentials is None:
-                    self._credentials = self._config.credentials()
-                options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
-                channel = grpc.secure_channel(self._config.addresses[index], self._credentials, options)
+                if self._tunnels is None:
+                    self._tunnels = TunnelThread()
+                address = self._config.addresses[index]
+                # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection.
+                tunnel = self._tunnels.open(address, self._config.server_id, self._files)
+                options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT),
+                           ("grpc.default_authority", address)]
+                channel = grpc.insecure_channel(tunnel.target, options)
                 self._channels[index] = channel
             return channel
 
@@ -85,8 +91,11 @@ class IgwClient:
         with self._lock:
             self._closed = True
             channels, self._channels = list(self._channels.values()), {}
+            tunnels, self._tunnels = self._tunnels, None
         for channel in channels:
             channel.close()
+        if tunnels is not None:
+            tunnels.close()
 
     def __enter__(self) -> IgwClient:
         return self
@@ -146,13 +155,19 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> router_pb2.GenerateResponse:
         """Sends one request to model alias ``model`` and returns the whole answer.
 
         ``messages`` is a prompt string or a list of messages (see :func:`user`,
         :func:`assistant`, :func:`tool_result`). A request id is generated when none is given
         and reused across retries, so the gateway counts the call once.
+
+        ``metadata`` is sent with the call, e.g. ``[("traceparent", ...)]`` so the gateway's
+        spans join the agent's trace.
 
         Raises:
             BudgetExceeded: the team's budget cannot cover the call.
@@ -169,8 +184,13 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
-        response: router_pb2.GenerateResponse = self._unary(lambda stub, t: stub.Generate(request, timeout=t), timeout)
+        md = _metadata(metadata)
+        response: router_pb2.GenerateResponse = self._unary(
+            lambda stub, t: stub.Generate(request, timeout=t, metadata=md), timeout
+        )
         return response
 
     def stream(
@@ -186,7 +206,10 @@ class IgwClient:
         top_p: float | None = None,
         stop: Sequence[str] | None = None,
         request_id: str | None = None,
+        run_id: str | None = None,
+        run_cap_nanos: int | None = None,
         timeout: float | None = None,
+        metadata: Metadata | None = None,
     ) -> Iterator[router_pb2.GenerateStreamResponse]:
         """Like :meth:`generate`, but yields the answer as it arrives.
 
@@ -206,16 +229,19 @@ class IgwClient:
             top_p=top_p,
             stop=stop,
             request_id=request_id,
+            run_id=run_id,
+            run_cap_nanos=run_cap_nanos,
         )
-        return self._stream(request, timeout)
+        return self._stream(request, timeout, _metadata(metadata))
 
     def _stream(
-        self, request: router_pb2.GenerateRequest, timeout: float | None
+        self, request: router_pb2.GenerateRequest, timeout: float | None,
+        md: tuple[tuple[str, str], ...] | None = None,
     ) -> Iterator[router_pb2.GenerateStreamResponse]:
         deadline = Deadline(timeout if timeout is not None else self._config.timeout)
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
-            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001))
+            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
             yielded = False
             try:
                 for message in call:
@@ -231,19 +257,25 @@ class IgwClient:
                 raise error
             index = self._backoff(index, attempt, error)
 
-    def list_models(self, *, timeout: float | None = None) -> router_pb2.ListModelsResponse:
+    def list_models(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> router_pb2.ListModelsResponse:
         """The model aliases the caller's team may use, with prices and capabilities."""
         request = router_pb2.ListModelsRequest()
+        md = _metadata(metadata)
         response: router_pb2.ListModelsResponse = self._unary(
-            lambda stub, t: stub.ListModels(request, timeout=t), timeout
+            lambda stub, t: stub.ListModels(request, timeout=t, metadata=md), timeout
         )
         return response
 
-    def get_budget(self, *, timeout: float | None = None) -> router_pb2.GetBudgetResponse:
+    def get_budget(
+        self, *, timeout: float | None = None, metadata: Metadata | None = None
+    ) -> router_pb2.GetBudgetResponse:
         """The caller's own team's budgets (and its agent's, if any)."""
         request = router_pb2.GetBudgetRequest()
+        md = _metadata(metadata)
         response: router_pb2.GetBudgetResponse = self._unary(
-            lambda stub, t: stub.GetBudget(request, timeout=t), timeout
+            lambda stub, t: stub.GetBudget(request, timeout=t, metadata=md), timeout
         )
         return response
 

@@ -17,15 +17,17 @@ BEGIN
     SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
      ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
   LOOP
-    INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
-                               provider_model, input_tokens, output_tokens, cached_input_tokens,
-                               cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
-                               created_at, reserve_time)
-    VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
-            0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
-            v_h.price_version, 0, 2, 0, p_now, v_h.created_at)
-    ON CONFLICT (request_id) DO NOTHING;
-    v_inserted := FOUND;
+    PERFORM pg_advisory_xact_lock(ledger_request_lock_key(v_h.request_id));
+    v_inserted := NOT EXISTS (SELECT 1 FROM spend_entries WHERE request_id = v_h.request_id);
+    IF v_inserted THEN
+      INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
+                                 provider_model, input_tokens, output_tokens, cached_input_tokens,
+                                 cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
+                                 created_at, reserve_time, run_id)
+      VALUES (v_h.request_id, v_h.id, v_h.team, v_h.agent, v_h.model, v_h.provider, '',
+              0, 0, 0, v_h.amount_nanos, v_h.amount_nanos,
+              v_h.price_version, 0, 2, 0, p_now, v_h.created_at, v_h.run_id);
+    END IF;
     v_n := cardinality(v_h.budget_ids);
     v_ids := v_ids || v_h.budget_ids;
     v_starts := v_starts || v_h.window_starts;

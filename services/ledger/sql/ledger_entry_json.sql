@@ -10,5 +10,5 @@ AS $function$
     'cached', e.cached_input_tokens, 'cost', e.cost_nanos, 'held', e.held_nanos,
     'price_version', e.price_version, 'outcome', e.outcome, 'flags', e.flags,
     'latency_us', e.latency_us, 'created_us', ledger_us(e.created_at),
-    'reserve_us', ledger_us(e.reserve_time))
+    'reserve_us', ledger_us(e.reserve_time), 'run_id', e.run_id)
 $function$

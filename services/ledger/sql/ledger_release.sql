@@ -18,6 +18,7 @@ BEGIN
   v_n := cardinality(v_h.budget_ids);
   PERFORM ledger_apply(v_h.budget_ids, v_h.window_starts,
                        array_fill(-v_h.amount_nanos, ARRAY[v_n]), array_fill(0::bigint, ARRAY[v_n]));
+  PERFORM ledger_rate_close(v_h, false, 0);
   RETURN jsonb_build_object('result', 'OK', 'released', true, 'team', v_h.team, 'agent', v_h.agent);
 END
 $function$

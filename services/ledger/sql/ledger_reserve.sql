@@ -3,5 +3,5 @@ CREATE OR REPLACE FUNCTION public.ledger_reserve(p_hold_id uuid, p_request_id te
  LANGUAGE sql
 AS $function$
   SELECT ledger_hold(p_hold_id, p_request_id, p_attempt, p_team, p_agent, p_model, p_provider,
-                     p_prompt, p_max_out, 0, p_ttl_us, p_now)
+                     p_prompt, p_max_out, 0, p_ttl_us, p_now, '', 0)
 $function$

@@ -23,8 +23,6 @@ BEGIN
       SELECT * INTO v_h FROM holds WHERE request_id = p_request_id AND state = 'OPEN'
        ORDER BY attempt DESC LIMIT 1 FOR UPDATE;
       IF NOT FOUND THEN
-        -- Settled or captured while we waited for the hold's lock (its row then no longer
-        -- matches), or there never was an open hold.
         SELECT * INTO v_e FROM spend_entries WHERE request_id = p_request_id;
         IF NOT FOUND THEN
           RETURN jsonb_build_object('result', 'NO_OPEN_HOLD');
@@ -41,19 +39,22 @@ BEGIN
         RETURN jsonb_build_object('result', 'RESERVATION_MISMATCH');
       END IF;
       IF v_slice AND v_h.request_id = p_request_id THEN
-        -- The slice's own id is not a call's request id.
         RETURN jsonb_build_object('result', 'RESERVATION_MISMATCH');
       END IF;
     END IF;
     IF NOT v_settled THEN
-      -- Settled or captured while we waited for the hold's lock: the entry exists now.
+      -- One entry per request id: serialise every writer of this id, then look again.
+      PERFORM pg_advisory_xact_lock(ledger_request_lock_key(p_request_id));
       SELECT * INTO v_e FROM spend_entries WHERE request_id = p_request_id;
       v_settled := FOUND;
+      IF v_settled AND v_e.reservation_id <> v_h.id THEN
+        -- Another attempt's hold of the same request settled first.
+        RETURN jsonb_build_object('result', 'MISMATCH');
+      END IF;
     END IF;
   END IF;
 
   IF v_settled THEN
-    -- Without a reservation id the replay is judged on the payload alone.
     IF p_reservation IS NOT NULL AND v_e.reservation_id <> p_reservation THEN
       RETURN jsonb_build_object('result', 'MISMATCH');
     END IF;
@@ -81,7 +82,6 @@ BEGIN
   END IF;
   v_was_open := v_h.state = 'OPEN';
   IF v_slice THEN
-    -- What the slice can still cover of this call; the rest is over the hold (flag 1).
     v_drawn := CASE WHEN v_was_open THEN least(v_cost, v_h.amount_nanos)::bigint ELSE 0 END;
     v_flags := (CASE WHEN v_cost > v_drawn AND v_was_open THEN 1 ELSE 0 END)
              | (CASE WHEN p_estimated THEN 4 ELSE 0 END);
@@ -94,17 +94,12 @@ BEGIN
   INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
                              provider_model, input_tokens, output_tokens, cached_input_tokens,
                              cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
-                             created_at, reserve_time)
+                             created_at, reserve_time, run_id)
   VALUES (p_request_id, v_h.id, v_h.team, v_h.agent, v_h.model, p_provider,
           p_provider_model, p_input, p_output, p_cached, v_cost::bigint,
           CASE WHEN v_slice THEN v_drawn ELSE v_h.amount_nanos END,
-          v_h.price_version, p_outcome, v_flags, p_latency_us, p_now, v_h.created_at)
-  ON CONFLICT (request_id) DO NOTHING
+          v_h.price_version, p_outcome, v_flags, p_latency_us, p_now, v_h.created_at, v_h.run_id)
   RETURNING * INTO v_e;
-  IF NOT FOUND THEN
-    -- Another attempt's hold of the same request settled concurrently.
-    RETURN jsonb_build_object('result', 'MISMATCH');
-  END IF;
 
   IF v_slice THEN
     IF v_drawn > 0 THEN
@@ -113,6 +108,7 @@ BEGIN
   ELSE
     UPDATE holds SET state = 'SETTLED', closed_at = p_now WHERE id = v_h.id;
   END IF;
+  PERFORM ledger_rate_close(v_h, true, p_input::numeric + p_output);
   v_n := cardinality(v_h.budget_ids);
   v_crossings := ledger_apply(
     v_h.budget_ids, v_h.window_starts,
@@ -120,6 +116,6 @@ BEGIN
     array_fill(v_cost::bigint, ARRAY[v_n]));
   RETURN jsonb_build_object('result', 'OK', 'replayed', false, 'entry', ledger_entry_json(v_e),
                             'was_state', v_h.state, 'crossings', v_crossings,
-                            'budgets', ledger_budgets(v_h.team, v_h.agent, p_now));
+                            'budgets', ledger_budgets(v_h.team, v_h.agent, v_h.run_id, p_now));
 END
 $function$

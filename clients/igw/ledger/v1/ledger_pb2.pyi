@@ -41,6 +41,7 @@ class SpendGroupBy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SPEND_GROUP_BY_MODEL: _ClassVar[SpendGroupBy]
     SPEND_GROUP_BY_PROVIDER: _ClassVar[SpendGroupBy]
     SPEND_GROUP_BY_DAY: _ClassVar[SpendGroupBy]
+    SPEND_GROUP_BY_RUN: _ClassVar[SpendGroupBy]
 BUDGET_WINDOW_UNSPECIFIED: BudgetWindow
 BUDGET_WINDOW_DAILY: BudgetWindow
 BUDGET_WINDOW_WEEKLY: BudgetWindow
@@ -60,6 +61,7 @@ SPEND_GROUP_BY_AGENT: SpendGroupBy
 SPEND_GROUP_BY_MODEL: SpendGroupBy
 SPEND_GROUP_BY_PROVIDER: SpendGroupBy
 SPEND_GROUP_BY_DAY: SpendGroupBy
+SPEND_GROUP_BY_RUN: SpendGroupBy
 
 class TokenUsage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cached_input_tokens")
@@ -72,7 +74,7 @@ class TokenUsage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cached_input_tokens: _Optional[int] = ...) -> None: ...
 
 class BudgetStatus(_message.Message):
-    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos", "spent_nanos", "held_nanos", "remaining_nanos", "window_start", "window_end")
+    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos", "spent_nanos", "held_nanos", "remaining_nanos", "window_start", "window_end", "run")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +85,7 @@ class BudgetStatus(_message.Message):
     REMAINING_NANOS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_START_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     team: str
     agent: str
     window: BudgetWindow
@@ -93,26 +96,29 @@ class BudgetStatus(_message.Message):
     remaining_nanos: int
     window_start: _timestamp_pb2.Timestamp
     window_end: _timestamp_pb2.Timestamp
-    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ..., spent_nanos: _Optional[int] = ..., held_nanos: _Optional[int] = ..., remaining_nanos: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    run: str
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ..., spent_nanos: _Optional[int] = ..., held_nanos: _Optional[int] = ..., remaining_nanos: _Optional[int] = ..., window_start: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window_end: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[str] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos", "update_time")
+    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos", "update_time", "run")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
     SOFT_LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     team: str
     agent: str
     window: BudgetWindow
     limit_nanos: int
     soft_limit_nanos: int
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    run: str
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run: _Optional[str] = ...) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "team", "agent", "model", "prompt_tokens_upper_bound", "max_output_tokens", "hold_ttl", "provider")
+    __slots__ = ("request_id", "attempt", "team", "agent", "model", "prompt_tokens_upper_bound", "max_output_tokens", "hold_ttl", "provider", "run_id", "run_cap_nanos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +128,8 @@ class ReserveRequest(_message.Message):
     MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HOLD_TTL_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_CAP_NANOS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     team: str
@@ -131,7 +139,9 @@ class ReserveRequest(_message.Message):
     max_output_tokens: int
     hold_ttl: _duration_pb2.Duration
     provider: str
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens_upper_bound: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., hold_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
+    run_id: str
+    run_cap_nanos: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens_upper_bound: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., hold_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., provider: _Optional[str] = ..., run_id: _Optional[str] = ..., run_cap_nanos: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
     __slots__ = ("reservation_id", "held_nanos", "price_version", "expire_time", "budgets")
@@ -168,7 +178,7 @@ class SettleRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., provider: _Optional[str] = ..., provider_model: _Optional[str] = ..., outcome: _Optional[_Union[CallOutcome, str]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., usage_estimated: _Optional[bool] = ...) -> None: ...
 
 class SpendEntry(_message.Message):
-    __slots__ = ("request_id", "team", "agent", "model", "provider", "provider_model", "usage", "cost_nanos", "held_nanos", "price_version", "outcome", "flags", "create_time", "reserve_time", "latency")
+    __slots__ = ("request_id", "team", "agent", "model", "provider", "provider_model", "usage", "cost_nanos", "held_nanos", "price_version", "outcome", "flags", "create_time", "reserve_time", "latency", "run_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +194,7 @@ class SpendEntry(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     RESERVE_TIME_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     team: str
     agent: str
@@ -199,7 +210,8 @@ class SpendEntry(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     reserve_time: _timestamp_pb2.Timestamp
     latency: _duration_pb2.Duration
-    def __init__(self, request_id: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., provider_model: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., held_nanos: _Optional[int] = ..., price_version: _Optional[int] = ..., outcome: _Optional[_Union[CallOutcome, str]] = ..., flags: _Optional[_Iterable[_Union[SpendFlag, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reserve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    run_id: str
+    def __init__(self, request_id: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., provider_model: _Optional[str] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., held_nanos: _Optional[int] = ..., price_version: _Optional[int] = ..., outcome: _Optional[_Union[CallOutcome, str]] = ..., flags: _Optional[_Iterable[_Union[SpendFlag, str]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reserve_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., latency: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class SettleResponse(_message.Message):
     __slots__ = ("entry", "replayed")
@@ -302,33 +314,135 @@ class GetBudgetResponse(_message.Message):
     def __init__(self, budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
-    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos")
+    __slots__ = ("team", "agent", "window", "limit_nanos", "soft_limit_nanos", "run")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
     SOFT_LIMIT_NANOS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     team: str
     agent: str
     window: BudgetWindow
     limit_nanos: int
     soft_limit_nanos: int
-    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ...) -> None: ...
+    run: str
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., limit_nanos: _Optional[int] = ..., soft_limit_nanos: _Optional[int] = ..., run: _Optional[str] = ...) -> None: ...
+
+class ListBudgetsRequest(_message.Message):
+    __slots__ = ("team", "page_size", "page_token", "include_runs")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    page_size: int
+    page_token: str
+    include_runs: bool
+    def __init__(self, team: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., include_runs: _Optional[bool] = ...) -> None: ...
+
+class ListBudgetsResponse(_message.Message):
+    __slots__ = ("budgets", "next_page_token")
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[Budget]
+    next_page_token: str
+    def __init__(self, budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteBudgetRequest(_message.Message):
+    __slots__ = ("team", "agent", "window", "run")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    agent: str
+    window: BudgetWindow
+    run: str
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., window: _Optional[_Union[BudgetWindow, str]] = ..., run: _Optional[str] = ...) -> None: ...
+
+class DeleteBudgetResponse(_message.Message):
+    __slots__ = ("budget",)
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    budget: Budget
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("team", "agent", "requests_per_minute", "tokens_per_minute", "requests_used", "tokens_used", "update_time")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_USED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_USED_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    agent: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    requests_used: int
+    tokens_used: int
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ..., requests_used: _Optional[int] = ..., tokens_used: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetRateLimitRequest(_message.Message):
+    __slots__ = ("team", "agent", "requests_per_minute", "tokens_per_minute")
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    agent: str
+    requests_per_minute: int
+    tokens_per_minute: int
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., requests_per_minute: _Optional[int] = ..., tokens_per_minute: _Optional[int] = ...) -> None: ...
+
+class GetRateLimitsRequest(_message.Message):
+    __slots__ = ("team",)
+    TEAM_FIELD_NUMBER: _ClassVar[int]
+    team: str
+    def __init__(self, team: _Optional[str] = ...) -> None: ...
+
+class GetRateLimitsResponse(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
+
+class MaintainPartitionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MaintainPartitionsResponse(_message.Message):
+    __slots__ = ("created", "dropped", "partitions")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
+    created: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    partitions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, created: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., partitions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSpendRequest(_message.Message):
-    __slots__ = ("start_time", "end_time", "group_by", "team")
+    __slots__ = ("start_time", "end_time", "group_by", "team", "page_size", "page_token", "run")
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     GROUP_BY_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     group_by: _containers.RepeatedScalarFieldContainer[SpendGroupBy]
     team: str
-    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[SpendGroupBy, str]]] = ..., team: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    run: str
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., group_by: _Optional[_Iterable[_Union[SpendGroupBy, str]]] = ..., team: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., run: _Optional[str] = ...) -> None: ...
 
 class SpendTotal(_message.Message):
-    __slots__ = ("team", "agent", "model", "provider", "day", "request_count", "usage", "cost_nanos")
+    __slots__ = ("team", "agent", "model", "provider", "day", "request_count", "usage", "cost_nanos", "run")
     TEAM_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +451,7 @@ class SpendTotal(_message.Message):
     REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     COST_NANOS_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     team: str
     agent: str
     model: str
@@ -345,13 +460,16 @@ class SpendTotal(_message.Message):
     request_count: int
     usage: TokenUsage
     cost_nanos: int
-    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., day: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_count: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., cost_nanos: _Optional[int] = ...) -> None: ...
+    run: str
+    def __init__(self, team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ..., day: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_count: _Optional[int] = ..., usage: _Optional[_Union[TokenUsage, _Mapping]] = ..., cost_nanos: _Optional[int] = ..., run: _Optional[str] = ...) -> None: ...
 
 class ListSpendResponse(_message.Message):
-    __slots__ = ("totals",)
+    __slots__ = ("totals", "next_page_token")
     TOTALS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     totals: _containers.RepeatedCompositeFieldContainer[SpendTotal]
-    def __init__(self, totals: _Optional[_Iterable[_Union[SpendTotal, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, totals: _Optional[_Iterable[_Union[SpendTotal, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListSpendEntriesRequest(_message.Message):
     __slots__ = ("team", "start_time", "end_time", "page_size", "page_token")
@@ -404,17 +522,23 @@ class SetPricesResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ListPricesRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "page_size", "page_token")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, version: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListPricesResponse(_message.Message):
-    __slots__ = ("version", "prices", "create_time")
+    __slots__ = ("version", "prices", "create_time", "next_page_token")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PRICES_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     version: int
     prices: _containers.RepeatedCompositeFieldContainer[ModelPrice]
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, version: _Optional[int] = ..., prices: _Optional[_Iterable[_Union[ModelPrice, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, version: _Optional[int] = ..., prices: _Optional[_Iterable[_Union[ModelPrice, _Mapping]]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

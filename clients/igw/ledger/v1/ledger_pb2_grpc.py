@@ -349,6 +349,31 @@ class LedgerAdminServiceStub:
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SetBudgetRequest.SerializeToString,
                 response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.Budget.FromString,
                 _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/igw.ledger.v1.LedgerAdminService/ListBudgets',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/igw.ledger.v1.LedgerAdminService/DeleteBudget',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/igw.ledger.v1.LedgerAdminService/SetRateLimit',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.RateLimit.FromString,
+                _registered_method=True)
+        self.GetRateLimits = channel.unary_unary(
+                '/igw.ledger.v1.LedgerAdminService/GetRateLimits',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.MaintainPartitions = channel.unary_unary(
+                '/igw.ledger.v1.LedgerAdminService/MaintainPartitions',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsResponse.FromString,
+                _registered_method=True)
         self.ListSpend = channel.unary_unary(
                 '/igw.ledger.v1.LedgerAdminService/ListSpend',
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ListSpendRequest.SerializeToString,
@@ -376,7 +401,45 @@ class LedgerAdminServiceServicer:
     """
 
     def SetBudget(self, request, context):
-        """Creates or replaces the budget for a team (or one agent of a team) and window.
+        """Creates or replaces the budget for a team (or one agent of a team, or one run of a team)
+        and window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """Lists configured budgets, ordered by team, run, agent and window, paged (AIP-158).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBudget(self, request, context):
+        """Deletes one budget (its window counters go with it). NOT_FOUND when there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRateLimit(self, request, context):
+        """Sets (or clears, with 0) the requests-per-minute and tokens-per-minute limits of a team or
+        of one agent of a team. Enforced in the same ledger transaction as every hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRateLimits(self, request, context):
+        """Lists the rate limits of a team (the team-wide one and its agents'), with current usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MaintainPartitions(self, request, context):
+        """Creates the spend-entry partitions due ahead and drops those past retention (the ledger
+        also does this on its own, on a timer); returns what it did.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -417,6 +480,31 @@ def add_LedgerAdminServiceServicer_to_server(servicer, server):
                     servicer.SetBudget,
                     request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SetBudgetRequest.FromString,
                     response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.Budget.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.RateLimit.SerializeToString,
+            ),
+            'GetRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimits,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsResponse.SerializeToString,
+            ),
+            'MaintainPartitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.MaintainPartitions,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsResponse.SerializeToString,
             ),
             'ListSpend': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSpend,
@@ -467,6 +555,141 @@ class LedgerAdminService:
             '/igw.ledger.v1.LedgerAdminService/SetBudget',
             igw_dot_ledger_dot_v1_dot_ledger__pb2.SetBudgetRequest.SerializeToString,
             igw_dot_ledger_dot_v1_dot_ledger__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerAdminService/ListBudgets',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerAdminService/DeleteBudget',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerAdminService/SetRateLimit',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.SetRateLimitRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.RateLimit.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerAdminService/GetRateLimits',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.GetRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MaintainPartitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerAdminService/MaintainPartitions',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.MaintainPartitionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

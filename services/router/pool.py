@@ -1,0 +1,257 @@
+"""Every ledger and vault replica, one channel each, picked round-robin among the healthy ones.
+
+Why client-side balancing in the router (and not gRPC's built-in ``round_robin`` over one
+channel): the server's SPIFFE id is checked by a TLS tunnel per upstream address (gRPC's own
+TLS cannot check a URI SAN), so each replica is its own channel. Per replica the pool keeps:
+
+- a health check every second (``grpc.health.v1`` on the replica's own service name, which
+  mirrors its readiness: a ledger that cannot reach Postgres drops out within seconds);
+- the channel state: a replica whose connection failed is skipped at once, before its next
+  health check, so a killed replica costs only the calls that were in flight on it.
+
+Calls go round-robin over the replicas that are SERVING and not in TRANSIENT_FAILURE; when
+none is, over all of them (the call then fails with the replica's own UNAVAILABLE, which is
+retryable). Addresses are ``host:port`` lists; a host name that resolves to several addresses
+(a Kubernetes headless Service) becomes one replica per address, re-resolved every few seconds.
+Certificate rotation: when the router's certificate, key or CA files change, every replica
+gets a fresh channel (new connections, new certificate) and the old one is closed after the
+calls on it finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from igw.client._spiffe import SpiffeTunnel, TlsFiles, split_host_port
+from services.common.tls import CHANNEL_OPTIONS
+
+_LOGGER = logging.getLogger(__name__)
+_OLD_CHANNEL_GRACE_S = 30.0
+
+
+@dataclass
+class Replica:
+    """One upstream address: its tunnel, its current channel, its last known health."""
+
+    address: str
+    tunnel: SpiffeTunnel
+    channel: grpc.aio.Channel
+    healthy: bool = False
+    stubs: dict[type, Any] = field(default_factory=dict)
+
+    def stub(self, cls: type) -> Any:
+        s = self.stubs.get(cls)
+        if s is None:
+            s = self.stubs[cls] = cls(self.channel)
+        return s
+
+    def usable(self) -> bool:
+        return self.healthy and self.channel.get_state() != grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
+
+class ReplicaPool:
+    """The replicas of one service (``ledger`` or ``keyvault``) as seen by this router."""
+
+    def __init__(
+        self, service: str, addresses: Sequence[str], expected_id: str, files: TlsFiles, health_name: str, *,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (), check_interval_s: float = 1.0,
+        resolve_interval_s: float = 5.0, on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.entries = [a.strip() for a in addresses if a.strip()]
+        if not self.entries:
+            raise ValueError(f"no {service} address")
+        self.expected_id = expected_id
+        self.files = files
+        self.health_name = health_name
+        self.interceptors = list(interceptors)
+        self.check_interval_s = check_interval_s
+        self.resolve_interval_s = resolve_interval_s
+        self.replicas: dict[str, Replica] = {}
+        self._rr = itertools.count()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._on_change = on_change
+        self._stamps = files.stamps()
+        self._closing = False
+        self.channel_generation = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _channel(self, tunnel: SpiffeTunnel, address: str) -> grpc.aio.Channel:
+        options = [*CHANNEL_OPTIONS, ("grpc.default_authority", address)]
+        ch = grpc.aio.insecure_channel(tunnel.target, options=options, interceptors=self.interceptors or None)
+        ch.get_state(try_to_connect=True)
+        return ch
+
+    async def _add(self, address: str) -> None:
+        tunnel = SpiffeTunnel(address, self.expected_id, self.files)
+        await tunnel.start()
+        self.replicas[address] = Replica(address, tunnel, self._channel(tunnel, address))
+        _LOGGER.info("replica added", extra={"service": self.service, "address": address})
+
+    async def _remove(self, address: str) -> None:
+        rep = self.replicas.pop(address)
+        _LOGGER.info("replica removed", extra={"service": self.service, "address": address})
+        await rep.channel.close(_OLD_CHANNEL_GRACE_S)
+        await rep.tunnel.close()
+
+    async def start(self) -> None:
+        """Resolves the addresses, opens one channel per replica, starts health checks."""
+        for address in await self._resolve():
+            await self._add(address)
+        await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._maintain_loop())]
+
+    async def close(self) -> None:
+        """Stops checking and closes every channel and tunnel."""
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for rep in list(self.replicas.values()):
+            await rep.channel.close()
+            await rep.tunnel.close()
+        self.replicas.clear()
+
+    # ------------------------------------------------------------------ picking
+
+    def pick(self) -> Replica:
+        """The next usable replica (round-robin), or any replica when none is usable."""
+        reps = list(self.replicas.values())
+        if not reps:
+            raise RuntimeError(f"no {self.service} replica")
+        n = next(self._rr)
+        usable = [r for r in reps if r.usable()]
+        pool = usable or reps
+        return pool[n % len(pool)]
+
+    def ready(self) -> bool:
+        """True when at least one replica is healthy."""
+        return any(r.usable() for r in self.replicas.values())
+
+    def healthy_count(self) -> int:
+        return sum(1 for r in self.replicas.values() if r.usable())
+
+    def stub(self, cls: type) -> Any:
+        """A stub-shaped object whose every call goes to the next usable replica."""
+        return BalancedStub(self, cls)
+
+    # ------------------------------------------------------------------ background
+
+    async def _check(self, rep: Replica) -> None:
+        before = rep.healthy
+        try:
+            resp = await health_pb2_grpc.HealthStub(rep.channel).Check(  # type: ignore[no-untyped-call]
+                health_pb2.HealthCheckRequest(service=self.health_name), timeout=max(self.check_interval_s, 1.0)
+            )
+            rep.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            rep.healthy = False
+        if before != rep.healthy:
+            _LOGGER.log(logging.INFO if rep.healthy else logging.WARNING, "replica health changed",
+                        extra={"service": self.service, "address": rep.address, "healthy": rep.healthy})
+            if self._on_change is not None:
+                self._on_change()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            try:
+                await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
+            except Exception:
+                _LOGGER.exception("health check round failed")
+
+    async def _maintain_loop(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            try:
+                await self._follow_files()
+                if ticks % max(int(self.resolve_interval_s), 1) == 0:
+                    await self._follow_dns()
+            except Exception:
+                _LOGGER.exception("replica maintenance failed")
+
+    async def _follow_files(self) -> None:
+        try:
+            stamps = self.files.stamps()
+        except OSError:
+            return
+        if stamps == self._stamps:
+            return
+        self._stamps = stamps
+        self.channel_generation += 1
+        _LOGGER.info("TLS files changed: new channels to every replica", extra={"service": self.service})
+        for rep in list(self.replicas.values()):
+            old = rep.channel
+            rep.channel = self._channel(rep.tunnel, rep.address)
+            rep.stubs.clear()
+            task = asyncio.get_running_loop().create_task(old.close(_OLD_CHANNEL_GRACE_S))
+            self._tasks.append(task)
+
+    async def _follow_dns(self) -> None:
+        wanted = set(await self._resolve())
+        if not wanted:
+            return  # a DNS hiccup never empties the pool
+        have = set(self.replicas)
+        for address in wanted - have:
+            await self._add(address)
+            await self._check(self.replicas[address])
+        for address in have - wanted:
+            await self._remove(address)
+
+    async def _resolve(self) -> list[str]:
+        out: list[str] = []
+        loop = asyncio.get_running_loop()
+        for entry in self.entries:
+            host, port = split_host_port(entry)
+            try:
+                ipaddress.ip_address(host)
+                out.append(entry)
+                continue
+            except ValueError:
+                pass
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:
+                _LOGGER.warning("cannot resolve replica address", extra={"address": entry, "error": str(err)})
+                continue
+            if any(i[0] == socket.AF_INET for i in infos):
+                infos = [i for i in infos if i[0] == socket.AF_INET]
+            for _family, _type, _proto, _canon, sockaddr in infos:
+                ip = str(sockaddr[0])
+                addr = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+                if addr not in out:
+                    out.append(addr)
+        return out
+
+
+class BalancedStub:
+    """Looks like a generated stub; each method call goes to the pool's next usable replica."""
+
+    def __init__(self, pool: ReplicaPool, cls: type) -> None:
+        self._pool = pool
+        self._cls = cls
+
+    def __getattr__(self, method: str) -> Any:
+        pool, cls = self._pool, self._cls
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return getattr(pool.pick().stub(cls), method)(*args, **kwargs)
+
+        return call
