@@ -14,7 +14,7 @@ The rig, all on loopback on this machine:
 Scenarios: ``ceiling`` (the fake's own), ``c1`` (one call in flight: direct, igw, LiteLLM,
 interleaved rounds), ``rate`` (open-loop ladder, igw across many teams vs LiteLLM vs direct,
 interleaved per step), ``hot`` (one team), ``stream`` (time to first token), ``fallback``
-(primary 429 at 20 %), then ``profile`` (py-spy on router, ledger, keyvault under load).
+(primary 429 at 20 %), ``edge`` (the HTTPS edge next to gRPC and LiteLLM), then ``profile`` (py-spy on router, ledger, keyvault under load).
 
 Budget slices (routing config ``budget_slices``, opt-in per team) are measured side by side with
 the default per-call holds in the same run: a second set of teams (``slice-t000``...) and a second
@@ -1055,6 +1055,66 @@ def scen_profile(rig: Rig, rate: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run all
 
 
+# --------------------------------------------------------------------------- the HTTPS edge
+
+
+EDGE_SYSTEMS = ("direct", "igw", "igw-edge", "litellm")
+
+
+def edge_job(rig: Rig, alias: str, certs: list[list[str]], mode: str, **kw: Any) -> dict[str, Any]:
+    """A load-generator job against the edge (``POST /v1/chat/completions`` over mTLS)."""
+    return {
+        "kind": "http",
+        "key": f"edge-{len(certs)}-{certs[0][0]}",
+        "url": rig.endpoints["openai_base_url"] + "/chat/completions",
+        "ca": rig.endpoints["ca"],
+        "certs": certs,
+        "rid_header": "x-igw-request-id",
+        "model": alias,
+        "mode": mode,
+        **kw,
+    }
+
+
+def _edge_or_other_job(rig: Rig, system: str, fake: str, mode: str, **kw: Any) -> dict[str, Any]:
+    if system == "direct":
+        return rig.direct_job(fake, mode, **kw)
+    if system == "igw":
+        return rig.igw_job(f"bench-{fake}", rig.many_certs, mode, **kw)
+    if system == "igw-edge":
+        return edge_job(rig, f"bench-{fake}", rig.many_certs, mode, **kw)
+    return rig.litellm_job(f"bench-{fake}", mode, **kw)
+
+
+def scen_edge(rig: Rig) -> dict[str, Any]:
+    """One call in flight (interleaved rounds), then the open-loop ladder: igw, igw-edge, LiteLLM."""
+    o = rig.opts
+    systems = [s for s in EDGE_SYSTEMS if s != "litellm" or rig.litellm]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for rnd in range(o.c1_rounds):
+        order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+        for system in order:
+            runs[system].append(rig.measure("edge", system, _edge_or_other_job(rig, system, "d0", "closed", n=o.c1_n, warmup=10)))
+    pooled = {s: _pool(rs) for s, rs in runs.items()}
+    for rs in runs.values():
+        for r in rs:
+            r.pop("samples_ms", None)
+    c1 = {
+        "pooled_ms": pooled,
+        "added_ms": {s: _added(pooled[s], pooled["direct"]) for s in pooled if s != "direct"},
+        "errors": {s: sum(sum(r["errors"].values()) for r in rs) for s, rs in runs.items()},
+        "procs": {s: rs[-1]["procs"] for s, rs in runs.items()},
+        "runs": runs,
+    }
+    rig.log("edge c1: " + ", ".join(f"{s} p50 {p['p50']:.2f} p99 {p['p99']:.2f}" for s, p in pooled.items()))
+    ladder_systems = {
+        s: (lambda rate, s=s: _edge_or_other_job(rig, s, "d20", "open", rate=rate, duration=o.step_s, warmup_s=o.warm_s))
+        for s in systems if s != "direct"
+    }
+    rate = _ladder(rig, "edge", ladder_systems)
+    return {"c1": c1, "rate": rate}
+
+
 def run(opts: Options) -> dict[str, Any]:
     """Starts the rig, runs the chosen scenarios, checks spend, stops everything. Returns raw results."""
     state = Path(tempfile.mkdtemp(prefix="igw-bench-"))
@@ -1081,8 +1141,6 @@ def run(opts: Options) -> dict[str, Any]:
         "scenarios": {},
     }
     t_start = time.monotonic()
-    from bench.edge_bench import scen_edge  # it builds on this module
-
     try:
         rig.start()
         results["rig"] = {
