@@ -46,7 +46,7 @@ def _image(block: dict[str, Any], param: str) -> router_pb2.ContentPart:
                                 string(src.get("data"), f"{param}.source.data"), f"{param}.source")
     if src.get("type") == "url":
         return router_pb2.ContentPart(image_url=string(src.get("url"), f"{param}.source.url"))
-    raise bad_field(f"{param}.source.type", "must be base64 or url")
+    raise bad_field("BAD_FIELD", f"{param}.source.type", "must be base64 or url")
 
 
 def _blocks(content: Any, param: str) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def _simple_parts(content: Any, param: str) -> list[router_pb2.ContentPart]:
         elif b.get("type") == "image":
             out.append(_image(b, f"{param}[{j}]"))
         else:
-            raise bad_field(f"{param}[{j}].type", "only text and image blocks are supported here")
+            raise bad_field("BAD_FIELD", f"{param}[{j}].type", "only text and image blocks are supported here")
     return out
 
 
@@ -74,7 +74,7 @@ def _messages(m: Any, i: int) -> list[router_pb2.Message]:
     msg = obj(m, param)
     role = msg.get("role")
     if role not in ("user", "assistant"):
-        raise bad_field(f"{param}.role", "must be user or assistant", "BAD_ROLE")
+        raise bad_field("BAD_ROLE", f"{param}.role", "must be user or assistant")
     main = router_pb2.Message(role=router_pb2.ROLE_USER if role == "user" else router_pb2.ROLE_ASSISTANT)
     out: list[router_pb2.Message] = []
     for j, b in enumerate(_blocks(msg.get("content"), f"{param}.content")):
@@ -97,7 +97,7 @@ def _messages(m: Any, i: int) -> list[router_pb2.Message]:
         elif kind in _IGNORED_BLOCKS and role == "assistant":
             continue
         else:
-            raise bad_field(f"{bp}.type", f"a {role} message cannot carry a {kind!s:.32} block")
+            raise bad_field("BAD_FIELD", f"{bp}.type", f"a {role} message cannot carry a {kind!s:.32} block")
     if main.parts or main.tool_calls:
         out.append(main)
     return out
@@ -114,7 +114,7 @@ def _tool_choice(value: Any) -> str:
         return "required"
     if kind == "tool":
         return string(choice.get("name"), "tool_choice.name")
-    raise bad_field("tool_choice.type", "must be auto, any, tool or none")
+    raise bad_field("BAD_FIELD", "tool_choice.type", "must be auto, any, tool or none")
 
 
 def parse(body: dict[str, Any], request_id: str) -> tuple[router_pb2.GenerateRequest, bool]:
@@ -122,7 +122,7 @@ def parse(body: dict[str, Any], request_id: str) -> tuple[router_pb2.GenerateReq
     model = string(body.get("model"), "model")
     max_tokens = opt_int(body, "max_tokens")
     if max_tokens is None:
-        raise bad_field("max_tokens", "Field required")
+        raise bad_field("BAD_FIELD", "max_tokens", "Field required")
     req = router_pb2.GenerateRequest(model=model, max_output_tokens=max_tokens, request_id=request_id)
     if body.get("system") is not None:
         req.messages.add(role=router_pb2.ROLE_SYSTEM, parts=_simple_parts(body["system"], "system"))
@@ -131,7 +131,7 @@ def parse(body: dict[str, Any], request_id: str) -> tuple[router_pb2.GenerateReq
     for i, t in enumerate(arr(body.get("tools") or [], "tools")):
         tool = obj(t, f"tools[{i}]")
         if tool.get("type", "custom") != "custom":
-            raise bad_field(f"tools[{i}].type", "only custom tools are supported")
+            raise bad_field("BAD_FIELD", f"tools[{i}].type", "only custom tools are supported")
         req.tools.add(name=string(tool.get("name"), f"tools[{i}].name"),
                       description=string(tool.get("description", ""), f"tools[{i}].description"),
                       parameters_json_schema=schema_json(tool.get("input_schema"), f"tools[{i}].input_schema"))

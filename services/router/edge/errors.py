@@ -127,7 +127,7 @@ def anthropic_error(err: E.IgwError) -> HttpError:
     return HttpError(status, body, _common(err, status), err.reason)
 
 
-def bad_field(param: str, message: str, reason: str = "BAD_FIELD") -> E.InvalidArgument:
+def bad_field(reason: str, param: str, message: str) -> E.InvalidArgument:
     """A 400 naming the offending field (``param`` in OpenAI's body, and in the message)."""
     return E.InvalidArgument(reason, f"{param}: {message}", {"param": param})
 

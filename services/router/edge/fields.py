@@ -22,21 +22,21 @@ MAX_BASE64_CHARS = 8 * 1024 * 1024  # ~6 MiB decoded; translate.prepare checks 5
 def obj(value: Any, param: str) -> dict[str, Any]:
     """A JSON object."""
     if not isinstance(value, dict):
-        raise bad_field(param, "must be an object")
+        raise bad_field("BAD_FIELD", param, "must be an object")
     return value
 
 
 def arr(value: Any, param: str) -> list[Any]:
     """A JSON array."""
     if not isinstance(value, list):
-        raise bad_field(param, "must be an array")
+        raise bad_field("BAD_FIELD", param, "must be an array")
     return value
 
 
 def string(value: Any, param: str) -> str:
     """A JSON string."""
     if not isinstance(value, str):
-        raise bad_field(param, "must be a string")
+        raise bad_field("BAD_FIELD", param, "must be a string")
     return value
 
 
@@ -46,9 +46,9 @@ def opt_int(body: dict[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_field(key, "must be an integer")
+        raise bad_field("BAD_FIELD", key, "must be an integer")
     if not 0 < value < 2**31:
-        raise bad_field(key, "is out of range")
+        raise bad_field("BAD_FIELD", key, "is out of range")
     return value
 
 
@@ -58,7 +58,7 @@ def opt_num(body: dict[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise bad_field(key, "must be a number")
+        raise bad_field("BAD_FIELD", key, "must be a number")
     return float(value)
 
 
@@ -89,11 +89,11 @@ def image_url_part(url: str, param: str) -> router_pb2.ContentPart:
 def image_bytes_part(mime: str, data_b64: str, param: str) -> router_pb2.ContentPart:
     """Inline image bytes from base64 (sizes and types are checked by the engine)."""
     if len(data_b64) > MAX_BASE64_CHARS:
-        raise bad_field(param, "image is larger than 5 MiB", "BAD_IMAGE")
+        raise bad_field("BAD_IMAGE", param, "image is larger than 5 MiB")
     try:
         data = base64.b64decode(data_b64, validate=True)
     except (binascii.Error, ValueError):
-        raise bad_field(param, "image data is not valid base64", "BAD_IMAGE") from None
+        raise bad_field("BAD_IMAGE", param, "image data is not valid base64") from None
     return router_pb2.ContentPart(image_bytes=router_pb2.ImageBytes(data=data, mime_type=mime))
 
 

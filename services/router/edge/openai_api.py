@@ -56,7 +56,7 @@ def _parts(content: Any, param: str) -> list[router_pb2.ContentPart]:
             url = ref if isinstance(ref, str) else obj(ref, f"{param}[{j}].image_url").get("url")
             out.append(image_url_part(string(url, f"{param}[{j}].image_url.url"), f"{param}[{j}].image_url"))
         else:
-            raise bad_field(f"{param}[{j}].type", "only text and image_url parts are supported")
+            raise bad_field("BAD_FIELD", f"{param}[{j}].type", "only text and image_url parts are supported")
     return out
 
 
@@ -65,7 +65,7 @@ def _message(m: Any, i: int) -> router_pb2.Message:
     msg = obj(m, param)
     role = _ROLES.get(msg.get("role"))  # type: ignore[arg-type]
     if role is None:
-        raise bad_field(f"{param}.role", "must be system, developer, user, assistant or tool", "BAD_ROLE")
+        raise bad_field("BAD_ROLE", f"{param}.role", "must be system, developer, user, assistant or tool")
     out = router_pb2.Message(role=role, parts=_parts(msg.get("content"), f"{param}.content"))
     if msg.get("name") is not None:
         out.name = string(msg["name"], f"{param}.name")
@@ -95,13 +95,13 @@ def parse(body: dict[str, Any], request_id: str) -> tuple[router_pb2.GenerateReq
     messages = arr(body.get("messages"), "messages")
     n = opt_int(body, "n")
     if n not in (None, 1):
-        raise bad_field("n", "only n=1 is supported")
+        raise bad_field("BAD_FIELD", "n", "only n=1 is supported")
     req = router_pb2.GenerateRequest(model=model, messages=[_message(m, i) for i, m in enumerate(messages)],
                                      request_id=request_id)
     for i, t in enumerate(arr(body.get("tools") or [], "tools")):
         tool = obj(t, f"tools[{i}]")
         if tool.get("type", "function") != "function":
-            raise bad_field(f"tools[{i}].type", "only function tools are supported")
+            raise bad_field("BAD_FIELD", f"tools[{i}].type", "only function tools are supported")
         fn = obj(tool.get("function"), f"tools[{i}].function")
         req.tools.add(name=string(fn.get("name"), f"tools[{i}].function.name"),
                       description=string(fn.get("description", ""), f"tools[{i}].function.description"),

@@ -220,7 +220,7 @@ class EdgeServer:
         rid = request.headers.get(REQUEST_ID_HEADER, "")
         if rid:
             if not valid_request_id(rid):
-                raise bad_field(REQUEST_ID_HEADER, "must be [A-Za-z0-9._:-], at most 128", "BAD_REQUEST_ID")
+                raise bad_field("BAD_REQUEST_ID", REQUEST_ID_HEADER, "must be [A-Za-z0-9._:-], at most 128")
             request_id_var.set(rid)
         return ident
 
@@ -240,7 +240,7 @@ class EdgeServer:
             raise E.InvalidArgument("BAD_JSON", "the request body must be a JSON object")
         messages, cap = body.get("messages"), self.router.config.limits.max_messages
         if isinstance(messages, list) and len(messages) > cap:  # refused before translating them all
-            raise bad_field("messages", f"at most {cap} messages", "TOO_MANY_MESSAGES")
+            raise bad_field("TOO_MANY_MESSAGES", "messages", f"at most {cap} messages")
         return body
 
     def _timeout(self, request: web.Request, stream: bool) -> float | None:
