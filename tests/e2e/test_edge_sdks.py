@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import anthropic
+import grpc
 import httpx
 import httpx2
 import openai
@@ -23,7 +24,8 @@ import pytest
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.common import pki as pki_mod
-from tests.e2e.conftest import Gateway
+from services.common.errors import error_info_from_rpc_error
+from tests.e2e.conftest import Gateway, mtls_channel
 
 WEATHER_OPENAI = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -307,3 +309,49 @@ def test_an_image_input_reaches_an_image_capable_deployment(edge: Edge) -> None:
     assert resp.choices[0].message.content
     assert resp.model_extra["igw"]["served_by"]["deployment"] == "fake-openai-small"  # type: ignore[index]
 
+
+
+def _write_cert(gw: Gateway, name: str, spiffe_id: str, **kw: Any) -> None:
+    cert, key = pki_mod.issue_cert((gw.pki / "ca.pem").read_bytes(), (gw.pki / "ca-key.pem").read_bytes(),
+                                   spiffe_id, **kw)
+    (gw.pki / f"{name}.pem").write_bytes(cert)
+    (gw.pki / f"{name}-key.pem").write_bytes(key)
+
+
+@pytest.mark.parametrize(("spiffe_id", "kw", "reason"), [
+    ("spiffe://igw.local/team/t1/agent/a1", {"extra_uri_sans": ["spiffe://igw.local/team/t2/agent/a2"]},
+     "AMBIGUOUS_IDENTITY"),
+    ("spiffe://other.domain/team/t1/agent/a1", {}, "UNTRUSTED_IDENTITY"),
+    ("spiffe://igw.local/ledger", {}, "METHOD_NOT_ALLOWED"),
+])
+def test_certificates_grpc_refuses_are_refused_by_the_edge_with_the_same_reason(
+    gateway: Gateway, spiffe_id: str, kw: dict[str, Any], reason: str,
+) -> None:
+    name = f"edge-odd-{uuid.uuid4().hex[:6]}"
+    _write_cert(gateway, name, spiffe_id, **kw)
+    odd = Edge(gateway, name)
+    try:
+        with pytest.raises(anthropic.PermissionDeniedError) as exc:
+            odd.anthropic.messages.create(model="smart", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+        assert exc.value.response.headers["x-igw-error-reason"] == reason
+    finally:
+        odd.close()
+    # gRPC says the same.
+    with mtls_channel(gateway.addr("router"), gateway.pki, name) as ch, pytest.raises(grpc.RpcError) as rpc:
+        msg = router_pb2.Message(role=router_pb2.ROLE_USER)
+        msg.parts.add(text="x")
+        router_pb2_grpc.RouterServiceStub(ch).Generate(
+            router_pb2.GenerateRequest(model="smart", messages=[msg], max_output_tokens=8), timeout=10)
+    assert rpc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info_from_rpc_error(rpc.value)
+    assert info is not None and info.reason == reason
+
+
+def test_a_certificate_from_another_ca_gets_no_connection(gateway: Gateway, tmp_path: Any) -> None:
+    other = pki_mod.init_dev_pki(tmp_path / "other")
+    ctx = ssl.create_default_context(cafile=str(gateway.pki / "ca.pem"))
+    ctx.load_cert_chain(str(other.agent_demo.cert), str(other.agent_demo.key))
+    client = openai.OpenAI(base_url=str(gateway.endpoints["openai_base_url"]), api_key="x", max_retries=0,
+                           http_client=httpx2.Client(verify=ctx, timeout=10))
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="fast", messages=[{"role": "user", "content": "x"}])
