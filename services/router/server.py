@@ -18,7 +18,8 @@ from services.common.server import ServiceRuntime
 from services.common.tracing import client_interceptors, setup_tracing
 from services.router.authz import POLICY
 from services.router.config import ConfigSource, Settings
-from services.router.edge.server import EdgeLimits, EdgeServer, server_ssl_context
+from services.router.edge.server import EdgeLimits, EdgeServer
+from services.router.edge.tls import ServerTLS
 from services.router.metrics import RouterMetrics
 from services.router.pool import ReplicaPool
 from services.router.providers.base import make_http_client
@@ -133,5 +134,5 @@ def _edge(settings: Settings, router: Router, registry: CollectorRegistry) -> Ed
         body_timeout_s=settings.http_body_timeout_s, write_timeout_s=settings.http_write_timeout_s,
         max_connections=settings.http_max_connections, max_body_bytes=settings.http_max_body_bytes,
     )
-    ctx = server_ssl_context(str(rt.tls_cert), str(rt.tls_key), str(rt.tls_ca))
-    return EdgeServer(router, settings.http_listen, ctx, registry, trust_domain=rt.trust_domain, limits=limits)
+    tls = ServerTLS(rt.tls_cert, rt.tls_key, rt.tls_ca)
+    return EdgeServer(router, settings.http_listen, tls.context, registry, trust_domain=rt.trust_domain, limits=limits)

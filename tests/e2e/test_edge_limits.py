@@ -6,6 +6,8 @@ the session gateway's ledger, vault and fake providers.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import ssl
 import threading
@@ -20,6 +22,7 @@ import openai
 import pytest
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common import pki as pki_mod
 from services.common.procs import ServiceProcess, start_service, tls_env
 from tests.e2e.conftest import Gateway
 
@@ -50,7 +53,11 @@ def router(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     cfg = tmp / "router.yaml"
     cfg.write_text(_config(gateway.endpoints["fakes"]))  # type: ignore[arg-type]
     seconds = str(TIMEOUT_S)
-    env = {**tls_env(gateway.pki, "router"), "IGW_ROUTER_CONFIG": str(cfg),
+    tls = tmp / "tls"  # its own copy of the router's files: one test rotates them
+    tls.mkdir()
+    for name in ("router.pem", "router-key.pem", "ca.pem"):
+        shutil.copy(gateway.pki / name, tls / name)
+    env = {**tls_env(tls, "router"), "IGW_ROUTER_CONFIG": str(cfg),
            "IGW_LEDGER_ADDR": gateway.addr("ledger"), "IGW_KEYVAULT_ADDR": gateway.addr("keyvault"),
            "IGW_ROUTER_HTTP_LISTEN": "127.0.0.1:0", "IGW_ROUTER_HTTP_HANDSHAKE_TIMEOUT_SECONDS": seconds,
            "IGW_ROUTER_HTTP_IDLE_TIMEOUT_SECONDS": seconds, "IGW_ROUTER_HTTP_BODY_TIMEOUT_SECONDS": seconds,
@@ -282,3 +289,33 @@ def test_a_caller_hanging_up_mid_stream_cancels_upstream_and_settles_once(
     while httpx.get(f"{fake}/_fake/stats", timeout=10).json().get("cancelled_streams", 0) == before:
         assert time.monotonic() < deadline, "the upstream stream was not cancelled"
         time.sleep(0.2)
+
+
+def _peer_serial(router: ServiceProcess, pki: Path) -> int:
+    from cryptography import x509
+
+    with _tls(router, pki) as sock:
+        der = sock.getpeercert(binary_form=True)
+    assert der
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_certificate_rotated_on_disk_serves_new_connections_without_a_restart(
+    router: ServiceProcess, gateway: Gateway,
+) -> None:
+    before = _peer_serial(router, gateway.pki)
+    cert, key = pki_mod.issue_cert((gateway.pki / "ca.pem").read_bytes(), (gateway.pki / "ca-key.pem").read_bytes(),
+                                   "spiffe://igw.local/router")
+    paths = {Path(router.env["IGW_TLS_KEY"]): key, Path(router.env["IGW_TLS_CERT"]): cert}
+    for path, data in paths.items():  # key first: the half-rotated pair must keep the old material
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        if path.name.endswith("-key.pem"):
+            assert _peer_serial(router, gateway.pki) == before
+    deadline = time.monotonic() + 10
+    while _peer_serial(router, gateway.pki) == before:
+        assert time.monotonic() < deadline, "the new certificate was never served"
+        time.sleep(0.1)
+    _fast_call_works(router, gateway.pki)
+    assert "TLS certificate reloaded from disk (HTTPS edge)" in router.log_text()

@@ -66,16 +66,6 @@ class EdgeLimits:
     max_body_bytes: int = 16 * 1024 * 1024
 
 
-def server_ssl_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
-    """TLS 1.2+ that requires a client certificate chained to the igw CA (as gRPC's does)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
-
-
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.handled = Counter("igw_http_server_handled", "HTTPS edge requests by API, route and HTTP status.",
