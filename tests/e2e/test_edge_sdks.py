@@ -168,6 +168,9 @@ def test_openai_sdk_tool_round_trip_unary_and_streamed_argument_deltas(edge: Edg
                                                  max_tokens=64)
     assert second.choices[0].message.content == "tool said: sunny, 21 C"
     assert second.choices[0].finish_reason == "stop"
+    # The earlier turns were a cached prefix upstream: cached input tokens come back (and are part of the prompt).
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    assert 0 < (second.usage.prompt_tokens_details.cached_tokens or 0) < second.usage.prompt_tokens
 
 
 def test_anthropic_sdk_unary_answers_with_usage_and_costs_what_grpc_costs(edge: Edge) -> None:
@@ -222,6 +225,12 @@ def test_anthropic_sdk_tool_round_trip_with_streamed_input_json(edge: Edge) -> N
     second = edge.anthropic.messages.create(model="smart", max_tokens=64, tools=WEATHER_ANTHROPIC,  # type: ignore[arg-type]
                                             messages=messages)  # type: ignore[arg-type]
     assert second.content[0].type == "text" and second.content[0].text == "tool said: rainy, 12 C"
+    # Anthropic's usage: input_tokens excludes the cache reads, reported apart.
+    assert (second.usage.cache_read_input_tokens or 0) > 0 and second.usage.input_tokens > 0
+    igw = second.model_extra["igw"]  # type: ignore[index]
+    entry = edge.entry(igw["request_id"])
+    assert entry.usage.cached_input_tokens == second.usage.cache_read_input_tokens
+    assert entry.usage.input_tokens == second.usage.input_tokens + second.usage.cache_read_input_tokens
 
 
 def test_a_budget_refusal_is_each_sdks_exhausted_quota_error_and_reaches_no_provider(gateway: Gateway) -> None:
