@@ -531,7 +531,6 @@ class ServiceRuntime:
         self.serving = False
         self.initially_serving = initially_serving
 
-
     async def start(self, *, serving: bool | None = None) -> None:
         """Binds both ports and the metrics port; marks SERVING unless told otherwise."""
         serving = self.initially_serving if serving is None else serving
@@ -620,7 +619,6 @@ class ServiceRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-
 
     async def wait(self) -> None:
         """Blocks until asked to stop, then stops gracefully."""
