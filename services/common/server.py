@@ -531,10 +531,6 @@ class ServiceRuntime:
         self.serving = False
         self.initially_serving = initially_serving
 
-    def add_closer(self, closer: Closer) -> None:
-        """Adds something to close after the servers stop (LIFO)."""
-        self._closers.append(closer)
-
     async def start(self, *, serving: bool | None = None) -> None:
         """Binds both ports and the metrics port; marks SERVING unless told otherwise."""
         serving = self.initially_serving if serving is None else serving
@@ -623,10 +619,6 @@ class ServiceRuntime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-
-    def request_stop(self) -> None:
-        """Starts a graceful stop (as SIGTERM does)."""
-        self._stopping.set()
 
     async def wait(self) -> None:
         """Blocks until asked to stop, then stops gracefully."""
