@@ -15,7 +15,7 @@ Shape (every key is checked; unknown keys are refused)::
     breaker: {failure_threshold: 5, cooldown_ms: 30000, probe_timeout_ms: 10000}
     limits: {max_in_flight: 512, max_messages: 1000, max_request_bytes: 8388608,
              max_output_tokens: 200000, default_output_tokens: 1024}
-    budget_slices: {enabled: false, calls: 64, draw_window_ms: 20000, teams: [hot-team]}
+    budget_slices: {enabled: true, calls: 64, draw_window_ms: 20000}   # the default; false: per-call holds
 
 Base URLs must be https unless the provider is marked ``local: true``: an OpenAI-compatible
 server the platform runs itself (vLLM, Ollama) on this host or inside the cluster, which may
@@ -136,7 +136,7 @@ class SlicesCfg:
     ``calls`` calls and places per-call holds locally, drawing from it for ``draw_window_ms``.
     ``teams``: the teams that use slices (None: every team)."""
 
-    enabled: bool = False
+    enabled: bool = True
     calls: int = 64
     draw_window_ms: int = 20_000
     teams: frozenset[str] | None = None
@@ -340,7 +340,7 @@ def _slices(raw: Any) -> SlicesCfg:
             raise ConfigError(f"{w}.teams: must be a list")
         teams = frozenset(_name(f"{w}.teams", t, _TEAM) for t in teams)
     return SlicesCfg(
-        enabled=_bool(f"{w}.enabled", obj.get("enabled", False)),
+        enabled=_bool(f"{w}.enabled", obj.get("enabled", True)),
         calls=_int(f"{w}.calls", obj.get("calls", 64), 2, 1024),
         draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
         teams=teams,

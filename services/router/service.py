@@ -48,7 +48,7 @@ from services.router.providers.domain import (
 from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.providers.registry import get_adapter
 from services.router.routing import Alias, Deployment, RoutingConfig
-from services.router.settler import Settler, release_hold, release_request, with_retries
+from services.router.settler import LeaseEnder, Settler, release_hold, release_request
 from services.router.slices import SliceBook, SliceHold
 from services.router.translate import FINISH_TO_PB, Prepared, prepare, valid_request_id
 
@@ -178,6 +178,7 @@ class Router:
         self._in_flight = 0
         self._settles: set[asyncio.Task[None]] = set()
         self.settler = Settler(backends.ledger, metrics)
+        self.lease_ends = LeaseEnder(backends.vault)
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.config = config
         self.apply_config(config)
@@ -288,15 +289,15 @@ class Router:
             else:
                 if hold_sent is not None:
                     hold_sent()
-                hold = await self.backends.ledger.Reserve(
-                    ledger_pb2.ReserveRequest(
-                        request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
-                        prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
-                        max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
-                        run_id=run_id, run_cap_nanos=run_cap_nanos,
-                    ),
-                    timeout=timeout,
+                reserve = ledger_pb2.ReserveRequest(
+                    request_id=rid, attempt=attempt, team=ident.team, agent=ident.agent, model=dep.price,
+                    prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
+                    max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                    run_id=run_id, run_cap_nanos=run_cap_nanos,
                 )
+                # Exact at the limit: a refusal while this router holds the team's slices gives them back first.
+                hold = await self.slices.reserve(
+                    ident.team, lambda: self.backends.ledger.Reserve(reserve, timeout=timeout), timeout)
         except asyncio.CancelledError:
             self._return_when_issued(issue, "CANCELLED", ident, rid, dep)
             raise
@@ -350,11 +351,7 @@ class Router:
             return
         req.end = keyvault_pb2.LEASE_END_USED if used else keyvault_pb2.LEASE_END_RETURNED
         req.reason = reason
-        self._background(self._end_lease_now(req))
-
-    async def _end_lease_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
-        if not await with_retries(lambda: self.backends.vault.EndLease(req, timeout=5)):
-            _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
+        self.lease_ends.submit(req)  # grouped with other calls' ends (EndLeaseBatch)
 
     def _return_when_issued(
         self, issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse], reason: str, ident: Identity, rid: str,
@@ -369,7 +366,7 @@ class Router:
                 return
             req = _end_request(lease, ident, rid, dep)
             req.end, req.reason = keyvault_pb2.LEASE_END_RETURNED, reason
-            await self._end_lease_now(req)
+            self.lease_ends.submit(req)
 
         self._background(wait())
 
@@ -424,6 +421,7 @@ class Router:
         await self.slices.close(max(deadline - time.monotonic(), 0.0))
         if self._settles:
             await asyncio.wait(list(self._settles), timeout=max(deadline - time.monotonic(), 0.0))
+        await self.lease_ends.drain(max(deadline - time.monotonic(), 0.0))
 
     async def _cost(self, hold: ledger_pb2.ReserveResponse, dep: Deployment, usage: Usage) -> int:
         try:

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from opentelemetry.trace import SpanContext
 
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.tracing import current_span_context, linked_span
 from services.router.metrics import RouterMetrics
@@ -194,3 +195,66 @@ class Settler:
             else:
                 retry.append(item)
         return retry
+
+
+class LeaseEnder:
+    """Groups the vault lease ends (``EndLeaseBatch``) of calls that end at about the same time:
+    one RPC and one audit group commit for many leases, off the agent's path (the agent has its
+    answer before its lease ends). Each batch is retried until acknowledged (an end is audited
+    at least once, so every lease ends visibly); a vault without ``EndLeaseBatch`` (older, mid
+    rolling upgrade) gets the ends one by one. If the router dies with ends queued, the leases
+    still expire at their TTL: the audit then shows an issue without an end."""
+
+    def __init__(
+        self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, *, max_batch: int = 256, linger_s: float = 0.02,
+    ) -> None:
+        self._vault = vault
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._queue: list[keyvault_pb2.EndLeaseRequest] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_ok = True
+
+    def submit(self, req: keyvault_pb2.EndLeaseRequest) -> None:
+        """Queues one lease end; returns at once."""
+        self._queue.append(req)
+        if len(self._queue) >= self._max_batch:
+            self._send_now()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self._linger_s, self._send_now)
+
+    def _send_now(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        batch, self._queue = self._queue, []
+        if batch:
+            # A fresh context: the batch must not carry one caller's span, request id or identity.
+            task = asyncio.get_running_loop().create_task(self._send(batch), context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[keyvault_pb2.EndLeaseRequest]) -> None:
+        if self._batch_ok:
+            req = keyvault_pb2.EndLeaseBatchRequest(items=batch)
+            try:
+                await self._vault.EndLeaseBatch(req, timeout=5)
+                return
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._batch_ok = False
+            if self._batch_ok:
+                if await with_retries(lambda: self._vault.EndLeaseBatch(req, timeout=5)):
+                    return
+                _LOGGER.warning("lease ends not acknowledged by the vault", extra={"count": len(batch)})
+                return
+        for one in batch:
+            if not await with_retries(lambda one=one: self._vault.EndLease(one, timeout=5)):  # type: ignore[misc]
+                _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": one.reason})
+
+    async def drain(self, timeout: float) -> None:
+        """Sends what is queued and waits (up to ``timeout``) for every batch (graceful shutdown)."""
+        self._send_now()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

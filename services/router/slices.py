@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +65,8 @@ class Slice:
     retired: bool = False
     keep: bool = False  # a settle was not acknowledged: leave the slice to be captured
     released: bool = False
+    # Done once what is left of the slice went back to the budget (or was left to be captured).
+    gone: asyncio.Future[None] | None = None
 
 
 @dataclass(slots=True)
@@ -105,6 +107,8 @@ class SliceBook:
         self._denied_until: dict[Key, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        # Every slice not yet released, by team (active and retired ones).
+        self._held: dict[str, set[Slice]] = {}
 
     # ------------------------------------------------------------------ the call path
 
@@ -140,6 +144,38 @@ class SliceBook:
             if await self._acquire(key, prompt_tokens, max_output_tokens, cfg, timeout, provider) is None:
                 return None
         return None
+
+    async def reserve(
+        self, team: str, call: Callable[[], Awaitable[ledger_pb2.ReserveResponse]], timeout: float,
+    ) -> ledger_pb2.ReserveResponse:
+        """A per-call hold (``call`` is the Reserve), exact at the limit: a Reserve refused for
+        budget while this router still holds slices of the team gives them back (waiting, up to
+        ``timeout``, for their in-flight calls to settle) and is asked once more, so the refusal
+        comes where per-call holds alone would refuse."""
+        try:
+            return await call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not await self.give_back_team(team, timeout):
+                raise
+        self._metrics.slices.labels("returned_at_limit").inc()
+        return await call()
+
+    async def give_back_team(self, team: str, timeout: float) -> bool:
+        """Retires every slice of ``team`` and waits (up to ``timeout``) until what is left of
+        each went back to the budget; False when there was none."""
+        held = self._held.get(team)
+        if not held:
+            return False
+        loop = asyncio.get_running_loop()
+        waits = []
+        for s in list(held):
+            if s.gone is None:
+                s.gone = loop.create_future()
+            waits.append(s.gone)
+            if not s.retired:
+                self._retire(s)
+        await asyncio.wait(waits, timeout=max(timeout, 0.001))
+        return True
 
     def give_back(self, hold: SliceHold) -> None:
         """The call will not be settled (it failed before spending, or was cancelled)."""
@@ -221,12 +257,17 @@ class SliceBook:
             return None
         self._denied_until.pop(key, None)
         self._metrics.slices.labels("acquired").inc()
+        if 0 < resp.calls < sc.calls:
+            # A smaller grant (the budget nears its limit): drawn from for a shorter while too, so
+            # an idle router gives what it holds back sooner.
+            draw_s *= resp.calls / sc.calls
         s = Slice(key, resp.reservation_id, resp.price_version, resp.held_nanos, self._clock() + draw_s,
                   calls_left=resp.calls, tokens_left=resp.calls * (prompt + max_out))
         old = self._active.get(key)
         if old is not None:
             self._retire(old)
         self._active[key] = s
+        self._held.setdefault(key[0], set()).add(s)
         self._timers[id(s)] = asyncio.get_running_loop().call_later(draw_s, self._retire, s)
         return s
 
@@ -261,8 +302,24 @@ class SliceBook:
         if s.keep:
             self._metrics.slices.labels("kept").inc()
             _LOGGER.warning("a budget slice is left to expire: one of its settles was not acknowledged")
+            self._gone(s)
             return
-        self._background(self._release_now(s.reservation_id))
+        self._background(self._release_slice(s))
+
+    async def _release_slice(self, s: Slice) -> None:
+        try:
+            await self._release_now(s.reservation_id)
+        finally:
+            self._gone(s)
+
+    def _gone(self, s: Slice) -> None:
+        held = self._held.get(s.key[0])
+        if held is not None:
+            held.discard(s)
+            if not held:
+                del self._held[s.key[0]]
+        if s.gone is not None and not s.gone.done():
+            s.gone.set_result(None)
 
     async def _release_now(self, reservation_id: str) -> None:
         if await release_hold(self._ledger, reservation_id, "slice_retired"):
