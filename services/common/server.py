@@ -128,6 +128,9 @@ class RpcMetrics:
         )
 
 
+_ALWAYS_ANSWERED = ("/grpc.health.", "/grpc.reflection.")
+
+
 class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates, authorises, tags logs, maps errors and counts, before any handler runs."""
 
@@ -145,6 +148,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self._in_flight = metrics.in_flight.labels(domain.split(".")[0])
         self._labels: dict[str, Callable[[str], tuple[Any, Any]]] = {}
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        # Set when a stop begins: new calls get UNAVAILABLE DRAINING (clients send them to another
+        # replica at once) while calls already in flight finish. Health and reflection still answer.
+        self.draining = False
+
+    def _refuse_if_draining(self, method: str) -> None:
+        if self.draining and not method.startswith(_ALWAYS_ANSWERED):
+            raise E.Unavailable("DRAINING", "this instance is shutting down; send the call to another one")
 
     def _method_metrics(self, method: str) -> Callable[[str], tuple[Any, Any]]:
         """For one method: status code -> (latency histogram, handled counter), label lookups cached."""
@@ -312,6 +322,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             try:
                 self._authorize(method, allowed, context)
                 admitted = True
+                self._refuse_if_draining(method)
                 request = self._decode(method, decode, request)
                 self._tag(method, request, context)
                 with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
@@ -351,6 +362,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     self._authorize(method, allowed, context)
                     admitted = True
+                    self._refuse_if_draining(method)
                     request = self._decode(method, decode, request)
                     self._tag(method, request, context)
                     with server_span(self._tracer, method, context.invocation_metadata(), context) as span:
@@ -484,11 +496,11 @@ class ServiceRuntime:
         options = SERVER_OPTIONS
         if settings.reuse_port:  # one of several worker processes on one port (the kernel spreads connections)
             options = (*(o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"), ("grpc.so_reuseport", 1))
+        self.guard = GuardInterceptor(
+            policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer, on_denied,
+        )
         self.server = grpc.aio.server(
-            interceptors=[
-                GuardInterceptor(policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer,
-                                 on_denied)
-            ],
+            interceptors=[self.guard],
             options=options,
             maximum_concurrent_rpcs=None,
         )
@@ -617,6 +629,7 @@ class ServiceRuntime:
         """NOT_SERVING, drain in-flight calls, close everything: all within one grace period."""
         _LOGGER.info("shutting down", extra={"grace_seconds": self.settings.grace_seconds})
         self._stop_deadline = time.monotonic() + self.settings.grace_seconds
+        self.guard.draining = True
         if self._readiness_task is not None:
             self._readiness_task.cancel()
         await self.health.enter_graceful_shutdown()

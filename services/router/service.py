@@ -331,7 +331,9 @@ class Router:
             ):
                 info = error_info_from_rpc_error(lease)
                 transient = lease.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                reason = info.reason if info else ("VAULT_UNAVAILABLE" if transient else lease.code().name)
+                reason = info.reason if info else lease.code().name
+                if transient:  # e.g. VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE; never a configuration problem
+                    reason = "VAULT_UNAVAILABLE" if not info else f"VAULT_UNAVAILABLE:{info.reason}"
                 raise _SkipDeployment(reason, transient=transient)
             raise lease
         held.end = _end_request(lease, ident, rid, dep)
@@ -501,7 +503,6 @@ class _SkipDeployment(Exception):
 # How each attempt outcome counts when every candidate failed (see final_error).
 _CONFIG_CAUSES = {ErrorKind.AUTH_FAILED.value, ErrorKind.REDIRECT_REFUSED.value}
 _THROTTLED = {router_pb2.ATTEMPT_OUTCOME_RATE_LIMITED, router_pb2.ATTEMPT_OUTCOME_OVERLOADED}
-_TRANSIENT_VAULT = {"VAULT_UNAVAILABLE", "DEADLINE_EXCEEDED", "KEYVAULT_UNAVAILABLE", "UNAVAILABLE"}
 # Without a retry-after from any provider, the hint for "all rate limited or overloaded".
 DEFAULT_RETRY_DELAY_S = 1.0
 _CONFIG_REASON = {
@@ -514,7 +515,7 @@ _CONFIG_REASON = {
 def _is_config(att: router_pb2.Attempt, cause: str) -> bool:
     """A configuration or credential problem: retrying changes nothing until an operator acts."""
     if att.outcome == router_pb2.ATTEMPT_OUTCOME_NO_CREDENTIAL:
-        return cause not in _TRANSIENT_VAULT
+        return not cause.startswith("VAULT_UNAVAILABLE")
     return cause in _CONFIG_CAUSES or att.outcome == router_pb2.ATTEMPT_OUTCOME_AUTH_FAILED
 
 
@@ -550,8 +551,20 @@ def final_error(model: str, log: AttemptLog) -> E.IgwError:
     ``attempt_<n>_http_status``, ``attempt_<n>_cause``, ``attempt_<n>_retry_after_ms``.
     """
     items, causes = log.items, log.causes
-    meta: dict[str, object] = {"attempts": len(items), "model": model}
-    for n, (att, cause) in enumerate(zip(items, causes, strict=True), start=1):
+    meta = attempt_metadata(model, log)
+    tried = [(a, c) for a, c in zip(items, causes, strict=True)
+             if a.outcome != router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN]
+    if items and not tried:
+        return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
+    if tried and tried[-1][0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
+        return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
+    return _by_cause(model, tried, meta)
+
+
+def attempt_metadata(model: str, log: AttemptLog) -> dict[str, object]:
+    """ErrorInfo metadata naming each attempt of a failed call (see :func:`final_error`)."""
+    meta: dict[str, object] = {"attempts": len(log.items), "model": model}
+    for n, (att, cause) in enumerate(zip(log.items, log.causes, strict=True), start=1):
         meta[f"attempt_{n}_deployment"] = att.deployment
         meta[f"attempt_{n}_outcome"] = router_pb2.AttemptOutcome.Name(att.outcome).removeprefix("ATTEMPT_OUTCOME_")
         if att.http_status:
@@ -560,12 +573,12 @@ def final_error(model: str, log: AttemptLog) -> E.IgwError:
             meta[f"attempt_{n}_cause"] = cause
         if att.HasField("retry_after"):
             meta[f"attempt_{n}_retry_after_ms"] = att.retry_after.ToMilliseconds()
-    tried = [(a, c) for a, c in zip(items, causes, strict=True)
-             if a.outcome != router_pb2.ATTEMPT_OUTCOME_BREAKER_OPEN]
-    if items and not tried:
-        return E.Unavailable("ALL_BREAKERS_OPEN", "every deployment of this model is failing", meta)
-    if tried and tried[-1][0].outcome == router_pb2.ATTEMPT_OUTCOME_CONTEXT_TOO_LONG:
-        return E.InvalidArgument("CONTEXT_TOO_LONG", "the prompt is longer than every candidate's context", meta)
+    return meta
+
+
+def _by_cause(
+    model: str, tried: list[tuple[router_pb2.Attempt, str]], meta: dict[str, object],
+) -> E.IgwError:
     said = "; ".join(dict.fromkeys(_describe(a, c) for a, c in tried[:4]))
     if tried and all(_is_config(a, c) for a, c in tried):
         kinds = {_CONFIG_REASON.get(c, "NO_CREDENTIAL") for a, c in tried}
@@ -662,7 +675,7 @@ class _Call:
         remaining = self._remaining()
         # Attempts stop 50 ms short of the agent's deadline so the answer still reaches it.
         if remaining is not None and remaining < 0.1:
-            meta = {"attempts": len(self.log.items), "model": self.req.model}
+            meta = attempt_metadata(self.req.model, self.log)
             return E.DeadlineExceeded("DEADLINE_EXCEEDED", "deadline passed before any deployment answered", meta)
         return final_error(self.req.model, self.log)
 

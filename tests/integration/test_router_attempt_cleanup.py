@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -52,6 +53,7 @@ class _Vault:
 
     def __init__(self) -> None:
         self.hang = False
+        self.refuse: BaseException | None = None
         self.ended: list[keyvault_pb2.EndLeaseRequest] = []
 
     def IssueCredential(self, req: Any, timeout: float) -> asyncio.Future[keyvault_pb2.IssueCredentialResponse]:
@@ -72,6 +74,8 @@ class _Vault:
     async def _issue(self) -> keyvault_pb2.IssueCredentialResponse:
         if self.hang:
             await asyncio.Event().wait()
+        if self.refuse is not None:
+            raise self.refuse
         return keyvault_pb2.IssueCredentialResponse(lease_id="l1", secret="sk-test-key", base_url=BASE_URL)
 
 
@@ -204,4 +208,26 @@ async def test_an_agent_that_hangs_up_while_the_lease_is_pending_gets_its_hold_r
         assert sql(fresh_database, "SELECT state FROM holds WHERE request_id = %s", (rid,)) == [("RELEASED",)]
         (budget,) = await svc.get_budget(team=TEAM)
         assert (budget.held_nanos, budget.spent_nanos) == (0, 0)
+    check_invariants(fresh_database)
+
+
+@pytest.mark.parametrize(("vault_error", "code", "reason", "cause"), [
+    (E.FailedPrecondition("NO_ACTIVE_KEY", "no key"), grpc.StatusCode.FAILED_PRECONDITION, "NO_CREDENTIAL",
+     "NO_ACTIVE_KEY"),
+    (E.Unavailable("AUDIT_UNAVAILABLE", "audit down"), grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED",
+     "VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE"),
+], ids=["no-key", "vault-down"])
+async def test_a_vault_refusal_is_a_configuration_problem_and_a_vault_outage_is_not(
+    fresh_database: str, pki: Path, vault_error: E.IgwError, code: grpc.StatusCode, reason: str, cause: str,
+) -> None:
+    status = E.to_status(vault_error, "keyvault.igw")
+    async with _router(fresh_database, pki) as (router, _svc):
+        router.backends.vault.refuse = grpc.aio.AioRpcError(  # type: ignore[attr-defined]
+            status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), status.details)
+        with pytest.raises(E.IgwError) as caught:
+            await router.generate(AGENT, _request(f"v-{uuid.uuid4().hex}"), 10.0)
+        await router.drain(5)
+    err = caught.value
+    assert (err.code, err.reason) == (code, reason)
+    assert err.metadata["attempt_1_outcome"] == "NO_CREDENTIAL" and err.metadata["attempt_1_cause"] == cause
     check_invariants(fresh_database)

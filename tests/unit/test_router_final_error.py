@@ -78,8 +78,9 @@ def test_different_configuration_problems_together_are_deployments_misconfigured
     assert err.metadata["attempts"] == "2" and err.metadata["attempt_2_deployment"] == "b"
 
 
-def test_a_vault_that_cannot_be_reached_is_unavailable_not_a_configuration_problem() -> None:
-    err = final_error("m", _log(("d", OUT.ATTEMPT_OUTCOME_NO_CREDENTIAL, 0, "VAULT_UNAVAILABLE", None)))
+@pytest.mark.parametrize("cause", ["VAULT_UNAVAILABLE", "VAULT_UNAVAILABLE:AUDIT_UNAVAILABLE"])
+def test_a_vault_that_cannot_be_reached_is_unavailable_not_a_configuration_problem(cause: str) -> None:
+    err = final_error("m", _log(("d", OUT.ATTEMPT_OUTCOME_NO_CREDENTIAL, 0, cause, None)))
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED")
     assert not _received(err).retryable  # type: ignore[attr-defined]
 
@@ -114,3 +115,8 @@ def test_server_errors_are_unavailable_and_carry_a_retry_after_when_a_provider_g
 def test_every_breaker_open_is_unavailable() -> None:
     err = final_error("m", _log(("a", OUT.ATTEMPT_OUTCOME_BREAKER_OPEN, 0, "breaker_open", None)))
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_BREAKERS_OPEN")
+
+
+def test_no_attempt_at_all_is_unavailable_not_a_configuration_problem() -> None:
+    err = final_error("m", AttemptLog())
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "ALL_CANDIDATES_FAILED")

@@ -202,3 +202,25 @@ async def test_garbage_bytes_are_invalid_argument_and_a_denied_caller_is_refused
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
     denied_info = error_info_from_rpc_error(denied.value)
     assert denied_info is not None and denied_info.reason == "METHOD_NOT_ALLOWED"
+
+
+async def test_a_call_arriving_while_the_service_drains_is_unavailable_draining(tmp_path: Path) -> None:
+    """Once a stop begins, a new call is refused at once with a reason clients retry elsewhere,
+    while health still answers (NOT_SERVING) so probes see the drain."""
+    paths = pki.init_dev_pki(tmp_path / "pki")
+    async with _runtime(paths, "igw.local") as rt:
+        assert await _call(rt, paths, "Echo") == b"hello"
+        rt.guard.draining = True  # what stop() sets before it closes the port
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _call(rt, paths, "Echo")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        info = error_info_from_rpc_error(err.value)
+        assert info is not None and info.reason == "DRAINING"
+        agent = paths.agent_demo
+        async with secure_channel(f"127.0.0.1:{rt.port}", agent.cert, agent.key, paths.ca_cert) as channel:
+            reply = await channel.unary_unary(
+                "/grpc.health.v1.Health/Check",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert reply.status in (health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -5,7 +5,7 @@
     │   └── CertificateExpired    the client certificate is past its notAfter
     ├── InvalidArgument           INVALID_ARGUMENT
     ├── NotFound                  NOT_FOUND
-    │   └── ModelNotFound         reason MODEL_NOT_FOUND / UNKNOWN_MODEL
+    │   └── ModelNotFound         reason UNKNOWN_MODEL
     ├── AlreadyExists             ALREADY_EXISTS
     ├── FailedPrecondition        FAILED_PRECONDITION
     │   ├── ModelNotPriced        reason MODEL_NOT_PRICED
@@ -18,7 +18,7 @@
     │   └── RateLimited           reason RATE_LIMITED / UPSTREAM_RATE_LIMITED
     ├── Unavailable               UNAVAILABLE (retried only when the router was not reached
     │   │                         or is draining; see ``retryable``)
-    │   └── NoCandidates          reason NO_CANDIDATES / ALL_CANDIDATES_FAILED / ALL_BREAKERS_OPEN
+    │   └── NoCandidates          reason ALL_CANDIDATES_FAILED / ALL_BREAKERS_OPEN
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── Cancelled                 CANCELLED
     ├── Aborted                   ABORTED
@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import grpc
 
-from igw.rpc.v1 import status_pb2
+from igw.rpc.v1 import error_reason_pb2, status_pb2
 
 __all__ = [
     "Aborted",
@@ -79,7 +79,10 @@ _DETAILS_KEY = "grpc-status-details-bin"
 _ERROR_INFO_TYPE = "google.rpc.ErrorInfo"
 _RETRY_INFO_TYPE = "google.rpc.RetryInfo"
 # UNAVAILABLE reasons that mean "this router is going away": safe to send again elsewhere.
-_DRAINING_REASONS = frozenset({"DRAINING"})
+# The catalogue of reasons (protos/igw/rpc/v1/error_reason.proto): a reason the client matches on
+# is a value of it, so a typo fails at import rather than silently never matching.
+_R = error_reason_pb2.ErrorReason
+_DRAINING_REASONS = frozenset({_R.Name(_R.DRAINING)})
 _ATTEMPT_KEY = re.compile(r"^attempt_(\d+)_([a-z_]+)$")
 _NANOS_PER_DOLLAR = Decimal(1_000_000_000)
 
@@ -364,22 +367,19 @@ _BY_CODE: dict[grpc.StatusCode, type[IgwError]] = {
 # Reasons are the stable contract; they select a subclass of the code's class. A reason
 # arriving with an unexpected code still maps to its class so `except BudgetExceeded` works.
 _BY_REASON: dict[str, type[IgwError]] = {
-    "BUDGET_EXCEEDED": BudgetExceeded,
-    "RATE_LIMITED": RateLimited,
-    "MODEL_NOT_PRICED": ModelNotPriced,
-    "NO_BUDGET": NoBudget,
-    "PRICE_NOT_FOUND": ModelNotPriced,
-    "UPSTREAM_RATE_LIMITED": RateLimited,
-    "NO_CANDIDATES": NoCandidates,
-    "ALL_CANDIDATES_FAILED": NoCandidates,
-    "ALL_BREAKERS_OPEN": NoCandidates,
-    "PROVIDER_AUTH_FAILED": ModelMisconfigured,
-    "PROVIDER_REDIRECT_REFUSED": ModelMisconfigured,
-    "NO_CREDENTIAL": ModelMisconfigured,
-    "LEASE_BASE_URL_MISMATCH": ModelMisconfigured,
-    "DEPLOYMENTS_MISCONFIGURED": ModelMisconfigured,
-    "MODEL_NOT_FOUND": ModelNotFound,
-    "UNKNOWN_MODEL": ModelNotFound,
+    _R.Name(_R.BUDGET_EXCEEDED): BudgetExceeded,
+    _R.Name(_R.RATE_LIMITED): RateLimited,
+    _R.Name(_R.UPSTREAM_RATE_LIMITED): RateLimited,
+    _R.Name(_R.MODEL_NOT_PRICED): ModelNotPriced,
+    _R.Name(_R.NO_BUDGET): NoBudget,
+    _R.Name(_R.ALL_CANDIDATES_FAILED): NoCandidates,
+    _R.Name(_R.ALL_BREAKERS_OPEN): NoCandidates,
+    _R.Name(_R.PROVIDER_AUTH_FAILED): ModelMisconfigured,
+    _R.Name(_R.PROVIDER_REDIRECT_REFUSED): ModelMisconfigured,
+    _R.Name(_R.NO_CREDENTIAL): ModelMisconfigured,
+    _R.Name(_R.LEASE_BASE_URL_MISMATCH): ModelMisconfigured,
+    _R.Name(_R.DEPLOYMENTS_MISCONFIGURED): ModelMisconfigured,
+    _R.Name(_R.UNKNOWN_MODEL): ModelNotFound,
 }
 
 

@@ -1,0 +1,246 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ALLOWED_TEAMS_INVALID: _ClassVar[ErrorReason]
+    ALL_BREAKERS_OPEN: _ClassVar[ErrorReason]
+    ALL_CANDIDATES_FAILED: _ClassVar[ErrorReason]
+    ALREADY_SETTLED: _ClassVar[ErrorReason]
+    AMBIGUOUS_IDENTITY: _ClassVar[ErrorReason]
+    AMBIGUOUS_RELEASE: _ClassVar[ErrorReason]
+    ANCHOR_INVALID: _ClassVar[ErrorReason]
+    AUDIT_UNAVAILABLE: _ClassVar[ErrorReason]
+    BAD_IMAGE: _ClassVar[ErrorReason]
+    BAD_JSON: _ClassVar[ErrorReason]
+    BAD_MAX_OUTPUT_TOKENS: _ClassVar[ErrorReason]
+    BAD_NAME: _ClassVar[ErrorReason]
+    BAD_REQUEST_ID: _ClassVar[ErrorReason]
+    BAD_ROLE: _ClassVar[ErrorReason]
+    BAD_RUN_CAP: _ClassVar[ErrorReason]
+    BAD_RUN_ID: _ClassVar[ErrorReason]
+    BAD_STOP_SEQUENCES: _ClassVar[ErrorReason]
+    BAD_TEMPERATURE: _ClassVar[ErrorReason]
+    BAD_TOOL: _ClassVar[ErrorReason]
+    BAD_TOOL_CALL: _ClassVar[ErrorReason]
+    BAD_TOOL_CHOICE: _ClassVar[ErrorReason]
+    BAD_TOOL_RESULT: _ClassVar[ErrorReason]
+    BAD_TOP_P: _ClassVar[ErrorReason]
+    BASE_URL_INVALID: _ClassVar[ErrorReason]
+    BUDGET_EXCEEDED: _ClassVar[ErrorReason]
+    BUDGET_NOT_FOUND: _ClassVar[ErrorReason]
+    CALL_EXCEEDS_RATE_LIMIT: _ClassVar[ErrorReason]
+    CA_CERTIFICATE: _ClassVar[ErrorReason]
+    CERTIFICATE_EXPIRED: _ClassVar[ErrorReason]
+    CLIENT_CONFIG: _ClassVar[ErrorReason]
+    CONFIG_INVALID: _ClassVar[ErrorReason]
+    CONTENT_REFUSED: _ClassVar[ErrorReason]
+    CONTEXT_TOO_LONG: _ClassVar[ErrorReason]
+    DATABASE_CONFLICT: _ClassVar[ErrorReason]
+    DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
+    DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    DECRYPTION_FAILED: _ClassVar[ErrorReason]
+    DEPLOYMENTS_MISCONFIGURED: _ClassVar[ErrorReason]
+    DRAINING: _ClassVar[ErrorReason]
+    DUPLICATE_MODEL: _ClassVar[ErrorReason]
+    EMPTY_MESSAGE: _ClassVar[ErrorReason]
+    EMPTY_PART: _ClassVar[ErrorReason]
+    END_INVALID: _ClassVar[ErrorReason]
+    GRACE_PERIOD_INVALID: _ClassVar[ErrorReason]
+    INTERNAL: _ClassVar[ErrorReason]
+    INVALID_AMOUNT: _ClassVar[ErrorReason]
+    INVALID_ATTEMPT: _ClassVar[ErrorReason]
+    INVALID_BATCH: _ClassVar[ErrorReason]
+    INVALID_LATENCY: _ClassVar[ErrorReason]
+    INVALID_NAME: _ClassVar[ErrorReason]
+    INVALID_OUTCOME: _ClassVar[ErrorReason]
+    INVALID_PAGE_SIZE: _ClassVar[ErrorReason]
+    INVALID_PAGE_TOKEN: _ClassVar[ErrorReason]
+    INVALID_RESERVATION_ID: _ClassVar[ErrorReason]
+    INVALID_RUN_BUDGET: _ClassVar[ErrorReason]
+    INVALID_SLICE_CALLS: _ClassVar[ErrorReason]
+    INVALID_TIME_RANGE: _ClassVar[ErrorReason]
+    INVALID_TOKENS: _ClassVar[ErrorReason]
+    INVALID_TTL: _ClassVar[ErrorReason]
+    INVALID_VERSION: _ClassVar[ErrorReason]
+    INVALID_WINDOW: _ClassVar[ErrorReason]
+    KEY_DISABLED: _ClassVar[ErrorReason]
+    KEY_EXISTS: _ClassVar[ErrorReason]
+    KEY_NOT_FOUND: _ClassVar[ErrorReason]
+    LABELS_INVALID: _ClassVar[ErrorReason]
+    LEASE_BASE_URL_MISMATCH: _ClassVar[ErrorReason]
+    LEASE_ID_INVALID: _ClassVar[ErrorReason]
+    LEDGER_REFUSED: _ClassVar[ErrorReason]
+    LEDGER_UNAVAILABLE: _ClassVar[ErrorReason]
+    MALFORMED_IDENTITY: _ClassVar[ErrorReason]
+    MALFORMED_REQUEST: _ClassVar[ErrorReason]
+    MASTER_KEY_UNAVAILABLE: _ClassVar[ErrorReason]
+    METHOD_NOT_ALLOWED: _ClassVar[ErrorReason]
+    MISSING_FIELD: _ClassVar[ErrorReason]
+    MODEL_INVALID: _ClassVar[ErrorReason]
+    MODEL_NOT_ALLOWED: _ClassVar[ErrorReason]
+    MODEL_NOT_PRICED: _ClassVar[ErrorReason]
+    NAME_INVALID: _ClassVar[ErrorReason]
+    NO_BUDGET: _ClassVar[ErrorReason]
+    NO_CAPABLE_DEPLOYMENT: _ClassVar[ErrorReason]
+    NO_CLIENT_CERTIFICATE: _ClassVar[ErrorReason]
+    NO_CREDENTIAL: _ClassVar[ErrorReason]
+    NO_IDENTITY: _ClassVar[ErrorReason]
+    NO_KEY_FOR_PROVIDER: _ClassVar[ErrorReason]
+    NO_MESSAGES: _ClassVar[ErrorReason]
+    OPEN_HOLD_NOT_FOUND: _ClassVar[ErrorReason]
+    PAGE_SIZE_INVALID: _ClassVar[ErrorReason]
+    PAGE_TOKEN_INVALID: _ClassVar[ErrorReason]
+    PRICE_VERSION_NOT_FOUND: _ClassVar[ErrorReason]
+    PROVIDER_AUTH_FAILED: _ClassVar[ErrorReason]
+    PROVIDER_INVALID: _ClassVar[ErrorReason]
+    PROVIDER_REDIRECT_REFUSED: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
+    REASON_INVALID: _ClassVar[ErrorReason]
+    REQUEST_ID_INVALID: _ClassVar[ErrorReason]
+    REQUEST_ID_REUSED: _ClassVar[ErrorReason]
+    REQUEST_RELEASED: _ClassVar[ErrorReason]
+    REQUEST_TOO_LARGE: _ClassVar[ErrorReason]
+    RESERVATION_MISMATCH: _ClassVar[ErrorReason]
+    RESERVATION_NOT_FOUND: _ClassVar[ErrorReason]
+    ROTATION_PERIOD_INVALID: _ClassVar[ErrorReason]
+    ROUTER_OVERLOADED: _ClassVar[ErrorReason]
+    SECRET_INVALID: _ClassVar[ErrorReason]
+    STORE_UNAVAILABLE: _ClassVar[ErrorReason]
+    TEAM_INVALID: _ClassVar[ErrorReason]
+    TEAM_NOT_ALLOWED: _ClassVar[ErrorReason]
+    TOO_MANY_MESSAGES: _ClassVar[ErrorReason]
+    TOO_MANY_TOOLS: _ClassVar[ErrorReason]
+    TTL_INVALID: _ClassVar[ErrorReason]
+    UNKNOWN_ENUM_VALUE: _ClassVar[ErrorReason]
+    UNKNOWN_IDENTITY: _ClassVar[ErrorReason]
+    UNKNOWN_MODEL: _ClassVar[ErrorReason]
+    UNTRANSLATABLE_REQUEST: _ClassVar[ErrorReason]
+    UNTRUSTED_IDENTITY: _ClassVar[ErrorReason]
+    UPSTREAM_BAD_REQUEST: _ClassVar[ErrorReason]
+    UPSTREAM_RATE_LIMITED: _ClassVar[ErrorReason]
+    UPSTREAM_STREAM_BROKEN: _ClassVar[ErrorReason]
+    VAULT_UNAVAILABLE: _ClassVar[ErrorReason]
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ALLOWED_TEAMS_INVALID: ErrorReason
+ALL_BREAKERS_OPEN: ErrorReason
+ALL_CANDIDATES_FAILED: ErrorReason
+ALREADY_SETTLED: ErrorReason
+AMBIGUOUS_IDENTITY: ErrorReason
+AMBIGUOUS_RELEASE: ErrorReason
+ANCHOR_INVALID: ErrorReason
+AUDIT_UNAVAILABLE: ErrorReason
+BAD_IMAGE: ErrorReason
+BAD_JSON: ErrorReason
+BAD_MAX_OUTPUT_TOKENS: ErrorReason
+BAD_NAME: ErrorReason
+BAD_REQUEST_ID: ErrorReason
+BAD_ROLE: ErrorReason
+BAD_RUN_CAP: ErrorReason
+BAD_RUN_ID: ErrorReason
+BAD_STOP_SEQUENCES: ErrorReason
+BAD_TEMPERATURE: ErrorReason
+BAD_TOOL: ErrorReason
+BAD_TOOL_CALL: ErrorReason
+BAD_TOOL_CHOICE: ErrorReason
+BAD_TOOL_RESULT: ErrorReason
+BAD_TOP_P: ErrorReason
+BASE_URL_INVALID: ErrorReason
+BUDGET_EXCEEDED: ErrorReason
+BUDGET_NOT_FOUND: ErrorReason
+CALL_EXCEEDS_RATE_LIMIT: ErrorReason
+CA_CERTIFICATE: ErrorReason
+CERTIFICATE_EXPIRED: ErrorReason
+CLIENT_CONFIG: ErrorReason
+CONFIG_INVALID: ErrorReason
+CONTENT_REFUSED: ErrorReason
+CONTEXT_TOO_LONG: ErrorReason
+DATABASE_CONFLICT: ErrorReason
+DATABASE_UNAVAILABLE: ErrorReason
+DEADLINE_EXCEEDED: ErrorReason
+DECRYPTION_FAILED: ErrorReason
+DEPLOYMENTS_MISCONFIGURED: ErrorReason
+DRAINING: ErrorReason
+DUPLICATE_MODEL: ErrorReason
+EMPTY_MESSAGE: ErrorReason
+EMPTY_PART: ErrorReason
+END_INVALID: ErrorReason
+GRACE_PERIOD_INVALID: ErrorReason
+INTERNAL: ErrorReason
+INVALID_AMOUNT: ErrorReason
+INVALID_ATTEMPT: ErrorReason
+INVALID_BATCH: ErrorReason
+INVALID_LATENCY: ErrorReason
+INVALID_NAME: ErrorReason
+INVALID_OUTCOME: ErrorReason
+INVALID_PAGE_SIZE: ErrorReason
+INVALID_PAGE_TOKEN: ErrorReason
+INVALID_RESERVATION_ID: ErrorReason
+INVALID_RUN_BUDGET: ErrorReason
+INVALID_SLICE_CALLS: ErrorReason
+INVALID_TIME_RANGE: ErrorReason
+INVALID_TOKENS: ErrorReason
+INVALID_TTL: ErrorReason
+INVALID_VERSION: ErrorReason
+INVALID_WINDOW: ErrorReason
+KEY_DISABLED: ErrorReason
+KEY_EXISTS: ErrorReason
+KEY_NOT_FOUND: ErrorReason
+LABELS_INVALID: ErrorReason
+LEASE_BASE_URL_MISMATCH: ErrorReason
+LEASE_ID_INVALID: ErrorReason
+LEDGER_REFUSED: ErrorReason
+LEDGER_UNAVAILABLE: ErrorReason
+MALFORMED_IDENTITY: ErrorReason
+MALFORMED_REQUEST: ErrorReason
+MASTER_KEY_UNAVAILABLE: ErrorReason
+METHOD_NOT_ALLOWED: ErrorReason
+MISSING_FIELD: ErrorReason
+MODEL_INVALID: ErrorReason
+MODEL_NOT_ALLOWED: ErrorReason
+MODEL_NOT_PRICED: ErrorReason
+NAME_INVALID: ErrorReason
+NO_BUDGET: ErrorReason
+NO_CAPABLE_DEPLOYMENT: ErrorReason
+NO_CLIENT_CERTIFICATE: ErrorReason
+NO_CREDENTIAL: ErrorReason
+NO_IDENTITY: ErrorReason
+NO_KEY_FOR_PROVIDER: ErrorReason
+NO_MESSAGES: ErrorReason
+OPEN_HOLD_NOT_FOUND: ErrorReason
+PAGE_SIZE_INVALID: ErrorReason
+PAGE_TOKEN_INVALID: ErrorReason
+PRICE_VERSION_NOT_FOUND: ErrorReason
+PROVIDER_AUTH_FAILED: ErrorReason
+PROVIDER_INVALID: ErrorReason
+PROVIDER_REDIRECT_REFUSED: ErrorReason
+RATE_LIMITED: ErrorReason
+REASON_INVALID: ErrorReason
+REQUEST_ID_INVALID: ErrorReason
+REQUEST_ID_REUSED: ErrorReason
+REQUEST_RELEASED: ErrorReason
+REQUEST_TOO_LARGE: ErrorReason
+RESERVATION_MISMATCH: ErrorReason
+RESERVATION_NOT_FOUND: ErrorReason
+ROTATION_PERIOD_INVALID: ErrorReason
+ROUTER_OVERLOADED: ErrorReason
+SECRET_INVALID: ErrorReason
+STORE_UNAVAILABLE: ErrorReason
+TEAM_INVALID: ErrorReason
+TEAM_NOT_ALLOWED: ErrorReason
+TOO_MANY_MESSAGES: ErrorReason
+TOO_MANY_TOOLS: ErrorReason
+TTL_INVALID: ErrorReason
+UNKNOWN_ENUM_VALUE: ErrorReason
+UNKNOWN_IDENTITY: ErrorReason
+UNKNOWN_MODEL: ErrorReason
+UNTRANSLATABLE_REQUEST: ErrorReason
+UNTRUSTED_IDENTITY: ErrorReason
+UPSTREAM_BAD_REQUEST: ErrorReason
+UPSTREAM_RATE_LIMITED: ErrorReason
+UPSTREAM_STREAM_BROKEN: ErrorReason
+VAULT_UNAVAILABLE: ErrorReason
