@@ -145,7 +145,7 @@ class KeyVaultServicer(pb_grpc.KeyVaultServiceServicer):
         n = len(request.items)
         if not 1 <= n <= MAX_END_LEASE_BATCH:
             raise E.InvalidArgument(
-                "BATCH_SIZE_INVALID", f"items must hold 1 to {MAX_END_LEASE_BATCH} lease ends",
+                "INVALID_BATCH", f"items must hold 1 to {MAX_END_LEASE_BATCH} lease ends",
                 {"field": "items", "max": MAX_END_LEASE_BATCH})
         reqs = [_end_lease_request(item, f"items[{i}].") for i, item in enumerate(request.items)]
         await self._service.end_leases(current_identity().spiffe_id, reqs)

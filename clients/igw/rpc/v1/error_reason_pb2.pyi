@@ -125,6 +125,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPSTREAM_RATE_LIMITED: _ClassVar[ErrorReason]
     UPSTREAM_STREAM_BROKEN: _ClassVar[ErrorReason]
     VAULT_UNAVAILABLE: _ClassVar[ErrorReason]
+    SLICE_NOT_GRANTED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ALLOWED_TEAMS_INVALID: ErrorReason
 ALL_BREAKERS_OPEN: ErrorReason
@@ -244,3 +245,4 @@ UPSTREAM_BAD_REQUEST: ErrorReason
 UPSTREAM_RATE_LIMITED: ErrorReason
 UPSTREAM_STREAM_BROKEN: ErrorReason
 VAULT_UNAVAILABLE: ErrorReason
+SLICE_NOT_GRANTED: ErrorReason
