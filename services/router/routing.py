@@ -132,17 +132,21 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class SlicesCfg:
-    """Budget slices (the hot-team path): the router leases a slice of a team's budget for up to
+    """Budget slices, on by default: the router leases a slice of a team's budget for up to
     ``calls`` calls and places per-call holds locally, drawing from it for ``draw_window_ms``.
-    ``teams``: the teams that use slices (None: every team)."""
+    The ledger sizes each slice (a quarter of what is free at most, none near the limit, where
+    calls take exact per-call holds). ``enabled: false`` gives every team per-call holds (a
+    ``Reserve`` per call); ``teams``: only these teams use slices (None: every team);
+    ``per_call_teams``: these teams take per-call holds."""
 
     enabled: bool = True
     calls: int = 64
     draw_window_ms: int = 20_000
     teams: frozenset[str] | None = None
+    per_call_teams: frozenset[str] = frozenset()
 
     def applies(self, team: str) -> bool:
-        return self.enabled and (self.teams is None or team in self.teams)
+        return self.enabled and (self.teams is None or team in self.teams) and team not in self.per_call_teams
 
 
 @dataclass(frozen=True)
@@ -333,17 +337,21 @@ def _slices(raw: Any) -> SlicesCfg:
     if raw is None:
         return SlicesCfg()
     w = "budget_slices"
-    obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams"})
+    obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams", "per_call_teams"})
     teams = obj.get("teams")
     if teams is not None:
         if not isinstance(teams, list):
             raise ConfigError(f"{w}.teams: must be a list")
         teams = frozenset(_name(f"{w}.teams", t, _TEAM) for t in teams)
+    per_call = obj.get("per_call_teams", [])
+    if not isinstance(per_call, list):
+        raise ConfigError(f"{w}.per_call_teams: must be a list")
     return SlicesCfg(
         enabled=_bool(f"{w}.enabled", obj.get("enabled", True)),
         calls=_int(f"{w}.calls", obj.get("calls", 64), 2, 1024),
         draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
         teams=teams,
+        per_call_teams=frozenset(_name(f"{w}.per_call_teams", t, _TEAM) for t in per_call),
     )
 
 
