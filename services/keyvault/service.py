@@ -74,6 +74,9 @@ def master_key_unavailable() -> E.Unavailable:
 class _Cached:
     key: R.ActiveKey
     data_key: bytes | None = None
+    # The secret, decrypted once per key version (not per lease); dropped with the cache entry on
+    # rotation, disable, re-wrap or seal, like the data key that decrypts it.
+    plaintext: bytes | None = None
 
     def __repr__(self) -> str:
         return f"_Cached(key={self.key.name!r}, version={self.key.version}, data_key=<redacted>)"
@@ -160,9 +163,12 @@ class VaultService:
         key = chosen.key
         draft.key_name, draft.key_version = key.name, key.version
         try:
-            if chosen.data_key is None:
-                chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
-            plaintext = C.open_secret(chosen.data_key, key.name, key.provider, key.version, key.sealed)
+            plaintext = chosen.plaintext
+            if plaintext is None:
+                if chosen.data_key is None:
+                    chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
+                plaintext = chosen.plaintext = C.open_secret(
+                    chosen.data_key, key.name, key.provider, key.version, key.sealed)
         except C.DecryptionError:
             # Fail closed: no fallback to another key, no partial output, an alarm in the log.
             self._metrics.integrity_failures.inc()

@@ -274,6 +274,31 @@ async def test_end_lease_batch_is_for_the_router_only_and_refuses_a_bad_item_as_
     assert vault.sql("SELECT count(*) FROM audit_events WHERE action LIKE 'LEASE_%%'") == [(0,)]
 
 
+async def test_a_key_version_is_decrypted_once_not_per_lease(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.keyvault import crypto
+
+    opened: list[int] = []
+    real = crypto.open_secret
+
+    def counting(data_key: bytes, name: str, provider: str, version: int, sealed: Any) -> bytes:
+        opened.append(version)
+        return real(data_key, name, provider, version, sealed)
+
+    monkeypatch.setattr(crypto, "open_secret", counting)
+    await vault.create("once", secret="sk-once-version-1")
+    leases = [await vault.issue() for _ in range(5)]
+    assert {lease.secret for lease in leases} == {"sk-once-version-1"}
+    assert opened == [1]
+    # A rotation drops the cached secret with the cache entry: the new version is decrypted once.
+    await vault.admin.RotateProviderKey(pb.RotateProviderKeyRequest(request_id="once-r", name="once",
+                                                                    secret="sk-once-version-2"))
+    leases = [await vault.issue() for _ in range(3)]
+    assert {(lease.key_version, lease.secret) for lease in leases} == {(2, "sk-once-version-2")}
+    assert opened == [1, 2]
+    # Every lease is still audited before it is handed out.
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE action = 'ISSUE_CREDENTIAL'") == [(8,)]
+
+
 async def test_requested_ttl_is_capped_at_the_maximum(vault: Vault) -> None:
     await vault.create("k")
     now = dt.datetime.now(dt.UTC)
