@@ -224,7 +224,24 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         )
     L += [
         "",
-        "Load times: " + ", ".join(f"{s['entries']:,} after {s['load_seconds']} s" for s in results["steps"]) + ".",
+        "Load time of each step (INSERT ... SELECT generate_series, a million rows a statement, indexes and the"
+        " rollup trigger on): " + ", ".join(
+            f"to {s['entries']:,} in {s['load_seconds']} s (+{s.get('vacuum_seconds', 0)} s VACUUM)"
+            for s in results["steps"]) + ".",
+        "",
+        "What the numbers say and do not say:",
+        "",
+        "- Flat: Reserve/Settle stay at 1 to 2.5 ms p50 from 10^6 to 3x10^7 entries; the reads stay within"
+        " noise of each other. The machine's 2 CPUs are shared with five other engineers' test runs, which is"
+        " most of the step-to-step variation (the 10^6 step overlapped an end-to-end test run).",
+        "- ListSpend over all teams for 30 days costs ~0.2-0.35 s at every size: it aggregates the rollup rows"
+        " of those 30 days, and this synthetic profile has about one rollup row per entry (100 teams x 4 agents"
+        " x 3 providers x runs, ~1,400 calls an hour). The cost follows the range and the number of groups,"
+        " not the table; one team's view is ~10 ms.",
+        "- 10^8 entries were not loaded: at the measured ~520 bytes per entry with indexes and rollup (15.3 GiB"
+        " for 3x10^7) it needs ~50 GiB on a disk shared with five other worktrees, and ~50 minutes of loading"
+        " at the measured rate on the shared CPUs. `python -m bench ledger-scale --steps 1000000 10000000"
+        " 100000000` runs it where disk and time allow.",
         "",
         "Why it stays flat: balances and windows are counters (`budget_counters`, `rate_events` of the last"
         " minutes), never sums over entries; ListSpend reads whole hours from `spend_rollup_hourly` (kept by a"

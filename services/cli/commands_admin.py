@@ -222,11 +222,12 @@ def _register_budgets(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
 def _register_limits(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     limits = sub.add_parser("limits", help="team and agent rate limits (requests and tokens per minute)")
     limits_sub = limits.add_subparsers(dest="limits_command", required=True, metavar="{set,get}")
-    lset = limits_sub.add_parser("set", parents=[parent], help="set a team's (or agent's) rate limits; 0 clears")
+    lset = limits_sub.add_parser(
+        "set", parents=[parent], help="set a team's (or agent's) rate limits; a limit not given is kept; 0 clears")
     lset.add_argument("--team", required=True)
     lset.add_argument("--agent", default="", help="one agent of the team (default: the whole team)")
-    lset.add_argument("--rpm", type=int, default=0, metavar="N", help="requests per minute (0: none)")
-    lset.add_argument("--tpm", type=int, default=0, metavar="N", help="input+output tokens per minute (0: none)")
+    lset.add_argument("--rpm", type=int, default=None, metavar="N", help="requests per minute (0: none)")
+    lset.add_argument("--tpm", type=int, default=None, metavar="N", help="input+output tokens per minute (0: none)")
     lset.set_defaults(func=cmd_limits_set)
     lget = limits_sub.add_parser("get", parents=[parent], help="a team's rate limits and the last minute's use")
     lget.add_argument("--team", required=True)
@@ -554,13 +555,23 @@ def cmd_budgets_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_limits_set(args: argparse.Namespace) -> int:
-    """`igw limits set --team T [--agent A] [--rpm N] [--tpm N]`."""
-    if args.rpm < 0 or args.tpm < 0:
+    """`igw limits set --team T [--agent A] [--rpm N] [--tpm N]`: a limit not given keeps its value."""
+    if args.rpm is None and args.tpm is None:
+        raise CliError("give --rpm and/or --tpm (0 clears that limit)")
+    if (args.rpm or 0) < 0 or (args.tpm or 0) < 0:
         raise CliError("--rpm and --tpm must be >= 0")
     session = Session(args)
-    limit = _ledger_admin(session).SetRateLimit(
-        ledger_pb2.SetRateLimitRequest(team=args.team, agent=args.agent, requests_per_minute=args.rpm,
-                                       tokens_per_minute=args.tpm),
+    stub = _ledger_admin(session)
+    rpm, tpm = args.rpm, args.tpm
+    if rpm is None or tpm is None:
+        current = {r.agent: r for r in stub.GetRateLimits(
+            ledger_pb2.GetRateLimitsRequest(team=args.team), timeout=session.timeout).limits}
+        mine = current.get(args.agent)
+        rpm = rpm if rpm is not None else (mine.requests_per_minute if mine else 0)
+        tpm = tpm if tpm is not None else (mine.tokens_per_minute if mine else 0)
+    limit = stub.SetRateLimit(
+        ledger_pb2.SetRateLimitRequest(team=args.team, agent=args.agent, requests_per_minute=rpm,
+                                       tokens_per_minute=tpm),
         timeout=session.timeout,
     )
     if session.json:

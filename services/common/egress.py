@@ -8,7 +8,11 @@ the vault will bind a key to, and the reverse (see docs/operations.md, "Local pr
   this host or inside the cluster (``http://127.0.0.1:8000/v1``,
   ``http://vllm.inference.svc:8000/v1``, ``http://10.0.3.7:8000/v1``). The router marks
   such providers ``local: true``; the vault has no such flag, so for it an ``http`` base
-  URL *is* a local provider's and the same rule applies.
+  URL *is* a local provider's and the same rule applies. A local host is a private one:
+  a loopback, private (RFC 1918, CGNAT, unique-local) address, or a name that no public DNS
+  serves (one label, or ending in ``.svc``, ``.cluster.local``, ``.local``, ``.internal``,
+  ``.lan``, ``.home.arpa``, ``.localhost``). A public name or address over plain ``http``
+  (``http://api.example.com``) is refused: a key would cross the internet in clear.
 - Never, whatever the scheme: link-local addresses (169.254.0.0/16, fe80::/10, where cloud
   metadata services live), cloud metadata host names and addresses
   (``metadata.google.internal``, ``100.100.100.200``, ``fd00:ec2::254``...), unspecified
@@ -52,6 +56,10 @@ METADATA_ADDRESSES = frozenset({
     ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
     ipaddress.ip_address("fd00:ec2::254"),  # AWS IMDS over IPv6
 })
+
+
+# DNS suffixes no public resolver serves: in-cluster and on-premises names.
+PRIVATE_SUFFIXES = (".svc", ".cluster.local", ".local", ".internal", ".lan", ".home.arpa", ".localhost")
 
 
 class EgressRefused(ValueError):
@@ -133,4 +141,18 @@ def check_base_url(value: object, *, local: bool) -> str:
     why = refused_host(host)
     if why is not None:
         raise EgressRefused(why)
+    if parts.scheme == "http" and not is_private_host(host):
+        raise EgressRefused("plain http only to a private host (loopback, private address, in-cluster name)")
     return value
+
+
+def is_private_host(host: str) -> bool:
+    """A host on this machine or the platform's own network: where plain http may go."""
+    name = host.lower().rstrip(".")
+    addr = _address(name)
+    if addr is not None:
+        return addr.is_loopback or addr.is_private or addr in _CGNAT
+    return "." not in name or name == "localhost" or name.endswith(PRIVATE_SUFFIXES)
+
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")

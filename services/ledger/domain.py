@@ -333,7 +333,9 @@ def budget_exceeded(status: BudgetStatus, amount: int) -> E.ResourceExhausted:
 def rate_limited(team: str, res: dict[str, object]) -> E.ResourceExhausted:
     """The RATE_LIMITED error from ``ledger_hold``'s refusal, with when to retry."""
     agent = str(res["agent"])
-    retry_s = max(int(str(res["retry_us"])), 1000) / 1_000_000
+    # Within the one-minute window by construction; clocks of ledger replicas that differ by a few
+    # milliseconds must not push the hint past it.
+    retry_s = min(max(int(str(res["retry_us"])), 1000), 60_000_000) / 1_000_000
     return E.ResourceExhausted(
         "RATE_LIMITED",
         f"rate limit reached for team {team}" + (f" agent {agent}" if agent else "")

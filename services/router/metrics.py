@@ -64,6 +64,13 @@ class RouterMetrics:
         self.in_flight = Gauge("igw_router_in_flight_calls", "Agent calls in flight.", registry=r)
         self.overload_rejections = Counter(
             "igw_router_overload_rejections", "Calls refused because max_in_flight was reached.", registry=r)
+        self.request_releases = Counter(
+            "igw_router_request_releases",
+            "Calls that ended early with a Reserve answer outstanding, released by request id, by outcome "
+            "(sent, unacknowledged).", ["outcome"], registry=r)
+        self.lease_ends = Counter(
+            "igw_router_lease_ends", "Vault leases ended (EndLease), by how: used, returned, unacknowledged.",
+            ["end"], registry=r)
         self.settle_retries = Counter(
             "igw_router_settle_retries", "Settle calls retried before the ledger acknowledged.", registry=r)
         self.slices = Counter(

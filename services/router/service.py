@@ -178,7 +178,7 @@ class Router:
         self._in_flight = 0
         self._settles: set[asyncio.Task[None]] = set()
         self.settler = Settler(backends.ledger, metrics)
-        self.lease_ends = LeaseEnder(backends.vault)
+        self.lease_ends = LeaseEnder(backends.vault, metrics)
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.config = config
         self.apply_config(config)
@@ -378,7 +378,10 @@ class Router:
         self._background(self._release_request_now(rid, reason))
 
     async def _release_request_now(self, rid: str, reason: str) -> None:
-        if not await release_request(self.backends.ledger, rid, reason):
+        if await release_request(self.backends.ledger, rid, reason):
+            self.metrics.request_releases.labels("sent").inc()
+        else:
+            self.metrics.request_releases.labels("unacknowledged").inc()
             _LOGGER.warning("release by request id not acknowledged; a hold left behind will expire")
 
     def _free(self, lease: _Lease, reason: str) -> None:

@@ -207,9 +207,11 @@ class LeaseEnder:
     still expire at their TTL: the audit then shows an issue without an end."""
 
     def __init__(
-        self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, *, max_batch: int = 256, linger_s: float = 0.02,
+        self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, metrics: RouterMetrics, *, max_batch: int = 256,
+        linger_s: float = 0.02,
     ) -> None:
         self._vault = vault
+        self._metrics = metrics
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._queue: list[keyvault_pb2.EndLeaseRequest] = []
@@ -236,22 +238,36 @@ class LeaseEnder:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _count(self, ends: list[keyvault_pb2.EndLeaseRequest], acknowledged: bool) -> None:
+        if not acknowledged:
+            self._metrics.lease_ends.labels("unacknowledged").inc(len(ends))
+            return
+        used = sum(1 for e in ends if e.end == keyvault_pb2.LEASE_END_USED)
+        if used:
+            self._metrics.lease_ends.labels("used").inc(used)
+        if len(ends) - used:
+            self._metrics.lease_ends.labels("returned").inc(len(ends) - used)
+
     async def _send(self, batch: list[keyvault_pb2.EndLeaseRequest]) -> None:
         if self._batch_ok:
             req = keyvault_pb2.EndLeaseBatchRequest(items=batch)
             try:
                 await self._vault.EndLeaseBatch(req, timeout=5)
+                self._count(batch, True)
                 return
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                     self._batch_ok = False
             if self._batch_ok:
-                if await with_retries(lambda: self._vault.EndLeaseBatch(req, timeout=5)):
-                    return
-                _LOGGER.warning("lease ends not acknowledged by the vault", extra={"count": len(batch)})
+                ok = await with_retries(lambda: self._vault.EndLeaseBatch(req, timeout=5))
+                self._count(batch, ok)
+                if not ok:
+                    _LOGGER.warning("lease ends not acknowledged by the vault", extra={"count": len(batch)})
                 return
         for one in batch:
-            if not await with_retries(lambda one=one: self._vault.EndLease(one, timeout=5)):  # type: ignore[misc]
+            ok = await with_retries(lambda one=one: self._vault.EndLease(one, timeout=5))  # type: ignore[misc]
+            self._count([one], ok)
+            if not ok:
                 _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": one.reason})
 
     async def drain(self, timeout: float) -> None:

@@ -145,8 +145,7 @@ def test_twice_the_rpm_limit_over_two_routers_and_two_ledgers_admits_exactly_the
     _check_refusals(refused)
     # The typed client raises RateLimited, with when to retry.
     cfg = ClientConfig(addresses=[pair.routers[0].address], cert=str(pair.pki / f"agent-{PER_CALL}-a1.pem"),
-                       key=str(pair.pki / f"agent-{PER_CALL}-a1-key.pem"), ca=str(pair.pki / "ca.pem"),
-                       server_name="localhost")
+                       key=str(pair.pki / f"agent-{PER_CALL}-a1-key.pem"), ca=str(pair.pki / "ca.pem"))
     with IgwClient(cfg) as client, pytest.raises(RateLimited) as err:
         client.generate("openai", [user("one more")], max_output_tokens=32)
     assert err.value.retry_after_seconds is not None and 0 < err.value.retry_after_seconds <= 60
@@ -214,8 +213,12 @@ def test_the_cli_sets_and_reads_limits_and_lists_and_deletes_budgets_and_spend_b
     out = igw(gateway, "limits", "set", "--team", team, "--rpm", "30", "--tpm", "90000")
     assert out.stdout.strip() == f"rate limits set: {team} rpm 30 tpm 90000"
     igw(gateway, "limits", "set", "--team", team, "--agent", "bot", "--rpm", "5")
+    igw(gateway, "limits", "set", "--team", team, "--tpm", "80000")  # --rpm not given: kept
     got = igw_json(gateway, "limits", "get", "--team", team)
-    assert [(r.get("agent", ""), int(r["requests_per_minute"])) for r in got["limits"]] == [("", 30), ("bot", 5)]  # type: ignore[index]
+    assert [(r.get("agent", ""), int(r["requests_per_minute"]), int(r.get("tokens_per_minute", 0)))
+            for r in got["limits"]] == [("", 30, 80000), ("bot", 5, 0)]  # type: ignore[index]
+    none = igw(gateway, "limits", "set", "--team", team, check=False)
+    assert none.returncode == 2 and "--rpm and/or --tpm" in none.stderr
     table = igw(gateway, "limits", "get", "--team", team).stdout
     assert "(team)" in table and "bot" in table
     igw(gateway, "budgets", "set", "--team", team, "--window", "daily", "--limit", "3.00")
@@ -240,5 +243,7 @@ def test_the_cli_sets_and_reads_limits_and_lists_and_deletes_budgets_and_spend_b
             break
         time.sleep(0.3)
     assert "batch-7" in spend and team in spend
-    igw(gateway, "limits", "set", "--team", team)
-    assert igw(gateway, "limits", "set", "--team", team, "--agent", "bot").stdout.startswith("rate limits cleared")
+    igw(gateway, "limits", "set", "--team", team, "--rpm", "0", "--tpm", "0")
+    assert igw(gateway, "limits", "set", "--team", team, "--agent", "bot", "--rpm", "0").stdout.startswith(
+        "rate limits cleared")
+    assert "no rate limits" in igw(gateway, "limits", "get", "--team", team).stdout

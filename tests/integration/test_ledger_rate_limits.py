@@ -48,13 +48,13 @@ async def test_requests_per_minute_is_exact_across_two_ledger_replicas_and_says_
         assert len(ok) == 10 and len(refused) == 10
         for err in refused:
             assert isinstance(err, E.ResourceExhausted) and err.reason == "RATE_LIMITED", err
-            assert err.retry_delay is not None and 0 < err.retry_delay <= 60
+            assert err.retry_delay_s is not None and 0 < err.retry_delay_s <= 60
             assert err.metadata["requests_per_minute"] == "10"
         # The window slides: 30 s later still full, 61 s later the first admissions have left it.
         clock.advance(seconds=30)
         with pytest.raises(E.ResourceExhausted) as late:
             await _reserve(one, "late")
-        assert late.value.retry_delay is not None and 29 <= late.value.retry_delay <= 31
+        assert late.value.retry_delay_s is not None and 29 <= late.value.retry_delay_s <= 31
         clock.advance(seconds=31)
         await _reserve(two, "after-window")
         [limit] = await one.get_rate_limits(team="rt")

@@ -81,6 +81,7 @@ async def test_a_reserve_that_lands_after_the_caller_left_leaves_no_hold(
         ends = router.backends.vault.ended
         assert [(e.end, e.reason, e.request_id) for e in ends] == [
             (keyvault_pb2.LEASE_END_RETURNED, "CANCELLED", rid)]
+        assert router.metrics.lease_ends.labels("returned")._value.get() == 1
     check_invariants(fresh_database)
 
 
@@ -103,6 +104,7 @@ async def test_a_reserve_committed_by_a_ledger_that_died_before_answering_is_rel
         await _no_hold_left(fresh_database, svc, rid)
         assert sql(fresh_database, "SELECT state, release_reason FROM holds WHERE request_id = %s", (rid,)) == [
             ("RELEASED", "unavailable")]
+        assert router.metrics.request_releases.labels("sent")._value.get() == 1
     check_invariants(fresh_database)
 
 

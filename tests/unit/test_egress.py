@@ -16,6 +16,12 @@ ADMITTED_LOCAL = [
     "http://vllm.inference.svc:8000/v1",
     "http://vllm.inference.svc.cluster.local:8000/v1",
     "http://10.0.3.7:8000/v1",
+    "http://192.168.1.20:11434/v1",
+    "http://100.64.3.1:8000/v1",
+    "http://[fd12:3456::7]:8000/v1",
+    "http://ollama:11434/v1",
+    "http://gpu-box.lan:8000/v1",
+    "http://llm.corp.internal/v1",
     "https://api.openai.com/v1",
 ]
 REFUSED_ALWAYS = [
@@ -45,6 +51,11 @@ REFUSED_ALWAYS = [
     "http://user:pw@127.0.0.1/",
     "http://127.0.0.1/?to=elsewhere",
     "ftp://127.0.0.1/",
+    # Plain http to a public host: a key would cross the internet in clear, local or not.
+    "http://api.openai.com/v1",
+    "http://models.example.com:8000/v1",
+    "http://8.8.8.8:8000/v1",
+    "http://[2001:4860::8888]/v1",
 ]
 
 

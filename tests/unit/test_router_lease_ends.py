@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from igw.keyvault.v1 import keyvault_pb2 as pb
+from services.router.metrics import RouterMetrics
 from services.router.settler import LeaseEnder
 
 
@@ -49,7 +51,7 @@ def _end(n: int) -> pb.EndLeaseRequest:
 
 async def test_the_ends_of_concurrent_calls_share_one_batch() -> None:
     vault = _Vault()
-    ender = LeaseEnder(vault, linger_s=0.02)  # type: ignore[arg-type]
+    ender = LeaseEnder(vault, RouterMetrics(CollectorRegistry()), linger_s=0.02)  # type: ignore[arg-type]
     for n in range(10):
         ender.submit(_end(n))
     await asyncio.sleep(0.1)
@@ -62,7 +64,7 @@ async def test_the_ends_of_concurrent_calls_share_one_batch() -> None:
 
 async def test_a_full_batch_goes_at_once_without_waiting_for_the_linger() -> None:
     vault = _Vault()
-    ender = LeaseEnder(vault, max_batch=4, linger_s=60)  # type: ignore[arg-type]
+    ender = LeaseEnder(vault, RouterMetrics(CollectorRegistry()), max_batch=4, linger_s=60)  # type: ignore[arg-type]
     for n in range(4):
         ender.submit(_end(n))
     await asyncio.sleep(0.05)
@@ -71,7 +73,7 @@ async def test_a_full_batch_goes_at_once_without_waiting_for_the_linger() -> Non
 
 async def test_a_batch_is_retried_until_the_vault_acknowledges_it() -> None:
     vault = _Vault(down=2)
-    ender = LeaseEnder(vault, linger_s=0.001)  # type: ignore[arg-type]
+    ender = LeaseEnder(vault, RouterMetrics(CollectorRegistry()), linger_s=0.001)  # type: ignore[arg-type]
     ender.submit(_end(1))
     ender.submit(_end(2))
     await asyncio.sleep(0.01)
@@ -79,9 +81,22 @@ async def test_a_batch_is_retried_until_the_vault_acknowledges_it() -> None:
     assert vault.batches == [["l1", "l2"]]
 
 
+async def test_acknowledged_ends_are_counted_by_how_they_ended() -> None:
+    metrics = RouterMetrics(CollectorRegistry())
+    ender = LeaseEnder(_Vault(), metrics, linger_s=0.001)  # type: ignore[arg-type]
+    returned = _end(9)
+    returned.end = pb.LEASE_END_RETURNED
+    for req in (_end(1), _end(2), returned):
+        ender.submit(req)
+    await asyncio.sleep(0.01)
+    await ender.drain(5)
+    assert metrics.lease_ends.labels("used")._value.get() == 2
+    assert metrics.lease_ends.labels("returned")._value.get() == 1
+
+
 async def test_a_vault_without_the_batch_rpc_gets_each_end_on_its_own() -> None:
     vault = _Vault(old=True)
-    ender = LeaseEnder(vault, linger_s=0.001)  # type: ignore[arg-type]
+    ender = LeaseEnder(vault, RouterMetrics(CollectorRegistry()), linger_s=0.001)  # type: ignore[arg-type]
     for n in range(3):
         ender.submit(_end(n))
     await asyncio.sleep(0.01)

@@ -152,3 +152,23 @@ async def test_a_refused_slice_sends_calls_to_reserve_for_a_while(refusal: grpc.
     assert book._metrics.slices.labels("denied")._value.get() == 1
     await asyncio.sleep(0.3)
     assert len(ledger.acquired) == 1  # a refusal placed nothing: no reclaim asks again
+
+
+async def test_a_slice_never_covers_more_calls_or_tokens_than_it_was_granted() -> None:
+    # The ledger counted the slice's calls (and their token bounds) against the team's rate
+    # limits: smaller calls must not stretch its money into more calls than that.
+    ledger = _Ledger(grant=2)
+    book = _book(ledger)
+    first = await _draw(book)  # acquires s1 for 2 calls of 100 + 50 tokens
+    small = [await book.draw("t", "a", "px", 10, 5, CFG, 5.0) for _ in range(2)]
+    assert first.slice.reservation_id == "s1"
+    assert [h.slice.reservation_id for h in small] == ["s1", "s2"]  # the third call needs a new slice
+    # A call with more tokens than the slice has left (though its money would fit) takes a new one.
+    ledger2 = _Ledger(grant=2)
+    book2 = _book(ledger2)
+    a = await book2.draw("t", "a", "px", 100, 50, CFG, 5.0)
+    b = await book2.draw("t", "a", "px", 10, 200, CFG, 5.0)  # 210 tokens > 150 left
+    assert a.slice.reservation_id == "s1" and b.slice.reservation_id == "s2"
+    # A call given back returns its call and tokens to the slice.
+    book2.give_back(b)
+    assert (b.slice.calls_left, b.slice.tokens_left) == (2, 2 * 210)  # s2 was sized for 10 + 200 tokens
