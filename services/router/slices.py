@@ -109,6 +109,8 @@ class SliceBook:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         # Every slice not yet released, by team (active and retired ones).
         self._held: dict[str, set[Slice]] = {}
+        # When each key last asked for a hold (a key idle longer than idle_ms takes a per-call hold).
+        self._last: dict[Key, float] = {}
 
     # ------------------------------------------------------------------ the call path
 
@@ -118,7 +120,17 @@ class SliceBook:
     ) -> SliceHold | None:
         """A call hold from this key's slice (acquiring one when needed); None: use ``Reserve``."""
         key = (team, agent, price_key)
-        if self._denied_until.get(key, 0.0) > self._clock():
+        now = self._clock()
+        last = self._last.get(key)
+        self._last[key] = now
+        idle_s = cfg.budget_slices.idle_ms / 1000
+        if idle_s and key not in self._active and (last is None or now - last > idle_s):
+            # A lone call (no call of this key for idle_ms, no slice): an exact per-call hold. Only
+            # a key that calls again soon leases a slice, so an idle team holds nothing extra.
+            if len(self._last) > 100_000:
+                self._forget_idle(now, idle_s)
+            return None
+        if self._denied_until.get(key, 0.0) > now:
             return None
         # A burst larger than one slice waits for the next acquisition (each one answers up to
         # ``calls`` of the waiting calls); after a few rounds the rest take per-call holds.
@@ -176,6 +188,10 @@ class SliceBook:
                 self._retire(s)
         await asyncio.wait(waits, timeout=max(timeout, 0.001))
         return True
+
+    def _forget_idle(self, now: float, idle_s: float) -> None:
+        for k in [k for k, t in self._last.items() if now - t > idle_s]:
+            del self._last[k]
 
     def give_back(self, hold: SliceHold) -> None:
         """The call will not be settled (it failed before spending, or was cancelled)."""

@@ -77,3 +77,29 @@ async def test_at_the_defaults_a_team_is_refused_exactly_where_per_call_holds_re
 async def test_per_call_holds_remain_a_configuration_choice(fresh_database: str, pki: Path, adapter: _Adapter) -> None:
     assert not parse_config(PER_CALL.encode()).budget_slices.applies(TEAM)
     assert await _drive(fresh_database, pki, adapter, PER_CALL, False) == (40, 20)
+
+
+async def test_a_lone_call_takes_a_per_call_hold_so_a_lowered_budget_refuses_the_next_at_once(
+    fresh_database: str, pki: Path, adapter: _Adapter,
+) -> None:
+    clock = [1000.0]  # the slice book's clock: how long a key has been idle
+    async with _router(fresh_database, pki, adapter) as (router, svc, spy):
+        router.slices._clock = lambda: clock[0]
+        router.apply_config(parse_config(DEFAULTS.encode()))
+        await router.generate(_agent(), _request("busy-1"), 10.0)   # lone: per-call
+        await router.generate(_agent(), _request("busy-2"), 10.0)   # again soon: a slice
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (1, 1)
+        await router.drain(10)  # the slice goes back
+        clock[0] += 5.0  # idle for longer than idle_ms
+        await router.generate(_agent(), _request("lone-1"), 10.0)
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (2, 1)
+        # The operator lowers the budget to less than one more call: the next lone call is refused at once.
+        await router.drain(10)
+        await svc.set_budget(team=TEAM, agent="", window=4, limit_nanos=_held_spent(fresh_database, TEAM)[1] + 1)
+        clock[0] += 5.0
+        with pytest.raises(E.IgwError) as err:
+            await router.generate(_agent(), _request("lone-2"), 10.0)
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        await router.drain(10)
+    assert _held_spent(fresh_database, TEAM)[0] == 0
+    check_invariants(fresh_database)
