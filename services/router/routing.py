@@ -137,16 +137,18 @@ class SlicesCfg:
     The ledger sizes each slice (a quarter of what is free at most, none near the limit, where
     calls take exact per-call holds). ``enabled: false`` gives every team per-call holds (a
     ``Reserve`` per call); ``teams``: only these teams use slices (None: every team);
-    ``per_call_teams``: these teams take per-call holds. ``idle_ms``: a call whose key (team,
-    agent, price) made no call for this long takes a per-call hold and no slice (a lone call is
-    exact at once, e.g. right after its budget was lowered); 0: every call may use slices."""
+    ``per_call_teams``: these teams take per-call holds. A key (team, agent, price) leases
+    a slice only when busy: its ``busy_calls``-th call within ``busy_window_ms`` (other calls take
+    exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
+    once); ``busy_calls: 1``: every call may use slices."""
 
     enabled: bool = True
     calls: int = 64
     draw_window_ms: int = 20_000
     teams: frozenset[str] | None = None
     per_call_teams: frozenset[str] = frozenset()
-    idle_ms: int = 2_000
+    busy_calls: int = 4
+    busy_window_ms: int = 5_000
 
     def applies(self, team: str) -> bool:
         return self.enabled and (self.teams is None or team in self.teams) and team not in self.per_call_teams
@@ -340,7 +342,8 @@ def _slices(raw: Any) -> SlicesCfg:
     if raw is None:
         return SlicesCfg()
     w = "budget_slices"
-    obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams", "per_call_teams", "idle_ms"})
+    obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams", "per_call_teams", "busy_calls",
+                                     "busy_window_ms"})
     teams = obj.get("teams")
     if teams is not None:
         if not isinstance(teams, list):
@@ -355,7 +358,8 @@ def _slices(raw: Any) -> SlicesCfg:
         draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
         teams=teams,
         per_call_teams=frozenset(_name(f"{w}.per_call_teams", t, _TEAM) for t in per_call),
-        idle_ms=_int(f"{w}.idle_ms", obj.get("idle_ms", 2_000), 0, 3_600_000),
+        busy_calls=_int(f"{w}.busy_calls", obj.get("busy_calls", 4), 1, 1_000_000),
+        busy_window_ms=_int(f"{w}.busy_window_ms", obj.get("busy_window_ms", 5_000), 1, 3_600_000),
     )
 
 

@@ -109,8 +109,8 @@ class SliceBook:
         self._timers: dict[int, asyncio.TimerHandle] = {}
         # Every slice not yet released, by team (active and retired ones).
         self._held: dict[str, set[Slice]] = {}
-        # When each key last asked for a hold (a key idle longer than idle_ms takes a per-call hold).
-        self._last: dict[Key, float] = {}
+        # Per key: when its current busy window started and how many calls it made in it.
+        self._busy: dict[Key, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ the call path
 
@@ -121,14 +121,17 @@ class SliceBook:
         """A call hold from this key's slice (acquiring one when needed); None: use ``Reserve``."""
         key = (team, agent, price_key)
         now = self._clock()
-        last = self._last.get(key)
-        self._last[key] = now
-        idle_s = cfg.budget_slices.idle_ms / 1000
-        if idle_s and key not in self._active and (last is None or now - last > idle_s):
-            # A lone call (no call of this key for idle_ms, no slice): an exact per-call hold. Only
-            # a key that calls again soon leases a slice, so an idle team holds nothing extra.
-            if len(self._last) > 100_000:
-                self._forget_idle(now, idle_s)
+        sc = cfg.budget_slices
+        window_s = sc.busy_window_ms / 1000
+        start, n = self._busy.get(key, (now, 0))
+        if now - start > window_s:
+            start, n = now, 0
+        self._busy[key] = (start, n + 1)
+        if n + 1 < sc.busy_calls and key not in self._active:
+            # Not busy (fewer than busy_calls calls in busy_window_ms) and no slice: an exact
+            # per-call hold. Only a busy key leases a slice, so an occasional caller holds nothing.
+            if len(self._busy) > 100_000:
+                self._forget_idle(now, window_s)
             return None
         if self._denied_until.get(key, 0.0) > now:
             return None
@@ -189,9 +192,9 @@ class SliceBook:
         await asyncio.wait(waits, timeout=max(timeout, 0.001))
         return True
 
-    def _forget_idle(self, now: float, idle_s: float) -> None:
-        for k in [k for k, t in self._last.items() if now - t > idle_s]:
-            del self._last[k]
+    def _forget_idle(self, now: float, window_s: float) -> None:
+        for k in [k for k, (t, _n) in self._busy.items() if now - t > window_s]:
+            del self._busy[k]
 
     def give_back(self, hold: SliceHold) -> None:
         """The call will not be settled (it failed before spending, or was cancelled)."""

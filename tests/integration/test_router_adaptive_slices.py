@@ -79,24 +79,25 @@ async def test_per_call_holds_remain_a_configuration_choice(fresh_database: str,
     assert await _drive(fresh_database, pki, adapter, PER_CALL, False) == (40, 20)
 
 
-async def test_a_lone_call_takes_a_per_call_hold_so_a_lowered_budget_refuses_the_next_at_once(
+async def test_only_a_busy_key_leases_a_slice_so_a_lowered_budget_refuses_an_occasional_call_at_once(
     fresh_database: str, pki: Path, adapter: _Adapter,
 ) -> None:
-    clock = [1000.0]  # the slice book's clock: how long a key has been idle
+    clock = [1000.0]  # the slice book's clock: how busy a key is
     async with _router(fresh_database, pki, adapter) as (router, svc, spy):
         router.slices._clock = lambda: clock[0]
         router.apply_config(parse_config(DEFAULTS.encode()))
-        await router.generate(_agent(), _request("busy-1"), 10.0)   # lone: per-call
-        await router.generate(_agent(), _request("busy-2"), 10.0)   # again soon: a slice
-        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (1, 1)
+        for i in range(5):  # the 4th call within 5 s makes the key busy: a slice from then on
+            await router.generate(_agent(), _request(f"busy-{i}"), 10.0)
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (3, 2)
         await router.drain(10)  # the slice goes back
-        clock[0] += 5.0  # idle for longer than idle_ms
-        await router.generate(_agent(), _request("lone-1"), 10.0)
-        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (2, 1)
-        # The operator lowers the budget to less than one more call: the next lone call is refused at once.
+        for i in range(2):  # occasional calls, seconds apart: per-call holds
+            clock[0] += 6.0
+            await router.generate(_agent(), _request(f"lone-{i}"), 10.0)
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (5, 2)
+        # The operator lowers the budget to less than one more call: the next call is refused at once.
         await router.drain(10)
         await svc.set_budget(team=TEAM, agent="", window=4, limit_nanos=_held_spent(fresh_database, TEAM)[1] + 1)
-        clock[0] += 5.0
+        clock[0] += 6.0
         with pytest.raises(E.IgwError) as err:
             await router.generate(_agent(), _request("lone-2"), 10.0)
         assert err.value.reason == "BUDGET_EXCEEDED"
