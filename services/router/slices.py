@@ -67,6 +67,8 @@ class Slice:
     released: bool = False
     # Done once what is left of the slice went back to the budget (or was left to be captured).
     gone: asyncio.Future[None] | None = None
+    # The hold as the call path sees it, by amount: built once per slice, not per call (read-only).
+    answers: dict[int, ledger_pb2.ReserveResponse] | None = None
 
 
 @dataclass(slots=True)
@@ -79,10 +81,16 @@ class SliceHold:
     tokens: int = 0
 
     def response(self) -> ledger_pb2.ReserveResponse:
-        """The hold as the call path sees a Reserve answer (settles go to the slice)."""
-        return ledger_pb2.ReserveResponse(
-            reservation_id=self.slice.reservation_id, held_nanos=self.amount,
-            price_version=self.slice.price_version)
+        """The hold as the call path sees a Reserve answer (settles go to the slice); shared by
+        the slice's calls of the same amount, so never to be modified."""
+        s = self.slice
+        if s.answers is None:
+            s.answers = {}
+        answer = s.answers.get(self.amount)
+        if answer is None:
+            answer = s.answers[self.amount] = ledger_pb2.ReserveResponse(
+                reservation_id=s.reservation_id, held_nanos=self.amount, price_version=s.price_version)
+        return answer
 
 
 class Prices(Protocol):
