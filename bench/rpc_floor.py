@@ -4,7 +4,9 @@ A grpc.aio server answering ``grpc.health.v1.Health/Check`` (no work at all) run
 process with a service certificate; a grpc.aio client in this process calls it open-loop at a
 fixed rate over a warm mTLS channel, like the router calls the ledger and the vault. Reports the
 CPU each side spends per round trip (process CPU time over the calls), and the same once more
-without TLS, so the TLS share is visible.
+without TLS, so the TLS share is visible. A third series goes through the SPIFFE tunnel the
+router uses to reach the ledger and the vault (TLS done by Python's ``ssl``, the server's URI SAN
+checked per connection; ``igw.client._spiffe``).
 
     python -m bench.rpc_floor [--rate 150] [--calls 3000] [--pki DIR]
 
@@ -89,9 +91,14 @@ def measure(rate: float = 150.0, calls: int = 3000, pki: Path | None = None) -> 
                                      pki / "ca.pem")
                 async with tls:
                     with_tls = await _load(tls, rate, calls, proc.pid)
+                tunnel = secure_channel(f"127.0.0.1:{ports['tls']}", pki / "router.pem", pki / "router-key.pem",
+                                        pki / "ca.pem", expected_id="spiffe://igw.local/ledger")
+                async with tunnel:
+                    spiffe = await _load(tunnel, rate, calls, proc.pid)
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}") as plain:
                     without = await _load(plain, rate, calls, proc.pid)
-                return {"rate": rate, "mtls": with_tls, "plaintext": without, "grpcio": grpc.__version__}
+                return {"rate": rate, "mtls": with_tls, "mtls_spiffe_tunnel": spiffe, "plaintext": without,
+                        "grpcio": grpc.__version__}
 
             return asyncio.run(both())
         finally:

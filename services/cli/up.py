@@ -316,9 +316,13 @@ def run_up(args: argparse.Namespace) -> int:
             "router_config": str(config_path), "state_dir": str(state),
         }
         (state / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+        more = "" if replicas == 1 else (
+            f"\n  replicas  routers {', '.join(p.address for p in routers)}"
+            f"\n            ledgers {', '.join(p.address for p in ledgers)}"
+            f"\n            keyvaults {', '.join(p.address for p in vaults)}")
         print(f"""igw is up.
   router    {router.address}   (probe {endpoints['probes']['router']}, metrics {endpoints['metrics']['router']})
-  keyvault  {vault.address}   ledger {ledger.address}
+  keyvault  {vault.address}   ledger {ledger.address}{more}
   endpoints {state / 'endpoints.json'}
 
 Try, in another terminal:

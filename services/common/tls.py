@@ -102,7 +102,7 @@ class ServerCertFiles:
                 if stamps == self._stamps:
                     return None
                 config = self._config()
-            except (OSError, ValueError) as err:
+            except Exception as err:  # never fail a handshake over a rotation in progress
                 _LOGGER.warning("TLS files changed but do not load yet; serving with the previous ones",
                                 extra={"error": str(err)})
                 return None

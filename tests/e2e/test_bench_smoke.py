@@ -98,7 +98,7 @@ def test_the_rpc_floor_measures_cpu_per_round_trip_on_both_sides() -> None:
     from bench.rpc_floor import measure
 
     res = measure(rate=200, calls=200)
-    for mode in ("mtls", "plaintext"):
+    for mode in ("mtls", "mtls_spiffe_tunnel", "plaintext"):
         r = res[mode]
         assert r["calls"] == 200 and r["errors"] == 0
         assert r["client_cpu_ms_per_call"] > 0 and r["server_cpu_ms_per_call"] > 0

@@ -105,6 +105,9 @@ def test_an_agents_traceparent_joins_the_gateways_trace_with_rpc_and_genai_attri
     router_lines = [json.loads(line) for line in gw.log("router").splitlines() if line.startswith("{")]
     traced_lines = [line for line in router_lines if line.get("trace_id") == trace_id]
     assert traced_lines and all(len(line["span_id"]) == 16 for line in traced_lines)
-    # Never the prompt, anywhere.
-    assert PROMPT not in path.read_text()
-    assert PROMPT not in gw.all_logs()
+    # Never the prompt or a provider key, anywhere: spans (with the new attributes) and logs.
+    demo_keys = json.loads((gw.state_dir / "demo-secrets.json").read_text()).values()
+    for text in (path.read_text(), gw.all_logs()):
+        assert PROMPT not in text
+        for key in demo_keys:
+            assert key not in text

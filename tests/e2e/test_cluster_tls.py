@@ -327,3 +327,29 @@ def test_certificates_and_ca_rotate_on_disk_mid_load_without_a_failed_call(clust
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
             if not tls.recv(64):
                 raise ConnectionError("closed")
+
+
+def test_the_cli_checks_each_services_spiffe_id(cluster: Cluster) -> None:
+    import subprocess
+    import sys
+
+    m = cluster.material
+    d = m.dir("operator")
+    env = {**os.environ, "IGW_TRUST_DOMAIN": TD}
+    flags = ["--cert", str(d / "cert.pem"), "--key", str(d / "key.pem"), "--ca", str(d / "ca.pem"), "--json",
+             "--timeout", "5"]
+
+    def igw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+
+    ok = igw("config", "show", "--address", cluster.router.address, *flags)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip()
+    # The ledger's address, named as the router's: the CLI expects spiffe://<td>/router and refuses it.
+    refused = igw("config", "show", "--address", cluster.ledger.address, *flags)
+    assert refused.returncode != 0
+    assert "UNAVAILABLE" in refused.stderr or "unavailable" in refused.stderr.lower()
+    # The ledger checked as the ledger works (prices come from the ledger).
+    prices = igw("prices", "list", "--address", cluster.ledger.address, *flags)
+    assert prices.returncode == 0, prices.stderr

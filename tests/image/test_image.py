@@ -52,9 +52,10 @@ def free_port() -> int:
 
 
 def secure_run_args(name: str, mounts: list[str]) -> list[str]:
-    """What every container gets: read-only root and /tmp, non-root, host network, no privileges."""
-    args = ["--name", name, "--read-only", "--read-only-tmpfs=false", "--network=host", "--user", f"{UID}:{UID}",
-            "--cap-drop=ALL", "--security-opt=no-new-privileges"]
+    """What every container gets: a read-only root, non-root, host network, no privileges; only /tmp is
+    writable, a small tmpfs (as the emptyDir in deploy/k8s: the router's TLS tunnels put sockets there)."""
+    args = ["--name", name, "--read-only", "--read-only-tmpfs=false", "--tmpfs", "/tmp:rw,size=16m,mode=1777",
+            "--network=host", "--user", f"{UID}:{UID}", "--cap-drop=ALL", "--security-opt=no-new-privileges"]
     for m in mounts:
         args += ["-v", m]
     return args
@@ -204,9 +205,10 @@ def test_containers_run_read_only_as_non_root(stack: Stack) -> None:
         info = json.loads(podman("inspect", name).stdout)[0]
         assert info["HostConfig"]["ReadonlyRootfs"] is True
         assert podman("exec", name, "id", "-u").stdout.strip() == str(UID)
-        for path in ("/opt/igw/probe", "/tmp/probe"):
+        for path in ("/opt/igw/probe", "/etc/probe", "/var/tmp/probe", "/run/probe"):
             denied = podman("exec", name, "sh", "-c", f": > {path}", check=False)
             assert denied.returncode != 0 and "Read-only file system" in denied.stderr, denied.stderr
+        assert podman("exec", name, "sh", "-c", ": > /tmp/probe && rm /tmp/probe", check=False).returncode == 0
         # No compiler, no pip in the final image.
         tools = podman("exec", name, "sh", "-c", "command -v gcc cc pip pip3 || true").stdout.strip()
         assert tools == ""

@@ -160,3 +160,34 @@ async def test_the_pool_refuses_a_replica_that_is_not_the_ledger(tls: Path) -> N
     finally:
         await pool.close()
         await impostor.server.stop(0)
+
+
+async def test_a_host_name_becomes_one_replica_per_address(tls: Path) -> None:
+    ledger = await Replica(tls, "ledger").start()
+    # "localhost" as a headless Service would be: resolved (IPv4 preferred), one replica per address.
+    pool = ReplicaPool("ledger", [f"localhost:{ledger.port}"], "spiffe://igw.local/ledger", _files(tls), NAME,
+                       check_interval_s=0.2)
+    await pool.start()
+    try:
+        assert list(pool.replicas) == [f"127.0.0.1:{ledger.port}"]
+        assert pool.ready()
+    finally:
+        await pool.close()
+        await ledger.server.stop(0)
+
+
+async def test_secure_channel_with_an_expected_id_checks_it(tls: Path) -> None:
+    from services.common.tls import secure_channel
+
+    ledger = await Replica(tls, "ledger").start()
+    files = (tls / "router.pem", tls / "router-key.pem", tls / "ca.pem")
+    try:
+        async with secure_channel(ledger.address, *files, expected_id="spiffe://igw.local/ledger") as ch:
+            resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=NAME), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        async with secure_channel(ledger.address, *files, expected_id="spiffe://igw.local/keyvault") as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=NAME), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await ledger.server.stop(0)

@@ -207,7 +207,7 @@ def test_migration_job_monitoring_and_certificates(rendered: tuple[str, list[dic
     for name in SERVICES:
         spec = certs[f"igw-{name}"]["spec"]
         assert spec["uris"] == [f"spiffe://igw.local/{name}"] and spec["secretName"] == f"igw-{name}-tls"
-        assert "localhost" in spec["dnsNames"]  # peers check this name (services/common/tls.py)
+        assert "server auth" in spec["usages"] and "client auth" in spec["usages"]
     assert certs["igw-agent-demo-quickstart"]["spec"]["uris"] == ["spiffe://igw.local/team/demo/agent/quickstart"]
     assert "server auth" not in certs["igw-agent-demo-quickstart"]["spec"]["usages"]
     [rule] = by_kind(docs, "PrometheusRule").values()

@@ -20,6 +20,7 @@ Only the standard library is used: agents install grpcio and protobuf, nothing e
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
@@ -28,6 +29,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,57 @@ def _is_ca(der: bytes) -> bool:
     return bool(bc.value.ca)
 
 
+_PREFIX = "igw-tls-"
+# Directories of tunnels not closed yet, removed at exit if their owner never closed them.
+_OPEN_DIRS: set[str] = set()
+_SWEPT = threading.Event()
+_STALE_AFTER_S = 60.0
+
+
+@atexit.register
+def _remove_open_dirs() -> None:
+    for d in list(_OPEN_DIRS):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process named in ``igw-tls-<pid>-<random>`` still runs."""
+    pid_text = name[len(_PREFIX):].split("-", 1)[0]
+    if not pid_text.isdigit():
+        return True  # not named by its owner: leave it alone
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale_dirs() -> None:
+    """Removes tunnel directories left by processes that died without cleaning up (kill -9).
+
+    This user's only, older than a minute, whose owning process is gone; once per process.
+    """
+    if _SWEPT.is_set():
+        return
+    _SWEPT.set()
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    now = time.time()
+    for name in names:
+        d = os.path.join(root, name)
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and now - st.st_mtime >= _STALE_AFTER_S and not _owner_alive(name):
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def split_host_port(address: str) -> tuple[str, int]:
     """``host:port`` / ``[v6]:port`` -> (host, port)."""
     host, _, port = address.rpartition(":")
@@ -165,7 +218,9 @@ class SpiffeTunnel:
         self.refusals = 0
         self.connections = 0
         self._on_refused = on_refused
-        self._dir = tempfile.mkdtemp(prefix="igw-tls-")
+        _sweep_stale_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
+        _OPEN_DIRS.add(self._dir)
         self.path = os.path.join(self._dir, "tunnel.sock")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(self.path)
@@ -194,6 +249,7 @@ class SpiffeTunnel:
         for task in list(self._tasks):
             task.cancel()
         shutil.rmtree(self._dir, ignore_errors=True)
+        _OPEN_DIRS.discard(self._dir)
 
     def refused(self, why: str) -> None:
         self.refusals += 1
