@@ -402,8 +402,8 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "in the routing config's `budget_slices.per_call_teams` (" + _slices_cfg(results) + "): a "
         "`Ledger.Reserve` per call. Both run in the same ladders, interleaved per step.",
         "- **A team driven to its limit** (`limit`): one team at the defaults and one with per-call holds, each "
-        "with a limit of N calls' spend and half a call more (N = 120; 20 with --quick), called one at a time "
-        "1.5 N times: the defaults "
+        "with a limit of N calls' spend and half a call more (N = 120; 20 with --quick), called 1.5 N times, "
+        "one at a time, 10 calls/s (each settle lands before the next call): the defaults "
         "must never overspend and must serve as many calls as per-call holds (refused no earlier).",
         "- **Added latency** = gateway percentile - direct-to-fake percentile, same load generator, interleaved "
         "rounds (direct, igw, LiteLLM, rotating order), samples pooled over rounds. The direct call is HTTP/1.1 "

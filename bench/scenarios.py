@@ -354,15 +354,20 @@ budget_slices:
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
-            # The defaults draw from budget slices: the router falls back to Reserve when it cannot
-            # get a slice, so a broken slices path would still answer; its counters tell them apart
-            # (one worker's counters: checked with one worker only).
-            sl = res.get("slices")
-            if sl is not None and self.opts.router_workers == 1 and sl["draws"] < res["ok"]:
-                raise RuntimeError(
-                    f"budget slices not used: {res['ok']} calls answered but {sl['draws']} slice draws "
-                    f"(slice events {sl['events']}); see {self.state / 'igw'} router log"
-                )
+        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s): the
+        # router falls back to Reserve when it cannot get a slice, so a broken slices path would
+        # still answer; its counters tell them apart (one worker's counters: one worker only).
+        res = self.measure(
+            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "closed", n=8, warmup=0), record=True
+        )
+        sl = res.get("slices")
+        if res["errors"]:
+            raise RuntimeError(f"igw sanity calls with budget slices failed: {res['errors']}")
+        if sl is not None and self.opts.router_workers == 1 and sl["draws"] < 1:
+            raise RuntimeError(
+                f"budget slices not used: {res['ok']} busy calls answered but {sl['draws']} slice draws "
+                f"(slice events {sl['events']}); see {self.state / 'igw'} router log"
+            )
         res = self.measure(
             "sanity", "igw-percall", self.igw_job("bench-d20", self.percall_certs[:1], "closed", n=3, warmup=0)
         )
@@ -863,8 +868,9 @@ def scen_hot(rig: Rig) -> dict[str, Any]:
 
 def scen_limit(rig: Rig) -> dict[str, Any]:
     """One team at the defaults (adaptive slices) and one with per-call holds, each driven one call
-    at a time to a limit of LIMIT_CALLS calls' spend and half a call more: the defaults must never
-    overspend and must be refused no earlier than per-call holds (as many calls served)."""
+    at a time (10 calls/s) to a limit of LIMIT_CALLS calls' spend and half a call more: the
+    defaults must never overspend and must be refused no earlier than per-call holds (as many
+    calls served)."""
     from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
     def budget(stub: Any, team: str) -> Any:
@@ -894,8 +900,10 @@ def scen_limit(rig: Rig) -> dict[str, Any]:
             limit = spent0 + calls * cost + cost // 2
             admin.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
                                                         limit_nanos=limit), timeout=30)
+            # One call in flight, 100 ms apart: each call's settle (batched after a 30 ms linger)
+            # lands before the next call asks, so both kinds of hold see the same spend.
             res = rig.measure("limit", system, rig.igw_job(
-                "bench-d0", rig.limit_certs[team], "closed", n=calls * 3 // 2, warmup=0))
+                "bench-d0", rig.limit_certs[team], "open", rate=10, duration=calls * 1.5 / 10, warmup_s=0))
             b = settled(stub, team)
             out[system] = {
                 "served": res["ok"], "refused": res["errors"].get("RESOURCE_EXHAUSTED", 0),
