@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     path = report.write_json(results, out)
     print(f"raw results: {path}", file=sys.stderr)
+    if isinstance(results["scenarios"].get("edge"), dict) and "c1" in results["scenarios"]["edge"]:
+        from bench import edge_bench
+
+        print(f"edge summary: {edge_bench.write_markdown(results, path)}", file=sys.stderr)
     if (not quick) if args.markdown is None else args.markdown:
         md = report.write_markdown(results, path)
         print(f"summary: {md}", file=sys.stderr)

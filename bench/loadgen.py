@@ -24,7 +24,8 @@ Job fields (JSON)::
      # grpc
      "target": "127.0.0.1:P", "ca": "ca.pem", "certs": [["cert.pem", "key.pem"], ...],
      "model": "alias", "rid_prefix": "b123-igw-", "by_provider": false,
-     # http
+     # http (with "certs" and "ca": mTLS, one session per certificate; "rid_header": the
+     # header that carries the request id, e.g. igw's x-igw-request-id)
      "url": "http://127.0.0.1:P/v1/chat/completions", "headers": {...}, "model": "fake-small"}
 
 Result fields: ``ok``, ``errors`` {code: count}, ``latency_ms`` / ``service_ms`` /
@@ -159,25 +160,37 @@ class _GrpcTarget:
 
 
 class _HttpTarget:
-    """One aiohttp session (keep-alive pool) to an OpenAI-compatible endpoint."""
+    """aiohttp sessions (keep-alive pools) to an OpenAI-compatible endpoint: one, or with ``certs``
+    (igw's HTTPS edge) one per agent certificate over mTLS, round-robin per call."""
 
     def __init__(self, job: dict[str, Any]) -> None:
+        import ssl
+
         import aiohttp
 
         self.aiohttp = aiohttp
-        conn = aiohttp.TCPConnector(limit=int(job.get("max_in_flight", 5000)), force_close=False,
-                                    enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None))
+        self.sessions = []
+        for cert in job.get("certs") or [None]:
+            ctx: ssl.SSLContext | None = None
+            if cert is not None:
+                ctx = ssl.create_default_context(cafile=job["ca"])
+                ctx.load_cert_chain(cert[0], cert[1])
+            conn = aiohttp.TCPConnector(limit=int(job.get("max_in_flight", 5000)), force_close=False,
+                                        enable_cleanup_closed=True, ssl=ctx if ctx is not None else True)
+            self.sessions.append(aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)))
 
     async def warm(self) -> None:
         return None
 
     async def close(self) -> None:
-        await self.session.close()
+        for session in self.sessions:
+            await session.close()
 
     def caller(self, job: dict[str, Any]) -> Callable[[int, str], Awaitable[_Outcome]]:
         aiohttp = self.aiohttp
-        session = self.session
+        sessions = self.sessions
+        nsessions = len(sessions)
+        rid_header = job.get("rid_header")
         url = job["url"]
         stream = bool(job.get("stream"))
         body: dict[str, Any] = {
@@ -194,8 +207,9 @@ class _HttpTarget:
 
         async def call(i: int, rid: str) -> _Outcome:
             t0 = time.perf_counter()
+            hdrs = {**headers, rid_header: rid} if rid_header else headers
             try:
-                async with session.post(url, data=payload, headers=headers, timeout=timeout) as resp:
+                async with sessions[i % nsessions].post(url, data=payload, headers=hdrs, timeout=timeout) as resp:
                     if resp.status != 200:
                         await resp.read()
                         return _Outcome(False, f"HTTP_{resp.status}")

@@ -13,6 +13,7 @@ MARKDOWN = ROOT / "BENCHMARKS.md"
 LEDGER_SCALE = Path(__file__).resolve().parent / "ledger_scale.md"
 ANALYSIS = ROOT / "bench" / "analysis.md"
 PLOT = RESULTS / "latency.png"
+EDGE = ROOT / "bench" / "edge.md"  # the HTTPS edge next to gRPC and LiteLLM (bench/edge_bench.py)
 
 # igw's added p50 at one call in flight: at most this share of LiteLLM's.
 BAR_P50_SHARE = 0.5
@@ -704,6 +705,9 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         L += ["### Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     if PLOT.exists():
         L += ["## Plot", "", "![added latency and throughput vs p99](bench/results/latency.png)", ""]
+    if EDGE.exists():
+        # Written from the last run with the `edge` scenario: kept across runs.
+        L += ["<!-- edge:start -->", EDGE.read_text().rstrip(), "<!-- edge:end -->", ""]
     if ANALYSIS.exists():
         # Hand-written: what changed between runs and what holds the bar back (kept across runs).
         L += [ANALYSIS.read_text().rstrip(), ""]

@@ -14,7 +14,7 @@ The rig, all on loopback on this machine:
 Scenarios: ``ceiling`` (the fake's own), ``c1`` (one call in flight: direct, igw, LiteLLM,
 interleaved rounds), ``rate`` (open-loop ladder, igw across many teams vs LiteLLM vs direct,
 interleaved per step), ``hot`` (one team), ``stream`` (time to first token), ``fallback``
-(primary 429 at 20 %), then ``profile`` (py-spy on router, ledger, keyvault under load).
+(primary 429 at 20 %), ``edge`` (the HTTPS edge next to gRPC and LiteLLM), then ``profile`` (py-spy on router, ledger, keyvault under load).
 
 The ``igw`` systems run at the default settings: adaptive budget slices for every team. Per-call
 holds (a ``Reserve`` per call, a configuration choice) are measured side by side in the same run:
@@ -46,7 +46,9 @@ from bench import procstats
 from bench.loadgen import LoadGen, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "limit", "stream", "fallback", "rate-litellm-default", "profile")
+ALL_SCENARIOS = (
+    "ceiling", "c1", "rate", "hot", "limit", "stream", "fallback", "rate-litellm-default", "edge", "profile",
+)
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
 _SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
@@ -525,7 +527,7 @@ budget_slices:
         assert self.lg is not None
         self.seq += 1
         slices0 = None
-        if job["kind"] == "grpc":
+        if job["kind"] == "grpc" or job.get("rid_header"):
             job["rid_prefix"] = f"{self.run_id}.{scenario}.{self.seq}."
             # Outside the timed window: the scrape costs the router a little CPU.
             slices0 = self.slice_counters()
@@ -565,7 +567,7 @@ budget_slices:
         res["system"] = system
         res["job"] = {k: v for k, v in job.items() if k not in ("certs", "headers", "ca")}
         res["job"]["n_certs"] = len(job.get("certs", []))
-        if job["kind"] == "grpc" and record:
+        if (job["kind"] == "grpc" or job.get("rid_header")) and record:
             prefix = job["rid_prefix"]
             self.rid_owner[prefix] = (system, frozenset(self.cert_team.get(c[0], "?") for c in job["certs"]))
             exp = self.expected.setdefault(scenario, set())
@@ -1125,6 +1127,66 @@ def scen_profile(rig: Rig, rate: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------- run all
 
 
+# --------------------------------------------------------------------------- the HTTPS edge
+
+
+EDGE_SYSTEMS = ("direct", "igw", "igw-edge", "litellm")
+
+
+def edge_job(rig: Rig, alias: str, certs: list[list[str]], mode: str, **kw: Any) -> dict[str, Any]:
+    """A load-generator job against the edge (``POST /v1/chat/completions`` over mTLS)."""
+    return {
+        "kind": "http",
+        "key": f"edge-{len(certs)}-{certs[0][0]}",
+        "url": rig.endpoints["openai_base_url"] + "/chat/completions",
+        "ca": rig.endpoints["ca"],
+        "certs": certs,
+        "rid_header": "x-igw-request-id",
+        "model": alias,
+        "mode": mode,
+        **kw,
+    }
+
+
+def _edge_or_other_job(rig: Rig, system: str, fake: str, mode: str, **kw: Any) -> dict[str, Any]:
+    if system == "direct":
+        return rig.direct_job(fake, mode, **kw)
+    if system == "igw":
+        return rig.igw_job(f"bench-{fake}", rig.many_certs, mode, **kw)
+    if system == "igw-edge":
+        return edge_job(rig, f"bench-{fake}", rig.many_certs, mode, **kw)
+    return rig.litellm_job(f"bench-{fake}", mode, **kw)
+
+
+def scen_edge(rig: Rig) -> dict[str, Any]:
+    """One call in flight (interleaved rounds), then the open-loop ladder: igw, igw-edge, LiteLLM."""
+    o = rig.opts
+    systems = [s for s in EDGE_SYSTEMS if s != "litellm" or rig.litellm]
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+    for rnd in range(o.c1_rounds):
+        order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+        for system in order:
+            runs[system].append(rig.measure("edge", system, _edge_or_other_job(rig, system, "d0", "closed", n=o.c1_n, warmup=10)))
+    pooled = {s: _pool(rs) for s, rs in runs.items()}
+    for rs in runs.values():
+        for r in rs:
+            r.pop("samples_ms", None)
+    c1 = {
+        "pooled_ms": pooled,
+        "added_ms": {s: _added(pooled[s], pooled["direct"]) for s in pooled if s != "direct"},
+        "errors": {s: sum(sum(r["errors"].values()) for r in rs) for s, rs in runs.items()},
+        "procs": {s: rs[-1]["procs"] for s, rs in runs.items()},
+        "runs": runs,
+    }
+    rig.log("edge c1: " + ", ".join(f"{s} p50 {p['p50']:.2f} p99 {p['p99']:.2f}" for s, p in pooled.items()))
+    ladder_systems = {
+        s: (lambda rate, s=s: _edge_or_other_job(rig, s, "d20", "open", rate=rate, duration=o.step_s, warmup_s=o.warm_s))
+        for s in systems if s != "direct"
+    }
+    rate = _ladder(rig, "edge", ladder_systems)
+    return {"c1": c1, "rate": rate}
+
+
 def run(opts: Options) -> dict[str, Any]:
     """Starts the rig, runs the chosen scenarios, checks spend, stops everything. Returns raw results."""
     state = Path(tempfile.mkdtemp(prefix="igw-bench-"))
@@ -1168,6 +1230,7 @@ def run(opts: Options) -> dict[str, Any]:
             "stream": scen_stream,
             "fallback": scen_fallback,
             "rate-litellm-default": scen_rate_litellm_default,
+            "edge": scen_edge,
         }
         for name in opts.scenarios:
             if name == "profile" or name not in runners:

@@ -37,6 +37,7 @@ FIXED_PORTS = {
     "keyvault": (50052, 50062, 9102),
     "router": (50051, 50061, 9101),
 }
+EDGE_PORT = 50443  # the router's OpenAI/Anthropic-compatible HTTPS edge (fixed ports)
 FAKE_PORTS = {"fake-openai": 18081, "fake-anthropic": 18082, "fake-gemini": 18083, "fake-flaky": 18084}
 FAKE_KINDS = {"fake-openai": "openai", "fake-anthropic": "anthropic", "fake-gemini": "gemini", "fake-flaky": "openai"}
 FAKE_BASE = {"openai": "/v1", "anthropic": "", "gemini": ""}
@@ -292,6 +293,7 @@ def run_up(args: argparse.Namespace) -> int:
         for i in range(replicas):
             router = start_service(label("router", i), {
                 **ports("router", i), **tls_env(pki, "router"), "IGW_ROUTER_CONFIG": str(config_path),
+                "IGW_ROUTER_HTTP_LISTEN": f"127.0.0.1:{0 if auto else EDGE_PORT + 100 * i}",
                 "IGW_LEDGER_ADDR": ",".join(p.address for p in ledgers),
                 "IGW_KEYVAULT_ADDR": ",".join(p.address for p in vaults), **workers}, state, module="services.router")
             procs[router.name] = router
@@ -303,6 +305,8 @@ def run_up(args: argparse.Namespace) -> int:
 
         endpoints: dict[str, Any] = {
             "router": router.address, "keyvault": vault.address, "ledger": ledger.address,
+            "openai_base_url": f"https://127.0.0.1:{router.http_port}/v1",
+            "anthropic_base_url": f"https://127.0.0.1:{router.http_port}",
             "routers": [p.address for p in routers], "ledgers": [p.address for p in ledgers],
             "keyvaults": [p.address for p in vaults],
             "probes": {n: f"127.0.0.1:{p.probe_port}" for n, p in procs.items()},
@@ -322,6 +326,7 @@ def run_up(args: argparse.Namespace) -> int:
             f"\n            keyvaults {', '.join(p.address for p in vaults)}")
         print(f"""igw is up.
   router    {router.address}   (probe {endpoints['probes']['router']}, metrics {endpoints['metrics']['router']})
+  https     {endpoints['openai_base_url']}   (OpenAI/Anthropic-compatible, same client certificates)
   keyvault  {vault.address}   ledger {ledger.address}{more}
   endpoints {state / 'endpoints.json'}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -108,6 +109,14 @@ def identity_from_context(context: grpc.aio.ServicerContext, trust_domain: str) 
     if not pems:
         raise IdentityError("NO_CLIENT_CERTIFICATE", "a client certificate is required")
     result = _identity_from_pem(pems[0], trust_domain)
+    if isinstance(result, IdentityError):
+        raise result
+    return result
+
+
+def identity_from_der(der: bytes, trust_domain: str) -> Identity:
+    """The identity in a verified DER client certificate (the HTTPS edge), by the gRPC rules."""
+    result = _identity_from_pem(ssl.DER_cert_to_PEM_cert(der).encode(), trust_domain)
     if isinstance(result, IdentityError):
         raise result
     return result

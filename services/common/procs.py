@@ -34,6 +34,7 @@ class ServiceProcess:
     metrics_port: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    http_port: int = 0  # the router's HTTPS edge, when it serves one
 
     @property
     def address(self) -> str:
@@ -102,7 +103,8 @@ def start_service(
         if ready.exists():
             info = json.loads(ready.read_text())
             return ServiceProcess(
-                name, proc, info["grpc_port"], info["probe_port"], info["metrics_port"], log_path, dict(env)
+                name, proc, info["grpc_port"], info["probe_port"], info["metrics_port"], log_path, dict(env),
+                info.get("http_port", 0),
             )
         time.sleep(0.05)
     proc.kill()

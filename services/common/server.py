@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -460,6 +460,16 @@ def add_standard_metrics(registry: CollectorRegistry, service: str) -> Gauge:
     return Gauge("igw_ready", "1 while the readiness health status is SERVING.", registry=registry)
 
 
+class Listener(Protocol):
+    """Another port a service serves next to gRPC (the router's HTTPS edge)."""
+
+    async def start(self) -> dict[str, int]:
+        """Binds and serves; returns the ports to add to the ready file (e.g. ``{"http_port": n}``)."""
+
+    async def stop(self, timeout: float) -> None:
+        """Stops accepting and drains within ``timeout``."""
+
+
 class ServiceRuntime:
     """One service's servers and lifecycle. Construct, ``await start()``, ``await wait()``."""
 
@@ -475,10 +485,13 @@ class ServiceRuntime:
         access_log: bool = True,
         initially_serving: bool = True,
         on_denied: DenialHook | None = None,
+        listeners: Iterable[Listener] = (),
         readiness: ReadinessCheck | None = None,
         readiness_interval_s: float = 1.0,
     ) -> None:
         self.settings = settings
+        self._listeners = list(listeners)
+        self.extra_ports: dict[str, int] = {}
         self.domain = f"{settings.service}.igw"
         self.registry = registry or CollectorRegistry()
         self.metrics = RpcMetrics(self.registry)
@@ -521,10 +534,6 @@ class ServiceRuntime:
         self.serving = False
         self.initially_serving = initially_serving
 
-    def add_closer(self, closer: Closer) -> None:
-        """Adds something to close after the servers stop (LIFO)."""
-        self._closers.append(closer)
-
     async def start(self, *, serving: bool | None = None) -> None:
         """Binds both ports and the metrics port; marks SERVING unless told otherwise."""
         serving = self.initially_serving if serving is None else serving
@@ -537,6 +546,8 @@ class ServiceRuntime:
         self.probe_port = self.probe_server.add_insecure_port(f"{phost}:{pport}")
         await self.server.start()
         await self.probe_server.start()
+        for listener in self._listeners:
+            self.extra_ports.update(await listener.start())
         mhost, mport = parse_listen(s.metrics_listen)
         httpd, _thread = start_http_server(mport, addr=mhost, registry=self.registry)
         self._metrics_httpd = httpd
@@ -556,13 +567,15 @@ class ServiceRuntime:
                         "grpc_port": self.port,
                         "probe_port": self.probe_port,
                         "metrics_port": self.metrics_port,
+                        **self.extra_ports,
                     }
                 )
             )
             tmp.replace(s.ready_file)
         _LOGGER.info(
             "listening",
-            extra={"grpc_port": self.port, "probe_port": self.probe_port, "metrics_port": self.metrics_port},
+            extra={"grpc_port": self.port, "probe_port": self.probe_port, "metrics_port": self.metrics_port,
+                   **self.extra_ports},
         )
 
     async def set_serving(self, serving: bool) -> None:
@@ -610,10 +623,6 @@ class ServiceRuntime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
 
-    def request_stop(self) -> None:
-        """Starts a graceful stop (as SIGTERM does)."""
-        self._stopping.set()
-
     async def wait(self) -> None:
         """Blocks until asked to stop, then stops gracefully."""
         await self._stopping.wait()
@@ -637,7 +646,8 @@ class ServiceRuntime:
         self._ready_gauge.set(0)
         # Give probes a moment to see NOT_SERVING before the port goes away.
         await asyncio.sleep(min(0.5, self.settings.grace_seconds / 4))
-        await self.server.stop(self.time_left())
+        await asyncio.gather(self.server.stop(self.time_left()),
+                             *(listener.stop(self.time_left()) for listener in self._listeners))
         for closer in reversed(self._closers):
             try:
                 # Closers get what is left of the grace, and a moment more to release resources.

@@ -162,11 +162,6 @@ def load_master_key(env: Mapping[str, str]) -> MasterKey:
     raise MasterKeyError("no master key: set IGW_VAULT_MASTER_KEY or IGW_VAULT_MASTER_KEY_FILE")
 
 
-def generate_master_key_b64() -> str:
-    """A fresh master key, base64 (for `igw vault init`-style tooling and tests)."""
-    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
-
-
 def secret_ad(name: str, provider: str, version: int) -> bytes:
     """The associated data of a secret: its key name, provider and version, canonically."""
     return _SECRET_AD + json.dumps([name, provider, int(version)], separators=(",", ":")).encode()

@@ -143,19 +143,6 @@ async def list_keys(
     return infos, (infos[-1].name if more and infos else None)
 
 
-async def sealed_version(conn: AsyncConnection, name: str, version: int) -> tuple[str, C.SealedSecret] | None:
-    """(provider, sealed) of one version, for tests and tooling."""
-    k, v = provider_keys.c, key_versions.c
-    row = (
-        await conn.execute(
-            select(k.provider, v.ciphertext, v.nonce, v.wrapped_data_key, v.wrap_nonce, v.master_key_id)
-            .select_from(provider_keys.join(key_versions, v.key_id == k.id))
-            .where(k.name == name, v.version == version)
-        )
-    ).first()
-    return (row.provider, _sealed(row._mapping)) if row else None
-
-
 # ---------------------------------------------------------------------------- mutations
 
 

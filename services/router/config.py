@@ -24,6 +24,14 @@ class Settings:
     lease_ttl_seconds: int
     max_connections: int
     access_log: bool
+    # The HTTPS edge (OpenAI/Anthropic-compatible); off when http_listen is empty.
+    http_listen: str = ""
+    http_handshake_timeout_s: float = 10.0
+    http_idle_timeout_s: float = 30.0
+    http_body_timeout_s: float = 60.0
+    http_write_timeout_s: float = 60.0
+    http_max_connections: int = 1024
+    http_max_body_bytes: int = 16 * 1024 * 1024
     config_sha256_file: Path | None = None
     config_watch_seconds: float = 2.0
     ledger_id: str = ""
@@ -45,6 +53,13 @@ class Settings:
             lease_ttl_seconds=env_int(e, "IGW_ROUTER_LEASE_TTL_SECONDS", 30),
             max_connections=env_int(e, "IGW_ROUTER_MAX_CONNECTIONS", 1024),
             access_log=env_bool(e, "IGW_ACCESS_LOG", True),
+            http_listen=e.get("IGW_ROUTER_HTTP_LISTEN", "").strip(),
+            http_handshake_timeout_s=env_float(e, "IGW_ROUTER_HTTP_HANDSHAKE_TIMEOUT_SECONDS", 10.0),
+            http_idle_timeout_s=env_float(e, "IGW_ROUTER_HTTP_IDLE_TIMEOUT_SECONDS", 30.0),
+            http_body_timeout_s=env_float(e, "IGW_ROUTER_HTTP_BODY_TIMEOUT_SECONDS", 60.0),
+            http_write_timeout_s=env_float(e, "IGW_ROUTER_HTTP_WRITE_TIMEOUT_SECONDS", 60.0),
+            http_max_connections=env_int(e, "IGW_ROUTER_HTTP_MAX_CONNECTIONS", 1024),
+            http_max_body_bytes=env_int(e, "IGW_ROUTER_HTTP_MAX_BODY_BYTES", 16 * 1024 * 1024),
             config_sha256_file=Path(pin_file) if pin_file else None,
             config_watch_seconds=env_float(e, "IGW_ROUTER_CONFIG_WATCH_SECONDS", 2.0),
             ledger_id=env_str(e, "IGW_LEDGER_SPIFFE_ID", f"spiffe://{td}/ledger"),

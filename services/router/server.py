@@ -18,6 +18,8 @@ from services.common.server import ServiceRuntime
 from services.common.tracing import client_interceptors, setup_tracing
 from services.router.authz import POLICY
 from services.router.config import ConfigSource, Settings
+from services.router.edge.server import EdgeLimits, EdgeServer
+from services.router.edge.tls import ServerTLS
 from services.router.metrics import RouterMetrics
 from services.router.pool import ReplicaPool
 from services.router.providers.base import make_http_client
@@ -103,10 +105,13 @@ async def build(settings: Settings) -> ServiceRuntime:
         # Ready while at least one ledger and one vault replica answer SERVING.
         return ledgers.ready() and vaults.ready()
 
+    edge = _edge(settings, router, registry)
     runtime = ServiceRuntime(
         rt, policy=POLICY, registrars=[register], service_names=SERVICE_NAMES, registry=registry,
-        closers=[close], access_log=settings.access_log, readiness=ready,
+        closers=[close], access_log=settings.access_log, readiness=ready, listeners=[edge] if edge else [],
     )
+    if edge is not None:
+        edge.tracer = runtime.tracer
 
     def on_sighup() -> None:
         async def _reload() -> None:
@@ -117,3 +122,17 @@ async def build(settings: Settings) -> ServiceRuntime:
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
     return runtime
+
+
+def _edge(settings: Settings, router: Router, registry: CollectorRegistry) -> EdgeServer | None:
+    """The OpenAI/Anthropic-compatible HTTPS listener, when IGW_ROUTER_HTTP_LISTEN is set."""
+    if not settings.http_listen:
+        return None
+    rt = settings.runtime
+    limits = EdgeLimits(
+        handshake_timeout_s=settings.http_handshake_timeout_s, idle_timeout_s=settings.http_idle_timeout_s,
+        body_timeout_s=settings.http_body_timeout_s, write_timeout_s=settings.http_write_timeout_s,
+        max_connections=settings.http_max_connections, max_body_bytes=settings.http_max_body_bytes,
+    )
+    tls = ServerTLS(rt.tls_cert, rt.tls_key, rt.tls_ca)
+    return EdgeServer(router, settings.http_listen, tls.context, registry, trust_domain=rt.trust_domain, limits=limits)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -144,7 +145,7 @@ def rig(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     config.write_text(_config(fakes, canary.base_url))
     env = {**tls_env(gateway.pki, "router"), "IGW_ROUTER_CONFIG": str(config),
            "IGW_LEDGER_ADDR": gateway.addr("ledger"), "IGW_KEYVAULT_ADDR": gateway.addr("keyvault"),
-           "IGW_LOG_LEVEL": "DEBUG"}
+           "IGW_LOG_LEVEL": "DEBUG", "IGW_ROUTER_HTTP_LISTEN": "127.0.0.1:0"}
     router = start_service("router", env, tmp)
     r = Rig(gateway, router, fakes, config, canary, evil)
     try:
@@ -537,9 +538,37 @@ def test_a_pinned_config_refuses_a_changed_file_and_a_broken_reload_keeps_the_ol
         proc.terminate()
 
 
+def _edge_calls(rig: Rig, prompt: str) -> list[str]:
+    """The canary calls again through the HTTPS edge (OpenAI and Anthropic dialects); returns error texts."""
+    pki = rig.gw.pki
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "agent-demo-quickstart.pem"), str(pki / "agent-demo-quickstart-key.pem"))
+    base = f"https://127.0.0.1:{rig.router.http_port}"
+    chat = {"model": "canary-solo", "max_tokens": 32, "messages": [{"role": "user", "content": prompt}]}
+    errors: list[str] = []
+    _fake(rig.canary.root_url, "DELETE", "/_fake/faults")
+    with httpx.Client(verify=ctx, timeout=30) as http:
+        assert http.post(f"{base}/v1/chat/completions", json=chat).json()["igw"]["served_by"]["deployment"] == "can"
+        assert "[DONE]" in http.post(f"{base}/v1/chat/completions", json={**chat, "stream": True}).text
+        assert http.post(f"{base}/v1/messages", json=chat).status_code == 200
+        for fault in ({"mode": "echo_key_error", "status": 400}, {"mode": "hang"}, {"status": 500},
+                      {"mode": "echo_key_error", "status": 401}):
+            for path in ("/v1/chat/completions", "/v1/messages"):
+                for stream in (False, True):
+                    _fake(rig.canary.root_url, "POST", "/_fake/faults", [fault])
+                    resp = http.post(base + path, json={**chat, "stream": stream})
+                    assert resp.status_code >= 400, resp.text
+                    errors.append(resp.text + repr(dict(resp.headers)))
+        # A provider stream that breaks after the first bytes: the error arrives inside the stream.
+        _fake(rig.canary.root_url, "POST", "/_fake/faults", [{"mode": "stream_error"}])
+        errors.append(http.post(f"{base}/v1/messages", json={**chat, "stream": True}).text)
+    return errors
+
+
 def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
     forms = {CANARY, base64.b64encode(CANARY.encode()).decode(), json.dumps(CANARY)[1:-1],
              CANARY.replace("-", "\\u002d")}
+    prompt = f"prompt-canary-{uuid.uuid4().hex}"
     errors: list[str] = []
     # Success.
     assert rig.stub.Generate(_req("canary-solo"), timeout=15).served_by.deployment == "can"
@@ -555,8 +584,12 @@ def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
             rig.stub.Generate(_req("canary-solo"), timeout=15)
         errors.append(exc.value.details() or "")
         errors.append(repr(exc.value.trailing_metadata()))
+    # The same through the HTTPS edge: its error bodies, headers and in-stream errors.
+    errors += _edge_calls(rig, prompt)
     metrics = "".join(httpx.get(u, timeout=10).text for u in rig.gw.endpoints["metrics"].values())
     metrics += httpx.get(f"http://127.0.0.1:{rig.router.metrics_port}/metrics", timeout=10).text
+    assert 'igw_http_server_handled_total{api="openai",route="chat.completions",status="200"}' in metrics
+    assert 'igw_http_server_handled_total{api="anthropic",route="messages",status="400"}' in metrics
     # The vault's audit log, with how each canary lease ended (used, returned), carries no secret either.
     vault_admin = keyvault_pb2_grpc.KeyVaultAdminServiceStub(rig.gw.channel("keyvault"))
     deadline = time.monotonic() + 10
@@ -572,6 +605,8 @@ def test_the_canary_key_never_reaches_logs_errors_or_metrics(rig: Rig) -> None:
     for where, text in haystacks.items():
         for form in forms:
             assert form not in text, f"canary found in {where}"
+        assert prompt not in text, f"the prompt found in {where}"
+    assert '"route": "chat.completions"' in rig.router.log_text()  # the edge does log its requests
     # And the canary really was used upstream (the test is not vacuous).
     assert _fake(rig.canary.root_url, "GET", "/_fake/stats").get("requests", 0) > 0
 

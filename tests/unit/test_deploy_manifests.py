@@ -111,8 +111,11 @@ def test_each_service_follows_the_conventions(rendered: tuple[str, list[dict[str
         for kind in ("requests", "limits"):
             assert set(c["resources"][kind]) == {"cpu", "memory"}
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert set(ports) == {"grpc", "probe", "metrics"}
+        # The router also serves the OpenAI/Anthropic-compatible HTTPS edge.
+        assert set(ports) == {"grpc", "probe", "metrics"} | ({"https"} if name == "router" else set())
         env = env_of(c)
+        if name == "router":
+            assert env["IGW_ROUTER_HTTP_LISTEN"].endswith(f":{ports['https']}")
         assert env["IGW_PROBE_LISTEN"].endswith(f":{ports['probe']}")
         assert env["IGW_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
         assert env["IGW_LISTEN"].endswith(f":{ports['grpc']}")

@@ -12,7 +12,7 @@ _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 def _docs() -> list[Path]:
-    skip = {".venv", ".git", ".tools", "node_modules", ".igw"}
+    skip = {".venv", ".litellm-venv", ".git", ".tools", "node_modules", ".igw"}  # (venvs are gitignored)
     return sorted(p for p in ROOT.rglob("*.md") if not skip & set(p.relative_to(ROOT).parts))
 
 

@@ -63,9 +63,11 @@ def raised_reasons() -> dict[str, set[str]]:
         for p in SERVICES.rglob("*.py") if "fakes" not in p.parts
     }
     found: dict[str, set[str]] = {}
+    # Public helpers (e.g. the HTTPS edge's bad_field) are called from other modules too.
+    shared = {h for t in trees.values() for h in _error_helpers(t) if not h.startswith("_")}
     for path, tree in trees.items():
         rel = str(path.relative_to(ROOT))
-        helpers = _error_helpers(tree)
+        helpers = _error_helpers(tree) | shared
         for node in ast.walk(tree):
             # A table of (reason, error class) pairs, e.g. errors that go straight back to the agent.
             if isinstance(node, ast.Tuple) and len(node.elts) == 2 and _callee_name(node.elts[1]) in ERROR_CLASSES:

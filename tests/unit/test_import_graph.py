@@ -17,7 +17,7 @@ def _modules() -> dict[str, Path]:
     mods: dict[str, Path] = {}
     for prefix, top in TREES.items():
         for path in top.rglob("*.py"):
-            if "_pb2" in path.name:
+            if "_pb2" in path.name or ".litellm-venv" in path.parts:  # (a gitignored venv under bench/)
                 continue
             parts = [prefix, *path.relative_to(top).with_suffix("").parts]
             if parts[-1] == "__init__":

@@ -125,6 +125,10 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPSTREAM_RATE_LIMITED: _ClassVar[ErrorReason]
     UPSTREAM_STREAM_BROKEN: _ClassVar[ErrorReason]
     VAULT_UNAVAILABLE: _ClassVar[ErrorReason]
+    BAD_FIELD: _ClassVar[ErrorReason]
+    BODY_TIMEOUT: _ClassVar[ErrorReason]
+    BODY_TOO_LARGE: _ClassVar[ErrorReason]
+    NO_SUCH_ROUTE: _ClassVar[ErrorReason]
     SLICE_NOT_GRANTED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ALLOWED_TEAMS_INVALID: ErrorReason
@@ -245,4 +249,8 @@ UPSTREAM_BAD_REQUEST: ErrorReason
 UPSTREAM_RATE_LIMITED: ErrorReason
 UPSTREAM_STREAM_BROKEN: ErrorReason
 VAULT_UNAVAILABLE: ErrorReason
+BAD_FIELD: ErrorReason
+BODY_TIMEOUT: ErrorReason
+BODY_TOO_LARGE: ErrorReason
+NO_SUCH_ROUTE: ErrorReason
 SLICE_NOT_GRANTED: ErrorReason

@@ -1,0 +1,1 @@
+"""The router's OpenAI- and Anthropic-compatible HTTPS edge (see server.py)."""
