@@ -53,8 +53,10 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
             for system in (plain, sliced):
                 res = step["results"][system]
                 assert res["ok"] > 0 and not sum(res["errors"].values()), (system, res["errors"])
+            # A busy key draws from slices (its first calls in a window take per-call holds); the
+            # sanity step already proved a busy key draws.
             res = step["results"][sliced]
-            assert res["slices"]["draws"] >= res["ok"] + res["warmup"]["ok"], res["slices"]
+            assert res["slices"]["draws"] <= res["ok"] + res["warmup"]["ok"], res["slices"]
             assert res["slices"]["events"].get("failed", 0) == 0, res["slices"]
             assert step["results"][plain]["slices"]["draws"] == 0  # per-call holds: no slice
     limit = results["scenarios"]["limit"]
