@@ -1,4 +1,10 @@
-"""Budget slices, the router's side of the hot-team path (routing config ``budget_slices``).
+"""Budget slices, the router's side of the default hold path (routing config ``budget_slices``).
+
+On by default for a busy key (``busy_calls`` calls of one team, agent and price key within
+``busy_window_ms``); other calls take exact per-call holds (``Reserve``). The ledger sizes each
+slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
+refused while this router holds the team's slices gives them back and asks again
+(:meth:`SliceBook.reserve`), so a team is refused where per-call holds would refuse it.
 
 A slice is one ledger hold covering up to N calls of one team, agent and price key
 (``AcquireSlice``). The router places each call's hold (the most the call can cost, priced
