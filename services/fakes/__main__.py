@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .server import KINDS, FaultRule, start_fake
+from . import KINDS, FaultRule, start_fake
 
 _LOGGER = logging.getLogger(__name__)
 

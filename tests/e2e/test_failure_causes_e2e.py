@@ -31,7 +31,7 @@ from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2
 from services.common.errors import error_info_from_rpc_error
 from services.common.procs import ServiceProcess, ServiceStartError, start_service, tls_env
-from services.fakes.server import FakeProcess
+from services.fakes import FakeProcess
 from tests.e2e.conftest import ROOT, Gateway, mtls_channel
 
 RIGHT_KEY = f"sk-right-{uuid.uuid4().hex}"

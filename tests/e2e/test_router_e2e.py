@@ -27,7 +27,7 @@ from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.common import pki as pki_mod
 from services.common.errors import error_info_from_rpc_error
 from services.common.procs import ServiceProcess, ServiceStartError, start_service, tls_env
-from services.fakes.server import FakeProcess
+from services.fakes import FakeProcess
 from tests.e2e.conftest import Gateway, mtls_channel
 
 CANARY = f"sk-CANARY-{uuid.uuid4()}"
