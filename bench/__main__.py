@@ -49,6 +49,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--teams", type=int, default=None, help="teams in the many-teams scenario (default 100)")
     r.add_argument("--step-seconds", type=float, default=None, help="seconds per open-loop step")
     r.add_argument("--c1-n", type=int, default=None, help="calls per one-at-a-time series")
+    r.add_argument("--router-workers", type=int, default=1,
+                   help="router worker processes on one port (igw up --router-workers; default 1)")
     r.add_argument("--out", default=None, help="results JSON (default bench/results/<timestamp>.json)")
     r.add_argument(
         "--markdown",
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = (
         tuple(args.scenarios)
         if args.scenarios
-        else (("ceiling", "c1", "rate", "hot", "stream", "fallback") if quick else ALL_SCENARIOS)
+        else (("ceiling", "c1", "rate", "hot", "limit", "stream", "fallback") if quick else ALL_SCENARIOS)
     )
     litellm = (not quick) if args.litellm is None else bool(args.litellm)
     profile = (not quick) if args.profile is None else bool(args.profile)
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         rates=tuple(args.rates or ()),
         step_override=args.step_seconds,
         c1_n_override=args.c1_n,
+        router_workers=args.router_workers,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     results = run(opts)

@@ -16,10 +16,13 @@ interleaved rounds), ``rate`` (open-loop ladder, igw across many teams vs LiteLL
 interleaved per step), ``hot`` (one team), ``stream`` (time to first token), ``fallback``
 (primary 429 at 20 %), ``edge`` (the HTTPS edge next to gRPC and LiteLLM), then ``profile`` (py-spy on router, ledger, keyvault under load).
 
-Budget slices (routing config ``budget_slices``, opt-in per team) are measured side by side with
-the default per-call holds in the same run: a second set of teams (``slice-t000``...) and a second
-hot team (``slice-hot``) are listed in the bench's ``budget_slices.teams``, and the ``rate`` and
-``hot`` ladders run ``igw-slices`` / ``igw-hot-slices`` through them next to ``igw`` / ``igw-hot``.
+The ``igw`` systems run at the default settings: adaptive budget slices for every team. Per-call
+holds (a ``Reserve`` per call, a configuration choice) are measured side by side in the same run:
+a second set of teams (``pc-t000``...) and a second hot team (``pc-hot``) are listed in the bench's
+``budget_slices.per_call_teams``, and the ``rate`` and ``hot`` ladders run ``igw-percall`` /
+``igw-hot-percall`` through them next to ``igw`` / ``igw-hot``. The ``limit`` scenario drives one
+team of each kind to its limit, one call at a time, and checks that the defaults never overspend
+and are refused no earlier than per-call holds.
 """
 
 from __future__ import annotations
@@ -43,16 +46,20 @@ from bench import procstats
 from bench.loadgen import LoadGen, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback", "rate-litellm-default", "edge", "profile")
+ALL_SCENARIOS = (
+    "ceiling", "c1", "rate", "hot", "limit", "stream", "fallback", "rate-litellm-default", "edge", "profile",
+)
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
 _SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
-# Budget slices for the slices teams (same size as the router's documented example).
-SLICE_CALLS = 64
-SLICE_DRAW_WINDOW_MS = 20_000
 HOT_TEAM = "bhot"
-HOT_SLICE_TEAM = "slice-hot"
+HOT_PERCALL_TEAM = "pc-hot"
 HOT_AGENTS = 4
+# The limit scenario: a team at the defaults and one with per-call holds, each driven to a limit
+# of LIMIT_CALLS calls' worth of spend (and half a call more), one call at a time.
+LIMIT_TEAM = "lim"
+LIMIT_PERCALL_TEAM = "pc-lim"
+LIMIT_CALLS = 120
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Options:
     rates: tuple[int, ...] = ()
     step_override: float | None = None
     c1_n_override: int | None = None
+    router_workers: int = 1
     log: Any = print
 
     # derived knobs
@@ -134,8 +142,9 @@ class Rig:
     many_certs: list[list[str]] = field(default_factory=list)
     hot_certs: list[list[str]] = field(default_factory=list)
     # The same shapes for teams listed in the routing config's budget_slices (opt-in).
-    slice_certs: list[list[str]] = field(default_factory=list)
-    hot_slice_certs: list[list[str]] = field(default_factory=list)
+    percall_certs: list[list[str]] = field(default_factory=list)
+    hot_percall_certs: list[list[str]] = field(default_factory=list)
+    limit_certs: dict[str, list[list[str]]] = field(default_factory=dict)
     cert_team: dict[str, str] = field(default_factory=dict)  # agent cert path -> team
     rid_owner: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # rid prefix -> system, teams
     lg: LoadGen | None = None
@@ -153,9 +162,9 @@ class Rig:
     def many_teams(self) -> list[str]:
         return [f"bt{i:03d}" for i in range(self.opts.teams)]
 
-    def slice_teams(self) -> list[str]:
-        """The many-teams set again, for budget slices (listed in the routing config)."""
-        return [f"slice-t{i:03d}" for i in range(self.opts.teams)]
+    def percall_teams(self) -> list[str]:
+        """The many-teams set again, with per-call holds (listed in the routing config)."""
+        return [f"pc-t{i:03d}" for i in range(self.opts.teams)]
 
     # ------------------------------------------------------------------ set-up
 
@@ -223,13 +232,10 @@ timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 12
 # fallback scenario measures the fallback path itself, not the breaker skipping the primary.
 breaker: {{failure_threshold: 1000, cooldown_ms: 10000, probe_timeout_ms: 5000}}
 limits: {{max_in_flight: 4096}}
-# Opt-in budget slices, only for the bench's slices teams: the igw-slices systems. Every other
-# team (igw, igw-hot, ...) keeps the default per-call Reserve.
+# Budget slices at their defaults (on, adaptive) for every team but the bench's per-call teams
+# (the igw-percall systems), which take a Reserve per call: the configuration choice.
 budget_slices:
-  enabled: true
-  calls: {SLICE_CALLS}
-  draw_window_ms: {SLICE_DRAW_WINDOW_MS}
-  teams: [{", ".join([*self.slice_teams(), HOT_SLICE_TEAM])}]
+  per_call_teams: [{", ".join([*self.percall_teams(), HOT_PERCALL_TEAM, LIMIT_PERCALL_TEAM])}]
 """
 
     def start_gateway(self) -> None:
@@ -248,6 +254,7 @@ budget_slices:
                 "auto",
                 "--config",
                 str(cfg),
+                *(["--router-workers", str(self.opts.router_workers)] if self.opts.router_workers > 1 else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -270,7 +277,8 @@ budget_slices:
             raise RuntimeError("igw up did not write endpoints.json within 180 s")
         pids = self.endpoints["pids"]
         for svc in ("router", "keyvault", "ledger"):
-            self.procs.add(svc, pids.get(svc))
+            # Router workers (--router-workers) are children of the router's supervisor.
+            self.procs.add(svc, pids.get(svc), children=svc == "router" and self.opts.router_workers > 1)
         pm = procstats.postmaster_pid(igw_state / "pg")
         if pm:
             self.procs.add("postgres", pm, children=True)
@@ -314,14 +322,15 @@ budget_slices:
             self.cert_team[str(cert)] = team
             return [str(cert), str(key)]
 
-        teams, slice_teams = self.many_teams(), self.slice_teams()
+        teams, percall_teams = self.many_teams(), self.percall_teams()
         self.many_certs += [issue(t, "a0") for t in teams]
         self.hot_certs += [issue(HOT_TEAM, f"a{a}") for a in range(HOT_AGENTS)]
-        self.slice_certs += [issue(t, "a0") for t in slice_teams]
-        self.hot_slice_certs += [issue(HOT_SLICE_TEAM, f"a{a}") for a in range(HOT_AGENTS)]
+        self.percall_certs += [issue(t, "a0") for t in percall_teams]
+        self.hot_percall_certs += [issue(HOT_PERCALL_TEAM, f"a{a}") for a in range(HOT_AGENTS)]
+        self.limit_certs = {t: [issue(t, "a0")] for t in (LIMIT_TEAM, LIMIT_PERCALL_TEAM)}
         with self._operator(self.endpoints["ledger"]) as ch:
             stub = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
-            for t in [*teams, HOT_TEAM, *slice_teams, HOT_SLICE_TEAM]:
+            for t in [*teams, HOT_TEAM, *percall_teams, HOT_PERCALL_TEAM, LIMIT_TEAM, LIMIT_PERCALL_TEAM]:
                 stub.SetBudget(
                     ledger_pb2.SetBudgetRequest(team=t, window=ledger_pb2.BUDGET_WINDOW_TOTAL, limit_nanos=10**15),
                     timeout=30,
@@ -347,19 +356,28 @@ budget_slices:
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
-        # The slices path: the router falls back to Reserve when it cannot get a slice, so a
-        # broken slices path would still answer; the router's counters tell them apart.
+        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s): the
+        # router falls back to Reserve when it cannot get a slice, so a broken slices path would
+        # still answer; its counters tell them apart (one worker's counters: one worker only).
         res = self.measure(
-            "sanity", "igw-slices", self.igw_job("bench-d20", self.slice_certs[:1], "closed", n=3, warmup=0)
+            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "closed", n=8, warmup=0), record=True
         )
-        if res["errors"]:
-            raise RuntimeError(f"igw sanity call with budget slices failed: {res['errors']}")
         sl = res.get("slices")
-        if sl is not None and sl["draws"] < res["ok"]:
+        if res["errors"]:
+            raise RuntimeError(f"igw sanity calls with budget slices failed: {res['errors']}")
+        if sl is not None and self.opts.router_workers == 1 and sl["draws"] < 1:
             raise RuntimeError(
-                f"budget slices not used: {res['ok']} calls answered but {sl['draws']} slice draws "
+                f"budget slices not used: {res['ok']} busy calls answered but {sl['draws']} slice draws "
                 f"(slice events {sl['events']}); see {self.state / 'igw'} router log"
             )
+        res = self.measure(
+            "sanity", "igw-percall", self.igw_job("bench-d20", self.percall_certs[:1], "closed", n=3, warmup=0)
+        )
+        if res["errors"]:
+            raise RuntimeError(f"igw sanity call with per-call holds failed: {res['errors']}")
+        sl = res.get("slices")
+        if sl is not None and self.opts.router_workers == 1 and sl["draws"]:
+            raise RuntimeError(f"per-call teams drew from budget slices ({sl['draws']} draws)")
 
     def start_litellm(self, workers: int) -> None:
         """(Re)starts the LiteLLM proxy with ``workers`` workers against the d0 and d20 fakes."""
@@ -567,7 +585,7 @@ budget_slices:
     def spend_check(self) -> dict[str, Any]:
         """Every request id answered OK has exactly one spend entry, charged to the team of the agent
         cert that made the call; none for the others. Per scenario, and per system within it
-        (e.g. ``igw`` and ``igw-slices`` in ``rate``)."""
+        (e.g. ``igw`` and ``igw-percall`` in ``rate``)."""
         import grpc
         from google.protobuf import timestamp_pb2
 
@@ -681,11 +699,11 @@ def scen_ceiling(rig: Rig) -> dict[str, Any]:
 
 def scen_c1(rig: Rig) -> dict[str, Any]:
     """One call in flight, interleaved rounds: direct, igw (many teams), igw with budget slices (one
-    team, ``igw-hot-slices``), LiteLLM; fake delay 0 and 20 ms."""
+    team, ``igw-hot-percall``), LiteLLM; fake delay 0 and 20 ms."""
     o = rig.opts
     out: dict[str, Any] = {}
     for fake, n in (("d0", o.c1_n), ("d20", max(o.c1_n // 4, 20))):
-        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "igw": [], "igw-hot-slices": []}
+        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "igw": [], "igw-hot-percall": []}
         if rig.litellm:
             runs["litellm"] = []
         for rnd in range(o.c1_rounds):
@@ -696,9 +714,9 @@ def scen_c1(rig: Rig) -> dict[str, Any]:
                     job = rig.direct_job(fake, "closed", n=n, warmup=10)
                 elif system == "igw":
                     job = rig.igw_job(f"bench-{fake}", rig.many_certs, "closed", n=n, warmup=10)
-                elif system == "igw-hot-slices":
+                elif system == "igw-hot-percall":
                     # Slices are for a busy team: one team's calls share its slices.
-                    job = rig.igw_job(f"bench-{fake}", rig.hot_slice_certs, "closed", n=n, warmup=10)
+                    job = rig.igw_job(f"bench-{fake}", rig.hot_percall_certs, "closed", n=n, warmup=10)
                 else:
                     job = rig.litellm_job(f"bench-{fake}", "closed", n=n, warmup=10)
                 runs[system].append(rig.measure("c1", system, job))
@@ -803,8 +821,8 @@ def scen_rate(rig: Rig) -> dict[str, Any]:
         "igw": lambda rate: rig.igw_job(
             "bench-d20", rig.many_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
-        "igw-slices": lambda rate: rig.igw_job(
-            "bench-d20", rig.slice_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        "igw-percall": lambda rate: rig.igw_job(
+            "bench-d20", rig.percall_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
     }
     if rig.litellm:
@@ -843,11 +861,65 @@ def scen_hot(rig: Rig) -> dict[str, Any]:
         "igw-hot": lambda rate: rig.igw_job(
             "bench-d20", rig.hot_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
-        "igw-hot-slices": lambda rate: rig.igw_job(
-            "bench-d20", rig.hot_slice_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        "igw-hot-percall": lambda rate: rig.igw_job(
+            "bench-d20", rig.hot_percall_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
     }
     return _ladder(rig, "hot", systems)
+
+
+def scen_limit(rig: Rig) -> dict[str, Any]:
+    """One team at the defaults (adaptive slices) and one with per-call holds, each driven one call
+    at a time (10 calls/s) to a limit of LIMIT_CALLS calls' spend and half a call more: the
+    defaults must never overspend and must be refused no earlier than per-call holds (as many
+    calls served)."""
+    from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+    def budget(stub: Any, team: str) -> Any:
+        (b,) = stub.GetBudget(ledger_pb2.GetBudgetRequest(team=team), timeout=30).budgets
+        return b
+
+    def settled(stub: Any, team: str) -> Any:
+        deadline = time.monotonic() + 30
+        while True:
+            b = budget(stub, team)
+            if (b.held_nanos == 0 and b.spent_nanos > 0) or time.monotonic() > deadline:
+                return b
+            time.sleep(0.1)
+
+    calls = 20 if rig.opts.quick else LIMIT_CALLS
+    out: dict[str, Any] = {"limit_calls": calls}
+    with rig._operator(rig.endpoints["ledger"]) as ch:
+        stub = ledger_pb2_grpc.LedgerServiceStub(ch)
+        admin = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
+        # One call's cost, from a probe through the per-call team (its budget is still huge).
+        rig.measure("limit", "igw-percall",
+                    rig.igw_job("bench-d0", rig.limit_certs[LIMIT_PERCALL_TEAM], "closed", n=1, warmup=0))
+        cost = settled(stub, LIMIT_PERCALL_TEAM).spent_nanos
+        out["call_cost_nanos"] = cost
+        for team, system in ((LIMIT_TEAM, "igw"), (LIMIT_PERCALL_TEAM, "igw-percall")):
+            spent0 = budget(stub, team).spent_nanos
+            limit = spent0 + calls * cost + cost // 2
+            admin.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
+                                                        limit_nanos=limit), timeout=30)
+            # One call in flight, 100 ms apart: each call's settle (batched after a 30 ms linger)
+            # lands before the next call asks, so both kinds of hold see the same spend.
+            res = rig.measure("limit", system, rig.igw_job(
+                "bench-d0", rig.limit_certs[team], "open", rate=10, duration=calls * 1.5 / 10, warmup_s=0))
+            b = settled(stub, team)
+            out[system] = {
+                "served": res["ok"], "refused": res["errors"].get("RESOURCE_EXHAUSTED", 0),
+                "other_errors": {k: v for k, v in res["errors"].items() if k != "RESOURCE_EXHAUSTED"},
+                "limit_nanos": limit, "spent_nanos": b.spent_nanos, "held_nanos": b.held_nanos,
+                "overspent": b.spent_nanos + b.held_nanos > limit,
+                "slices": res.get("slices"),
+            }
+    d, p = out["igw"], out["igw-percall"]
+    out["ok"] = (not d["overspent"] and not p["overspent"] and d["served"] >= p["served"] > 0
+                 and not d["other_errors"] and not p["other_errors"])
+    rig.log(f"limit: defaults served {d['served']} refused {d['refused']}; per-call served {p['served']} "
+            f"refused {p['refused']}; ok {out['ok']}")
+    return out
 
 
 def scen_stream(rig: Rig) -> dict[str, Any]:
@@ -1154,6 +1226,7 @@ def run(opts: Options) -> dict[str, Any]:
             "c1": scen_c1,
             "rate": scen_rate,
             "hot": scen_hot,
+            "limit": scen_limit,
             "stream": scen_stream,
             "fallback": scen_fallback,
             "rate-litellm-default": scen_rate_litellm_default,

@@ -288,12 +288,14 @@ def run_up(args: argparse.Namespace) -> int:
                 return 2
             config_path = Path(args.config)
         routers: list[ServiceProcess] = []
+        n_workers = getattr(args, "router_workers", None)
+        workers = {"IGW_ROUTER_WORKERS": str(n_workers)} if n_workers else {}
         for i in range(replicas):
             router = start_service(label("router", i), {
                 **ports("router", i), **tls_env(pki, "router"), "IGW_ROUTER_CONFIG": str(config_path),
                 "IGW_ROUTER_HTTP_LISTEN": f"127.0.0.1:{0 if auto else EDGE_PORT + 100 * i}",
                 "IGW_LEDGER_ADDR": ",".join(p.address for p in ledgers),
-                "IGW_KEYVAULT_ADDR": ",".join(p.address for p in vaults)}, state, module="services.router")
+                "IGW_KEYVAULT_ADDR": ",".join(p.address for p in vaults), **workers}, state, module="services.router")
             procs[router.name] = router
             routers.append(router)
             stoppers.append(router.terminate)
@@ -364,6 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
     p.add_argument("--ports", choices=["fixed", "auto"], default="fixed", help="fixed well-known ports or any free")
     p.add_argument("--config", default=None, help="routing config (YAML); default: the demo config")
+    p.add_argument("--router-workers", type=int, default=None,
+                   help="router worker processes per router, on one port (IGW_ROUTER_WORKERS); default 1")
     p.add_argument("--replicas", type=int, default=1,
                    help="routers, ledgers and keyvaults to start (each N; one Postgres); default 1")
 

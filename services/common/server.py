@@ -506,12 +506,15 @@ class ServiceRuntime:
         self._stop_deadline: float | None = None
         self._stopping = asyncio.Event()
         self.tracer = setup_tracing(settings.service, settings.otlp_endpoint, settings.trace_file)
+        options = SERVER_OPTIONS
+        if settings.reuse_port:  # one of several worker processes on one port (the kernel spreads connections)
+            options = (*(o for o in SERVER_OPTIONS if o[0] != "grpc.so_reuseport"), ("grpc.so_reuseport", 1))
         self.guard = GuardInterceptor(
             policy, settings.trust_domain, self.domain, self.metrics, access_log, self.tracer, on_denied,
         )
         self.server = grpc.aio.server(
             interceptors=[self.guard],
-            options=SERVER_OPTIONS,
+            options=options,
             maximum_concurrent_rpcs=None,
         )
         for register in registrars:
@@ -522,7 +525,7 @@ class ServiceRuntime:
              reflection.SERVICE_NAME],
             self.server,
         )
-        self.probe_server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.probe_server = grpc.aio.server(options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.probe_server)
         self.port = 0
         self.probe_port = 0

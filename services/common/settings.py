@@ -78,6 +78,9 @@ class RuntimeSettings:
     ready_file: Path | None
     otlp_endpoint: str
     trace_file: str
+    # SO_REUSEPORT on the gRPC and probe ports: set for each of several router worker processes
+    # sharing one port (IGW_ROUTER_WORKERS), never otherwise (a second process would share it).
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> RuntimeSettings:
@@ -99,4 +102,5 @@ class RuntimeSettings:
             ready_file=Path(ready) if ready else None,
             otlp_endpoint=e.get("IGW_OTLP_ENDPOINT", ""),
             trace_file=e.get("IGW_TRACE_FILE", ""),
+            reuse_port=env_bool(e, "IGW_REUSE_PORT", False),
         )

@@ -253,6 +253,20 @@ class AuditWriter:
         # Shield: a caller that goes away must not cancel a batch other callers share.
         return await asyncio.shield(fut)
 
+    async def append_many(self, drafts: list[D.AuditDraft]) -> None:
+        """Queues several records at once (so they share one batch) and returns once all are
+        committed; raises ``Unavailable(AUDIT_UNAVAILABLE)`` as :meth:`append` does."""
+        if self._task is None or self._task.done() or self._chain_key is None:
+            raise audit_unavailable()
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[tuple[D.AuditRecord | None, Any]]] = []
+        for draft in drafts:
+            fut: asyncio.Future[tuple[D.AuditRecord | None, Any]] = loop.create_future()
+            self._queue.put_nowait(_Item(draft, None, fut))
+            futs.append(fut)
+        # Shield: a caller that goes away must not cancel a batch other callers share.
+        await asyncio.shield(asyncio.gather(*futs))
+
     async def _run(self) -> None:
         stop = False
         while not stop:

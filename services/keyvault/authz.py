@@ -9,6 +9,7 @@ POLICY = make_policy(
     {
         "/igw.keyvault.v1.KeyVaultService/IssueCredential": frozenset({Kind.ROUTER}),
         "/igw.keyvault.v1.KeyVaultService/EndLease": frozenset({Kind.ROUTER}),
+        "/igw.keyvault.v1.KeyVaultService/EndLeaseBatch": frozenset({Kind.ROUTER}),
         "/igw.keyvault.v1.KeyVaultAdminService/*": OPERATORS,
     }
 )

@@ -74,6 +74,9 @@ def master_key_unavailable() -> E.Unavailable:
 class _Cached:
     key: R.ActiveKey
     data_key: bytes | None = None
+    # The secret, decrypted once per key version (not per lease); dropped with the cache entry on
+    # rotation, disable, re-wrap or seal, like the data key that decrypts it.
+    plaintext: bytes | None = None
 
     def __repr__(self) -> str:
         return f"_Cached(key={self.key.name!r}, version={self.key.version}, data_key=<redacted>)"
@@ -160,9 +163,12 @@ class VaultService:
         key = chosen.key
         draft.key_name, draft.key_version = key.name, key.version
         try:
-            if chosen.data_key is None:
-                chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
-            plaintext = C.open_secret(chosen.data_key, key.name, key.provider, key.version, key.sealed)
+            plaintext = chosen.plaintext
+            if plaintext is None:
+                if chosen.data_key is None:
+                    chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
+                plaintext = chosen.plaintext = C.open_secret(
+                    chosen.data_key, key.name, key.provider, key.version, key.sealed)
         except C.DecryptionError:
             # Fail closed: no fallback to another key, no partial output, an alarm in the log.
             self._metrics.integrity_failures.inc()
@@ -191,15 +197,24 @@ class VaultService:
         vault keeps no lease state, so it does not check that the lease was issued (only the
         router identity may call this, and it holds the leases).
         """
+        await self.end_leases(actor, [req])
+
+    async def end_leases(self, actor: str, reqs: list[D.EndLeaseRequest]) -> None:
+        """Audits several lease ends (as :meth:`end_lease` each) in one group commit; durable
+        before it returns, all or none (the batch is one audit transaction)."""
         master = self._unsealed()
-        draft = D.AuditDraft(
-            actor=actor, action=D.AuditAction.LEASE_USED if req.used else D.AuditAction.LEASE_RETURNED,
-            reason=req.reason, provider=req.provider, key_name=req.key_name, key_version=req.key_version,
-            team=req.team, model=req.model, request_id=req.request_id,
-            lease_id_hmac=master.lease_hmac(req.lease_id),
-        )
-        await self._writer.append(draft)
-        self._metrics.leases_ended.labels(req.provider, "used" if req.used else "returned").inc()
+        drafts = [
+            D.AuditDraft(
+                actor=actor, action=D.AuditAction.LEASE_USED if req.used else D.AuditAction.LEASE_RETURNED,
+                reason=req.reason, provider=req.provider, key_name=req.key_name, key_version=req.key_version,
+                team=req.team, model=req.model, request_id=req.request_id,
+                lease_id_hmac=master.lease_hmac(req.lease_id),
+            )
+            for req in reqs
+        ]
+        await self._writer.append_many(drafts)
+        for req in reqs:
+            self._metrics.leases_ended.labels(req.provider, "used" if req.used else "returned").inc()
 
     async def record_refusal(self, method: str, request: Any, actor: str, reason: str) -> None:
         """Audits a call the authorisation table refused (e.g. an agent certificate asking for a

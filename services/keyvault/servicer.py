@@ -136,22 +136,41 @@ class KeyVaultServicer(pb_grpc.KeyVaultServiceServicer):
     async def EndLease(self, request: pb.EndLeaseRequest, context: Any) -> pb.EndLeaseResponse:
         if self._service.sealed:
             raise master_key_unavailable()
-        if request.end not in (pb.LEASE_END_USED, pb.LEASE_END_RETURNED):
-            raise E.InvalidArgument("END_INVALID", "end must be LEASE_END_USED or LEASE_END_RETURNED",
-                                    {"field": "end"})
-        req = D.EndLeaseRequest(
-            lease_id=D.check_lease_id(request.lease_id),
-            used=request.end == pb.LEASE_END_USED,
-            reason=D.check_reason(request.reason),
-            request_id=D.check_request_id(request.request_id),
-            provider=D.check_provider(request.provider),
-            team=D.check_team(request.team),
-            model=D.check_model(request.model) if request.model else "",
-            key_name=D.check_name(request.key_name) if request.key_name else "",
-            key_version=max(request.key_version, 0),
-        )
-        await self._service.end_lease(current_identity().spiffe_id, req)
+        await self._service.end_lease(current_identity().spiffe_id, _end_lease_request(request))
         return pb.EndLeaseResponse()
+
+    async def EndLeaseBatch(self, request: pb.EndLeaseBatchRequest, context: Any) -> pb.EndLeaseBatchResponse:
+        if self._service.sealed:
+            raise master_key_unavailable()
+        n = len(request.items)
+        if not 1 <= n <= MAX_END_LEASE_BATCH:
+            raise E.InvalidArgument(
+                "INVALID_BATCH", f"items must hold 1 to {MAX_END_LEASE_BATCH} lease ends",
+                {"field": "items", "max": MAX_END_LEASE_BATCH})
+        reqs = [_end_lease_request(item, f"items[{i}].") for i, item in enumerate(request.items)]
+        await self._service.end_leases(current_identity().spiffe_id, reqs)
+        return pb.EndLeaseBatchResponse()
+
+
+MAX_END_LEASE_BATCH = 256
+
+
+def _end_lease_request(request: pb.EndLeaseRequest, where: str = "") -> D.EndLeaseRequest:
+    """One lease end, validated (``where`` prefixes the field named in an error)."""
+    if request.end not in (pb.LEASE_END_USED, pb.LEASE_END_RETURNED):
+        raise E.InvalidArgument("END_INVALID", "end must be LEASE_END_USED or LEASE_END_RETURNED",
+                                {"field": where + "end"})
+    return D.EndLeaseRequest(
+        lease_id=D.check_lease_id(request.lease_id),
+        used=request.end == pb.LEASE_END_USED,
+        reason=D.check_reason(request.reason),
+        request_id=D.check_request_id(request.request_id),
+        provider=D.check_provider(request.provider),
+        team=D.check_team(request.team),
+        model=D.check_model(request.model) if request.model else "",
+        key_name=D.check_name(request.key_name) if request.key_name else "",
+        key_version=max(request.key_version, 0),
+    )
 
 
 class KeyVaultAdminServicer(pb_grpc.KeyVaultAdminServiceServicer):

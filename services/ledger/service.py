@@ -249,8 +249,9 @@ class LedgerService:
         hold_ttl: dt.timedelta | None = None,
         provider: str = "",
     ) -> D.ReserveResult:
-        """Places a budget slice for up to ``calls`` calls of the given bounds (as many as every
-        budget has room for, at least one), or raises BUDGET_EXCEEDED."""
+        """Places a budget slice for up to ``calls`` calls of the given bounds (adaptive: at most a
+        quarter of what every budget and rate limit has free), or raises BUDGET_EXCEEDED, or
+        SLICE_NOT_GRANTED when that is fewer than two calls (per-call holds then)."""
         if not 1 <= calls <= MAX_SLICE_CALLS:
             raise E.InvalidArgument(
                 "INVALID_SLICE_CALLS", f"calls must be 1 to {MAX_SLICE_CALLS}", {"field": "calls"})
@@ -293,6 +294,12 @@ class LedgerService:
             self.metrics.denials.labels(team).inc()
             self.metrics.remaining.labels(team).set(status.remaining_nanos)
             raise D.budget_exceeded(status, int(res["amount"]))
+        if result == "NO_SLICE":
+            raise E.FailedPrecondition(
+                "SLICE_NOT_GRANTED",
+                "the budget is too near its limit for a slice: place per-call holds (Reserve)",
+                {"team": team, "amount": int(res["amount"])},
+            )
         if result == "RATE_LIMITED":
             kind = "requests" if int(res["rpm"]) and int(res["requests"]) >= int(res["rpm"]) else "tokens"
             self.metrics.rate_limited.labels(team, kind).inc()

@@ -206,6 +206,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
         for item in await self._svc.settle_batch(items):
             if isinstance(item, E.IgwError):
                 out.results.add(code=item.code.value[0], reason=item.reason)
+            elif request.codes_only:
+                out.results.add()  # settled: code 0, no entry built
             else:
                 out.results.add(response=pb.SettleResponse(entry=spend_entry_pb(item.entry), replayed=item.replayed))
         return out

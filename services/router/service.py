@@ -29,7 +29,7 @@ from services.router.providers.base import ProviderAdapter
 from services.router.providers.registry import get_adapter
 from services.router.routing import RoutingConfig
 from services.router.servicer import call_from_pb, response_to_pb, stream_to_pb
-from services.router.settler import Settler
+from services.router.settler import LeaseEnder, Settler
 from services.router.slices import SliceBook
 
 __all__ = ["Backends", "PriceBook", "Router"]
@@ -59,7 +59,8 @@ class Router:
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.background = Background()
         self.holds = LedgerHolds(backends.ledger, self.settler, self.slices, self.prices, metrics, self.background)
-        self.credentials = VaultCredentials(backends.vault, lease_ttl_s, metrics, self.background)
+        self.lease_ends = LeaseEnder(backends.vault, metrics)
+        self.credentials = VaultCredentials(backends.vault, lease_ttl_s, metrics, self.background, self.lease_ends)
         self.engine = CallEngine(self.holds, self.credentials, Adapters(http, _adapter), metrics, self.breakers,
                                  engine_clock or SystemClock())
         self._backends = backends
@@ -76,6 +77,7 @@ class Router:
         self._backends = backends
         self.holds.ledger = backends.ledger
         self.credentials.vault = backends.vault
+        self.lease_ends._vault = backends.vault
 
     def apply_config(self, config: RoutingConfig) -> None:
         """Makes ``config`` active; breakers of deployments that stay are kept."""
@@ -118,3 +120,4 @@ class Router:
         await self.settler.drain(timeout)
         await self.slices.close(max(deadline - time.monotonic(), 0.0))
         await self.background.wait(max(deadline - time.monotonic(), 0.0))
+        await self.lease_ends.drain(max(deadline - time.monotonic(), 0.0))

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 from opentelemetry.trace import SpanContext
 
+from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from services.common.tracing import current_span_context, linked_span
 from services.router.metrics import RouterMetrics
@@ -170,7 +171,8 @@ class Settler:
         self, batch: list[_Item],
     ) -> list[_Item]:
         """Sends one batch; returns the settles to try again."""
-        req = ledger_pb2.SettleBatchRequest(settles=[item[0] for item in batch])
+        # Only each item's code is used: the ledger need not build the spend entries.
+        req = ledger_pb2.SettleBatchRequest(settles=[item[0] for item in batch], codes_only=True)
         try:
             # Traced calls: the batch is its own trace, linked to the trace of every call it settles.
             with linked_span("igw.router.SettleBatch", [item[2] for item in batch], {"igw.batch_size": len(batch)}):
@@ -194,3 +196,82 @@ class Settler:
             else:
                 retry.append(item)
         return retry
+
+
+class LeaseEnder:
+    """Groups the vault lease ends (``EndLeaseBatch``) of calls that end at about the same time:
+    one RPC and one audit group commit for many leases, off the agent's path (the agent has its
+    answer before its lease ends). Each batch is retried until acknowledged (an end is audited
+    at least once, so every lease ends visibly); a vault without ``EndLeaseBatch`` (older, mid
+    rolling upgrade) gets the ends one by one. If the router dies with ends queued, the leases
+    still expire at their TTL: the audit then shows an issue without an end."""
+
+    def __init__(
+        self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, metrics: RouterMetrics, *, max_batch: int = 256,
+        linger_s: float = 0.02,
+    ) -> None:
+        self._vault = vault
+        self._metrics = metrics
+        self._max_batch = max_batch
+        self._linger_s = linger_s
+        self._queue: list[keyvault_pb2.EndLeaseRequest] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._batch_ok = True
+
+    def submit(self, req: keyvault_pb2.EndLeaseRequest) -> None:
+        """Queues one lease end; returns at once."""
+        self._queue.append(req)
+        if len(self._queue) >= self._max_batch:
+            self._send_now()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self._linger_s, self._send_now)
+
+    def _send_now(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        batch, self._queue = self._queue, []
+        if batch:
+            # A fresh context: the batch must not carry one caller's span, request id or identity.
+            task = asyncio.get_running_loop().create_task(self._send(batch), context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _count(self, ends: list[keyvault_pb2.EndLeaseRequest], acknowledged: bool) -> None:
+        if not acknowledged:
+            self._metrics.lease_ends.labels("unacknowledged").inc(len(ends))
+            return
+        used = sum(1 for e in ends if e.end == keyvault_pb2.LEASE_END_USED)
+        if used:
+            self._metrics.lease_ends.labels("used").inc(used)
+        if len(ends) - used:
+            self._metrics.lease_ends.labels("returned").inc(len(ends) - used)
+
+    async def _send(self, batch: list[keyvault_pb2.EndLeaseRequest]) -> None:
+        if self._batch_ok:
+            req = keyvault_pb2.EndLeaseBatchRequest(items=batch)
+            try:
+                await self._vault.EndLeaseBatch(req, timeout=5)
+                self._count(batch, True)
+                return
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._batch_ok = False
+            if self._batch_ok:
+                ok = await with_retries(lambda: self._vault.EndLeaseBatch(req, timeout=5))
+                self._count(batch, ok)
+                if not ok:
+                    _LOGGER.warning("lease ends not acknowledged by the vault", extra={"count": len(batch)})
+                return
+        for one in batch:
+            ok = await with_retries(lambda one=one: self._vault.EndLease(one, timeout=5))  # type: ignore[misc]
+            self._count([one], ok)
+            if not ok:
+                _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": one.reason})
+
+    async def drain(self, timeout: float) -> None:
+        """Sends what is queued and waits (up to ``timeout``) for every batch (graceful shutdown)."""
+        self._send_now()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

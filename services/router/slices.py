@@ -1,4 +1,10 @@
-"""Budget slices, the router's side of the hot-team path (routing config ``budget_slices``).
+"""Budget slices, the router's side of the default hold path (routing config ``budget_slices``).
+
+On by default for a busy key (``busy_calls`` calls of one team, agent and price key within
+``busy_window_ms``); other calls take exact per-call holds (``Reserve``). The ledger sizes each
+slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
+refused while this router holds the team's slices gives them back and asks again
+(:meth:`SliceBook.reserve`), so a team is refused where per-call holds would refuse it.
 
 A slice is one ledger hold covering up to N calls of one team, agent and price key
 (``AcquireSlice``). The router places each call's hold (the most the call can cost, priced
@@ -25,7 +31,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -65,6 +71,10 @@ class Slice:
     retired: bool = False
     keep: bool = False  # a settle was not acknowledged: leave the slice to be captured
     released: bool = False
+    # Done once what is left of the slice went back to the budget (or was left to be captured).
+    gone: asyncio.Future[None] | None = None
+    # The hold as the call path sees it, by amount: built once per slice, not per call (read-only).
+    answers: dict[int, ledger_pb2.ReserveResponse] | None = None
 
 
 @dataclass(slots=True)
@@ -77,10 +87,16 @@ class SliceHold:
     tokens: int = 0
 
     def response(self) -> ledger_pb2.ReserveResponse:
-        """The hold as the call path sees a Reserve answer (settles go to the slice)."""
-        return ledger_pb2.ReserveResponse(
-            reservation_id=self.slice.reservation_id, held_nanos=self.amount,
-            price_version=self.slice.price_version)
+        """The hold as the call path sees a Reserve answer (settles go to the slice); shared by
+        the slice's calls of the same amount, so never to be modified."""
+        s = self.slice
+        if s.answers is None:
+            s.answers = {}
+        answer = s.answers.get(self.amount)
+        if answer is None:
+            answer = s.answers[self.amount] = ledger_pb2.ReserveResponse(
+                reservation_id=s.reservation_id, held_nanos=self.amount, price_version=s.price_version)
+        return answer
 
 
 class Prices(Protocol):
@@ -105,6 +121,10 @@ class SliceBook:
         self._denied_until: dict[Key, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        # Every slice not yet released, by team (active and retired ones).
+        self._held: dict[str, set[Slice]] = {}
+        # Per key: when its current busy window started and how many calls it made in it.
+        self._busy: dict[Key, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ the call path
 
@@ -114,7 +134,20 @@ class SliceBook:
     ) -> SliceHold | None:
         """A call hold from this key's slice (acquiring one when needed); None: use ``Reserve``."""
         key = (team, agent, price_key)
-        if self._denied_until.get(key, 0.0) > self._clock():
+        now = self._clock()
+        sc = cfg.budget_slices
+        window_s = sc.busy_window_ms / 1000
+        start, n = self._busy.get(key, (now, 0))
+        if now - start > window_s:
+            start, n = now, 0
+        self._busy[key] = (start, n + 1)
+        if n + 1 < sc.busy_calls and key not in self._active:
+            # Not busy (fewer than busy_calls calls in busy_window_ms) and no slice: an exact
+            # per-call hold. Only a busy key leases a slice, so an occasional caller holds nothing.
+            if len(self._busy) > 100_000:
+                self._forget_idle(now, window_s)
+            return None
+        if self._denied_until.get(key, 0.0) > now:
             return None
         # A burst larger than one slice waits for the next acquisition (each one answers up to
         # ``calls`` of the waiting calls); after a few rounds the rest take per-call holds.
@@ -140,6 +173,42 @@ class SliceBook:
             if await self._acquire(key, prompt_tokens, max_output_tokens, cfg, timeout, provider) is None:
                 return None
         return None
+
+    async def reserve(
+        self, team: str, call: Callable[[], Awaitable[ledger_pb2.ReserveResponse]], timeout: float,
+    ) -> ledger_pb2.ReserveResponse:
+        """A per-call hold (``call`` is the Reserve), exact at the limit: a Reserve refused for
+        budget while this router still holds slices of the team gives them back (waiting, up to
+        ``timeout``, for their in-flight calls to settle) and is asked once more, so the refusal
+        comes where per-call holds alone would refuse."""
+        try:
+            return await call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not await self.give_back_team(team, timeout):
+                raise
+        self._metrics.slices.labels("returned_at_limit").inc()
+        return await call()
+
+    async def give_back_team(self, team: str, timeout: float) -> bool:
+        """Retires every slice of ``team`` and waits (up to ``timeout``) until what is left of
+        each went back to the budget; False when there was none."""
+        held = self._held.get(team)
+        if not held:
+            return False
+        loop = asyncio.get_running_loop()
+        waits = []
+        for s in list(held):
+            if s.gone is None:
+                s.gone = loop.create_future()
+            waits.append(s.gone)
+            if not s.retired:
+                self._retire(s)
+        await asyncio.wait(waits, timeout=max(timeout, 0.001))
+        return True
+
+    def _forget_idle(self, now: float, window_s: float) -> None:
+        for k in [k for k, (t, _n) in self._busy.items() if now - t > window_s]:
+            del self._busy[k]
 
     def give_back(self, hold: SliceHold) -> None:
         """The call will not be settled (it failed before spending, or was cancelled)."""
@@ -221,12 +290,17 @@ class SliceBook:
             return None
         self._denied_until.pop(key, None)
         self._metrics.slices.labels("acquired").inc()
+        if 0 < resp.calls < sc.calls:
+            # A smaller grant (the budget nears its limit): drawn from for a shorter while too, so
+            # an idle router gives what it holds back sooner.
+            draw_s *= resp.calls / sc.calls
         s = Slice(key, resp.reservation_id, resp.price_version, resp.held_nanos, self._clock() + draw_s,
                   calls_left=resp.calls, tokens_left=resp.calls * (prompt + max_out))
         old = self._active.get(key)
         if old is not None:
             self._retire(old)
         self._active[key] = s
+        self._held.setdefault(key[0], set()).add(s)
         self._timers[id(s)] = asyncio.get_running_loop().call_later(draw_s, self._retire, s)
         return s
 
@@ -261,8 +335,24 @@ class SliceBook:
         if s.keep:
             self._metrics.slices.labels("kept").inc()
             _LOGGER.warning("a budget slice is left to expire: one of its settles was not acknowledged")
+            self._gone(s)
             return
-        self._background(self._release_now(s.reservation_id))
+        self._background(self._release_slice(s))
+
+    async def _release_slice(self, s: Slice) -> None:
+        try:
+            await self._release_now(s.reservation_id)
+        finally:
+            self._gone(s)
+
+    def _gone(self, s: Slice) -> None:
+        held = self._held.get(s.key[0])
+        if held is not None:
+            held.discard(s)
+            if not held:
+                del self._held[s.key[0]]
+        if s.gone is not None and not s.gone.done():
+            s.gone.set_result(None)
 
     async def _release_now(self, reservation_id: str) -> None:
         if await release_hold(self._ledger, reservation_id, "slice_retired"):

@@ -1,6 +1,7 @@
 """`python -m bench run --quick --no-litellm` end to end with tiny durations: the harness works,
 every call answers, and the ledger holds exactly one spend entry per successful call. The rate and
-hot ladders also run igw with budget slices (opt-in, the bench's slices teams) side by side."""
+hot ladders run igw at its defaults (adaptive budget slices) and with per-call holds (the bench's
+per-call teams) side by side, and a team of each kind is driven to its limit."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ("ceiling", "c1", "rate", "hot", "stream", "fallback")
+SCENARIOS = ("ceiling", "c1", "rate", "hot", "limit", "stream", "fallback")
 
 
 @pytest.mark.slow
@@ -41,21 +42,27 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert not {k: v for k, v in errors_total(results).items() if v}
     c1 = results["scenarios"]["c1"]["d0"]
     assert c1["pooled_ms"]["igw"]["n"] == 20 and c1["pooled_ms"]["direct"]["n"] == 20
-    assert c1["pooled_ms"]["igw-hot-slices"]["n"] == 20 and c1["errors"]["igw-hot-slices"] == 0
+    assert c1["pooled_ms"]["igw-hot-percall"]["n"] == 20 and c1["errors"]["igw-hot-percall"] == 0
     assert results["scenarios"]["rate"]["max_sustained_rps"]["igw"] == 20
-    # Budget slices (opt-in) measured in the same ladders: every call answered, drawn from a slice.
-    assert "budget_slices:" in results["rig"]["routing_config"]
-    for name, plain, sliced in (("rate", "igw", "igw-slices"), ("hot", "igw-hot", "igw-hot-slices")):
+    # The defaults draw from budget slices; per-call holds measured in the same ladders.
+    assert "per_call_teams:" in results["rig"]["routing_config"]
+    for name, sliced, plain in (("rate", "igw", "igw-percall"), ("hot", "igw-hot", "igw-hot-percall")):
         sc = results["scenarios"][name]
         assert sc["max_sustained_rps"] == {plain: 20, sliced: 20}, sc["max_sustained_rps"]
         for step in sc["steps"]:
             for system in (plain, sliced):
                 res = step["results"][system]
                 assert res["ok"] > 0 and not sum(res["errors"].values()), (system, res["errors"])
+            # A busy key draws from slices (its first calls in a window take per-call holds); the
+            # sanity step already proved a busy key draws.
             res = step["results"][sliced]
-            assert res["slices"]["draws"] >= res["ok"] + res["warmup"]["ok"], res["slices"]
+            assert res["slices"]["draws"] <= res["ok"] + res["warmup"]["ok"], res["slices"]
             assert res["slices"]["events"].get("failed", 0) == 0, res["slices"]
             assert step["results"][plain]["slices"]["draws"] == 0  # per-call holds: no slice
+    limit = results["scenarios"]["limit"]
+    assert limit["ok"], limit
+    assert limit["igw"]["served"] >= limit["igw-percall"]["served"] > 0 and limit["igw"]["refused"] > 0
+    assert not limit["igw"]["overspent"] and limit["igw"]["held_nanos"] == 0
     assert results["scenarios"]["stream"]["ttft_ms"]["igw"]["n"] == 20
     served = results["scenarios"]["fallback"]["c1_served_by"][0]
     assert set(served) <= {"bench-flaky", "bench-backup"} and sum(p["n"] for p in served.values()) == 20
@@ -66,7 +73,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         assert check["entries"] == check["successes"], check
         assert check["lost"] == 0 and check["duplicated"] == 0 and check["unexpected"] == 0, check
         assert check["wrong_team"] == 0 and check["ok"], check
-    for name, system in (("rate", "igw-slices"), ("hot", "igw-hot-slices")):
+    for name, system in (("rate", "igw-percall"), ("hot", "igw-hot-percall")):
         check = spend[name]["systems"][system]
         assert check["successes"] > 0 and check["entries"] == check["successes"], check
         assert check["ok"], check
@@ -84,7 +91,7 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
         assert bench_main.main(["report", str(out)]) == 0
     text = md.read_text()
     assert out.name in text and "## Headline" in text
-    assert "igw with budget slices (opt-in)" in text
+    assert "igw with per-call holds (configured)" in text and "driven to its limit" in text
     assert png.stat().st_size > 1000
 
 

@@ -43,6 +43,7 @@ EXPECTED = {
     "igw.router.v1.RouterAdminService/*": {"operator"},
     "igw.keyvault.v1.KeyVaultService/IssueCredential": {"router"},
     "igw.keyvault.v1.KeyVaultService/EndLease": {"router"},
+    "igw.keyvault.v1.KeyVaultService/EndLeaseBatch": {"router"},
     "igw.keyvault.v1.KeyVaultAdminService/*": {"operator"},
     "igw.ledger.v1.LedgerService/Reserve": {"router"},
     "igw.ledger.v1.LedgerService/Settle": {"router"},

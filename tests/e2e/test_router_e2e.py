@@ -205,11 +205,11 @@ def test_cached_input_tokens_are_reported_and_charged_at_the_cached_price(rig: R
     format (OpenAI prompt_tokens_details, Anthropic cache_read_input_tokens, Gemini
     cachedContentTokenCount). The router passes the count on and the ledger charges those
     tokens at the cached price, unary and streamed."""
-    version = rig.ledger_op.SetPrices(ledger_pb2.SetPricesRequest(
+    rig.ledger_op.SetPrices(ledger_pb2.SetPricesRequest(
         request_id=f"cached-price-{uuid.uuid4().hex}",
         prices=[ledger_pb2.ModelPrice(model="fake-cached", input_per_mtok_nanos=1_000_000_000,
                                       output_per_mtok_nanos=2_000_000_000, cached_input_per_mtok_nanos=100_000_000)],
-    ), timeout=10).version
+    ), timeout=10)
 
     def up(tokens: int, per_mtok: int) -> int:
         return (tokens * per_mtok + 999_999) // 1_000_000
@@ -228,7 +228,13 @@ def test_cached_input_tokens_are_reported_and_charged_at_the_cached_price(rig: R
                              (final.request_id, final.usage, final.cost_nanos)):
         assert 0 < usage.cached_input_tokens < usage.input_tokens
         entry = rig.wait_entry(rid)
-        assert entry.price_version >= version and entry.model == "fake-cached"
+        # Priced at its hold's catalogue version: this one, or (a busy key's budget slice pins its
+        # version until it retires) an earlier one holding the same prices.
+        held_at = {p.model: p for p in rig.ledger_op.ListPrices(
+            ledger_pb2.ListPricesRequest(version=entry.price_version), timeout=10).prices}["fake-cached"]
+        assert (held_at.input_per_mtok_nanos, held_at.output_per_mtok_nanos, held_at.cached_input_per_mtok_nanos) == (
+            1_000_000_000, 2_000_000_000, 100_000_000)
+        assert entry.price_version >= 1 and entry.model == "fake-cached"
         assert (entry.usage.input_tokens, entry.usage.cached_input_tokens, entry.usage.output_tokens) == (
             usage.input_tokens, usage.cached_input_tokens, usage.output_tokens)
         expected = (up(usage.input_tokens - usage.cached_input_tokens, 1_000_000_000)

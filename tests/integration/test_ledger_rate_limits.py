@@ -120,29 +120,36 @@ async def test_agent_limits_apply_next_to_the_team_limit(fresh_database: str) ->
         assert [r.agent for r in await svc.get_rate_limits(team="rt")] == [""]
 
 
-async def test_a_slice_is_granted_only_the_calls_the_rate_limit_has_room_for(fresh_database: str) -> None:
+async def test_a_slice_is_granted_a_quarter_of_the_calls_the_rate_limit_has_room_for(fresh_database: str) -> None:
     async with ledger_service(fresh_database, allow_unbudgeted=True) as svc:
-        await svc.set_rate_limit(team="rt", requests_per_minute=5)
+        await svc.set_rate_limit(team="rt", requests_per_minute=20)
         await _reserve(svc, "before")
-        s = await svc.acquire_slice(slice_id="s1", team="rt", agent="a", model="fake-small", calls=10, **BOUNDS)
-        assert s.hold.slice_calls == 4
+        grants = []
+        for n in range(4):  # 19, 15, 12 and 9 requests free: a quarter of each
+            s = await svc.acquire_slice(slice_id=f"s{n}", team="rt", agent="a", model="fake-small", calls=10,
+                                        **BOUNDS)
+            grants.append(s)
+        assert [g.hold.slice_calls for g in grants] == [4, 3, 3, 2]
+        # 7 free: a quarter is one call, so no slice; per-call holds take the rest, exactly.
+        with pytest.raises(E.FailedPrecondition) as none:
+            await svc.acquire_slice(slice_id="s9", team="rt", agent="a", model="fake-small", calls=10, **BOUNDS)
+        assert none.value.reason == "SLICE_NOT_GRANTED"
+        for i in range(7):
+            await _reserve(svc, f"r{i}")
         with pytest.raises(E.ResourceExhausted) as err:
             await _reserve(svc, "x")
         assert err.value.reason == "RATE_LIMITED"
         with pytest.raises(E.ResourceExhausted):
-            await svc.acquire_slice(slice_id="s2", team="rt", agent="a", model="fake-small", calls=10, **BOUNDS)
-        # Two calls of the slice settle; the slice is returned: its two unused calls stop counting.
+            await svc.acquire_slice(slice_id="s10", team="rt", agent="a", model="fake-small", calls=10, **BOUNDS)
+        # Two calls of the first slice settle; it is returned: its two unused calls stop counting.
+        first = grants[0]
         for rid in ("sc1", "sc2"):
-            await svc.settle(request_id=rid, reservation_id=str(s.hold.reservation_id), usage=D.Usage(5, 5, 0),
+            await svc.settle(request_id=rid, reservation_id=str(first.hold.reservation_id), usage=D.Usage(5, 5, 0),
                              provider="p", provider_model="m")
-        await svc.release(reservation_id=str(s.hold.reservation_id))
+        await svc.release(reservation_id=str(first.hold.reservation_id))
         [limit] = await svc.get_rate_limits(team="rt")
-        assert limit.requests_used == 3 and limit.tokens_used == 500 + 10 + 10
-        await _reserve(svc, "y1")
-        await _reserve(svc, "y2")
-        with pytest.raises(E.ResourceExhausted):
-            await _reserve(svc, "y3")
-    check_invariants(fresh_database)
+        assert limit.requests_used == 18
+        assert limit.tokens_used == 500 + 10 + 10 + (3 + 3 + 2) * 500 + 7 * 500
 
 
 async def test_rate_limited_is_resource_exhausted_with_retry_info_over_grpc(fresh_database: str, pki: Path) -> None:

@@ -172,3 +172,25 @@ async def test_a_batch_the_database_refuses_is_settled_item_by_item(
         assert getattr(out[3], "reason", None) == "RESERVATION_MISMATCH"
     assert sql(fresh_database, "SELECT request_id FROM spend_entries ORDER BY 1") == [("f0",), ("f1",), ("f2",)]
     check_invariants(fresh_database)
+
+
+async def test_a_codes_only_batch_answers_codes_without_entries_and_settles_the_same(
+    fresh_database: str, pki: Path,
+) -> None:
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team="bt", agent="", window=4, limit_nanos=10**12)
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
+        async with channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            holds = [await stub.Reserve(pb.ReserveRequest(
+                request_id=f"c{i}", attempt=1, team="bt", agent="a", model="fake-small",
+                prompt_tokens_upper_bound=1000, max_output_tokens=1000)) for i in range(2)]
+            batch = pb.SettleBatchRequest(codes_only=True, settles=[
+                _settle("c0", holds[0].reservation_id), _settle("c1", holds[1].reservation_id),
+                _settle("c2", "00000000-0000-0000-0000-000000000000")])
+            for _ in range(2):  # the replay answers the same
+                res = await stub.SettleBatch(batch)
+                assert [(r.code, r.HasField("response")) for r in res.results[:2]] == [(0, False), (0, False)]
+                assert res.results[2].reason == "RESERVATION_NOT_FOUND"
+    assert sql(fresh_database, "SELECT request_id FROM spend_entries ORDER BY request_id") == [("c0",), ("c1",)]
+    check_invariants(fresh_database)

@@ -92,18 +92,29 @@ def _prices(url: str, version: int) -> tuple[int, int, int]:
     return int(rows[0][0]), int(rows[0][1]), 0
 
 
-async def test_a_slice_gets_only_the_calls_the_tightest_budget_has_room_for(fresh_database: str, pki: Path) -> None:
+async def test_a_slice_gets_a_quarter_of_what_the_tightest_budget_has_free(fresh_database: str, pki: Path) -> None:
     async with ledger_service(fresh_database, allow_unbudgeted=True) as svc, grpc_server(svc, pki) as rt:
         channel, stub = _stub(rt.port, pki)
         async with channel:
             unit = await _unit(stub)
             await svc.set_budget(team="st", agent="", window=4, limit_nanos=100 * unit)
-            await svc.set_budget(team="st", agent="a", window=1, limit_nanos=unit * 7 // 2)  # room for 3
+            await svc.set_budget(team="st", agent="a", window=1, limit_nanos=unit * 29 // 2)  # room for 14
             s = await stub.AcquireSlice(_slice("s1", calls=10))
-            assert (s.calls, s.held_nanos) == (3, 3 * unit)
+            assert (s.calls, s.held_nanos) == (3, 3 * unit)  # a quarter of 14.5 calls' room
             assert {(b.agent, b.held_nanos) for b in s.budgets} == {("", 3 * unit), ("a", 3 * unit)}
+            assert (await stub.AcquireSlice(_slice("s2", calls=10))).calls == 2  # a quarter of 11.5
+            assert (await stub.AcquireSlice(_slice("s3", calls=10))).calls == 2  # a quarter of 9.5
+            # 7.5 calls free: a quarter is one call, so no slice (nothing placed); per-call holds instead.
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.AcquireSlice(_slice("s4", calls=10))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert error_info_from_rpc_error(err.value).reason == "SLICE_NOT_GRANTED"
+            assert sql(fresh_database, "SELECT count(*) FROM holds WHERE request_id = 's4'") == [(0,)]
+            for i in range(7):
+                await stub.Reserve(pb.ReserveRequest(request_id=f"r{i}", attempt=0, team="st", agent="a",
+                                                     model="fake-small", **BOUNDS))
             # Not even one more call fits: refused like a Reserve, with the budget in the details.
-            for call in (stub.AcquireSlice(_slice("s2", calls=1)),
+            for call in (stub.AcquireSlice(_slice("s5", calls=1)),
                          stub.Reserve(pb.ReserveRequest(request_id="r", attempt=0, team="st", agent="a",
                                                         model="fake-small", **BOUNDS))):
                 with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -111,14 +122,15 @@ async def test_a_slice_gets_only_the_calls_the_tightest_budget_has_room_for(fres
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 info = error_info_from_rpc_error(err.value)
                 assert info.reason == "BUDGET_EXCEEDED" and info.metadata["agent"] == "a"
-            # Another agent of the team is only bound by the team budget.
+            # Another agent of the team is only bound by the team budget (86 calls free).
             other = await stub.AcquireSlice(pb.AcquireSliceRequest(
-                slice_id="s3", team="st", agent="b", model="fake-small", calls=5, **BOUNDS))
-            assert other.calls == 5
+                slice_id="s6", team="st", agent="b", model="fake-small", calls=64, **BOUNDS))
+            assert other.calls == 21
             await stub.Settle(_settle("c1", s.reservation_id))
             await stub.Release(pb.ReleaseRequest(reservation_id=s.reservation_id))
-            # The release gave the agent's budget room again.
-            assert (await stub.AcquireSlice(_slice("s4", calls=10))).calls == 3
+            # The release gave the agent's budget room again: one per-call hold more fits.
+            await stub.Reserve(pb.ReserveRequest(request_id="r8", attempt=0, team="st", agent="a",
+                                                 model="fake-small", **BOUNDS))
     check_invariants(fresh_database)
 
 
@@ -196,7 +208,8 @@ async def test_slices_and_reserves_at_once_never_overspend_or_deadlock(fresh_dat
                             req = _slice(f"{name}-{round_}-{team}", team=team, calls=4)
                             slices.append(await stub.AcquireSlice(req))
                         except grpc.aio.AioRpcError as err:
-                            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            assert err.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                  grpc.StatusCode.FAILED_PRECONDITION)
                     batch = [_settle(f"{name}-{round_}-{k}-{i}", s.reservation_id, out=rng.randint(1, 900))
                              for k, s in enumerate(slices) for i in range(s.calls)]
                     if name == "r2":

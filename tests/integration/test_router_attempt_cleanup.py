@@ -41,6 +41,7 @@ models:
   m: {{candidates: [d]}}
 retries: {{max_attempts: 1}}
 breaker: {{failure_threshold: 1, cooldown_ms: 1, probe_timeout_ms: 600000}}
+budget_slices: {{enabled: false}}  # per-call holds: each attempt's own hold is what is checked
 """.encode()
 TEAM = "cleanup"
 AGENT = Identity(f"spiffe://igw.local/team/{TEAM}/agent/a1", Kind.AGENT, team=TEAM, agent="a1")
@@ -60,6 +61,12 @@ class _Vault:
 
     def EndLease(self, req: keyvault_pb2.EndLeaseRequest, timeout: float) -> asyncio.Future[None]:
         self.ended.append(req)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def EndLeaseBatch(self, req: keyvault_pb2.EndLeaseBatchRequest, timeout: float) -> asyncio.Future[None]:
+        self.ended.extend(req.items)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut

@@ -229,6 +229,76 @@ async def test_end_lease_is_for_the_router_only_and_refuses_bad_input(vault: Vau
     assert vault.sql("SELECT count(*) FROM audit_events WHERE action LIKE 'LEASE_%%'") == [(0,)]
 
 
+async def test_lease_ends_in_a_batch_are_audited_together_in_one_group_commit(vault: Vault) -> None:
+    await vault.create("openai-1")
+    leases = [await vault.issue(request_id=f"batch-{i}", team="demo", model="gpt-4o") for i in range(5)]
+    ends = [
+        pb.EndLeaseRequest(
+            lease_id=lease.lease_id, end=pb.LEASE_END_USED if i % 2 == 0 else pb.LEASE_END_RETURNED,
+            reason="SUCCESS" if i % 2 == 0 else "CANCELLED", request_id=f"batch-{i}", provider="openai",
+            team="demo", model="gpt-4o", key_name=lease.key_name, key_version=lease.key_version)
+        for i, lease in enumerate(leases)
+    ]
+    await vault.router.EndLeaseBatch(pb.EndLeaseBatchRequest(items=ends))
+    rows = vault.sql("SELECT sequence, created_at, request_id, action, reason, lease_id_hmac FROM audit_events"
+                     " WHERE action LIKE 'LEASE_%%' ORDER BY sequence")
+    hmac_of = vault.service._master.lease_hmac
+    assert [(r[2], r[3], r[4], r[5]) for r in rows] == [
+        (f"batch-{i}", "LEASE_USED" if i % 2 == 0 else "LEASE_RETURNED", "SUCCESS" if i % 2 == 0 else "CANCELLED",
+         hmac_of(leases[i].lease_id))
+        for i in range(5)
+    ]
+    # One batch: consecutive records written at one commit time.
+    assert [r[0] for r in rows] == list(range(rows[0][0], rows[0][0] + 5))
+    assert len({r[1] for r in rows}) == 1
+    assert (await vault.admin.VerifyAuditLog(pb.VerifyAuditLogRequest())).ok
+
+
+async def test_end_lease_batch_is_for_the_router_only_and_refuses_a_bad_item_as_a_whole(vault: Vault) -> None:
+    good = pb.EndLeaseRequest(lease_id="ab" * 16, end=pb.LEASE_END_RETURNED, reason="CANCELLED", request_id="r1",
+                              provider="openai", team="demo")
+    bad = pb.EndLeaseRequest()
+    bad.CopyFrom(good)
+    bad.reason = "free text"
+    for stub in (vault.agent, vault.operator_issue):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.EndLeaseBatch(pb.EndLeaseBatchRequest(items=[good]))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    for req, field in [(pb.EndLeaseBatchRequest(items=[good, bad]), "reason"),
+                       (pb.EndLeaseBatchRequest(), "items"),
+                       (pb.EndLeaseBatchRequest(items=[good] * 257), "items")]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await vault.router.EndLeaseBatch(req)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in str(error_info_from_rpc_error(info.value).metadata)
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE action LIKE 'LEASE_%%'") == [(0,)]
+
+
+async def test_a_key_version_is_decrypted_once_not_per_lease(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.keyvault import crypto
+
+    opened: list[int] = []
+    real = crypto.open_secret
+
+    def counting(data_key: bytes, name: str, provider: str, version: int, sealed: Any) -> bytes:
+        opened.append(version)
+        return real(data_key, name, provider, version, sealed)
+
+    monkeypatch.setattr(crypto, "open_secret", counting)
+    await vault.create("once", secret="sk-once-version-1")
+    leases = [await vault.issue() for _ in range(5)]
+    assert {lease.secret for lease in leases} == {"sk-once-version-1"}
+    assert opened == [1]
+    # A rotation drops the cached secret with the cache entry: the new version is decrypted once.
+    await vault.admin.RotateProviderKey(pb.RotateProviderKeyRequest(request_id="once-r", name="once",
+                                                                    secret="sk-once-version-2"))
+    leases = [await vault.issue() for _ in range(3)]
+    assert {(lease.key_version, lease.secret) for lease in leases} == {(2, "sk-once-version-2")}
+    assert opened == [1, 2]
+    # Every lease is still audited before it is handed out.
+    assert vault.sql("SELECT count(*) FROM audit_events WHERE action = 'ISSUE_CREDENTIAL'") == [(8,)]
+
+
 async def test_requested_ttl_is_capped_at_the_maximum(vault: Vault) -> None:
     await vault.create("k")
     now = dt.datetime.now(dt.UTC)

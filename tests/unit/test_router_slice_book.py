@@ -21,7 +21,7 @@ CFG = parse_config(b"""
 providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
 deployments: {d: {provider: p, model: m, price: px}}
 models: {m: {candidates: [d]}}
-budget_slices: {enabled: true, calls: 4, draw_window_ms: 200}
+budget_slices: {enabled: true, calls: 4, draw_window_ms: 200, busy_calls: 1}
 """)
 PRICE = ledger_pb2.ModelPrice(model="px", input_per_mtok_nanos=3_000, output_per_mtok_nanos=15_000)
 UNIT = call_cost(100, 50, 0, 3_000, 15_000, 0)

@@ -177,10 +177,19 @@ BEGIN
   END LOOP;
 
   IF p_calls > 0 THEN
-    -- A slice: as many calls as the tightest budget and rate limit have room for, at most p_calls.
+    -- An adaptive slice: at most p_calls, and at most a quarter of what the tightest budget and
+    -- rate limit still have free (free already net of every open slice), so a slice never takes
+    -- more than a quarter of what is left and no router can starve another of free budget. Room
+    -- for fewer than two calls (one, when one is asked) grants none (NO_SLICE, nothing placed):
+    -- near the limit every call takes an exact per-call hold.
     v_granted := CASE WHEN v_room IS NULL OR v_unit = 0 THEN p_calls
-                      ELSE least(p_calls::numeric, div(v_room, v_unit))::int END;
-    v_granted := least(v_granted::numeric, coalesce(v_rate_calls, v_granted))::int;
+                      ELSE least(p_calls::numeric, div(v_room, v_unit::numeric * 4))::int END;
+    IF v_rate_calls IS NOT NULL THEN
+      v_granted := least(v_granted::numeric, div(v_rate_calls, 4))::int;
+    END IF;
+    IF v_granted < least(p_calls, 2) THEN
+      RETURN jsonb_build_object('result', 'NO_SLICE', 'price_version', v_version, 'amount', v_unit);
+    END IF;
     v_amount := v_unit * v_granted;
     IF v_granted > 1 THEN
       SELECT coalesce(jsonb_agg(s || jsonb_build_object(

@@ -25,7 +25,7 @@ from services.router.call.domain import CallRequest, Lease, NoCredential, Settle
 from services.router.metrics import RouterMetrics
 from services.router.providers.domain import Usage
 from services.router.routing import Deployment
-from services.router.settler import Settler, release_hold, release_request, with_retries
+from services.router.settler import LeaseEnder, Settler, release_hold, release_request
 from services.router.slices import SliceBook, SliceHold
 
 _LOGGER = logging.getLogger(__name__)
@@ -125,15 +125,14 @@ class LedgerHolds:
                 if drawn is not None:
                     return Lease(drawn.response(), drawn)
             reserve_sent()
-            hold = await self.ledger.Reserve(
-                ledger_pb2.ReserveRequest(
-                    request_id=call.request_id, attempt=attempt, team=call.team, agent=call.agent,
-                    model=dep.price, prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
-                    max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
-                    run_id=call.run_id, run_cap_nanos=call.run_cap_nanos,
-                ),
-                timeout=timeout,
+            reserve = ledger_pb2.ReserveRequest(
+                request_id=call.request_id, attempt=attempt, team=call.team, agent=call.agent,
+                model=dep.price, prompt_tokens_upper_bound=prep.prompt_tokens_upper_bound,
+                max_output_tokens=prep.chat.max_output_tokens, provider=dep.provider,
+                run_id=call.run_id, run_cap_nanos=call.run_cap_nanos,
             )
+            # Exact at the limit: a refusal while this router holds the team's slices gives them back first.
+            hold = await self.slices.reserve(call.team, lambda: self.ledger.Reserve(reserve, timeout=timeout), timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -234,12 +233,13 @@ class VaultCredentials:
 
     def __init__(
         self, vault: keyvault_pb2_grpc.KeyVaultServiceStub, lease_ttl_s: int, metrics: RouterMetrics,
-        background: Background,
+        background: Background, lease_ends: LeaseEnder,
     ) -> None:
         self.vault = vault
         self.lease_ttl_s = lease_ttl_s
         self.metrics = metrics
         self.background = background
+        self.lease_ends = lease_ends
 
     def issue(
         self, call: CallRequest, dep: Deployment, timeout: float,
@@ -275,14 +275,7 @@ class VaultCredentials:
             return
         req.end = keyvault_pb2.LEASE_END_USED if used else keyvault_pb2.LEASE_END_RETURNED
         req.reason = reason
-        self.background.run(self._end_now(req))
-
-    async def _end_now(self, req: keyvault_pb2.EndLeaseRequest) -> None:
-        if await with_retries(lambda: self.vault.EndLease(req, timeout=5)):
-            self.metrics.lease_ends.labels("used" if req.end == keyvault_pb2.LEASE_END_USED else "returned").inc()
-        else:
-            self.metrics.lease_ends.labels("unacknowledged").inc()
-            _LOGGER.warning("lease end not acknowledged by the vault", extra={"lease_end_reason": req.reason})
+        self.lease_ends.submit(req)  # grouped with other calls' ends (EndLeaseBatch)
 
     def return_when_issued(
         self, issue: asyncio.Future[keyvault_pb2.IssueCredentialResponse], reason: str, call: CallRequest,
@@ -295,7 +288,7 @@ class VaultCredentials:
                 return
             req = _end_request(lease, call, dep)
             req.end, req.reason = keyvault_pb2.LEASE_END_RETURNED, reason
-            await self._end_now(req)
+            self.lease_ends.submit(req)
 
         self.background.run(wait())
 

@@ -164,6 +164,16 @@ class EndLeaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class EndLeaseBatchRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[EndLeaseRequest]
+    def __init__(self, items: _Optional[_Iterable[_Union[EndLeaseRequest, _Mapping]]] = ...) -> None: ...
+
+class EndLeaseBatchResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class CreateProviderKeyRequest(_message.Message):
     __slots__ = ("request_id", "name", "provider", "secret", "base_url", "allowed_teams", "all_teams", "labels", "rotation_period")
     class LabelsEntry(_message.Message):

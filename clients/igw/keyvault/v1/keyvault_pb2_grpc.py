@@ -45,6 +45,11 @@ class KeyVaultServiceStub:
                 request_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.SerializeToString,
                 response_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.FromString,
                 _registered_method=True)
+        self.EndLeaseBatch = channel.unary_unary(
+                '/igw.keyvault.v1.KeyVaultService/EndLeaseBatch',
+                request_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchRequest.SerializeToString,
+                response_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchResponse.FromString,
+                _registered_method=True)
 
 
 class KeyVaultServiceServicer:
@@ -69,6 +74,15 @@ class KeyVaultServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndLeaseBatch(self, request, context):
+        """Ends several leases at once (the router groups the lease ends of concurrent calls): each
+        item is validated and audited exactly as EndLease would, all in one group commit, durable
+        before it returns. All or nothing: one invalid item refuses the whole batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyVaultServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +95,11 @@ def add_KeyVaultServiceServicer_to_server(servicer, server):
                     servicer.EndLease,
                     request_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.FromString,
                     response_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.SerializeToString,
+            ),
+            'EndLeaseBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndLeaseBatch,
+                    request_deserializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchRequest.FromString,
+                    response_serializer=igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +157,33 @@ class KeyVaultService:
             '/igw.keyvault.v1.KeyVaultService/EndLease',
             igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseRequest.SerializeToString,
             igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndLeaseBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.keyvault.v1.KeyVaultService/EndLeaseBatch',
+            igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchRequest.SerializeToString,
+            igw_dot_keyvault_dot_v1_dot_keyvault__pb2.EndLeaseBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

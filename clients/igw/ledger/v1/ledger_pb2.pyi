@@ -222,10 +222,12 @@ class SettleResponse(_message.Message):
     def __init__(self, entry: _Optional[_Union[SpendEntry, _Mapping]] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class SettleBatchRequest(_message.Message):
-    __slots__ = ("settles",)
+    __slots__ = ("settles", "codes_only")
     SETTLES_FIELD_NUMBER: _ClassVar[int]
+    CODES_ONLY_FIELD_NUMBER: _ClassVar[int]
     settles: _containers.RepeatedCompositeFieldContainer[SettleRequest]
-    def __init__(self, settles: _Optional[_Iterable[_Union[SettleRequest, _Mapping]]] = ...) -> None: ...
+    codes_only: bool
+    def __init__(self, settles: _Optional[_Iterable[_Union[SettleRequest, _Mapping]]] = ..., codes_only: _Optional[bool] = ...) -> None: ...
 
 class SettleBatchResult(_message.Message):
     __slots__ = ("response", "code", "reason")

@@ -109,10 +109,13 @@ class LedgerServiceServicer:
 
     def AcquireSlice(self, request, context):
         """Leases a budget slice to a router: one hold sized for up to `calls` calls of the given
-        bounds (fewer when the budget has room for fewer, at least one), against which the router
-        places per-call holds locally. Each call is still settled by its own request id (Settle
-        with the slice's reservation_id); Release returns what is left. Refuses with
-        RESOURCE_EXHAUSTED / BUDGET_EXCEEDED when not even one call fits. Idempotent on slice_id.
+        bounds, against which the router places per-call holds locally. Adaptive: at most a
+        quarter of what every budget and rate limit still has free, so slices shrink as a budget
+        nears its limit. Each call is still settled by its own request id (Settle with the slice's
+        reservation_id); Release returns what is left. Refuses with RESOURCE_EXHAUSTED /
+        BUDGET_EXCEEDED when not even one call fits, and with FAILED_PRECONDITION /
+        SLICE_NOT_GRANTED (nothing placed) when fewer than two would: the router then places exact
+        per-call holds (Reserve). Idempotent on slice_id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -129,6 +129,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BODY_TIMEOUT: _ClassVar[ErrorReason]
     BODY_TOO_LARGE: _ClassVar[ErrorReason]
     NO_SUCH_ROUTE: _ClassVar[ErrorReason]
+    SLICE_NOT_GRANTED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ALLOWED_TEAMS_INVALID: ErrorReason
 ALL_BREAKERS_OPEN: ErrorReason
@@ -252,3 +253,4 @@ BAD_FIELD: ErrorReason
 BODY_TIMEOUT: ErrorReason
 BODY_TOO_LARGE: ErrorReason
 NO_SUCH_ROUTE: ErrorReason
+SLICE_NOT_GRANTED: ErrorReason

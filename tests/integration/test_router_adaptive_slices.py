@@ -1,0 +1,106 @@
+"""The router at the default settings (budget slices on, adaptive) against a real ledger: a team
+driven to its limit is served exactly as many calls as per-call holds would serve it, one call
+at a time and many at once, and is never overspent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+
+from services.common import errors as E
+from services.router.routing import parse_config
+from tests.integration.ledger_support import check_invariants, sql
+from tests.integration.test_router_attempt_cleanup import BASE_URL
+from tests.integration.test_router_slices import TEAM, _Adapter, _agent, _held_spent, _request, _router, adapter
+
+__all__ = ["adapter"]  # the fixture, shared
+
+DEFAULTS = f"""
+providers:
+  p: {{type: openai, base_url: "{BASE_URL}", local: true}}
+deployments:
+  d: {{provider: p, model: fake-small, price: fake-small}}
+models:
+  m: {{candidates: [d]}}
+retries: {{max_attempts: 1}}
+breaker: {{failure_threshold: 1000}}
+"""
+PER_CALL = DEFAULTS + "budget_slices: {enabled: false}\n"
+
+
+async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concurrent: bool) -> tuple[int, int]:
+    """Drives TEAM to a limit of 40.5 calls; returns (calls served, calls refused for budget)."""
+    adapter.full = True  # each call costs exactly its hold
+    async with _router(database, pki, adapter) as (router, svc, _spy):
+        probe = await router.generate(_agent("plain"), _request("probe"), 10.0)
+        unit = probe.cost_nanos
+        router.apply_config(parse_config(config.encode()))
+        await svc.set_budget(team=TEAM, agent="", window=4, limit_nanos=unit * 81 // 2)
+
+        async def one(i: int) -> bool:
+            try:
+                answer = await router.generate(_agent(), _request(f"lim-{i}"), 10.0)
+            except E.IgwError as err:
+                assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.reason == "BUDGET_EXCEEDED"
+                return False
+            assert answer.cost_nanos == unit
+            return True
+
+        if concurrent:
+            results = await asyncio.gather(*(one(i) for i in range(60)))
+        else:
+            results = [await one(i) for i in range(60)]
+        if config is DEFAULTS:
+            assert router.metrics.slice_draws._value.get() >= 20  # far from the limit, drawn from slices
+        else:
+            assert router.metrics.slice_draws._value.get() == 0
+        await router.drain(10)
+    served = sum(results)
+    assert _held_spent(database, TEAM) == (0, served * unit)
+    entries = sql(database, "SELECT count(*), count(DISTINCT request_id) FROM spend_entries WHERE team = %s", (TEAM,))
+    assert entries == [(served, served)]
+    check_invariants(database)
+    return served, len(results) - served
+
+
+@pytest.mark.parametrize("concurrent", [False, True], ids=["one-at-a-time", "sixty-at-once"])
+async def test_at_the_defaults_a_team_is_refused_exactly_where_per_call_holds_refuse_it(
+    fresh_database: str, pki: Path, adapter: _Adapter, concurrent: bool,
+) -> None:
+    assert parse_config(DEFAULTS.encode()).budget_slices.applies(TEAM)  # slices are the default
+    assert await _drive(fresh_database, pki, adapter, DEFAULTS, concurrent) == (40, 20)
+
+
+async def test_per_call_holds_remain_a_configuration_choice(fresh_database: str, pki: Path, adapter: _Adapter) -> None:
+    assert not parse_config(PER_CALL.encode()).budget_slices.applies(TEAM)
+    assert await _drive(fresh_database, pki, adapter, PER_CALL, False) == (40, 20)
+
+
+async def test_only_a_busy_key_leases_a_slice_so_a_lowered_budget_refuses_an_occasional_call_at_once(
+    fresh_database: str, pki: Path, adapter: _Adapter,
+) -> None:
+    clock = [1000.0]  # the slice book's clock: how busy a key is
+    async with _router(fresh_database, pki, adapter) as (router, svc, spy):
+        router.slices._clock = lambda: clock[0]
+        router.apply_config(parse_config(DEFAULTS.encode()))
+        for i in range(5):  # the 4th call within 5 s makes the key busy: a slice from then on
+            await router.generate(_agent(), _request(f"busy-{i}"), 10.0)
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (3, 2)
+        await router.drain(10)  # the slice goes back
+        for i in range(2):  # occasional calls, seconds apart: per-call holds
+            clock[0] += 6.0
+            await router.generate(_agent(), _request(f"lone-{i}"), 10.0)
+        assert (spy.reserves, router.metrics.slice_draws._value.get()) == (5, 2)
+        # The operator lowers the budget to less than one more call: the next call is refused at once.
+        await router.drain(10)
+        await svc.set_budget(team=TEAM, agent="", window=4, limit_nanos=_held_spent(fresh_database, TEAM)[1] + 1)
+        clock[0] += 6.0
+        with pytest.raises(E.IgwError) as err:
+            await router.generate(_agent(), _request("lone-2"), 10.0)
+        assert err.value.reason == "BUDGET_EXCEEDED"
+        await router.drain(10)
+    assert _held_spent(fresh_database, TEAM)[0] == 0
+    check_invariants(fresh_database)
