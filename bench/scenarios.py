@@ -232,9 +232,10 @@ timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 12
 # fallback scenario measures the fallback path itself, not the breaker skipping the primary.
 breaker: {{failure_threshold: 1000, cooldown_ms: 10000, probe_timeout_ms: 5000}}
 limits: {{max_in_flight: 4096}}
-# Budget slices at their defaults (on, adaptive) for every team but the bench's per-call teams
-# (the igw-percall systems), which take a Reserve per call: the configuration choice.
+# Adaptive budget slices (opt-in) for every team but the bench's per-call teams (the igw-percall
+# systems, the product's default), which take a Reserve per call: both measured side by side.
 budget_slices:
+  enabled: true
   per_call_teams: [{", ".join([*self.percall_teams(), HOT_PERCALL_TEAM, LIMIT_PERCALL_TEAM])}]
 """
 
