@@ -28,7 +28,8 @@ models:
 retries: {{max_attempts: 1}}
 breaker: {{failure_threshold: 1000}}
 """
-PER_CALL = DEFAULTS + "budget_slices: {enabled: false}\n"
+PER_CALL = DEFAULTS  # per-call holds are the default
+SLICES = DEFAULTS + "budget_slices: {enabled: true}\n"  # adaptive slices, opt-in
 
 
 async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concurrent: bool) -> tuple[int, int]:
@@ -53,7 +54,7 @@ async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concu
             results = await asyncio.gather(*(one(i) for i in range(60)))
         else:
             results = [await one(i) for i in range(60)]
-        if config is DEFAULTS:
+        if config is SLICES:
             assert router.metrics.slice_draws._value.get() >= 20  # far from the limit, drawn from slices
         else:
             assert router.metrics.slice_draws._value.get() == 0
@@ -67,11 +68,11 @@ async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concu
 
 
 @pytest.mark.parametrize("concurrent", [False, True], ids=["one-at-a-time", "sixty-at-once"])
-async def test_at_the_defaults_a_team_is_refused_exactly_where_per_call_holds_refuse_it(
+async def test_with_adaptive_slices_a_team_is_refused_exactly_where_per_call_holds_refuse_it(
     fresh_database: str, pki: Path, adapter: _Adapter, concurrent: bool,
 ) -> None:
-    assert parse_config(DEFAULTS.encode()).budget_slices.applies(TEAM)  # slices are the default
-    assert await _drive(fresh_database, pki, adapter, DEFAULTS, concurrent) == (40, 20)
+    assert parse_config(SLICES.encode()).budget_slices.applies(TEAM)
+    assert await _drive(fresh_database, pki, adapter, SLICES, concurrent) == (40, 20)
 
 
 async def test_per_call_holds_remain_a_configuration_choice(fresh_database: str, pki: Path, adapter: _Adapter) -> None:
@@ -85,7 +86,7 @@ async def test_only_a_busy_key_leases_a_slice_so_a_lowered_budget_refuses_an_occ
     clock = [1000.0]  # the slice book's clock: how busy a key is
     async with _router(fresh_database, pki, adapter) as (router, svc, spy):
         router.slices._clock = lambda: clock[0]
-        router.apply_config(parse_config(DEFAULTS.encode()))
+        router.apply_config(parse_config(SLICES.encode()))
         for i in range(5):  # the 4th call within 5 s makes the key busy: a slice from then on
             await router.generate(_agent(), _request(f"busy-{i}"), 10.0)
         assert (spy.reserves, router.metrics.slice_draws._value.get()) == (3, 2)
