@@ -15,7 +15,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from igw.keyvault.v1 import keyvault_pb2 as pb
 from igw.keyvault.v1 import keyvault_pb2_grpc as pb_grpc
 from services.common import errors as E
-from services.common.server import current_identity
+from services.common.guard import current_identity
 from services.keyvault import domain as D
 from services.keyvault.service import VaultService, master_key_unavailable
 
