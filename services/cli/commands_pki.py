@@ -6,8 +6,8 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-from services.cli.common import CliError, SubParsers
 from services.cli.output import print_json, print_table
+from services.cli.parsing import CliError, SubParsers
 
 __all__ = ["register"]
 
