@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from igw.client import error_from_rpc_error
+from igw_dev import pki as pki_mod
 from services.cli import commands_admin
 from services.cli.common import (
     dollars_to_nanos,
@@ -28,7 +29,6 @@ from services.cli.common import (
 from services.cli.main import main
 from services.cli.output import format_error, with_dollars
 from services.common import errors as server_errors
-from services.common import pki as pki_mod
 
 # --------------------------------------------------------------------------- money
 
