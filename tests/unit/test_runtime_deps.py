@@ -183,3 +183,32 @@ def test_the_runtime_wheel_holds_services_and_migrations_only(tmp_path: Path) ->
     for needed in ("services/router/server.py", "services/keyvault/server.py", "services/ledger/server.py",
                    "services/cli/main.py", "services/common/pki.py", "migrations/ledger/env.py"):
         assert needed in names
+
+
+_NO_DEV = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "igw_dev":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Block())
+from services.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_dev_verbs_say_how_to_install_the_dev_package_when_it_is_missing(tmp_path: Path) -> None:
+    for argv in (["up", "--state-dir", str(tmp_path / "state")], ["pki", "init", "--dir", str(tmp_path / "pki")],
+                 ["pki", "issue", "agent", "t", "a", "--dir", str(tmp_path / "pki")]):
+        out = subprocess.run([sys.executable, "-c", _NO_DEV, *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=60, check=False)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert out.stderr.startswith(f"error: `igw {' '.join(argv[:2]) if argv[0] == 'pki' else 'up'}`"), out.stderr
+        assert "needs the development package igw-dev (missing module igw_dev)" in out.stderr
+        assert "pip install -e ./dev" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "state").exists() and not (tmp_path / "pki").exists()
+    # The rest of the command line does not need it: its help lists the dev verbs too.
+    helped = subprocess.run([sys.executable, "-c", _NO_DEV, "up", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert helped.returncode == 0 and "--state-dir" in helped.stdout
