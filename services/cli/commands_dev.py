@@ -39,7 +39,6 @@ def _dev_pki(verb: str) -> ModuleType:
 
 def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
     """Adds `pki` and its subcommands, and `up`."""
-    _register_up(sub)
     pki = sub.add_parser("pki", help="development CA and certificates")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="{init,issue}")
 
@@ -65,6 +64,7 @@ def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
         p.add_argument("--days", type=int, default=7, help="validity in days (default 7)")
         p.add_argument("--trust-domain", default="igw.local", help="SPIFFE trust domain (default igw.local)")
         p.set_defaults(func=cmd_issue)
+    _register_up(sub)
 
 
 def _describe(path: Path) -> tuple[str, str]:
