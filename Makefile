@@ -11,10 +11,11 @@ CHECKOV := .tools/checkov/bin/checkov
 .PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking lint check bench bench-quick clean \
 	lint-deploy deploy-pin deploy-rules image-tools image-base image image-test
 
-$(VENV)/.installed: pyproject.toml clients/pyproject.toml
+# The runtime (.), the agent client (./clients), the dev package (./dev) and the dev extra's tools.
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml dev/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ./clients -e '.[dev]'
+	$(PY) -m pip install -q -e ./clients -e ./dev -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -62,7 +63,7 @@ proto-breaking: $(BUF)
 check: lint proto-check proto-lint lint-deploy
 
 lint: venv
-	$(VENV)/bin/ruff check services clients tests bench
+	$(VENV)/bin/ruff check services clients dev tests bench
 	$(VENV)/bin/mypy
 
 bench: venv

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from igw.ledger.v1 import ledger_pb2 as pb
 from igw.ledger.v1 import ledger_pb2_grpc
-from services.common import pki as pki_mod
-from services.common.procs import start_service, tls_env
+from igw_dev import pki as pki_mod
+from igw_dev.procs import start_service, tls_env
 from services.common.tls import secure_channel
 
 
@@ -129,7 +129,7 @@ def main() -> None:
         pg = None
         url = args.database_url
         if not url:
-            from services.common.pg import EmbeddedPostgres
+            from igw_dev.pg import EmbeddedPostgres
 
             pg = EmbeddedPostgres(state / "pg", port=54329, fast=args.fast_pg)
             pg.start()

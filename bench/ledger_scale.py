@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     url = args.database_url
     if not url:
-        from services.common.pg import EmbeddedPostgres
+        from igw_dev.pg import EmbeddedPostgres
 
         tmp = Path(tempfile.mkdtemp(prefix="igw-ledger-scale-"))
         server = EmbeddedPostgres(tmp / "pg", fast=True)

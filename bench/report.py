@@ -387,8 +387,8 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "## How it is measured",
         "",
         "- **Rig**: everything on loopback on this machine: the bench's own fake OpenAI-compatible providers "
-        "(`services.fakes`, aiohttp + uvloop; `d0` no delay, `d20` 20 ms, `flaky` 429 on 20 % of calls, `backup`), "
-        "the whole gateway from `python -m services.cli.up --ports auto --config <bench routing config>` "
+        "(`igw_dev.fakes`, aiohttp + uvloop; `d0` no delay, `d20` 20 ms, `flaky` 429 on 20 % of calls, `backup`), "
+        "the whole gateway from `python -m services.cli.main up --ports auto --config <bench routing config>` "
         "(embedded Postgres with fsync on, ledger, keyvault, router, all mTLS), the LiteLLM proxy against the same "
         "fakes, and one load-generator process (`bench/loadgen.py`, grpc.aio / aiohttp on uvloop).",
         "- **igw path, at the defaults** (`igw`, `igw-hot`): every call is the full path: agent mTLS, a budget "

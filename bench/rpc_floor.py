@@ -31,7 +31,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common.pki import init_dev_pki
+from igw_dev.pki import init_dev_pki
 from services.common.tls import SERVER_OPTIONS, secure_channel, server_credentials
 
 

@@ -2,9 +2,9 @@
 
 The rig, all on loopback on this machine:
 
-* the bench's own fakes (``python -m services.fakes``): ``d0`` (no delay), ``d20`` (20 ms),
+* the bench's own fakes (``python -m igw_dev.fakes``): ``d0`` (no delay), ``d20`` (20 ms),
   ``flaky`` (answers 429 to 20 % of calls) and ``backup`` (the fallback);
-* the whole gateway from ``python -m services.cli.up --ports auto --config <bench routing
+* the whole gateway from ``python -m services.cli.main up --ports auto --config <bench routing
   config>``: embedded Postgres (durable: fsync on), ledger, keyvault, router, with the bench
   providers' keys created in the vault and huge TOTAL budgets for the bench teams, so every
   call does mTLS, a vault lease, a ledger hold and an exact settle;
@@ -173,7 +173,7 @@ class Rig:
         args = [
             sys.executable,
             "-m",
-            "services.fakes",
+            "igw_dev.fakes",
             "--kind",
             "openai",
             "--port",
@@ -248,7 +248,8 @@ budget_slices:
             [
                 sys.executable,
                 "-m",
-                "services.cli.up",
+                "services.cli.main",
+                "up",
                 "--state-dir",
                 str(igw_state),
                 "--ports",
@@ -298,7 +299,7 @@ budget_slices:
     def _provision(self) -> None:
         from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
         from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-        from services.common.pki import issue_to_dir
+        from igw_dev.pki import issue_to_dir
 
         with self._operator(self.endpoints["keyvault"]) as ch:
             stub = keyvault_pb2_grpc.KeyVaultAdminServiceStub(ch)
@@ -1220,7 +1221,7 @@ def run(opts: Options) -> dict[str, Any]:
             "fakes": {n: {"port": f.port, "delay_ms": f.delay_ms, "fault": f.fault} for n, f in rig.fakes.items()},
             "routing_config": (state / "bench-router.yaml").read_text(),
             "litellm": rig.litellm.info() if rig.litellm else None,
-            "postgres": "embedded (services.common.pg), durable: fsync on, synchronous_commit on",
+            "postgres": "embedded (igw_dev.pg), durable: fsync on, synchronous_commit on",
         }
         runners = {
             "ceiling": scen_ceiling,

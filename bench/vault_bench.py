@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from igw.keyvault.v1 import keyvault_pb2 as pb
 from igw.keyvault.v1 import keyvault_pb2_grpc
-from services.common import pki as pki_mod
-from services.common.procs import ServiceProcess, start_service, tls_env
+from igw_dev import pki as pki_mod
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 from services.common.tls import secure_channel
 
 
@@ -136,7 +136,7 @@ def main() -> None:
         pg = None
         url = args.database_url
         if not url:
-            from services.common.pg import EmbeddedPostgres
+            from igw_dev.pg import EmbeddedPostgres
 
             pg = EmbeddedPostgres(state / "pg", port=54331, fast=args.fast_pg)
             pg.start()

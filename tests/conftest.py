@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
-from services.common import pki as pki_mod
+from igw_dev import pki as pki_mod
 
 
 class _ExternalPg:
@@ -54,7 +54,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     if external:
         yield _ExternalPg(external)
         return
-    from services.common.pg import EmbeddedPostgres
+    from igw_dev.pg import EmbeddedPostgres
 
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata") / "data", fast=True)
     server.start()

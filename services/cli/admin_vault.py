@@ -283,7 +283,12 @@ def _vault_database_url(state_dir: Path) -> tuple[str, Any]:
     pg_dir = state_dir / "pg"
     if not pg_dir.is_dir():
         raise CliError(f"{state_dir} has no embedded Postgres (pg/); pass --database-url")
-    from services.common.pg import EmbeddedPostgres
+    try:  # the embedded Postgres of `igw up` is dev tooling
+        from igw_dev.pg import EmbeddedPostgres
+    except ModuleNotFoundError as err:
+        from services.cli.commands_dev import dev_package_missing
+
+        raise dev_package_missing(f"the embedded Postgres of {state_dir} (or pass --database-url)", err) from None
 
     pg = EmbeddedPostgres(pg_dir, stop_at_exit=False)
     stop = None

@@ -7,31 +7,16 @@ certificate, expired certificate). `igw probe` has grpc_health_probe's own codes
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
 import grpc
 
-from services.cli import commands_admin, commands_agent, commands_pki, commands_probe, metrics_plot
+from services.cli import commands_admin, commands_agent, commands_dev, commands_probe, metrics_plot
 from services.cli.output import format_error
 from services.cli.parsing import CliError, IgwArgumentParser, SubParsers, common_options
 
 __all__ = ["build_parser", "main"]
-
-
-def _add_up(sub: SubParsers) -> None:
-    from services.cli.up import add_arguments
-
-    up = sub.add_parser("up", help="start router, keyvault and ledger locally (Ctrl-C stops them)")
-    add_arguments(up)
-    up.set_defaults(func=_cmd_up)
-
-
-def _cmd_up(args: argparse.Namespace) -> int:
-    from services.cli.up import run_up
-
-    return int(run_up(args) or 0)
 
 
 def build_parser() -> IgwArgumentParser:
@@ -43,8 +28,7 @@ def build_parser() -> IgwArgumentParser:
     )
     sub: SubParsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     parent = common_options()
-    commands_pki.register(sub, parent)
-    _add_up(sub)
+    commands_dev.register(sub, parent)
     commands_probe.register(sub, parent)
     commands_agent.register(sub, parent)
     commands_admin.register(sub, parent)

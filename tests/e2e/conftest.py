@@ -59,7 +59,7 @@ def mtls_channel(addr: str, pki: Path, cert: str, *, ca: Path | None = None, key
 def start_gateway(
     state_dir: Path, pg: object, extra_env: dict[str, str] | None = None, args: tuple[str, ...] = (),
 ) -> Gateway:
-    """Runs `python -m services.cli.up --ports auto` and waits for endpoints.json."""
+    """Runs `python -m services.cli.main up --ports auto` and waits for endpoints.json."""
     suffix = uuid.uuid4().hex[:8]
     pg.create_database(f"ledger_{suffix}")  # type: ignore[attr-defined]
     pg.create_database(f"vault_{suffix}")  # type: ignore[attr-defined]
@@ -73,7 +73,7 @@ def start_gateway(
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / "up.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli.up", "--state-dir", str(state_dir), "--ports", "auto", *args],
+        [sys.executable, "-m", "services.cli.main", "up", "--state-dir", str(state_dir), "--ports", "auto", *args],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     endpoints = state_dir / "endpoints.json"

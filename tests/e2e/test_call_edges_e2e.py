@@ -21,7 +21,7 @@ import pytest
 from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2, router_pb2_grpc
-from services.common import pki as pki_mod
+from igw_dev import pki as pki_mod
 from services.common.errors import error_info_from_rpc_error
 from services.common.tls import secure_channel
 from tests.e2e.conftest import Gateway, mtls_channel

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from igw.router.v1 import router_pb2, router_pb2_grpc
-from services.common.procs import ServiceProcess, start_service, tls_env
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 from tests.e2e.conftest import mtls_channel
 
 BASE = """version: 1

@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.pg import EmbeddedPostgres
-from services.common.procs import ServiceProcess, start_service, tls_env
+from igw_dev.pg import EmbeddedPostgres
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 from tests.e2e.conftest import mtls_channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

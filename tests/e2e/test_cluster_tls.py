@@ -30,7 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from igw.client import AsyncIgwClient, ClientConfig, IgwClient, IgwError
-from services.common.procs import ServiceProcess, start_service
+from igw_dev.procs import ServiceProcess, start_service
 
 TD = "foreign.example"
 

@@ -22,8 +22,8 @@ import openai
 import pytest
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.common import pki as pki_mod
-from services.common.procs import ServiceProcess, start_service, tls_env
+from igw_dev import pki as pki_mod
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 from tests.e2e.conftest import Gateway
 
 TIMEOUT_S = 1.0

@@ -29,9 +29,9 @@ from igw.client import ClientConfig, IgwClient, ModelMisconfigured, RateLimited
 from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2
+from igw_dev.fakes import FakeProcess
+from igw_dev.procs import ServiceProcess, ServiceStartError, start_service, tls_env
 from services.common.errors import error_info_from_rpc_error
-from services.common.procs import ServiceProcess, ServiceStartError, start_service, tls_env
-from services.fakes import FakeProcess
 from tests.e2e.conftest import ROOT, Gateway, mtls_channel
 
 RIGHT_KEY = f"sk-right-{uuid.uuid4().hex}"

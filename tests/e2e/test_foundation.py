@@ -21,9 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from igw.keyvault.v1 import keyvault_pb2
 from igw.ledger.v1 import ledger_pb2
 from igw.router.v1 import router_pb2
-from services.common import pki as pki_mod
+from igw_dev import pki as pki_mod
+from igw_dev.procs import start_service, tls_env
 from services.common.errors import error_info_from_rpc_error
-from services.common.procs import start_service, tls_env
 from tests.e2e.conftest import Gateway, mtls_channel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,7 +288,7 @@ def test_a_service_with_an_expired_certificate_refuses_to_start_with_a_clear_mes
     (tmp_path / "old-key.pem").write_bytes(key)
     env = {"IGW_TLS_CERT": str(tmp_path / "old.pem"), "IGW_TLS_KEY": str(tmp_path / "old-key.pem"),
            "IGW_TLS_CA": str(pki / "ca.pem"), "IGW_DATABASE_URL": "postgresql+psycopg://unused@/x"}
-    from services.common.procs import ServiceStartError
+    from igw_dev.procs import ServiceStartError
 
     with pytest.raises(ServiceStartError) as exc:
         start_service("ledger", env, tmp_path, timeout=20)

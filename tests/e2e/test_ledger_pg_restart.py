@@ -11,9 +11,9 @@ import grpc
 import pytest
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from igw_dev.pg import EmbeddedPostgres
+from igw_dev.procs import start_service, tls_env
 from services.common.errors import error_info_from_rpc_error
-from services.common.pg import EmbeddedPostgres
-from services.common.procs import start_service, tls_env
 from tests.e2e.conftest import mtls_channel
 
 

@@ -11,8 +11,8 @@ import grpc
 
 from igw.ledger.v1 import ledger_pb2 as pb
 from igw.ledger.v1 import ledger_pb2_grpc
+from igw_dev.procs import start_service, tls_env
 from services.common import errors as E
-from services.common.procs import start_service, tls_env
 from services.common.tls import secure_channel
 
 HOLD = 500_000  # fake-small, 1000 in + 1000 out

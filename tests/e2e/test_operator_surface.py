@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from igw.router.v1 import router_pb2, router_pb2_grpc
-from services.common import pki as pki_mod
+from igw_dev import pki as pki_mod
 from tests.e2e.clientvenv import build_client_venv, client_env, installed_distributions, run_client_script
 from tests.e2e.conftest import Gateway, mtls_channel, start_gateway, stop_gateway
 

@@ -14,7 +14,7 @@ import httpx
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2, router_pb2_grpc
-from services.common.procs import start_service, tls_env
+from igw_dev.procs import start_service, tls_env
 from tests.e2e.conftest import Gateway, mtls_channel
 
 GRACE_S = 6.0

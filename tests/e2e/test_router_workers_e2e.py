@@ -13,8 +13,8 @@ import psutil
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2_grpc
-from services.common import pki as pki_mod
-from services.common.procs import start_service, tls_env
+from igw_dev import pki as pki_mod
+from igw_dev.procs import start_service, tls_env
 from tests.e2e.conftest import Gateway, mtls_channel
 from tests.e2e.test_router_slices_e2e import _config, _metric, _req
 

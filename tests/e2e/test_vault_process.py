@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from igw.keyvault.v1 import keyvault_pb2 as pb
 from igw.keyvault.v1 import keyvault_pb2_grpc as pb_grpc
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 from services.common.errors import error_info_from_rpc_error
-from services.common.procs import ServiceProcess, start_service, tls_env
 
 SERVICE_NAMES = ("", "igw.keyvault.v1.KeyVaultService", "igw.keyvault.v1.KeyVaultAdminService")
 

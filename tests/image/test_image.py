@@ -29,9 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from igw.client import IgwClient
 from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.common.pg import EmbeddedPostgres
-from services.common.pki import init_dev_pki
-from services.fakes import FakeProcess
+from igw_dev.fakes import FakeProcess
+from igw_dev.pg import EmbeddedPostgres
+from igw_dev.pki import init_dev_pki
 
 IMAGE = os.environ.get("IGW_IMAGE", "")
 UID = 10001

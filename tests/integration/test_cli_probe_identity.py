@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from igw_dev.pki import generate_ca, issue_cert
 from services.cli.main import main
-from services.common.pki import generate_ca, issue_cert
 from services.common.tls import server_credentials
 
 

@@ -1,4 +1,4 @@
-"""Integration tests for services.common.pg (embedded PostgreSQL)."""
+"""Integration tests for igw_dev.pg (embedded PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import psutil
 import psycopg
 import pytest
 
-from services.common.pg import EmbeddedPostgres, EmbeddedPostgresError, ensure_cluster
+from igw_dev.pg import EmbeddedPostgres, EmbeddedPostgresError, ensure_cluster
 
 _LOGGER = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -161,7 +161,7 @@ def test_ensure_cluster_reuses_running_server(pg: EmbeddedPostgres) -> None:
     code = """
         import sys
         from pathlib import Path
-        from services.common.pg import ensure_cluster
+        from igw_dev.pg import ensure_cluster
 
         c = ensure_cluster(Path(sys.argv[1]))
         print(c.pid)

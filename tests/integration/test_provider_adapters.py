@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from igw.router.v1 import router_pb2
-from services.fakes import FakeHandle, start_fake
+from igw_dev.fakes import FakeHandle, start_fake
 from services.router.providers import (
     ChatRequest,
     ContentPart,

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from igw.client._spiffe import SpiffeTunnel, TlsFiles
-from services.common.pki import generate_ca, issue_cert
+from igw_dev.pki import generate_ca, issue_cert
 from services.common.tls import ServerCertFiles, server_credentials
 from services.router.pool import ReplicaPool
 

@@ -37,8 +37,8 @@ from igw.client import (
     user,
 )
 from igw.router.v1 import router_pb2, router_pb2_grpc
+from igw_dev import pki as pki_mod
 from services.common import errors as server_errors
-from services.common import pki as pki_mod
 from services.common.tls import server_credentials
 
 BUDGET_METADATA = {

@@ -27,6 +27,10 @@ def test_final_stage_is_non_root_with_an_init_and_labels() -> None:
     assert "RUN " not in final and "COPY --from=build /opt/igw /opt/igw" in final
     # The runtime dependencies only: the wheel is installed without the dev extra.
     assert "./clients . dumb-init" in TEXT and "[dev]" not in TEXT
+    # Nor the dev package or the benchmark: neither is copied, nor even in the build context.
+    assert not re.search(r"^COPY (dev|bench)/", TEXT, re.M) and "./dev" not in TEXT
+    allowed = {line for line in (ROOT / ".containerignore").read_text().splitlines() if line.startswith("!")}
+    assert allowed == {"!pyproject.toml", "!README.md", "!clients/", "!migrations/", "!services/"}
 
 
 def test_build_context_ignore_files_agree_and_hadolint_passes() -> None:

@@ -1,4 +1,4 @@
-"""The import graph of services/, clients/ and bench/ has no cycle.
+"""The import graph of services/, clients/, dev/ and bench/ has no cycle.
 
 Every import counts, including those inside functions (a deferred import hides a circle; it does not
 remove it). Imports under ``if TYPE_CHECKING:`` are left out: they never run.
@@ -10,7 +10,12 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TREES = {"services": ROOT / "services", "igw": ROOT / "clients" / "igw", "bench": ROOT / "bench"}
+TREES = {
+    "services": ROOT / "services",
+    "igw": ROOT / "clients" / "igw",
+    "igw_dev": ROOT / "dev" / "igw_dev",
+    "bench": ROOT / "bench",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -110,5 +115,12 @@ def test_the_graph_covers_the_router_and_its_providers() -> None:
     assert "services.router.providers.openai" in graph["services.router.providers.registry"]
 
 
-def test_services_clients_and_bench_import_no_cycle() -> None:
+def test_the_graph_covers_the_dev_package_and_the_cli_verbs_that_reach_it() -> None:
+    graph = import_graph()
+    assert "igw_dev.up" in graph["services.cli.commands_dev"]
+    assert "igw_dev.pki.layout" in graph["igw_dev.pki"]
+    assert "services.common.pki" in graph["igw_dev.pki.spiffe"]
+
+
+def test_services_clients_dev_and_bench_import_no_cycle() -> None:
     assert cycles(import_graph()) == []

@@ -1,4 +1,4 @@
-"""Tests for services.common.pki (dev PKI, SPIFFE X.509-SVIDs)."""
+"""Tests for the dev PKI (igw_dev.pki: SPIFFE X.509-SVIDs) and the runtime's certificate checks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import DNSName, PolicyBuilder, Store, VerificationError  # type: ignore[attr-defined]
 
-from services.common import pki
+from igw_dev import pki
+from igw_dev.pki import issue, spiffe
 
 NOW = dt.datetime.now(dt.UTC)
 IDS = [
@@ -261,11 +262,11 @@ def test_spiffe_ids_from_der_is_cached(ca: tuple[bytes, bytes]) -> None:
     pem, _ = pki.issue_cert(ca[0], ca[1], IDS[0])
     der = _cert(pem).public_bytes(serialization.Encoding.DER)
     pki.spiffe_ids_from_der(der)
-    before = pki._spiffe_ids_from_der_cached.cache_info().hits
+    before = spiffe._spiffe_ids_from_der_cached.cache_info().hits
     for _ in range(100):
         pki.spiffe_ids_from_der(der)
-    assert pki._spiffe_ids_from_der_cached.cache_info().hits == before + 100
-    assert pki._spiffe_ids_from_der_cached.cache_info().maxsize == 4096
+    assert spiffe._spiffe_ids_from_der_cached.cache_info().hits == before + 100
+    assert spiffe._spiffe_ids_from_der_cached.cache_info().maxsize == 4096
 
 
 # --------------------------------------------------------------------------- on-disk PKI
@@ -478,7 +479,8 @@ def test_init_dev_pki_reissues_agent_leaves_made_under_the_old_server_capable_ru
 ) -> None:
     d = tmp_path / "pki"
     with monkeypatch.context() as m:  # how agent and operator leaves used to be issued
-        m.setattr(pki, "_usages", lambda server: [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+        old_rule = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        m.setattr(issue, "extended_key_usages", lambda server: old_rule)
         pki.init_dev_pki(d)
     old_eku = _cert((d / "agent-demo-quickstart.pem").read_bytes()).extensions.get_extension_for_class(
         x509.ExtendedKeyUsage).value

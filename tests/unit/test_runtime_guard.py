@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.common import pki
+from igw_dev import pki
 from services.common.authz import ALL_KINDS, make_policy
 from services.common.errors import error_info_from_rpc_error
 from services.common.identity import Kind

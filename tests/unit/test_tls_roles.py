@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.common import pki
+from igw_dev import pki
 from services.common.tls import secure_channel, server_credentials
 
 

@@ -1,4 +1,4 @@
-"""``python -m services.fakes --kind openai --port 0 [--api-key K] [--delay-ms N] [--port-file P]``."""
+"""``python -m igw_dev.fakes --kind openai --port 0 [--api-key K] [--delay-ms N] [--port-file P]``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.fakes", description="Run a fake LLM provider.")
+    p = argparse.ArgumentParser(prog="python -m igw_dev.fakes", description="Run a fake LLM provider.")
     p.add_argument("--kind", required=True, choices=[*KINDS, "openai_compatible"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

@@ -1,19 +1,44 @@
-"""`igw pki init` / `igw pki issue agent|operator`: the development PKI."""
+"""The development verbs: `igw up` (the gateway on one machine) and `igw pki` (the dev CA).
+
+They run code from the dev package ``igw_dev`` (``pip install -e ./dev``; ``make venv`` installs
+it), imported only when one of them runs: the runtime, and a container image without the dev
+package, never import it. Without it these verbs exit 2 and say how to install it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.cli.output import print_json, print_table
 from services.cli.parsing import CliError, SubParsers
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from types import ModuleType
+
+__all__ = ["dev_package_missing", "register"]
+
+
+def dev_package_missing(what: str, err: ModuleNotFoundError) -> CliError:
+    """The error when ``what`` runs where the dev package (or one of its dependencies) is missing."""
+    return CliError(
+        f"{what} needs the development package igw-dev (missing module {err.name}); "
+        "from a checkout of igw: `pip install -e ./dev` (`make venv` does it)"
+    )
+
+
+def _dev_pki(verb: str) -> ModuleType:
+    try:
+        from igw_dev import pki
+    except ModuleNotFoundError as err:
+        raise dev_package_missing(f"`igw {verb}` (the development CA)", err) from None
+    return pki
 
 
 def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
-    """Adds `pki` and its subcommands."""
+    """Adds `pki` and its subcommands, and `up`."""
     pki = sub.add_parser("pki", help="development CA and certificates")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True, metavar="{init,issue}")
 
@@ -39,18 +64,19 @@ def register(sub: SubParsers, parent: argparse.ArgumentParser) -> None:
         p.add_argument("--days", type=int, default=7, help="validity in days (default 7)")
         p.add_argument("--trust-domain", default="igw.local", help="SPIFFE trust domain (default igw.local)")
         p.set_defaults(func=cmd_issue)
+    _register_up(sub)
 
 
 def _describe(path: Path) -> tuple[str, str]:
-    from services.common import pki
+    from services.common.pki import describe_cert
 
-    info = pki.describe_cert(path.read_bytes())
+    info = describe_cert(path.read_bytes())
     return ",".join(info.spiffe_ids) or "(CA)", info.not_after.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     """`igw pki init --dir DIR`."""
-    from services.common import pki
+    pki = _dev_pki("pki init")
 
     if args.days < 1:
         raise CliError("--days must be at least 1")
@@ -80,7 +106,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_issue(args: argparse.Namespace) -> int:
     """`igw pki issue agent TEAM AGENT` / `igw pki issue operator NAME`."""
-    from services.common import pki
+    pki = _dev_pki("pki issue")
 
     names = (args.team, args.agent) if args.kind == "agent" else (args.name,)
     if args.days < 1:
@@ -104,3 +130,26 @@ def cmd_issue(args: argparse.Namespace) -> int:
     print(f"issued {identity} (expires {not_after})")
     print(f"  cert: {cert}\n  key:  {key}")
     return 0
+
+
+def _register_up(sub: SubParsers) -> None:
+    p = sub.add_parser("up", help="start router, keyvault and ledger locally (Ctrl-C stops them)")
+    p.add_argument("--state-dir", default=".igw", help="where certificates, data and logs live")
+    p.add_argument("--demo", dest="demo", action="store_true", default=True, help="start the fake providers (default)")
+    p.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
+    p.add_argument("--ports", choices=["fixed", "auto"], default="fixed", help="fixed well-known ports or any free")
+    p.add_argument("--config", default=None, help="routing config (YAML); default: the demo config")
+    p.add_argument("--router-workers", type=int, default=None,
+                   help="router worker processes per router, on one port (IGW_ROUTER_WORKERS); default 1")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="routers, ledgers and keyvaults to start (each N; one Postgres); default 1")
+    p.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """`igw up`: the whole gateway on one machine, until Ctrl-C."""
+    try:
+        from igw_dev.up import run_up
+    except ModuleNotFoundError as err:
+        raise dev_package_missing("`igw up` (the gateway on one machine, for development)", err) from None
+    return int(run_up(args) or 0)

@@ -1,5 +1,8 @@
 """``igw up``: the whole gateway on one machine, as separate processes.
 
+The ``igw`` command parses the options (``services/cli/commands_dev.py``) and calls :func:`run_up`;
+scripts run it as ``python -m services.cli.main up ...``.
+
 Starts (in order) an embedded Postgres when no ``IGW_DATABASE_URL`` is given (the vault
 and the ledger get separate databases), the ledger, the keyvault, the fake providers and
 their keys (demo mode), and the router; waits until all are healthy; writes
@@ -29,8 +32,8 @@ import grpc
 
 from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from services.common.pki import init_dev_pki
-from services.common.procs import ServiceProcess, start_service, tls_env
+from igw_dev.pki import init_dev_pki
+from igw_dev.procs import ServiceProcess, start_service, tls_env
 
 FIXED_PORTS = {
     "ledger": (50053, 50063, 9103),
@@ -119,7 +122,7 @@ def _demo_secrets(state: Path) -> dict[str, str]:
 def _start_fake(name: str, port: int, secret: str, state: Path) -> tuple[subprocess.Popen[bytes], int]:
     port_file = state / f"{name}.port"
     port_file.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "services.fakes", "--kind", FAKE_KINDS[name], "--port", str(port),
+    args = [sys.executable, "-m", "igw_dev.fakes", "--kind", FAKE_KINDS[name], "--port", str(port),
             "--port-file", str(port_file)]
     if name == "fake-flaky":
         args += ["--fault", json.dumps({"status": 429, "retry_after": 1})]
@@ -225,7 +228,7 @@ def run_up(args: argparse.Namespace) -> int:
                       "database for the keyvault", file=sys.stderr)
                 return 2
         else:
-            from services.common.pg import EmbeddedPostgres
+            from igw_dev.pg import EmbeddedPostgres
 
             pg = EmbeddedPostgres(state / "pg", stop_at_exit=False)
             pg.start()
@@ -358,21 +361,3 @@ Ctrl-C stops everything.""", flush=True)
                 print(f"while stopping: {err}", file=sys.stderr)
         (state / "endpoints.json").unlink(missing_ok=True)
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `igw up`."""
-    p.add_argument("--state-dir", default=".igw", help="where certificates, data and logs live")
-    p.add_argument("--demo", dest="demo", action="store_true", default=True, help="start the fake providers (default)")
-    p.add_argument("--no-demo", dest="demo", action="store_false", help="no fake providers; needs --config")
-    p.add_argument("--ports", choices=["fixed", "auto"], default="fixed", help="fixed well-known ports or any free")
-    p.add_argument("--config", default=None, help="routing config (YAML); default: the demo config")
-    p.add_argument("--router-workers", type=int, default=None,
-                   help="router worker processes per router, on one port (IGW_ROUTER_WORKERS); default 1")
-    p.add_argument("--replicas", type=int, default=1,
-                   help="routers, ledgers and keyvaults to start (each N; one Postgres); default 1")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="igw up")
-    add_arguments(parser)
-    sys.exit(run_up(parser.parse_args()))

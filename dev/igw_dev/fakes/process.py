@@ -94,7 +94,7 @@ async def run_forever(handle_factory: Callable[[], Awaitable[FakeHandle]], stop:
 
 
 class FakeProcess:
-    """A fake provider in a child process (``python -m services.fakes``), for e2e tests."""
+    """A fake provider in a child process (``python -m igw_dev.fakes``), for e2e tests."""
 
     def __init__(
         self, kind: str, host: str, port: int, proc: subprocess.Popen[bytes], port_file: Path
@@ -137,7 +137,7 @@ class FakeProcess:
         cmd = [
             python or sys.executable,
             "-m",
-            "services.fakes",
+            "igw_dev.fakes",
             "--kind",
             kind,
             "--host",
