@@ -182,10 +182,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
     def _tag(self, method: str, request: Any, context: Any) -> None:
         request_id = getattr(request, "request_id", "") if request is not None and not _is_iter(request) else ""
-        if not request_id or not isinstance(request_id, str) or not ids.REQUEST_ID.match(request_id):
+        if not ids.is_request_id(request_id):
             request_id = ""
             for key, value in context.invocation_metadata() or ():
-                if key == "x-request-id" and isinstance(value, str) and ids.REQUEST_ID.match(value):
+                if key == "x-request-id" and ids.is_request_id(value):
                     request_id = value
                     break
         request_id_var.set(request_id or uuid.uuid4().hex)

@@ -209,7 +209,7 @@ def _bad(field_name: str, rule: str) -> E.InvalidArgument:
 
 def check_name(value: str) -> str:
     """A key name: ``^[A-Za-z0-9._-]{1,64}$``."""
-    if not isinstance(value, str) or not ids.SEGMENT.match(value):
+    if not ids.is_segment(value):
         raise _bad("name", "1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 
@@ -223,14 +223,14 @@ def check_provider(value: str) -> str:
 
 def check_request_id(value: str) -> str:
     """A request id: ``^[A-Za-z0-9._:-]{1,128}$``."""
-    if not isinstance(value, str) or not ids.REQUEST_ID.match(value):
+    if not ids.is_request_id(value):
         raise _bad("request_id", "1-128 characters of A-Z a-z 0-9 . _ : -")
     return value
 
 
 def check_team(value: str, field_name: str = "team") -> str:
     """A team name (a SPIFFE path segment)."""
-    if not isinstance(value, str) or not ids.SEGMENT.match(value):
+    if not ids.is_segment(value):
         raise _bad(field_name, "1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 
