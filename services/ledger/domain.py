@@ -91,6 +91,11 @@ def from_us(us: int) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=us)
 
 
+def to_us(t: dt.datetime) -> int:
+    """An aware datetime to microseconds since the epoch (exact; the inverse of :func:`from_us`)."""
+    return (t - EPOCH) // dt.timedelta(microseconds=1)
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     """One budget in one window: limit, spent, held, remaining (never below 0)."""
@@ -330,12 +335,14 @@ def budget_exceeded(status: BudgetStatus, amount: int) -> E.ResourceExhausted:
     )
 
 
-def rate_limited(team: str, res: dict[str, object]) -> E.ResourceExhausted:
+def rate_limited(
+    team: str, agent: str, *, requests_per_minute: int, tokens_per_minute: int, requests: int, tokens: int,
+    retry_us: int,
+) -> E.ResourceExhausted:
     """The RATE_LIMITED error from ``ledger_hold``'s refusal, with when to retry."""
-    agent = str(res["agent"])
     # Within the one-minute window by construction; clocks of ledger replicas that differ by a few
     # milliseconds must not push the hint past it.
-    retry_s = min(max(int(str(res["retry_us"])), 1000), 60_000_000) / 1_000_000
+    retry_s = min(max(retry_us, 1000), 60_000_000) / 1_000_000
     return E.ResourceExhausted(
         "RATE_LIMITED",
         f"rate limit reached for team {team}" + (f" agent {agent}" if agent else "")
@@ -343,10 +350,10 @@ def rate_limited(team: str, res: dict[str, object]) -> E.ResourceExhausted:
         {
             "team": team,
             "agent": agent,
-            "requests_per_minute": res["rpm"],
-            "tokens_per_minute": res["tpm"],
-            "requests_used": res["requests"],
-            "tokens_used": int(float(str(res["tokens"]))),
+            "requests_per_minute": requests_per_minute,
+            "tokens_per_minute": tokens_per_minute,
+            "requests_used": requests,
+            "tokens_used": tokens,
             "retry_after_seconds": f"{retry_s:.3f}",
         },
         retry_delay_s=retry_s,

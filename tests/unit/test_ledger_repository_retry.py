@@ -10,7 +10,7 @@ import pytest
 from psycopg import errors as pg_errors
 
 from services.common import errors as E
-from services.ledger import repository as repo_mod
+from services.ledger import database as repo_mod
 from services.ledger.repository import CONFLICT_RETRIES, Repository
 
 
