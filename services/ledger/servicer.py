@@ -143,7 +143,7 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
         self._svc = service
 
     async def Reserve(self, request: pb.ReserveRequest, context: Any) -> pb.ReserveResponse:
-        res = await self._svc.reserve(
+        reserved = await self._svc.reserve(
             request_id=request.request_id,
             attempt=request.attempt,
             team=request.team,
@@ -157,15 +157,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             run_cap_nanos=request.run_cap_nanos,
         )
         return pb.ReserveResponse(
-            reservation_id=str(res.hold.reservation_id),
-            held_nanos=res.hold.amount_nanos,
-            price_version=res.hold.price_version,
-            expire_time=_ts(res.hold.expires_at),
-            budgets=[budget_status_pb(b) for b in res.budgets],
+            reservation_id=str(reserved.hold.reservation_id),
+            held_nanos=reserved.hold.amount_nanos,
+            price_version=reserved.hold.price_version,
+            expire_time=_ts(reserved.hold.expires_at),
+            budgets=[budget_status_pb(b) for b in reserved.budgets],
         )
 
     async def AcquireSlice(self, request: pb.AcquireSliceRequest, context: Any) -> pb.AcquireSliceResponse:
-        res = await self._svc.acquire_slice(
+        acquired = await self._svc.acquire_slice(
             slice_id=request.slice_id,
             team=request.team,
             agent=request.agent,
@@ -176,16 +176,16 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             hold_ttl=request.hold_ttl.ToTimedelta() if request.HasField("hold_ttl") else None,
             provider=request.provider,
         )
-        hold = res.hold
+        hold = acquired.hold
         calls = max(hold.slice_calls, 1)
         return pb.AcquireSliceResponse(
             reservation_id=str(hold.reservation_id),
             held_nanos=hold.amount_nanos,
             calls=hold.slice_calls,
-            per_call_nanos=hold.amount_nanos // calls if not res.replayed else 0,
+            per_call_nanos=hold.amount_nanos // calls if not acquired.replayed else 0,
             price_version=hold.price_version,
             expire_time=_ts(hold.expires_at),
-            budgets=[budget_status_pb(b) for b in res.budgets],
+            budgets=[budget_status_pb(b) for b in acquired.budgets],
         )
 
     async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:
@@ -213,8 +213,8 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
         return out
 
     async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
-        res = await self._svc.settle(**_settle_fields(request))
-        return pb.SettleResponse(entry=spend_entry_pb(res.entry), replayed=res.replayed)
+        settled = await self._svc.settle(**_settle_fields(request))
+        return pb.SettleResponse(entry=spend_entry_pb(settled.entry), replayed=settled.replayed)
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
         if request.request_id:
