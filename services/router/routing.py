@@ -15,7 +15,7 @@ Shape (every key is checked; unknown keys are refused)::
     breaker: {failure_threshold: 5, cooldown_ms: 30000, probe_timeout_ms: 10000}
     limits: {max_in_flight: 512, max_messages: 1000, max_request_bytes: 8388608,
              max_output_tokens: 200000, default_output_tokens: 1024}
-    budget_slices: {enabled: false, calls: 64, draw_window_ms: 20000}   # the default: per-call holds
+    budget_slices: {enabled: true, calls: 64, draw_window_ms: 20000}   # the default (false: per-call holds)
 
 Base URLs must be https unless the provider is marked ``local: true``: an OpenAI-compatible
 server the platform runs itself (vLLM, Ollama) on this host or inside the cluster, which may
@@ -132,7 +132,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class SlicesCfg:
-    """Budget slices, off by default (``enabled: true`` turns them on): the router leases a slice
+    """Budget slices, on by default (``enabled: false`` turns them off): the router leases a slice
     of a team's budget for up to ``calls`` calls and places per-call holds locally, drawing from it
     for ``draw_window_ms``.
     The ledger sizes each slice (a quarter of what is free at most, none near the limit, where
@@ -143,7 +143,7 @@ class SlicesCfg:
     exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
     once); ``busy_calls: 1``: every call may use slices."""
 
-    enabled: bool = False
+    enabled: bool = True
     calls: int = 64
     draw_window_ms: int = 20_000
     teams: frozenset[str] | None = None
@@ -354,7 +354,7 @@ def _slices(raw: Any) -> SlicesCfg:
     if not isinstance(per_call, list):
         raise ConfigError(f"{w}.per_call_teams: must be a list")
     return SlicesCfg(
-        enabled=_bool(f"{w}.enabled", obj.get("enabled", False)),
+        enabled=_bool(f"{w}.enabled", obj.get("enabled", True)),
         calls=_int(f"{w}.calls", obj.get("calls", 64), 2, 1024),
         draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
         teams=teams,

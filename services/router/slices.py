@@ -1,6 +1,6 @@
 """Budget slices, the router's side of the sliced hold path (routing config ``budget_slices``).
 
-When enabled (off by default), used for a busy key (``busy_calls`` calls of one team, agent and price key within
+On by default (``enabled: false`` or ``per_call_teams`` give per-call holds), used for a busy key (``busy_calls`` calls of one team, agent and price key within
 ``busy_window_ms``); other calls take exact per-call holds (``Reserve``). The ledger sizes each
 slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
 refused while this router holds the team's slices gives them back and asks again

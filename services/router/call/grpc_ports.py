@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +164,7 @@ class LedgerHolds:
 
     def settle(
         self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float, outcome: Settled,
-    ) -> None:
+    ) -> Awaitable[bool] | None:
         req = ledger_pb2.SettleRequest(
             request_id=request_id, reservation_id=lease.hold.reservation_id,
             usage=ledger_pb2.TokenUsage(
@@ -177,10 +177,13 @@ class LedgerHolds:
         req.latency.FromNanoseconds(int(latency_s * 1e9))
         drawn = lease.drawn
         if isinstance(drawn, SliceHold):
+            # Awaited by the call: a slice is captured whole at expiry, so a settle lost with
+            # the router would leave a served call without its spend entry.
             slices = self.slices
-            self.settler.submit(req, lambda ok: slices.settled(drawn, ok))
-        else:
-            self.settler.submit(req, None)
+            return self.settler.settle_now(req, lambda ok: slices.settled(drawn, ok))
+        # A per-call hold left behind expires and is captured under this request id: background.
+        self.settler.submit(req, None)
+        return None
 
     async def prices(self) -> Mapping[str, ledger_pb2.ModelPrice]:
         try:
