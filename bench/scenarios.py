@@ -141,7 +141,7 @@ class Rig:
     endpoints: dict[str, Any] = field(default_factory=dict)
     many_certs: list[list[str]] = field(default_factory=list)
     hot_certs: list[list[str]] = field(default_factory=list)
-    # The same shapes for teams listed in the routing config's budget_slices (opt-in).
+    # The same shapes for teams listed in the routing config's budget_slices.per_call_teams.
     percall_certs: list[list[str]] = field(default_factory=list)
     hot_percall_certs: list[list[str]] = field(default_factory=list)
     limit_certs: dict[str, list[list[str]]] = field(default_factory=dict)
@@ -232,8 +232,8 @@ timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 12
 # fallback scenario measures the fallback path itself, not the breaker skipping the primary.
 breaker: {{failure_threshold: 1000, cooldown_ms: 10000, probe_timeout_ms: 5000}}
 limits: {{max_in_flight: 4096}}
-# Adaptive budget slices (opt-in) for every team but the bench's per-call teams (the igw-percall
-# systems, the product's default), which take a Reserve per call: both measured side by side.
+# Adaptive budget slices (the default) for every team but the bench's per-call teams (the
+# igw-percall systems), which take a Reserve per call: both measured side by side.
 budget_slices:
   enabled: true
   per_call_teams: [{", ".join([*self.percall_teams(), HOT_PERCALL_TEAM, LIMIT_PERCALL_TEAM])}]
