@@ -358,11 +358,13 @@ budget_slices:
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
-        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s): the
-        # router falls back to Reserve when it cannot get a slice, so a broken slices path would
-        # still answer; its counters tell them apart (one worker's counters: one worker only).
+        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s, with
+        # two or more in flight at once: calls back to back take per-call holds): the router
+        # falls back to Reserve when it cannot get a slice, so a broken slices path would still
+        # answer; its counters tell them apart (one worker's counters: one worker only).
         res = self.measure(
-            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "closed", n=8, warmup=0), record=True
+            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "concurrent", concurrency=4,
+                                          duration=0.5, warmup_s=0), record=True
         )
         sl = res.get("slices")
         if res["errors"]:
