@@ -12,7 +12,7 @@ Two kinds of settle:
   success only once the spend entry is durable (a router dying later loses nothing), because a
   slice is one hold for many calls: captured whole under the slice's id, it would leave the
   calls it served without entries. These never linger: a batch with one of them goes at once
-  when no batch is in flight, else as soon as one returns (group commit: under load the
+  while fewer than ``_PIPELINE`` (2) batches are in flight, else as soon as one returns (group commit: under load the
   settles that arrived meanwhile share the next round trip).
 
 Settle is idempotent per request id, so a batch that may or may not have landed is simply sent
@@ -46,6 +46,8 @@ _FINAL = frozenset({
     grpc.StatusCode.PERMISSION_DENIED.value[0],
 })
 _GIVE_UP_AFTER_S = 600.0
+# An awaited settle goes at once while fewer batches than this are in flight.
+_PIPELINE = 2
 # Told whether the settle was acknowledged (False: given up or refused).
 OnDone = Callable[[bool], None] | None
 # A queued settle: the request, when to give up on it, the span of the call it settles (or None),
@@ -158,9 +160,9 @@ class Settler:
                         break
                 urgent = batch[-1][4]
             if urgent:
-                # A call waits: go now when nothing is in flight, else when a batch returns
-                # (bounded by the linger), taking every settle that arrived meanwhile.
-                if self._sending:
+                # A call waits: go now when fewer than _PIPELINE batches are in flight, else when
+                # one returns (bounded by the linger), taking every settle that arrived meanwhile.
+                if self._sending >= _PIPELINE:
                     self._returned.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._returned.wait(), self._linger_s)

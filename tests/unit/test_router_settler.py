@@ -176,32 +176,37 @@ async def test_an_awaited_settle_does_not_linger_when_nothing_is_in_flight() -> 
 
 
 class _SlowLedger(_Ledger):
+    """Holds its first two SettleBatch answers until ``gate`` is set."""
+
     def __init__(self) -> None:
         super().__init__()
         self.gate = asyncio.Event()
 
     async def SettleBatch(self, req: pb.SettleBatchRequest, timeout: float) -> pb.SettleBatchResponse:
-        if not self.calls:
+        if len(self.calls) < 2:
             self.calls.append([s.request_id for s in req.settles])
             await self.gate.wait()
             return pb.SettleBatchResponse(results=[pb.SettleBatchResult() for _ in req.settles])
         return await super().SettleBatch(req, timeout)
 
 
-async def test_awaited_settles_arriving_while_a_batch_is_in_flight_share_the_next_one() -> None:
-    # Group commit: the first goes at once; the ones that arrive while it is in flight go
-    # together as soon as it returns (not one RPC each, not after a linger).
+async def test_awaited_settles_arriving_while_batches_are_in_flight_share_the_next_one() -> None:
+    # Group commit: the first two go at once (two batches may be in flight); the ones that arrive
+    # while both are in flight go together as soon as one returns (not one RPC each, not after
+    # a linger).
     ledger = _SlowLedger()
     metrics = RouterMetrics(CollectorRegistry())
     settler = Settler(ledger, metrics, linger_s=5.0)  # type: ignore[arg-type]
     first = settler.settle_now(_req("a"))
     await asyncio.sleep(0.05)
-    rest = [settler.settle_now(_req(f"b{i}")) for i in range(5)]
+    second = settler.settle_now(_req("b"))
     await asyncio.sleep(0.05)
-    assert ledger.calls == [["a"]]
+    rest = [settler.settle_now(_req(f"c{i}")) for i in range(5)]
+    await asyncio.sleep(0.05)
+    assert ledger.calls == [["a"], ["b"]]
     ledger.gate.set()
-    assert await asyncio.wait_for(asyncio.gather(first, *rest), 2) == [True] * 6
-    assert ledger.calls == [["a"], [f"b{i}" for i in range(5)]]
+    assert await asyncio.wait_for(asyncio.gather(first, second, *rest), 2) == [True] * 7
+    assert ledger.calls == [["a"], ["b"], [f"c{i}" for i in range(5)]]
 
 
 async def test_an_awaited_settle_is_retried_and_its_callback_runs_once() -> None:
