@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from igw.keyvault.v1 import keyvault_pb2
 from igw.ledger.v1 import ledger_pb2
-from services.cli.common import CliError
+from services.cli.parsing import CliError
 
 WINDOWS = {
     "daily": ledger_pb2.BUDGET_WINDOW_DAILY,

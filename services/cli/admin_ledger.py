@@ -15,17 +15,14 @@ from services.cli.admin_common import (
     _ts,
     check_range,
 )
-from services.cli.common import (
-    CliError,
-    Session,
-    nanos_to_dollars,
-)
 from services.cli.output import (
     format_timestamp,
     message_to_dict,
     print_json,
     print_table,
 )
+from services.cli.parsing import CliError, nanos_to_dollars
+from services.cli.session import Session
 
 # --------------------------------------------------------------------------- budgets
 

@@ -8,15 +8,13 @@ from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.cli.admin_common import (
     _enum_name,
 )
-from services.cli.common import (
-    Session,
-)
 from services.cli.output import (
     format_duration,
     format_timestamp,
     print_json,
     print_table,
 )
+from services.cli.session import Session
 
 # --------------------------------------------------------------------------- router admin
 

@@ -22,10 +22,6 @@ from services.cli.admin_common import (
     _ts,
     check_range,
 )
-from services.cli.common import (
-    CliError,
-    Session,
-)
 from services.cli.output import (
     format_duration,
     format_timestamp,
@@ -33,6 +29,8 @@ from services.cli.output import (
     print_json,
     print_table,
 )
+from services.cli.parsing import CliError
+from services.cli.session import Session
 
 # --------------------------------------------------------------------------- keys
 

@@ -43,14 +43,7 @@ from services.cli.admin_vault import (
     cmd_vault_rewrap,
     read_secret,
 )
-from services.cli.common import (
-    SubParsers,
-    common_options,
-    dollars_arg,
-    duration_arg,
-    label_arg,
-    time_arg,
-)
+from services.cli.parsing import SubParsers, common_options, dollars_arg, duration_arg, label_arg, time_arg
 
 __all__ = ["group_by_arg", "read_secret", "register"]
 

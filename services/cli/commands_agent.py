@@ -7,8 +7,9 @@ import sys
 
 from igw.client import ClientConfig, IgwClient
 from igw.router.v1 import router_pb2
-from services.cli.common import CliError, Session, SubParsers, nanos_to_dollars
 from services.cli.output import format_duration, print_json, print_table
+from services.cli.parsing import CliError, SubParsers, nanos_to_dollars
+from services.cli.session import Session
 
 __all__ = ["register"]
 

@@ -12,8 +12,8 @@ import datetime as dt
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.cli.common import CliError, SubParsers
 from services.cli.output import print_json, print_table
+from services.cli.parsing import CliError, SubParsers
 
 if TYPE_CHECKING:
     from types import ModuleType

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from services.cli.common import IgwArgumentParser, SubParsers
+from services.cli.parsing import IgwArgumentParser, SubParsers
 
 __all__ = [
     "EXIT_CONNECTION_FAILURE",

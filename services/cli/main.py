@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import grpc
 
 from services.cli import commands_admin, commands_agent, commands_dev, commands_probe, metrics_plot
-from services.cli.common import CliError, IgwArgumentParser, SubParsers, common_options
 from services.cli.output import format_error
+from services.cli.parsing import CliError, IgwArgumentParser, SubParsers, common_options
 
 __all__ = ["build_parser", "main"]
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import grpc
 
 from igw.router.v1 import router_pb2, router_pb2_grpc
-from services.cli.common import Session, SubParsers
+from services.cli.parsing import SubParsers
+from services.cli.session import Session
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from igw.client import BudgetExceeded, IgwError
-from services.cli.common import nanos_to_dollars
+from services.cli.parsing import nanos_to_dollars
 
 __all__ = [
     "format_duration",

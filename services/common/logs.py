@@ -19,7 +19,6 @@ from opentelemetry import trace
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_request_id", default="")
 method_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_method", default="")
-peer_var: contextvars.ContextVar[str] = contextvars.ContextVar("igw_peer", default="")
 
 # Shapes of provider keys: OpenAI/Anthropic "sk-...", Google "AIza...", bearer tokens.
 _SECRET_SHAPES = re.compile(
@@ -50,9 +49,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": redact(record.getMessage()),
         }
-        rid = request_id_var.get()
-        if rid:
-            out["request_id"] = rid
+        request_id = request_id_var.get()
+        if request_id:
+            out["request_id"] = request_id
         method = method_var.get()
         if method:
             out["method"] = method
@@ -77,8 +76,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        rid = request_id_var.get()
-        return redact(f"{line} [rid={rid}]" if rid else line)
+        request_id = request_id_var.get()
+        return redact(f"{line} [rid={request_id}]" if request_id else line)
 
 
 def configure_logging(service: str, fmt: str = "json", level: str = "INFO") -> None:

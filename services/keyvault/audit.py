@@ -1,5 +1,8 @@
 """The hash-chained, append-only audit log: one writer per process, group commit.
 
+What a record holds and what its MAC covers is ``audit_records``; reading and verifying the
+chain is ``audit_reader``.
+
 Every lease, denial and admin action becomes one record whose hash covers its fields and
 the previous record's hash. The hash is an HMAC-SHA256 under the vault's audit chain key
 (random, stored only wrapped by the master key: see ``crypto``), so someone who can write
@@ -35,21 +38,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy import Connection, and_, func, insert, select, text
-from sqlalchemy.engine import Row
+from sqlalchemy import Connection, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common import errors as E
-from services.keyvault import domain as D
+from services.keyvault.audit_records import AuditDraft, AuditOutcome, AuditRecord, build_records
+from services.keyvault.domain import utcnow
+from services.keyvault.metrics import VaultMetrics
 from services.keyvault.orm import audit_events
 
 _LOGGER = logging.getLogger(__name__)
@@ -57,10 +59,8 @@ _LOGGER = logging.getLogger(__name__)
 #: One advisory lock id for the chain, shared by every replica and by ``igw vault rewrap``.
 CHAIN_LOCK_ID = int.from_bytes(hashlib.sha256(b"igw-keyvault-audit-chain").digest()[:8], "big", signed=True)
 
-_WRITE_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1, 2, 5)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
-Action = Callable[[AsyncConnection, D.AuditDraft], Awaitable[Any]]
+Action = Callable[[AsyncConnection, AuditDraft], Awaitable[Any]]
 
 
 class Replay(Exception):
@@ -76,84 +76,12 @@ def audit_unavailable() -> E.Unavailable:
     return E.Unavailable("AUDIT_UNAVAILABLE", "the audit log cannot be written; nothing was issued")
 
 
-@dataclass
-class AuditMetrics:
-    """Vault metrics on the runtime's registry (labels never carry secrets)."""
-
-    registry: CollectorRegistry
-    write_seconds: Histogram = field(init=False)
-    batch_size: Histogram = field(init=False)
-    leases_issued: Counter = field(init=False)
-    leases_denied: Counter = field(init=False)
-    leases_ended: Counter = field(init=False)
-    write_failures: Counter = field(init=False)
-    integrity_failures: Counter = field(init=False)
-    verify_failures: Counter = field(init=False)
-    head_sequence: Gauge = field(init=False)
-    refusals: Counter = field(init=False)
-
-    def __post_init__(self) -> None:
-        r = self.registry
-        self.write_seconds = Histogram(
-            "igw_keyvault_audit_write_seconds", "Time to commit one audit batch.", buckets=_WRITE_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "igw_keyvault_audit_batch_size", "Audit records per committed batch.", buckets=_BATCH_BUCKETS,
-            registry=r,
-        )
-        self.leases_issued = Counter(
-            "igw_keyvault_leases_issued", "Leases issued, by provider.", ["provider"], registry=r
-        )
-        self.leases_ended = Counter(
-            "igw_keyvault_leases_ended", "Leases ended (EndLease), by provider and how: used or returned.",
-            ["provider", "end"], registry=r,
-        )
-        self.leases_denied = Counter(
-            "igw_keyvault_leases_denied", "IssueCredential denials, by provider and reason.",
-            ["provider", "reason"], registry=r,
-        )
-        self.write_failures = Counter(
-            "igw_keyvault_audit_write_failures", "Audit batches that could not be committed.", registry=r
-        )
-        self.verify_failures = Counter(
-            "igw_keyvault_audit_verify_failures", "VerifyAuditLog walks that found the chain broken.", registry=r
-        )
-        self.integrity_failures = Counter(
-            "igw_keyvault_integrity_failures", "Stored secrets or data keys that failed to authenticate.",
-            registry=r,
-        )
-        self.refusals = Counter(
-            "igw_keyvault_refused_calls", "Calls the authorisation table refused, by method and whether they "
-            "were audited (a flood from one identity is counted, not written).", ["method", "audited"], registry=r,
-        )
-        self.head_sequence = Gauge(
-            "igw_keyvault_audit_head_sequence",
-            "Sequence of the last audit record this vault wrote or saw (it never goes down unless "
-            "the log was truncated).",
-            registry=r,
-        )
-
 
 @dataclass
 class _Item:
-    draft: D.AuditDraft
+    draft: AuditDraft
     action: Action | None
-    future: asyncio.Future[tuple[D.AuditRecord | None, Any]]
-
-
-def build_records(
-    drafts: Sequence[D.AuditDraft], head: tuple[int, str] | None, now: dt.datetime, chain_key: bytes
-) -> list[D.AuditRecord]:
-    """Chains ``drafts`` after ``head`` (the last stored sequence and hash, or None)."""
-    seq, prev = head if head is not None else (0, D.GENESIS_HASH)
-    out = []
-    for draft in drafts:
-        seq += 1
-        rec = D.chain(draft, seq, now, prev, chain_key)
-        out.append(rec)
-        prev = rec.hash
-    return out
+    future: asyncio.Future[tuple[AuditRecord | None, Any]]
 
 
 _HEAD = select(audit_events.c.sequence, audit_events.c.hash).order_by(audit_events.c.sequence.desc()).limit(1)
@@ -164,8 +92,8 @@ _LOCK = text(
 
 
 def append_sync(
-    conn: Connection, drafts: Sequence[D.AuditDraft], now: dt.datetime, chain_key: bytes
-) -> list[D.AuditRecord]:
+    conn: Connection, drafts: Sequence[AuditDraft], now: dt.datetime, chain_key: bytes
+) -> list[AuditRecord]:
     """Appends within the caller's (synchronous) transaction, e.g. ``igw vault rewrap``."""
     conn.execute(_LOCK, {"lock_ms": "10000", "stmt_ms": "60000", "lock_id": CHAIN_LOCK_ID})
     row = conn.execute(_HEAD).first()
@@ -184,8 +112,8 @@ class AuditWriter:
     def __init__(
         self,
         engine: AsyncEngine,
-        metrics: AuditMetrics,
-        clock: Callable[[], dt.datetime] = D.utcnow,
+        metrics: VaultMetrics,
+        clock: Callable[[], dt.datetime] = utcnow,
         *,
         chain_key: bytes | None = None,
         max_batch: int = 1024,
@@ -239,8 +167,8 @@ class AuditWriter:
             self._conn = None
 
     async def append(
-        self, draft: D.AuditDraft, action: Action | None = None
-    ) -> tuple[D.AuditRecord | None, Any]:
+        self, draft: AuditDraft, action: Action | None = None
+    ) -> tuple[AuditRecord | None, Any]:
         """Queues a record (and optional in-transaction action); returns once committed.
 
         Raises ``Unavailable(AUDIT_UNAVAILABLE)`` if the batch could not be committed, or the
@@ -248,20 +176,20 @@ class AuditWriter:
         """
         if self._task is None or self._task.done() or self._chain_key is None:
             raise audit_unavailable()
-        fut: asyncio.Future[tuple[D.AuditRecord | None, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[tuple[AuditRecord | None, Any]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(draft, action, fut))
         # Shield: a caller that goes away must not cancel a batch other callers share.
         return await asyncio.shield(fut)
 
-    async def append_many(self, drafts: list[D.AuditDraft]) -> None:
+    async def append_many(self, drafts: list[AuditDraft]) -> None:
         """Queues several records at once (so they share one batch) and returns once all are
         committed; raises ``Unavailable(AUDIT_UNAVAILABLE)`` as :meth:`append` does."""
         if self._task is None or self._task.done() or self._chain_key is None:
             raise audit_unavailable()
         loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[tuple[D.AuditRecord | None, Any]]] = []
+        futs: list[asyncio.Future[tuple[AuditRecord | None, Any]]] = []
         for draft in drafts:
-            fut: asyncio.Future[tuple[D.AuditRecord | None, Any]] = loop.create_future()
+            fut: asyncio.Future[tuple[AuditRecord | None, Any]] = loop.create_future()
             self._queue.put_nowait(_Item(draft, None, fut))
             futs.append(fut)
         # Shield: a caller that goes away must not cancel a batch other callers share.
@@ -291,7 +219,7 @@ class AuditWriter:
                     if not item.future.done():
                         item.future.set_exception(audit_unavailable())
 
-    async def _fast_write(self, batch: list[_Item]) -> list[D.AuditRecord] | None:
+    async def _fast_write(self, batch: list[_Item]) -> list[AuditRecord] | None:
         """Leases only (no admin action): one INSERT, one round trip, after the cached head.
 
         Sequence is the primary key, so if another replica appended since this writer last
@@ -361,7 +289,7 @@ class AuditWriter:
                 async with conn.begin():
                     await conn.execute(_LOCK, self._params)
                     row = (await conn.execute(_HEAD)).first()
-                    drafts: list[D.AuditDraft] = []
+                    drafts: list[AuditDraft] = []
                     for item in batch:
                         result, err, write = await self._run_action(conn, item)
                         results.append((result, err, write))
@@ -392,7 +320,7 @@ class AuditWriter:
                 item.future.set_exception(audit_unavailable())
 
     def _done(
-        self, batch: list[_Item], records: list[D.AuditRecord],
+        self, batch: list[_Item], records: list[AuditRecord],
         results: list[tuple[Any, BaseException | None, bool]], start: float,
     ) -> None:
         elapsed = time.perf_counter() - start
@@ -419,121 +347,14 @@ class AuditWriter:
             return replay.result, None, False
         except E.IgwError as err:
             await savepoint.rollback()
-            item.draft.outcome = D.AuditOutcome.DENIED
+            item.draft.outcome = AuditOutcome.DENIED
             item.draft.reason = err.reason
             return None, err, True
         except Exception:
             await savepoint.rollback()
             _LOGGER.exception("admin action failed")
-            item.draft.outcome = D.AuditOutcome.DENIED
+            item.draft.outcome = AuditOutcome.DENIED
             item.draft.reason = "INTERNAL"
             return None, E.Internal("INTERNAL", "internal error"), True
         await savepoint.commit()
         return result, None, True
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _to_record(row: Row[Any]) -> D.AuditRecord:
-    m = row._mapping
-    return D.AuditRecord(**{c.name: m[c.name] for c in audit_events.columns})
-
-
-async def list_events(
-    engine: AsyncEngine, flt: D.AuditFilter, page_size: int, before_sequence: int | None
-) -> tuple[list[D.AuditRecord], int | None]:
-    """Newest first; returns the page and the sequence to continue below (None when done)."""
-    c = audit_events.c
-    conds = []
-    if before_sequence is not None:
-        conds.append(c.sequence < before_sequence)
-    if flt.action is not None:
-        conds.append(c.action == flt.action.value)
-    if flt.outcome is not None:
-        conds.append(c.outcome == flt.outcome.value)
-    if flt.key_name:
-        conds.append(c.key_name == flt.key_name)
-    if flt.team:
-        conds.append(c.team == flt.team)
-    if flt.request_id:
-        conds.append(c.request_id == flt.request_id)
-    if flt.start_time is not None:
-        conds.append(c.created_at >= flt.start_time)
-    if flt.end_time is not None:
-        conds.append(c.created_at < flt.end_time)
-    stmt = select(audit_events).order_by(c.sequence.desc()).limit(page_size + 1)
-    if conds:
-        stmt = stmt.where(and_(*conds))
-    async with engine.connect() as conn:
-        rows = (await conn.execute(stmt)).all()
-    records = [_to_record(r) for r in rows[:page_size]]
-    more = len(rows) > page_size
-    return records, (records[-1].sequence if more and records else None)
-
-
-async def verify_chain(
-    engine: AsyncEngine, chain_key: bytes, page: int = 5000, anchor: tuple[int, str] | None = None,
-) -> D.VerifyResult:
-    """Walks the chain in sequence order; names the first record that does not verify.
-
-    A record whose MAC is not the HMAC under ``chain_key`` is HASH_MISMATCH, whatever else
-    it holds: records hashed with plain SHA-256 (the unkeyed ``igw-audit/v1`` format, or a
-    forger without the key) never verify. ``anchor`` (sequence, hash), a head recorded outside
-    the vault, must still be in the chain: ANCHOR_MISSING when the chain now ends before it
-    (its tail was cut off), ANCHOR_MISMATCH when that record's hash differs.
-    """
-    result, anchor_hash = await _walk(engine, chain_key, page, anchor[0] if anchor else 0)
-    if not result.ok or anchor is None:
-        return result
-    seq, want = anchor
-    if result.head_sequence < seq:
-        return replace(result, ok=False, first_bad_sequence=seq, reason="ANCHOR_MISSING")
-    if not hmac.compare_digest(anchor_hash, want.lower()):
-        return replace(result, ok=False, first_bad_sequence=seq, reason="ANCHOR_MISMATCH")
-    return result
-
-
-async def _walk(engine: AsyncEngine, chain_key: bytes, page: int, anchor_seq: int) -> tuple[D.VerifyResult, str]:
-    """The walk itself; also returns the hash of record ``anchor_seq`` ("" when not reached)."""
-    checked = 0
-    expected_seq = 1
-    prev = D.GENESIS_HASH
-    after = 0
-    anchor_hash = ""
-    c = audit_events.c
-    async with engine.connect() as conn:
-        # One snapshot for the whole walk, so concurrent appends cannot look like gaps.
-        async with conn.begin():
-            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
-            while True:
-                rows = (
-                    await conn.execute(
-                        select(audit_events).where(c.sequence > after).order_by(c.sequence).limit(page)
-                    )
-                ).all()
-                if not rows:
-                    break
-                for row in rows:
-                    rec = _to_record(row)
-                    if rec.sequence != expected_seq:
-                        return D.VerifyResult(False, checked, expected_seq, "SEQUENCE_GAP"), anchor_hash
-                    checked += 1
-                    if not D.hash_matches(rec, chain_key):
-                        return D.VerifyResult(False, checked, rec.sequence, "HASH_MISMATCH"), anchor_hash
-                    if rec.prev_hash != prev:
-                        return D.VerifyResult(False, checked, rec.sequence, "CHAIN_BROKEN"), anchor_hash
-                    if rec.sequence == anchor_seq:
-                        anchor_hash = rec.hash
-                    prev = rec.hash
-                    expected_seq += 1
-                    after = rec.sequence
-    head = (after, prev) if checked else (0, "")
-    return D.VerifyResult(True, checked, head_sequence=head[0], head_hash=head[1]), anchor_hash
-
-
-async def chain_head(engine: AsyncEngine) -> int:
-    """The last sequence (0 when empty)."""
-    async with engine.connect() as conn:
-        value = (await conn.execute(select(func.coalesce(func.max(audit_events.c.sequence), 0)))).scalar_one()
-    return int(value)

@@ -1,4 +1,4 @@
-"""KeyVault domain: provider keys, versions, leases, audit records, validation.
+"""KeyVault domain: provider keys, versions, leases, validation.
 
 Errors raised by the vault (all from ``services.common.errors``; the reason is the API):
 
@@ -24,22 +24,13 @@ during grace" means: leases already issued on it stay valid until they expire, a
 provider-side key is expected to keep working until ``grace_end``; after that the vault
 reports it DISABLED and the operator may revoke it at the provider.
 
-Audit records are chained by ``hash = HMAC-SHA256(chain key, canonical record)``, the
-canonical record including the previous record's hash and the tag ``igw-audit/v2-hmac-sha256``.
-The unkeyed ``igw-audit/v1`` format (plain SHA-256) is not accepted by the verifier at all:
-accepting it for old records would let a forger downgrade any record to it. A database
-written before the chain was keyed (pre-release development data) reports HASH_MISMATCH at
-sequence 1; re-create it.
+Audit records and their chain are in ``audit_records.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import enum
-import hashlib
-import hmac
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +38,7 @@ from dataclasses import dataclass, field
 from services.common import egress, ids
 from services.common import errors as E
 
-NAME_RE = ids.SEGMENT
 PROVIDER_RE = re.compile(r"^[a-z0-9_-]{1,32}\Z")
-TEAM_RE = ids.SEGMENT
-REQUEST_ID_RE = ids.REQUEST_ID
 MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}\Z")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9._/-]{1,63}\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -58,11 +46,9 @@ MAX_SECRET_BYTES = 4096
 MAX_TEAMS = 1000
 MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
-MAX_URL = 2048
 MAX_GRACE = dt.timedelta(days=30)
 #: Hard limit on a lease's lifetime: leases live "a few seconds to a minute" (issue 4).
 MAX_LEASE_TTL_SECONDS = 60
-GENESIS_HASH = "0" * 64
 
 
 class KeyState(enum.Enum):
@@ -72,24 +58,6 @@ class KeyState(enum.Enum):
     GRACE = "GRACE"
     DISABLED = "DISABLED"
 
-
-class AuditAction(enum.Enum):
-    """What an audit record is about."""
-
-    ISSUE_CREDENTIAL = "ISSUE_CREDENTIAL"
-    CREATE_KEY = "CREATE_KEY"
-    ROTATE_KEY = "ROTATE_KEY"
-    DISABLE_KEY = "DISABLE_KEY"
-    REWRAP = "REWRAP"
-    LEASE_USED = "LEASE_USED"
-    LEASE_RETURNED = "LEASE_RETURNED"
-
-
-class AuditOutcome(enum.Enum):
-    """How an audited action ended."""
-
-    ALLOWED = "ALLOWED"
-    DENIED = "DENIED"
 
 
 def utcnow() -> dt.datetime:
@@ -227,169 +195,6 @@ def check_reason(value: str) -> str:
     return value
 
 
-# ---------------------------------------------------------------------------- audit
-
-
-@dataclass(slots=True)
-class AuditDraft:
-    """An audit record before it has a place in the chain."""
-
-    actor: str
-    action: AuditAction
-    outcome: AuditOutcome = AuditOutcome.ALLOWED
-    reason: str = ""
-    provider: str = ""
-    key_name: str = ""
-    key_version: int = 0
-    team: str = ""
-    model: str = ""
-    request_id: str = ""
-    lease_id_hmac: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    """A chained audit record, as stored."""
-
-    sequence: int
-    created_at: dt.datetime
-    actor: str
-    action: str
-    outcome: str
-    reason: str
-    provider: str
-    key_name: str
-    key_version: int
-    team: str
-    model: str
-    request_id: str
-    lease_id_hmac: str
-    prev_hash: str
-    hash: str
-
-    def as_row(self) -> dict[str, object]:
-        """Column -> value (shallow: every field is a scalar; ``asdict`` would deep-copy each)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def canonical_ts(ts: dt.datetime) -> str:
-    """UTC, microsecond precision (what Postgres timestamptz keeps), fixed format."""
-    return ts.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-AUDIT_HASH_TAG = "igw-audit/v2-hmac-sha256"
-
-
-def canonical_record(
-    *,
-    sequence: int,
-    created_at: dt.datetime,
-    actor: str,
-    action: str,
-    outcome: str,
-    reason: str,
-    provider: str,
-    key_name: str,
-    key_version: int,
-    team: str,
-    model: str,
-    request_id: str,
-    lease_id_hmac: str,
-    prev_hash: str,
-) -> bytes:
-    """The canonical JSON array of every field and the previous hash: what a record's MAC covers."""
-    return json.dumps(
-        [
-            AUDIT_HASH_TAG,
-            int(sequence),
-            canonical_ts(created_at),
-            actor,
-            action,
-            outcome,
-            reason,
-            provider,
-            key_name,
-            int(key_version),
-            team,
-            model,
-            request_id,
-            lease_id_hmac,
-            prev_hash,
-        ],
-        separators=(",", ":"),
-        ensure_ascii=True,
-    ).encode()
-
-
-def record_hash(chain_key: bytes, **fields: object) -> str:
-    """HMAC-SHA256 under the audit chain key of :func:`canonical_record` (hex).
-
-    Keyed, so that someone able to write the database but without the master key (which
-    unwraps the chain key) cannot re-hash an edited record and everything after it.
-    """
-    if len(chain_key) < 32:
-        raise ValueError("the audit chain key must be at least 32 bytes")
-    return hmac.new(chain_key, canonical_record(**fields), hashlib.sha256).hexdigest()  # type: ignore[arg-type]
-
-
-def chain(
-    draft: AuditDraft, sequence: int, created_at: dt.datetime, prev_hash: str, chain_key: bytes
-) -> AuditRecord:
-    """Gives a draft its place in the chain."""
-    fields: dict[str, object] = {
-        "sequence": sequence,
-        "created_at": created_at,
-        "actor": draft.actor,
-        "action": draft.action.value,
-        "outcome": draft.outcome.value,
-        "reason": draft.reason,
-        "provider": draft.provider,
-        "key_name": draft.key_name,
-        "key_version": draft.key_version,
-        "team": draft.team,
-        "model": draft.model,
-        "request_id": draft.request_id,
-        "lease_id_hmac": draft.lease_id_hmac,
-        "prev_hash": prev_hash,
-    }
-    return AuditRecord(**fields, hash=record_hash(chain_key, **fields))  # type: ignore[arg-type]
-
-
-def recompute_hash(rec: AuditRecord, chain_key: bytes) -> str:
-    """The MAC a stored record should have."""
-    row = rec.as_row()
-    row.pop("hash")
-    return record_hash(chain_key, **row)
-
-
-def hash_matches(rec: AuditRecord, chain_key: bytes) -> bool:
-    """Constant-time check of a stored record's MAC."""
-    return hmac.compare_digest(recompute_hash(rec, chain_key), rec.hash)
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """Outcome of walking the chain."""
-
-    ok: bool
-    records_checked: int
-    first_bad_sequence: int = 0
-    reason: str = ""
-    head_sequence: int = 0
-    head_hash: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class AuditFilter:
-    """ListAuditEvents filters (empty/None: any)."""
-
-    action: AuditAction | None = None
-    outcome: AuditOutcome | None = None
-    key_name: str = ""
-    team: str = ""
-    request_id: str = ""
-    start_time: dt.datetime | None = None
-    end_time: dt.datetime | None = None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -404,7 +209,7 @@ def _bad(field_name: str, rule: str) -> E.InvalidArgument:
 
 def check_name(value: str) -> str:
     """A key name: ``^[A-Za-z0-9._-]{1,64}$``."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not ids.is_segment(value):
         raise _bad("name", "1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 
@@ -418,14 +223,14 @@ def check_provider(value: str) -> str:
 
 def check_request_id(value: str) -> str:
     """A request id: ``^[A-Za-z0-9._:-]{1,128}$``."""
-    if not isinstance(value, str) or not REQUEST_ID_RE.match(value):
+    if not ids.is_request_id(value):
         raise _bad("request_id", "1-128 characters of A-Z a-z 0-9 . _ : -")
     return value
 
 
 def check_team(value: str, field_name: str = "team") -> str:
     """A team name (a SPIFFE path segment)."""
-    if not isinstance(value, str) or not TEAM_RE.match(value):
+    if not ids.is_segment(value):
         raise _bad(field_name, "1-64 characters of A-Z a-z 0-9 . _ -")
     return value
 

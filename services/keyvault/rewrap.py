@@ -21,6 +21,7 @@ import logging
 from sqlalchemy import create_engine, func, pool, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
+from services.keyvault import audit_records as AR
 from services.keyvault import crypto as C
 from services.keyvault import domain as D
 from services.keyvault.audit import CHAIN_LOCK_ID, append_sync
@@ -54,7 +55,7 @@ def rewrap(
     try:
         with engine.begin() as conn:
             now = D.utcnow()
-            draft = D.AuditDraft(actor=actor, action=D.AuditAction.REWRAP, request_id=request_id)
+            draft = AR.AuditDraft(actor=actor, action=AR.AuditAction.REWRAP, request_id=request_id)
             # Chain lock first, as the vault's writer does before any admin change: no deadlock.
             conn.execute(select(func.pg_advisory_xact_lock(CHAIN_LOCK_ID)))
             rows = conn.execute(

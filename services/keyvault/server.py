@@ -23,10 +23,12 @@ from services.common.db import make_async_engine, upgrade
 from services.common.dbprobe import DatabaseProbe
 from services.common.server import ServiceRuntime
 from services.keyvault import domain as D
-from services.keyvault.audit import AuditMetrics, AuditWriter, chain_head
+from services.keyvault.audit import AuditWriter
+from services.keyvault.audit_reader import chain_head
 from services.keyvault.authz import POLICY
 from services.keyvault.config import Settings
 from services.keyvault.keywatch import KeyWatch
+from services.keyvault.metrics import VaultMetrics
 from services.keyvault.repository import ChainKeyError, check_master_key, load_chain_key
 from services.keyvault.service import VaultService
 from services.keyvault.servicer import KeyVaultAdminServicer, KeyVaultServicer
@@ -75,7 +77,7 @@ async def build(
                 _LOGGER.info("vault unsealed", extra={"master_key_id": master.key_id})
 
     registry = CollectorRegistry()
-    metrics = AuditMetrics(registry)
+    metrics = VaultMetrics(registry)
     if chain_key is not None:
         # From the start, so a restart does not look like a truncated log to whoever watches it.
         metrics.head_sequence.set(await chain_head(engine))

@@ -2,14 +2,9 @@
 
 Hot path (IssueCredential), per call:
 
-1. the provider's ACTIVE keys come from a short in-memory cache (``key_cache_seconds``,
-   default 5 s, at most 60 s) holding each key's policy, its *ciphertext* and its unwrapped
-   *data key*; a miss is one SELECT (single-flight per provider). The decrypted secret is
-   never cached: it is decrypted per lease (one AES-GCM open of ~100 bytes) and dropped
-   once the response is serialised. The cache trades at most ``key_cache_seconds`` of
-   staleness on *other* replicas after a rotate/disable for one DB round trip less per
-   call; this replica drops its cache on every admin change. (Anyone able to read this
-   process's memory also holds the master key, so caching the data key gives them nothing.)
+1. the provider's ACTIVE keys come from a short in-memory cache (``key_cache.py``: each
+   key's policy, ciphertext, unwrapped data key and secret, per key version, for
+   ``key_cache_seconds``; a miss is one SELECT), dropped on every admin change;
 2. team check, round-robin pick among the keys the team may use, decrypt;
 3. the audit record is appended by the group-commit writer and is durable before the
    lease is returned (the one mandatory DB round trip, shared by concurrent calls).
@@ -17,9 +12,7 @@ Hot path (IssueCredential), per call:
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import binascii
 import datetime as dt
 import json
 import logging
@@ -27,30 +20,31 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from services.common import errors as E
 from services.keyvault import audit as A
+from services.keyvault import audit_reader, paging
+from services.keyvault import audit_records as AR
 from services.keyvault import crypto as C
 from services.keyvault import domain as D
 from services.keyvault import repository as R
+from services.keyvault.key_cache import ActiveKeyCache
 from services.keyvault.keywatch import NOTIFY_SQL
+from services.keyvault.metrics import VaultMetrics
 
 _LOGGER = logging.getLogger(__name__)
-DEFAULT_PAGE = 100
-_T = TypeVar("_T")
 # Refused calls audited per identity a minute (the rest are counted in a metric).
 _REFUSALS_PER_MINUTE = 20
 # The key actions a refused call was attempting; refused reads are counted, not audited.
 _ACTION_OF_METHOD = {
-    "IssueCredential": D.AuditAction.ISSUE_CREDENTIAL,
-    "CreateProviderKey": D.AuditAction.CREATE_KEY,
-    "RotateProviderKey": D.AuditAction.ROTATE_KEY,
-    "DisableProviderKey": D.AuditAction.DISABLE_KEY,
+    "IssueCredential": AR.AuditAction.ISSUE_CREDENTIAL,
+    "CreateProviderKey": AR.AuditAction.CREATE_KEY,
+    "RotateProviderKey": AR.AuditAction.ROTATE_KEY,
+    "DisableProviderKey": AR.AuditAction.DISABLE_KEY,
 }
 
 
@@ -60,7 +54,6 @@ def _str_field(request: Any, name: str) -> str:
     if not isinstance(value, str):
         return ""
     return "".join(c for c in value if c.isprintable())[:128]
-MAX_PAGE = 1000
 
 
 def master_key_unavailable() -> E.Unavailable:
@@ -70,18 +63,6 @@ def master_key_unavailable() -> E.Unavailable:
     )
 
 
-@dataclass(slots=True)
-class _Cached:
-    key: R.ActiveKey
-    data_key: bytes | None = None
-    # The secret, decrypted once per key version (not per lease); dropped with the cache entry on
-    # rotation, disable, re-wrap or seal, like the data key that decrypts it.
-    plaintext: bytes | None = None
-
-    def __repr__(self) -> str:
-        return f"_Cached(key={self.key.name!r}, version={self.key.version}, data_key=<redacted>)"
-
-
 class VaultService:
     """Use cases of the KeyVault; raises ``services.common.errors`` only."""
 
@@ -89,7 +70,7 @@ class VaultService:
         self,
         engine: AsyncEngine,
         writer: A.AuditWriter,
-        metrics: A.AuditMetrics,
+        metrics: VaultMetrics,
         master: C.MasterKey | None,
         *,
         clock: Callable[[], dt.datetime] = D.utcnow,
@@ -107,10 +88,7 @@ class VaultService:
         self._lease_max_ttl = min(lease_max_ttl, dt.timedelta(seconds=D.MAX_LEASE_TTL_SECONDS))
         self._lease_ttl = min(lease_ttl, self._lease_max_ttl)
         self._default_grace = default_grace
-        self._cache_seconds = max(0.0, min(60.0, key_cache_seconds))
-        self._cache: dict[str, tuple[float, list[_Cached]]] = {}
-        self._fill_locks: dict[str, asyncio.Lock] = {}
-        self._rr: dict[str, int] = {}
+        self._keys = ActiveKeyCache(engine, key_cache_seconds)
         self._refusals: dict[str, tuple[float, int]] = {}
 
     # ------------------------------------------------------------------ state
@@ -124,7 +102,7 @@ class VaultService:
         """Forgets the master key, the audit chain key and every cached data key (e.g. after a failed check)."""
         self._master = None
         self._writer.forget_key()
-        self._cache.clear()
+        self._keys.clear()
 
     def _unsealed(self) -> C.MasterKey:
         if self._master is None:
@@ -133,16 +111,16 @@ class VaultService:
 
     def invalidate_cache(self) -> None:
         """Drops every cached data key and ciphertext."""
-        self._cache.clear()
+        self._keys.clear()
 
     # ------------------------------------------------------------------ IssueCredential
 
     async def issue(self, actor: str, req: D.IssueRequest) -> D.Lease:
         """A lease on an ACTIVE key of ``req.provider`` that ``req.team`` may use; audited first."""
         master = self._unsealed()
-        keys = await self._active_keys(req.provider)
-        draft = D.AuditDraft(
-            actor=actor, action=D.AuditAction.ISSUE_CREDENTIAL, provider=req.provider, team=req.team,
+        keys = await self._keys.active_keys(req.provider)
+        draft = AR.AuditDraft(
+            actor=actor, action=AR.AuditAction.ISSUE_CREDENTIAL, provider=req.provider, team=req.team,
             model=req.model, request_id=req.request_id,
         )
         if not keys:
@@ -157,22 +135,15 @@ class VaultService:
                 "TEAM_NOT_ALLOWED", "the team may not use any key of this provider",
                 {"provider": req.provider, "team": req.team},
             )
-        n = self._rr.get(req.provider, 0)
-        self._rr[req.provider] = (n + 1) % (1 << 30)
-        chosen = eligible[n % len(eligible)]
+        chosen = self._keys.pick(req.provider, eligible)
         key = chosen.key
         draft.key_name, draft.key_version = key.name, key.version
         try:
-            plaintext = chosen.plaintext
-            if plaintext is None:
-                if chosen.data_key is None:
-                    chosen.data_key = C.unwrap_data_key(master, key.name, key.provider, key.version, key.sealed)
-                plaintext = chosen.plaintext = C.open_secret(
-                    chosen.data_key, key.name, key.provider, key.version, key.sealed)
+            plaintext = chosen.secret(master)
         except C.DecryptionError:
             # Fail closed: no fallback to another key, no partial output, an alarm in the log.
             self._metrics.integrity_failures.inc()
-            self._cache.pop(req.provider, None)
+            self._keys.drop(req.provider)
             _LOGGER.error(
                 "stored key version does not authenticate; refusing to issue",
                 extra={"key_name": key.name, "key_version": key.version},
@@ -204,8 +175,8 @@ class VaultService:
         before it returns, all or none (the batch is one audit transaction)."""
         master = self._unsealed()
         drafts = [
-            D.AuditDraft(
-                actor=actor, action=D.AuditAction.LEASE_USED if req.used else D.AuditAction.LEASE_RETURNED,
+            AR.AuditDraft(
+                actor=actor, action=AR.AuditAction.LEASE_USED if req.used else AR.AuditAction.LEASE_RETURNED,
                 reason=req.reason, provider=req.provider, key_name=req.key_name, key_version=req.key_version,
                 team=req.team, model=req.model, request_id=req.request_id,
                 lease_id_hmac=master.lease_hmac(req.lease_id),
@@ -235,38 +206,18 @@ class VaultService:
         if len(self._refusals) >= 10_000:
             self._refusals.clear()
         self._refusals[actor] = (start, count + 1)
-        draft = D.AuditDraft(
-            actor=actor, action=action, outcome=D.AuditOutcome.DENIED, reason=reason,
+        draft = AR.AuditDraft(
+            actor=actor, action=action, outcome=AR.AuditOutcome.DENIED, reason=reason,
             provider=_str_field(request, "provider"), team=_str_field(request, "team"),
             key_name=_str_field(request, "name"), request_id=_str_field(request, "request_id"),
         )
         await self._writer.append(draft)
         self._metrics.refusals.labels(name, "yes").inc()
 
-    async def _deny(self, draft: D.AuditDraft, reason: str) -> None:
-        draft.outcome, draft.reason = D.AuditOutcome.DENIED, reason
+    async def _deny(self, draft: AR.AuditDraft, reason: str) -> None:
+        draft.outcome, draft.reason = AR.AuditOutcome.DENIED, reason
         self._metrics.leases_denied.labels(draft.provider, reason).inc()
         await self._writer.append(draft)
-
-    async def _active_keys(self, provider: str) -> list[_Cached]:
-        now = time.monotonic()
-        hit = self._cache.get(provider)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        lock = self._fill_locks.setdefault(provider, asyncio.Lock())
-        async with lock:
-            hit = self._cache.get(provider)
-            if hit is not None and hit[0] > time.monotonic():
-                return hit[1]
-            try:
-                rows = await R.active_keys(self._engine, provider)
-            except Exception:
-                _LOGGER.exception("cannot read provider keys")
-                raise E.Unavailable("STORE_UNAVAILABLE", "the key store cannot be read") from None
-            entry = [_Cached(r) for r in rows]
-            if self._cache_seconds > 0:
-                self._cache[provider] = (time.monotonic() + self._cache_seconds, entry)
-            return entry
 
     # ------------------------------------------------------------------ admin
 
@@ -283,7 +234,7 @@ class VaultService:
         sealed = C.seal(master, new.name, new.provider, 1, new.secret)
         fingerprint = C.secret_fingerprint(new.secret)
 
-        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+        async def action(conn: AsyncConnection, draft: AR.AuditDraft) -> D.ProviderKeyInfo:
             await self._replay_or_none(conn, new.request_id, "create", fp)
             if await R.get_key(conn, new.name) is not None:
                 raise E.AlreadyExists("KEY_EXISTS", "a key with this name exists", {"name": new.name})
@@ -295,8 +246,8 @@ class VaultService:
             assert info is not None
             return info
 
-        draft = D.AuditDraft(
-            actor=actor, action=D.AuditAction.CREATE_KEY, provider=new.provider, key_name=new.name,
+        draft = AR.AuditDraft(
+            actor=actor, action=AR.AuditAction.CREATE_KEY, provider=new.provider, key_name=new.name,
             request_id=new.request_id,
         )
         return await self._admin(draft, action)
@@ -312,7 +263,7 @@ class VaultService:
         )
         fingerprint = C.secret_fingerprint(secret)
 
-        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+        async def action(conn: AsyncConnection, draft: AR.AuditDraft) -> D.ProviderKeyInfo:
             await self._replay_or_none(conn, request_id, "rotate", fp)
             info = await R.get_key(conn, name, for_update=True)
             if info is None:
@@ -330,7 +281,7 @@ class VaultService:
             assert out is not None
             return out
 
-        draft = D.AuditDraft(actor=actor, action=D.AuditAction.ROTATE_KEY, key_name=name, request_id=request_id)
+        draft = AR.AuditDraft(actor=actor, action=AR.AuditAction.ROTATE_KEY, key_name=name, request_id=request_id)
         return await self._admin(draft, action)
 
     async def disable_key(self, actor: str, request_id: str, name: str) -> D.ProviderKeyInfo:
@@ -338,7 +289,7 @@ class VaultService:
         master = self._unsealed()
         fp = master.request_fingerprint(_canonical("disable", name))
 
-        async def action(conn: AsyncConnection, draft: D.AuditDraft) -> D.ProviderKeyInfo:
+        async def action(conn: AsyncConnection, draft: AR.AuditDraft) -> D.ProviderKeyInfo:
             await self._replay_or_none(conn, request_id, "disable", fp)
             info = await R.get_key(conn, name, for_update=True)
             if info is None:
@@ -351,11 +302,11 @@ class VaultService:
             assert out is not None
             return out
 
-        draft = D.AuditDraft(actor=actor, action=D.AuditAction.DISABLE_KEY, key_name=name, request_id=request_id)
+        draft = AR.AuditDraft(actor=actor, action=AR.AuditAction.DISABLE_KEY, key_name=name, request_id=request_id)
         return await self._admin(draft, action)
 
-    async def _admin(self, draft: D.AuditDraft, action: A.Action) -> D.ProviderKeyInfo:
-        async def and_notify(conn: AsyncConnection, d: D.AuditDraft) -> D.ProviderKeyInfo:
+    async def _admin(self, draft: AR.AuditDraft, action: A.Action) -> D.ProviderKeyInfo:
+        async def and_notify(conn: AsyncConnection, d: AR.AuditDraft) -> D.ProviderKeyInfo:
             result = await action(conn, d)
             # Delivered at commit to every vault replica, which drops its cached keys.
             await conn.execute(text(NOTIFY_SQL))
@@ -364,7 +315,7 @@ class VaultService:
         try:
             _, result = await self._writer.append(draft, and_notify)
         finally:
-            self._cache.clear()
+            self._keys.clear()
         assert isinstance(result, D.ProviderKeyInfo)
         return result
 
@@ -385,9 +336,9 @@ class VaultService:
     ) -> tuple[list[D.ProviderKeyInfo], str]:
         """Metadata only, by name."""
         self._unsealed()
-        after = _decode_token(page_token, "after", str)
-        infos, last = await R.list_keys(self._engine, provider, _page_size(page_size), after)
-        return infos, _encode_token("after", last) if last is not None else ""
+        after = paging.decode_token(page_token, "after", str)
+        infos, last = await R.list_keys(self._engine, provider, paging.page_size(page_size), after)
+        return infos, paging.encode_token("after", last) if last is not None else ""
 
     def now(self) -> dt.datetime:
         """The service clock (for effective states and rotation_due)."""
@@ -396,15 +347,15 @@ class VaultService:
     # ------------------------------------------------------------------ audit
 
     async def list_audit(
-        self, flt: D.AuditFilter, page_size: int, page_token: str
-    ) -> tuple[list[D.AuditRecord], str]:
+        self, flt: AR.AuditFilter, page_size: int, page_token: str
+    ) -> tuple[list[AR.AuditRecord], str]:
         """Newest first."""
         self._unsealed()
-        before = _decode_token(page_token, "before", int)
-        records, nxt = await A.list_events(self._engine, flt, _page_size(page_size), before)
-        return records, _encode_token("before", nxt) if nxt is not None else ""
+        before = paging.decode_token(page_token, "before", int)
+        records, nxt = await audit_reader.list_events(self._engine, flt, paging.page_size(page_size), before)
+        return records, paging.encode_token("before", nxt) if nxt is not None else ""
 
-    async def verify_audit(self, anchor_sequence: int = 0, anchor_hash: str = "") -> D.VerifyResult:
+    async def verify_audit(self, anchor_sequence: int = 0, anchor_hash: str = "") -> AR.VerifyResult:
         """Walks the whole chain; with an anchor (a head recorded outside the vault), also checks
         that the chain still holds it, so a cut-off tail shows."""
         self._unsealed()
@@ -423,7 +374,7 @@ class VaultService:
         if key is None:
             raise master_key_unavailable()
         anchor = (anchor_sequence, anchor_hash) if anchor_sequence else None
-        result = await A.verify_chain(self._engine, key, anchor=anchor)
+        result = await audit_reader.verify_chain(self._engine, key, anchor=anchor)
         if not result.ok:
             self._metrics.verify_failures.inc()
         return result
@@ -432,24 +383,3 @@ class VaultService:
 def _canonical(*parts: object) -> bytes:
     return json.dumps(parts, separators=(",", ":"), sort_keys=True).encode()
 
-
-def _page_size(value: int) -> int:
-    if value < 0:
-        raise E.InvalidArgument("PAGE_SIZE_INVALID", "page_size must not be negative", {"field": "page_size"})
-    return DEFAULT_PAGE if value == 0 else min(value, MAX_PAGE)
-
-
-def _encode_token(field: str, value: object) -> str:
-    return base64.urlsafe_b64encode(json.dumps({field: value}).encode()).decode()
-
-
-def _decode_token(token: str, field: str, kind: type[_T]) -> _T | None:
-    if not token:
-        return None
-    try:
-        value = json.loads(base64.urlsafe_b64decode(token.encode()))[field]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        value = None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise E.InvalidArgument("PAGE_TOKEN_INVALID", "page_token is invalid", {"field": "page_token"})
-    return value

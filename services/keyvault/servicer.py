@@ -15,7 +15,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from igw.keyvault.v1 import keyvault_pb2 as pb
 from igw.keyvault.v1 import keyvault_pb2_grpc as pb_grpc
 from services.common import errors as E
-from services.common.server import current_identity
+from services.common.guard import current_identity
+from services.keyvault import audit_records as AR
 from services.keyvault import domain as D
 from services.keyvault.service import VaultService, master_key_unavailable
 
@@ -24,9 +25,9 @@ _STATE = {
     D.KeyState.GRACE: pb.KEY_STATE_GRACE,
     D.KeyState.DISABLED: pb.KEY_STATE_DISABLED,
 }
-_ACTION_TO_PB = {a: pb.AuditAction.Value(f"AUDIT_ACTION_{a.value}") for a in D.AuditAction}
+_ACTION_TO_PB = {a: pb.AuditAction.Value(f"AUDIT_ACTION_{a.value}") for a in AR.AuditAction}
 _ACTION_FROM_PB = {v: k for k, v in _ACTION_TO_PB.items()}
-_OUTCOME_TO_PB = {o: pb.AuditOutcome.Value(f"AUDIT_OUTCOME_{o.value}") for o in D.AuditOutcome}
+_OUTCOME_TO_PB = {o: pb.AuditOutcome.Value(f"AUDIT_OUTCOME_{o.value}") for o in AR.AuditOutcome}
 _OUTCOME_FROM_PB = {v: k for k, v in _OUTCOME_TO_PB.items()}
 _MAX_DURATION = dt.timedelta(days=3650)
 _T = TypeVar("_T")
@@ -85,14 +86,14 @@ def key_to_pb(info: D.ProviderKeyInfo, now: dt.datetime) -> pb.ProviderKey:
     return out
 
 
-def event_to_pb(rec: D.AuditRecord) -> pb.AuditEvent:
+def event_to_pb(rec: AR.AuditRecord) -> pb.AuditEvent:
     """One stored record as the API shows it."""
     return pb.AuditEvent(
         sequence=rec.sequence,
         create_time=_ts(rec.created_at),
         actor=rec.actor,
-        action=_ACTION_TO_PB[D.AuditAction(rec.action)],
-        outcome=_OUTCOME_TO_PB[D.AuditOutcome(rec.outcome)],
+        action=_ACTION_TO_PB[AR.AuditAction(rec.action)],
+        outcome=_OUTCOME_TO_PB[AR.AuditOutcome(rec.outcome)],
         reason=rec.reason,
         provider=rec.provider,
         key_name=rec.key_name,
@@ -238,7 +239,7 @@ class KeyVaultAdminServicer(pb_grpc.KeyVaultAdminServiceServicer):
         self, request: pb.ListAuditEventsRequest, context: Any
     ) -> pb.ListAuditEventsResponse:
         self._gate()
-        flt = D.AuditFilter(
+        flt = AR.AuditFilter(
             action=_filter_enum("action", request.action, _ACTION_FROM_PB),
             outcome=_filter_enum("outcome", request.outcome, _OUTCOME_FROM_PB),
             key_name=D.check_name(request.key_name) if request.key_name else "",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common.server import LATENCY_BUCKETS
+from services.common.server_metrics import LATENCY_BUCKETS
 
 
 @dataclass

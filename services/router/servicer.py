@@ -18,8 +18,8 @@ import grpc
 from igw.ledger.v1 import ledger_pb2
 from igw.router.v1 import router_pb2, router_pb2_grpc
 from services.common import errors as E
+from services.common.guard import current_identity
 from services.common.identity import Identity
-from services.common.server import current_identity
 from services.router.breaker import State
 from services.router.call.domain import Attempt, CallRequest, CallResult, Started, StreamEvent
 from services.router.call.plan import resolve_alias

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from igw.keyvault.v1 import keyvault_pb2 as pb
-from services.keyvault import domain as D
+from services.keyvault import audit_records as AR
 from services.keyvault.crypto import MasterKey
 from services.keyvault.rewrap import RewrapError, rewrap
 from tests.integration.test_vault_service import (  # noqa: F401  (fixtures)
@@ -111,7 +111,7 @@ async def _records(url: str) -> list[Any]:
     from sqlalchemy import select
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from services.keyvault.audit import _to_record
+    from services.keyvault.audit_reader import record_from_row
     from services.keyvault.orm import audit_events
 
     engine = create_async_engine(url)
@@ -120,7 +120,7 @@ async def _records(url: str) -> list[Any]:
             rows = (await conn.execute(select(audit_events).order_by(audit_events.c.sequence))).all()
     finally:
         await engine.dispose()
-    return [_to_record(r) for r in rows]
+    return [record_from_row(r) for r in rows]
 
 
 def _forge(vault: Vault, sequence: int, team: str, new_hash: str, prev_hash: str) -> None:
@@ -131,7 +131,7 @@ def _forge(vault: Vault, sequence: int, team: str, new_hash: str, prev_hash: str
 def _unkeyed_v1_hash(rec: Any, prev_hash: str) -> str:
     """The record hash as it was before the chain was keyed: plain SHA-256, anyone can compute it."""
     fields = [
-        "igw-audit/v1", rec.sequence, D.canonical_ts(rec.created_at), rec.actor, rec.action, rec.outcome,
+        "igw-audit/v1", rec.sequence, AR.canonical_ts(rec.created_at), rec.actor, rec.action, rec.outcome,
         rec.reason, rec.provider, rec.key_name, rec.key_version, rec.team, rec.model, rec.request_id,
         rec.lease_id_hmac, prev_hash,
     ]
@@ -142,7 +142,7 @@ def _unkeyed_v2_hash(rec: Any, prev_hash: str) -> str:
     """Today's canonical form, but hashed with plain SHA-256 (a forger who read the code, not the key)."""
     fields = {**rec.as_row(), "prev_hash": prev_hash}
     fields.pop("hash")
-    return hashlib.sha256(D.canonical_record(**fields)).hexdigest()
+    return hashlib.sha256(AR.canonical_record(**fields)).hexdigest()
 
 
 async def test_a_rehashed_edit_by_the_key_holder_breaks_the_chain_at_the_next_record(vault: Vault) -> None:
@@ -151,9 +151,9 @@ async def test_a_rehashed_edit_by_the_key_holder_breaks_the_chain_at_the_next_re
         await vault.issue(request_id=f"r{i}")
     rec = (await _records(vault.url))[1]
     assert rec.sequence == 2
-    forged = D.AuditRecord(**{**rec.as_row(), "team": "someone-else"})  # type: ignore[arg-type]
+    forged = AR.AuditRecord(**{**rec.as_row(), "team": "someone-else"})  # type: ignore[arg-type]
     # Even with the chain key, an edit cannot be hidden without rewriting every later record.
-    new_hash = D.recompute_hash(forged, vault.service._writer.chain_key)
+    new_hash = AR.recompute_hash(forged, vault.service._writer.chain_key)
     vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
     vault.sql("UPDATE audit_events SET team = 'someone-else', hash = %s WHERE sequence = 2", (new_hash,))
     vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
@@ -175,7 +175,7 @@ async def test_an_edit_with_the_whole_tail_rehashed_without_the_key_is_named(
     prev = records[2].hash  # the tail from sequence 4 on is rewritten; 1..3 stay genuine
     for rec in records[3:]:
         team = "b" if rec.sequence == 4 else rec.team
-        new_hash = unkeyed(D.AuditRecord(**{**rec.as_row(), "team": team}), prev)  # type: ignore[arg-type]
+        new_hash = unkeyed(AR.AuditRecord(**{**rec.as_row(), "team": team}), prev)  # type: ignore[arg-type]
         _forge(vault, rec.sequence, team, new_hash, prev)
         prev = new_hash
     vault.sql("ALTER TABLE audit_events ENABLE TRIGGER USER")
@@ -192,7 +192,7 @@ async def test_a_whole_chain_rewritten_without_the_key_fails_at_the_first_record
     for i in range(3):
         await vault.issue(request_id=f"r{i}")
     vault.sql("ALTER TABLE audit_events DISABLE TRIGGER USER")
-    prev = D.GENESIS_HASH
+    prev = AR.GENESIS_HASH
     for rec in await _records(vault.url):
         new_hash = _unkeyed_v2_hash(rec, prev)
         _forge(vault, rec.sequence, rec.team, new_hash, prev)

@@ -19,15 +19,10 @@ from hypothesis import strategies as st
 from igw.client import error_from_rpc_error
 from igw_dev import pki as pki_mod
 from services.cli import commands_admin
-from services.cli.common import (
-    dollars_to_nanos,
-    load_endpoints,
-    nanos_to_dollars,
-    parse_duration,
-    parse_time,
-)
 from services.cli.main import main
 from services.cli.output import format_error, with_dollars
+from services.cli.parsing import dollars_to_nanos, nanos_to_dollars, parse_duration, parse_time
+from services.cli.session import load_endpoints
 from services.common import errors as server_errors
 
 # --------------------------------------------------------------------------- money

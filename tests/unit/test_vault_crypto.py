@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+from services.keyvault import audit_records as AR
 from services.keyvault import crypto as C
 from services.keyvault import domain as D
 
@@ -187,36 +188,36 @@ def test_reprs_of_objects_holding_secrets_hide_them() -> None:
 CHAIN_KEY = bytes(range(32))
 
 
-def _record() -> D.AuditRecord:
-    draft = D.AuditDraft(actor="spiffe://igw.local/router", action=D.AuditAction.ISSUE_CREDENTIAL,
+def _record() -> AR.AuditRecord:
+    draft = AR.AuditDraft(actor="spiffe://igw.local/router", action=AR.AuditAction.ISSUE_CREDENTIAL,
                          provider="openai", key_name="k", key_version=1, team="t", model="m", request_id="r")
-    return D.chain(draft, 1, dt.datetime(2025, 1, 1, tzinfo=dt.UTC), D.GENESIS_HASH, CHAIN_KEY)
+    return AR.chain(draft, 1, dt.datetime(2025, 1, 1, tzinfo=dt.UTC), AR.GENESIS_HASH, CHAIN_KEY)
 
 
 def test_audit_hash_covers_every_field_and_the_previous_hash() -> None:
     rec = _record()
     now = rec.created_at
-    assert D.recompute_hash(rec, CHAIN_KEY) == rec.hash and D.hash_matches(rec, CHAIN_KEY)
+    assert AR.recompute_hash(rec, CHAIN_KEY) == rec.hash and AR.hash_matches(rec, CHAIN_KEY)
     for name, value in [("team", "u"), ("key_version", 2), ("prev_hash", "1" * 64), ("sequence", 2),
                         ("created_at", now + dt.timedelta(microseconds=1)), ("outcome", "DENIED")]:
-        assert D.recompute_hash(dataclasses.replace(rec, **{name: value}), CHAIN_KEY) != rec.hash
+        assert AR.recompute_hash(dataclasses.replace(rec, **{name: value}), CHAIN_KEY) != rec.hash
 
 
 def test_audit_hash_is_an_hmac_under_the_chain_key_not_a_plain_sha256() -> None:
     rec = _record()
     fields = rec.as_row()
     fields.pop("hash")
-    canonical = D.canonical_record(**fields)  # type: ignore[arg-type]
+    canonical = AR.canonical_record(**fields)  # type: ignore[arg-type]
     assert rec.hash == hmac.new(CHAIN_KEY, canonical, hashlib.sha256).hexdigest()
     assert rec.hash != hashlib.sha256(canonical).hexdigest()
     other_key = bytes(32)
-    assert not D.hash_matches(rec, other_key)
+    assert not AR.hash_matches(rec, other_key)
     forged = dataclasses.replace(rec, team="u")
-    forged = dataclasses.replace(forged, hash=hashlib.sha256(D.canonical_record(
+    forged = dataclasses.replace(forged, hash=hashlib.sha256(AR.canonical_record(
         **{**fields, "team": "u"})).hexdigest())  # type: ignore[arg-type]
-    assert not D.hash_matches(forged, CHAIN_KEY)
+    assert not AR.hash_matches(forged, CHAIN_KEY)
     with pytest.raises(ValueError):
-        D.record_hash(b"short", **fields)
+        AR.record_hash(b"short", **fields)
 
 
 def test_the_chain_key_is_stored_only_wrapped_and_only_this_master_key_unwraps_it(master: C.MasterKey) -> None:

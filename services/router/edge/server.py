@@ -37,7 +37,8 @@ from igw.router.v1 import router_pb2
 from services.common import errors as E
 from services.common.identity import Identity, IdentityError, identity_from_der
 from services.common.logs import method_var, request_id_var
-from services.common.server import LATENCY_BUCKETS, parse_listen
+from services.common.server import parse_listen
+from services.common.server_metrics import LATENCY_BUCKETS
 from services.common.tracing import server_span
 from services.router.authz import POLICY
 from services.router.edge import anthropic_api, openai_api

@@ -186,13 +186,13 @@ class AnthropicAdapter:
         usage = _usage(name, obj.get("usage"), None)
         if usage is None:
             usage = estimate_usage(req, "".join(texts) + "".join(c.arguments_json for c in calls))
-        rid = obj.get("id")
+        message_id = obj.get("id")
         return ChatResponse(
             text="".join(texts),
             tool_calls=tuple(calls),
             finish_reason=_FINISH.get(str(obj.get("stop_reason")), FinishReason.OTHER),
             usage=usage,
-            response_id=rid if isinstance(rid, str) else "",
+            response_id=message_id if isinstance(message_id, str) else "",
         )
 
     # ------------------------------------------------------------------ streaming
@@ -211,7 +211,7 @@ class AnthropicAdapter:
         start_usage: dict[str, Any] = {}
         final_usage: dict[str, Any] = {}
         stop_reason: str | None = None
-        rid = ""
+        message_id = ""
         done = False
         tool_ordinal: dict[int, int] = {}  # content block index -> tool call ordinal
         out_text: list[str] = []  # to count usage when the stream reports none
@@ -262,7 +262,7 @@ class AnthropicAdapter:
                     if not isinstance(msg, dict):
                         raise protocol_error(name, "bad message_start")
                     if isinstance(msg.get("id"), str):
-                        rid = msg["id"]
+                        message_id = msg["id"]
                     u = msg.get("usage")
                     start_usage = u if isinstance(u, dict) else {}
                     so_far = _usage(name, start_usage, final_usage)
@@ -289,7 +289,7 @@ class AnthropicAdapter:
         usage = _usage(name, start_usage, final_usage)
         if usage is None:
             usage = estimate_usage(req, "".join(out_text))
-        yield StreamEnd(_FINISH.get(str(stop_reason), FinishReason.OTHER), usage, rid)
+        yield StreamEnd(_FINISH.get(str(stop_reason), FinishReason.OTHER), usage, message_id)
 
     # ------------------------------------------------------------------ errors
 
