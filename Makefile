@@ -25,7 +25,7 @@ run: venv
 	$(VENV)/bin/igw up --state-dir $(STATE_DIR) --demo
 
 test: venv $(CHECKOV)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q tests/unit

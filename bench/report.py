@@ -403,9 +403,11 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "in the routing config's `budget_slices.per_call_teams` (" + _slices_cfg(results) + "): a "
         "`Ledger.Reserve` per call. Both run in the same ladders, interleaved per step.",
         "- **A team driven to its limit** (`limit`): one team at the defaults and one with per-call holds, each "
-        "with a limit of N calls' spend and half a call more (N = 120; 20 with --quick), called 1.5 N times, "
-        "one at a time, 10 calls/s (each settle lands before the next call): the defaults "
-        "must never overspend and must serve as many calls as per-call holds (refused no earlier).",
+        "driven to its limit (N = 120; 20 with --quick): 0.6 N calls far from any limit with several in flight "
+        "(100 calls/s against the 20 ms fake, so the defaults draw slices); then, slices still open, the limit is "
+        "set to the spend so far plus 0.4 N calls' spend and half a call more, and the team is called 0.6 N "
+        "times, one at a time, 10 calls/s (each settle lands before the next call): the defaults must never "
+        "overspend and must serve as many calls near the limit as per-call holds (refused no earlier).",
         "- **Added latency** = gateway percentile - direct-to-fake percentile, same load generator, interleaved "
         "rounds (direct, igw, LiteLLM, rotating order), samples pooled over rounds. The direct call is HTTP/1.1 "
         "keep-alive (aiohttp); igw is gRPC over mTLS; LiteLLM is HTTP/1.1.",
@@ -521,7 +523,8 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
     if lim.get("igw"):
         d, p = lim["igw"], lim["igw-percall"]
         L.append(
-            f"| a team driven to its limit ({lim['limit_calls']} calls' spend + half a call, one call at a time): "
+            f"| a team driven to its limit (busy far from it: {lim.get('slice_draws_busy', '-')} slice draws at "
+            f"the defaults; then {d.get('near_calls', '-')} calls' spend + half a call left, one call at a time): "
             f"served / refused, the defaults vs per-call holds; overspent | {d['served']} / {d['refused']} vs "
             f"{p['served']} / {p['refused']}; {'yes' if d['overspent'] or p['overspent'] else 'no'} | | "
             f"{'✅' if lim.get('ok') else '❌'} |"

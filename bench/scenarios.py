@@ -141,7 +141,7 @@ class Rig:
     endpoints: dict[str, Any] = field(default_factory=dict)
     many_certs: list[list[str]] = field(default_factory=list)
     hot_certs: list[list[str]] = field(default_factory=list)
-    # The same shapes for teams listed in the routing config's budget_slices (opt-in).
+    # The same shapes for teams listed in the routing config's budget_slices.per_call_teams.
     percall_certs: list[list[str]] = field(default_factory=list)
     hot_percall_certs: list[list[str]] = field(default_factory=list)
     limit_certs: dict[str, list[list[str]]] = field(default_factory=dict)
@@ -232,8 +232,8 @@ timeouts: {{connect_ms: 2000, first_byte_ms: 30000, idle_ms: 30000, total_ms: 12
 # fallback scenario measures the fallback path itself, not the breaker skipping the primary.
 breaker: {{failure_threshold: 1000, cooldown_ms: 10000, probe_timeout_ms: 5000}}
 limits: {{max_in_flight: 4096}}
-# Adaptive budget slices (opt-in) for every team but the bench's per-call teams (the igw-percall
-# systems, the product's default), which take a Reserve per call: both measured side by side.
+# Adaptive budget slices (the default) for every team but the bench's per-call teams (the
+# igw-percall systems), which take a Reserve per call: both measured side by side.
 budget_slices:
   enabled: true
   per_call_teams: [{", ".join([*self.percall_teams(), HOT_PERCALL_TEAM, LIMIT_PERCALL_TEAM])}]
@@ -358,11 +358,13 @@ budget_slices:
             )
             if res["errors"]:
                 raise RuntimeError(f"igw sanity call to {alias} failed: {res['errors']}")
-        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s): the
-        # router falls back to Reserve when it cannot get a slice, so a broken slices path would
-        # still answer; its counters tell them apart (one worker's counters: one worker only).
+        # The defaults draw from budget slices once a key is busy (its 4th call within 5 s, with
+        # two or more in flight at once: calls back to back take per-call holds): the router
+        # falls back to Reserve when it cannot get a slice, so a broken slices path would still
+        # answer; its counters tell them apart (one worker's counters: one worker only).
         res = self.measure(
-            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "closed", n=8, warmup=0), record=True
+            "sanity", "igw", self.igw_job("bench-d20", self.many_certs[:1], "concurrent", concurrency=4,
+                                          duration=0.5, warmup_s=0), record=True
         )
         sl = res.get("slices")
         if res["errors"]:
@@ -871,10 +873,14 @@ def scen_hot(rig: Rig) -> dict[str, Any]:
 
 
 def scen_limit(rig: Rig) -> dict[str, Any]:
-    """One team at the defaults (adaptive slices) and one with per-call holds, each driven one call
-    at a time (10 calls/s) to a limit of LIMIT_CALLS calls' spend and half a call more: the
-    defaults must never overspend and must be refused no earlier than per-call holds (as many
-    calls served)."""
+    """One team at the defaults (adaptive slices) and one with per-call holds, each driven to a limit.
+    First 0.6 LIMIT_CALLS calls far from any limit with several in flight (the 20 ms fake at 100
+    calls/s, so the defaults draw slices); then, with those slices still open, the limit is set to
+    the spend so far plus the other 0.4 LIMIT_CALLS calls' spend and half a call more, and the team
+    is called one at a time (10 calls/s) 1.5 times that many calls. The defaults must never
+    overspend and must be refused no earlier than per-call holds (as many calls served near the
+    limit); the defaults' slice draws in the first phase are reported (zero would mean the check
+    exercised per-call holds only)."""
     from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
     def budget(stub: Any, team: str) -> Any:
@@ -900,27 +906,44 @@ def scen_limit(rig: Rig) -> dict[str, Any]:
         cost = settled(stub, LIMIT_PERCALL_TEAM).spent_nanos
         out["call_cost_nanos"] = cost
         for team, system in ((LIMIT_TEAM, "igw"), (LIMIT_PERCALL_TEAM, "igw-percall")):
-            spent0 = budget(stub, team).spent_nanos
-            limit = spent0 + calls * cost + cost // 2
+            # Far from the limit (the team's budget is still huge): several calls in flight (100/s
+            # against the 20 ms fake, same model price as the 0 ms one), so a team at the defaults is
+            # busy and draws slices, which stay open into the next phase.
+            far = int(calls * 0.6)
+            busy = rig.measure("limit", system, rig.igw_job(
+                "bench-d20", rig.limit_certs[team], "open", rate=100, duration=far / 100, warmup_s=0))
+            time.sleep(1.0)  # per-call settles are sent in the background (sliced ones before the answer)
+            near = calls - far
+            limit = budget(stub, team).spent_nanos + near * cost + cost // 2
             admin.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
                                                         limit_nanos=limit), timeout=30)
-            # One call in flight, 100 ms apart: each call's settle (batched after a 30 ms linger)
-            # lands before the next call asks, so both kinds of hold see the same spend.
+            # Near the limit: one call in flight, 100 ms apart: each call's settle lands before the
+            # next call asks, so both kinds of hold see the same spend; the defaults' open slices
+            # are given back at the first refusal, so they refuse exactly where per-call holds do.
             res = rig.measure("limit", system, rig.igw_job(
-                "bench-d0", rig.limit_certs[team], "open", rate=10, duration=calls * 1.5 / 10, warmup_s=0))
+                "bench-d0", rig.limit_certs[team], "open", rate=10, duration=near * 1.5 / 10, warmup_s=0))
             b = settled(stub, team)
+            errors = dict(res["errors"])
+            for k, v in busy["errors"].items():
+                errors[k] = errors.get(k, 0) + v
             out[system] = {
-                "served": res["ok"], "refused": res["errors"].get("RESOURCE_EXHAUSTED", 0),
-                "other_errors": {k: v for k, v in res["errors"].items() if k != "RESOURCE_EXHAUSTED"},
+                "served": res["ok"], "served_busy": busy["ok"], "near_calls": near,
+                "refused": errors.get("RESOURCE_EXHAUSTED", 0),
+                "other_errors": {k: v for k, v in errors.items() if k != "RESOURCE_EXHAUSTED"},
                 "limit_nanos": limit, "spent_nanos": b.spent_nanos, "held_nanos": b.held_nanos,
                 "overspent": b.spent_nanos + b.held_nanos > limit,
-                "slices": res.get("slices"),
+                "slices_busy": busy.get("slices"), "slices": res.get("slices"),
             }
+            # The team's budget goes back to huge for whatever runs next.
+            admin.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
+                                                        limit_nanos=10**15), timeout=30)
     d, p = out["igw"], out["igw-percall"]
     out["ok"] = (not d["overspent"] and not p["overspent"] and d["served"] >= p["served"] > 0
                  and not d["other_errors"] and not p["other_errors"])
-    rig.log(f"limit: defaults served {d['served']} refused {d['refused']}; per-call served {p['served']} "
-            f"refused {p['refused']}; ok {out['ok']}")
+    draws = (d.get("slices_busy") or {}).get("draws", 0)
+    out["slice_draws_busy"] = draws
+    rig.log(f"limit: defaults served {d['served']} refused {d['refused']} (slice draws far from the limit: "
+            f"{draws}); per-call served {p['served']} refused {p['refused']}; ok {out['ok']}")
     return out
 
 

@@ -28,6 +28,7 @@ class RouterMetrics:
     in_flight: Gauge = field(init=False)
     overload_rejections: Counter = field(init=False)
     settle_retries: Counter = field(init=False)
+    settles_unconfirmed: Counter = field(init=False)
     config_info: Gauge = field(init=False)
     settles_pending: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
@@ -73,6 +74,10 @@ class RouterMetrics:
             ["end"], registry=r)
         self.settle_retries = Counter(
             "igw_router_settle_retries", "Settle calls retried before the ledger acknowledged.", registry=r)
+        self.settles_unconfirmed = Counter(
+            "igw_router_settles_unconfirmed",
+            "Calls answered before the ledger acknowledged their awaited settle (slice holds): the settle "
+            "is still retried in the background; if it never lands, the slice is captured whole.", registry=r)
         self.slices = Counter(
             "igw_router_budget_slices", "Budget slices by event (acquired, denied, failed, released, kept).",
             ["event"], registry=r)

@@ -15,7 +15,7 @@ Shape (every key is checked; unknown keys are refused)::
     breaker: {failure_threshold: 5, cooldown_ms: 30000, probe_timeout_ms: 10000}
     limits: {max_in_flight: 512, max_messages: 1000, max_request_bytes: 8388608,
              max_output_tokens: 200000, default_output_tokens: 1024}
-    budget_slices: {enabled: false, calls: 64, draw_window_ms: 20000}   # the default: per-call holds
+    budget_slices: {enabled: true, calls: 64, draw_window_ms: 20000}   # the default (false: per-call holds)
 
 Base URLs must be https unless the provider is marked ``local: true``: an OpenAI-compatible
 server the platform runs itself (vLLM, Ollama) on this host or inside the cluster, which may
@@ -132,7 +132,7 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class SlicesCfg:
-    """Budget slices, off by default (``enabled: true`` turns them on): the router leases a slice
+    """Budget slices, on by default (``enabled: false`` turns them off): the router leases a slice
     of a team's budget for up to ``calls`` calls and places per-call holds locally, drawing from it
     for ``draw_window_ms``.
     The ledger sizes each slice (a quarter of what is free at most, none near the limit, where
@@ -141,15 +141,18 @@ class SlicesCfg:
     ``per_call_teams``: these teams take per-call holds. A key (team, agent, price) leases
     a slice only when busy: its ``busy_calls``-th call within ``busy_window_ms`` (other calls take
     exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
-    once); ``busy_calls: 1``: every call may use slices."""
+    once), and with at least ``busy_in_flight`` of its calls in flight at once (one caller calling
+    back to back gains nothing from a slice and would wait for each settle); ``busy_calls: 1,
+    busy_in_flight: 1``: every call may use slices."""
 
-    enabled: bool = False
+    enabled: bool = True
     calls: int = 64
     draw_window_ms: int = 20_000
     teams: frozenset[str] | None = None
     per_call_teams: frozenset[str] = frozenset()
     busy_calls: int = 4
     busy_window_ms: int = 5_000
+    busy_in_flight: int = 2
 
     def applies(self, team: str) -> bool:
         return self.enabled and (self.teams is None or team in self.teams) and team not in self.per_call_teams
@@ -344,7 +347,7 @@ def _slices(raw: Any) -> SlicesCfg:
         return SlicesCfg()
     w = "budget_slices"
     obj = _keys(w, raw, set(), {"enabled", "calls", "draw_window_ms", "teams", "per_call_teams", "busy_calls",
-                                     "busy_window_ms"})
+                                     "busy_window_ms", "busy_in_flight"})
     teams = obj.get("teams")
     if teams is not None:
         if not isinstance(teams, list):
@@ -354,13 +357,14 @@ def _slices(raw: Any) -> SlicesCfg:
     if not isinstance(per_call, list):
         raise ConfigError(f"{w}.per_call_teams: must be a list")
     return SlicesCfg(
-        enabled=_bool(f"{w}.enabled", obj.get("enabled", False)),
+        enabled=_bool(f"{w}.enabled", obj.get("enabled", True)),
         calls=_int(f"{w}.calls", obj.get("calls", 64), 2, 1024),
         draw_window_ms=_int(f"{w}.draw_window_ms", obj.get("draw_window_ms", 20_000), 100, 600_000),
         teams=teams,
         per_call_teams=frozenset(_name(f"{w}.per_call_teams", t, _TEAM) for t in per_call),
         busy_calls=_int(f"{w}.busy_calls", obj.get("busy_calls", 4), 1, 1_000_000),
         busy_window_ms=_int(f"{w}.busy_window_ms", obj.get("busy_window_ms", 5_000), 1, 3_600_000),
+        busy_in_flight=_int(f"{w}.busy_in_flight", obj.get("busy_in_flight", 2), 1, 1_000_000),
     )
 
 

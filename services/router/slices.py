@@ -1,8 +1,9 @@
 """Budget slices, the router's side of the sliced hold path (routing config ``budget_slices``).
 
-When enabled (off by default), used for a busy key (``busy_calls`` calls of one team, agent and price key within
-``busy_window_ms``); other calls take exact per-call holds (``Reserve``). The ledger sizes each
-slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
+On by default (``enabled: false`` or ``per_call_teams`` give per-call holds), used for a busy key
+(``busy_calls`` calls of one team, agent and price key within ``busy_window_ms``, and at least
+``busy_in_flight`` of them in flight at once); other calls take exact per-call holds (``Reserve``).
+The ledger sizes each slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
 refused while this router holds the team's slices gives them back and asks again
 (:meth:`SliceBook.reserve`), so a team is refused where per-call holds would refuse it.
 
@@ -17,7 +18,8 @@ Life of a slice: acquired when a call finds no slice with room (one acquisition 
 time, in a task of its own so that a caller hanging up cannot orphan it; concurrent calls wait
 for it); drawn from for ``draw_window_ms``, or until it has no room for the next call; then
 retired. A retired slice is released (what is left goes back to the budget) once every call
-drawn from it has either given its hold back or had its settle acknowledged. Settles are not
+drawn from it has either given its hold back or had its settle acknowledged (a call drawn from a
+slice answers the agent only once its settle was acknowledged: see services/router/settler.py). Settles are not
 refunded into the slice: a slice is used up by its calls' holds, which only errs towards the
 budget. The slice lives ``draw window + the longest call + 60 s``; if the router dies, the
 ledger captures what is left of it at expiry, and if a settle is given up the slice is never
@@ -125,6 +127,20 @@ class SliceBook:
         self._held: dict[str, set[Slice]] = {}
         # Per key: when its current busy window started and how many calls it made in it.
         self._busy: dict[Key, tuple[float, int]] = {}
+        # Per key: calls between ``enter`` and ``leave`` (placing a hold, or holding one).
+        self._in_flight: dict[Key, int] = {}
+
+    def enter(self, key: Key) -> None:
+        """A call of ``key`` is about to place a hold (counted until :meth:`leave`)."""
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def leave(self, key: Key) -> None:
+        """The call's hold was settled or freed (or never placed)."""
+        n = self._in_flight.get(key, 0) - 1
+        if n > 0:
+            self._in_flight[key] = n
+        else:
+            self._in_flight.pop(key, None)
 
     # ------------------------------------------------------------------ the call path
 
@@ -141,9 +157,12 @@ class SliceBook:
         if now - start > window_s:
             start, n = now, 0
         self._busy[key] = (start, n + 1)
-        if n + 1 < sc.busy_calls and key not in self._active:
-            # Not busy (fewer than busy_calls calls in busy_window_ms) and no slice: an exact
-            # per-call hold. Only a busy key leases a slice, so an occasional caller holds nothing.
+        at_once = max(self._in_flight.get(key, 0), 1)  # this call counts even if not entered
+        if (n + 1 < sc.busy_calls and key not in self._active) or at_once < sc.busy_in_flight:
+            # Not busy (fewer than busy_calls calls in busy_window_ms and no slice, or fewer than
+            # busy_in_flight calls at once): an exact per-call hold. Only a busy key leases a
+            # slice, so an occasional caller holds nothing, and a lone caller calling back to back
+            # does not wait for its settles.
             if len(self._busy) > 100_000:
                 self._forget_idle(now, window_s)
             return None

@@ -63,6 +63,8 @@ def test_bench_quick_smoke(tmp_path: Path) -> None:
     assert limit["ok"], limit
     assert limit["igw"]["served"] >= limit["igw-percall"]["served"] > 0 and limit["igw"]["refused"] > 0
     assert not limit["igw"]["overspent"] and limit["igw"]["held_nanos"] == 0
+    # The defaults drew slices far from the limit, and those were open when the limit came near.
+    assert limit["slice_draws_busy"] > 0, limit
     assert results["scenarios"]["stream"]["ttft_ms"]["igw"]["n"] == 20
     served = results["scenarios"]["fallback"]["c1_served_by"][0]
     assert set(served) <= {"bench-flaky", "bench-backup"} and sum(p["n"] for p in served.values()) == 20

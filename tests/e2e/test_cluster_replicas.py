@@ -123,9 +123,13 @@ def test_killing_one_replica_of_each_kind_mid_load_keeps_calls_flowing_and_money
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
-    # Settles are sent after the answer. A call the killed router answered but could not settle
-    # keeps its hold until it expires; the ledger then captures it (flagged unsettled): still
-    # exactly one entry. Wait for the holds to expire and be swept.
+    # Budget slices are on by default and this load is busy: the surviving router drew calls from them.
+    draws = [line for line in _metrics(gw, "router").splitlines() if line.startswith("igw_router_slice_draws_total")]
+    assert draws and float(draws[0].split()[-1]) > 0, draws
+    # A call drawn from a slice is answered only once its settle is acknowledged, so the killed
+    # router lost none of those. A per-call hold answered but not settled keeps its hold until it
+    # expires; the ledger then captures it (flagged unsettled): still exactly one entry. Wait for
+    # the holds to expire and be swept.
     with psycopg.connect(_libpq(gw.ledger_url), autocommit=True) as conn:
         deadline = time.monotonic() + 40
         while True:
@@ -137,6 +141,8 @@ def test_killing_one_replica_of_each_kind_mid_load_keeps_calls_flowing_and_money
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
+        print(f"replica kill: {len(missing)} successful calls without exactly one spend entry; "
+              f"slice draws on the surviving router: {draws[0].split()[-1]}")
         assert missing == [], f"{len(missing)} successful calls without exactly one spend entry"
         assert len(set(ok_ids)) == len(ok_ids)
         # No overspend: settled + held never above the limit, and the counters match the entries.

@@ -40,7 +40,7 @@ deployments:
 models:
   openai: {{candidates: [oa]}}
 timeouts: {{connect_ms: 500, first_byte_ms: 3000, idle_ms: 3000, total_ms: 10000}}
-budget_slices: {{enabled: true, calls: 4, draw_window_ms: 30000, teams: [{SLICED}], busy_calls: 1}}
+budget_slices: {{enabled: true, calls: 4, draw_window_ms: 30000, teams: [{SLICED}], busy_calls: 1, busy_in_flight: 1}}
 """
 
 

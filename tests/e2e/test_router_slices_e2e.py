@@ -40,7 +40,7 @@ models:
   anthropic: {{candidates: [an]}}
   gemini: {{candidates: [ge]}}
 timeouts: {{connect_ms: 500, first_byte_ms: 1500, idle_ms: 1000, total_ms: 5000}}
-budget_slices: {{enabled: true, calls: 16, draw_window_ms: 60000, teams: [{TEAM}], busy_calls: 1}}
+budget_slices: {{enabled: true, calls: 16, draw_window_ms: 60000, teams: [{TEAM}], busy_calls: 1, busy_in_flight: 1}}
 """
 
 

@@ -166,6 +166,70 @@ async def test_a_window_rolling_over_mid_slice_charges_the_slice_window(fresh_da
     check_invariants(fresh_database)
 
 
+async def test_a_router_dying_mid_slice_is_never_charged_less_than_it_served(fresh_database: str, pki: Path) -> None:
+    """A router dies having served 6 calls from its slice, 2 of them settled: the expiry capture
+    charges the slice's whole remainder (what it was granted less what was settled), which covers
+    the 4 served calls whose settles died with it; the unused rest is charged too (the ledger
+    cannot tell served from unused)."""
+    clock = FakeClock()
+    async with ledger_service(fresh_database, clock=clock) as svc, grpc_server(svc, pki) as rt:
+        channel, stub = _stub(rt.port, pki)
+        async with channel:
+            unit = await _unit_budgeted(svc, stub)
+            await svc.set_budget(team="k", agent="", window=4, limit_nanos=100 * unit)
+            s = await stub.AcquireSlice(_slice("dying", "k", hold_ttl=duration_pb2.Duration(seconds=30)))
+            assert s.calls == 25 and s.held_nanos == 25 * unit
+            for i in range(2):
+                await stub.Settle(_full_settle(f"served-{i}", s.reservation_id))
+            served = 6 * unit
+            clock.advance(seconds=31)
+            assert await svc.sweep_once() == 1
+            spent, held = _counter(fresh_database, "k")
+            assert held == 0 and spent == 25 * unit >= served
+            rows = sql(fresh_database, "SELECT request_id, cost_nanos, flags FROM spend_entries WHERE team = 'k'"
+                                       " ORDER BY request_id")
+            assert rows == [("dying", 23 * unit, 2), ("served-0", unit, 0), ("served-1", unit, 0)]
+            # A settle that arrives after the capture still gets its own entry, charged on top of
+            # the capture (the capture already counted it): late settles err towards the budget.
+            late = await stub.Settle(_full_settle("served-2", s.reservation_id))
+            assert late.entry.cost_nanos == unit
+            assert _counter(fresh_database, "k") == (26 * unit, 0)
+    check_invariants(fresh_database)
+
+
+async def test_a_rate_limit_minute_rolling_over_mid_slice_counts_its_calls_in_the_minute_it_was_granted(
+    fresh_database: str, pki: Path,
+) -> None:
+    """A slice's calls count against the rate limit when it is granted (all of them, until it
+    is returned); a call settled from it after the minute rolled over does not count again in
+    the new minute, which starts whole: a new slice is sized from it and per-call holds are
+    refused exactly at the limit."""
+    clock = FakeClock()
+    async with ledger_service(fresh_database, clock=clock, allow_unbudgeted=True) as svc, \
+            grpc_server(svc, pki) as rt:
+        channel, stub = _stub(rt.port, pki)
+        async with channel:
+            await svc.set_rate_limit(team="rw", requests_per_minute=20)
+            old = await stub.AcquireSlice(_slice("m1", "rw", calls=10))
+            assert old.calls == 5  # a quarter of the 20 requests free
+            again = await stub.AcquireSlice(_slice("m1b", "rw", calls=10))
+            assert again.calls == 3  # a quarter of the 15 left in this minute
+            await stub.Settle(_full_settle("m1-c0", old.reservation_id))
+            clock.advance(seconds=61)
+            new = await stub.AcquireSlice(_slice("m2", "rw", calls=10))
+            assert new.calls == 5  # the new minute is whole again
+            await stub.Settle(_full_settle("m1-c1", old.reservation_id))  # drawn before the roll-over
+            for sid in (old, again, new):
+                await stub.Release(pb.ReleaseRequest(reservation_id=sid.reservation_id))
+            for i in range(20):
+                await stub.Reserve(_reserve(f"r{i}", "rw"))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Reserve(_reserve("over", "rw"))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_info_from_rpc_error(err.value).reason == "RATE_LIMITED"
+    check_invariants(fresh_database)
+
+
 async def _unit_budgeted(svc: object, stub: ledger_pb2_grpc.LedgerServiceStub) -> int:
     """One call's cost at fake-small's price, probed on a team of its own with a large budget."""
     await svc.set_budget(team="unit-probe", agent="", window=4, limit_nanos=10**15)  # type: ignore[attr-defined]

@@ -28,11 +28,16 @@ models:
 retries: {{max_attempts: 1}}
 breaker: {{failure_threshold: 1000}}
 """
-PER_CALL = DEFAULTS  # per-call holds are the default
-SLICES = DEFAULTS + "budget_slices: {enabled: true}\n"  # adaptive slices, opt-in
+SLICES = DEFAULTS  # adaptive slices are the default
+# Every call may draw from a slice, even one caller calling back to back.
+SLICES_EVERY_CALL = DEFAULTS + "budget_slices: {busy_in_flight: 1}\n"
+PER_CALL = DEFAULTS + "budget_slices: {enabled: false}\n"  # per-call holds, a configuration choice
+PER_CALL_TEAM = DEFAULTS + f"budget_slices: {{per_call_teams: [{TEAM}]}}\n"
 
 
-async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concurrent: bool) -> tuple[int, int]:
+async def _drive(
+    database: str, pki: Path, adapter: _Adapter, config: str, concurrent: bool, sliced: bool,
+) -> tuple[int, int]:
     """Drives TEAM to a limit of 40.5 calls; returns (calls served, calls refused for budget)."""
     adapter.full = True  # each call costs exactly its hold
     async with _router(database, pki, adapter) as (router, svc, _spy):
@@ -54,7 +59,7 @@ async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concu
             results = await asyncio.gather(*(one(i) for i in range(60)))
         else:
             results = [await one(i) for i in range(60)]
-        if config is SLICES:
+        if sliced:
             assert router.metrics.slice_draws._value.get() >= 20  # far from the limit, drawn from slices
         else:
             assert router.metrics.slice_draws._value.get() == 0
@@ -67,17 +72,30 @@ async def _drive(database: str, pki: Path, adapter: _Adapter, config: str, concu
     return served, len(results) - served
 
 
-@pytest.mark.parametrize("concurrent", [False, True], ids=["one-at-a-time", "sixty-at-once"])
+@pytest.mark.parametrize(("config", "concurrent"), [(SLICES_EVERY_CALL, False), (SLICES, True)],
+                         ids=["one-at-a-time", "sixty-at-once"])
 async def test_with_adaptive_slices_a_team_is_refused_exactly_where_per_call_holds_refuse_it(
-    fresh_database: str, pki: Path, adapter: _Adapter, concurrent: bool,
+    fresh_database: str, pki: Path, adapter: _Adapter, config: str, concurrent: bool,
 ) -> None:
+    assert parse_config(config.encode()).budget_slices.applies(TEAM)
+    assert await _drive(fresh_database, pki, adapter, config, concurrent, sliced=True) == (40, 20)
+
+
+async def test_at_the_defaults_one_caller_calling_back_to_back_takes_per_call_holds(
+    fresh_database: str, pki: Path, adapter: _Adapter,
+) -> None:
+    # Busy by call count (60 calls in a few seconds) but one call in flight: no slice, so no
+    # call waits for its settle (the latency at one call in flight stays that of per-call holds).
     assert parse_config(SLICES.encode()).budget_slices.applies(TEAM)
-    assert await _drive(fresh_database, pki, adapter, SLICES, concurrent) == (40, 20)
+    assert await _drive(fresh_database, pki, adapter, SLICES, False, sliced=False) == (40, 20)
 
 
-async def test_per_call_holds_remain_a_configuration_choice(fresh_database: str, pki: Path, adapter: _Adapter) -> None:
-    assert not parse_config(PER_CALL.encode()).budget_slices.applies(TEAM)
-    assert await _drive(fresh_database, pki, adapter, PER_CALL, False) == (40, 20)
+@pytest.mark.parametrize("config", [PER_CALL, PER_CALL_TEAM], ids=["disabled", "per_call_teams"])
+async def test_per_call_holds_remain_a_configuration_choice(
+    fresh_database: str, pki: Path, adapter: _Adapter, config: str,
+) -> None:
+    assert not parse_config(config.encode()).budget_slices.applies(TEAM)
+    assert await _drive(fresh_database, pki, adapter, config, True, sliced=False) == (40, 20)
 
 
 async def test_only_a_busy_key_leases_a_slice_so_a_lowered_budget_refuses_an_occasional_call_at_once(
@@ -86,7 +104,7 @@ async def test_only_a_busy_key_leases_a_slice_so_a_lowered_budget_refuses_an_occ
     clock = [1000.0]  # the slice book's clock: how busy a key is
     async with _router(fresh_database, pki, adapter) as (router, svc, spy):
         router.slices._clock = lambda: clock[0]
-        router.apply_config(parse_config(SLICES.encode()))
+        router.apply_config(parse_config(SLICES_EVERY_CALL.encode()))
         for i in range(5):  # the 4th call within 5 s makes the key busy: a slice from then on
             await router.generate(_agent(), _request(f"busy-{i}"), 10.0)
         assert (spy.reserves, router.metrics.slice_draws._value.get()) == (3, 2)

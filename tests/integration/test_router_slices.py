@@ -42,7 +42,7 @@ models:
   m: {{candidates: [d]}}
 retries: {{max_attempts: 1}}
 breaker: {{failure_threshold: 1000}}
-budget_slices: {{enabled: true, calls: 8, draw_window_ms: 60000, teams: [{TEAM}], busy_calls: 1}}
+budget_slices: {{enabled: true, calls: 8, draw_window_ms: 60000, teams: [{TEAM}], busy_calls: 1, busy_in_flight: 1}}
 """.encode()
 MAX_OUT = 64
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,8 @@ class FakeHolds:
     freed: list[tuple[str, str]] = field(default_factory=list)
     settled: list[tuple[str, str, Settled, Usage]] = field(default_factory=list)
     released_requests: list[str] = field(default_factory=list)
+    # When set, settle returns this (an awaited settle, as for a hold drawn from a budget slice).
+    settle_ack: Callable[[], Awaitable[bool]] | None = None
 
     async def place(self, call: CallRequest, attempt: int, dep: Deployment, timeout: float, reserve_sent: Any) -> Lease:
         reserve_sent()
@@ -100,8 +102,9 @@ class FakeHolds:
         self.released_requests.append(reason)
 
     def settle(self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float,
-               outcome: Settled) -> None:
+               outcome: Settled) -> Awaitable[bool] | None:
         self.settled.append((request_id, dep.name, outcome, usage))
+        return None if self.settle_ack is None else self.settle_ack()
 
     async def cost(self, lease: Lease, dep: Deployment, usage: Usage) -> int:
         return usage.input_tokens + 10 * usage.output_tokens

@@ -315,3 +315,54 @@ def test_a_stream_the_agent_leaves_is_settled_as_cancelled_with_what_it_was_sent
     assert (dep, outcome, usage.reported) == ("d1", Settled.CANCELLED, False)
     assert usage.input_tokens == 100 and usage.output_tokens >= 1  # the upper bound; never less than sent
     assert rig.engine.in_flight == 0 and rig.holds.freed == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+def test_an_awaited_settle_is_acknowledged_before_the_agent_sees_success(stream: bool) -> None:
+    # A hold drawn from a budget slice: the spend entry must be durable before the answer (or
+    # the stream's final event) goes out, so a router killed right after loses no entry.
+    rig = Rig(config())
+    order: list[str] = []
+
+    async def ack() -> bool:
+        await asyncio.sleep(0.01)
+        order.append("acked")
+        return True
+
+    rig.holds.settle_ack = ack
+
+    async def go() -> None:
+        if not stream:
+            await rig.engine.unary(rig.request(), 30.0)
+            order.append("answered")
+            return
+        async for ev in rig.engine.stream(rig.request(), 30.0):
+            order.append(type(ev).__name__)
+
+    _run(go())
+    assert order[-2:] == ["acked", "answered" if not stream else "CallResult"]
+    assert rig.engine.metrics.settles_unconfirmed._value.get() == 0
+
+
+@pytest.mark.parametrize("outcome", ["refused", "late"])
+def test_an_unacknowledged_awaited_settle_still_answers_but_is_counted(
+    outcome: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The provider was paid: the agent gets its answer (an error would make it pay again), and
+    # the metric and an error log (request id only) say the entry is not yet durable.
+    from services.router.call import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "SETTLE_WAIT_S", 0.05)
+    rig = Rig(config())
+
+    async def ack() -> bool:
+        if outcome == "late":
+            await asyncio.sleep(5)
+        return False
+
+    rig.holds.settle_ack = ack
+    res = _run(rig.call(False))
+    assert res.request_id == "r-1"  # type: ignore[attr-defined]
+    assert rig.engine.metrics.settles_unconfirmed._value.get() == 1
+    [rec] = [r for r in caplog.records if "acknowledged the settle" in r.getMessage()]
+    assert rec.request_id == "r-1" and "hello" not in rec.getMessage()  # type: ignore[attr-defined]

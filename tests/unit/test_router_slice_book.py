@@ -21,7 +21,7 @@ CFG = parse_config(b"""
 providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
 deployments: {d: {provider: p, model: m, price: px}}
 models: {m: {candidates: [d]}}
-budget_slices: {enabled: true, calls: 4, draw_window_ms: 200, busy_calls: 1}
+budget_slices: {enabled: true, calls: 4, draw_window_ms: 200, busy_calls: 1, busy_in_flight: 1}
 """)
 PRICE = ledger_pb2.ModelPrice(model="px", input_per_mtok_nanos=3_000, output_per_mtok_nanos=15_000)
 UNIT = call_cost(100, 50, 0, 3_000, 15_000, 0)
@@ -172,3 +172,31 @@ async def test_a_slice_never_covers_more_calls_or_tokens_than_it_was_granted() -
     # A call given back returns its call and tokens to the slice.
     book2.give_back(b)
     assert (b.slice.calls_left, b.slice.tokens_left) == (2, 2 * 210)  # s2 was sized for 10 + 200 tokens
+
+
+async def test_at_the_defaults_a_key_with_one_call_in_flight_takes_per_call_holds() -> None:
+    # busy_in_flight 2 (the default): calls back to back from one caller never lease a slice,
+    # however many; a second call in flight at once makes the key busy.
+    cfg = parse_config(b"""
+providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
+deployments: {d: {provider: p, model: m, price: px}}
+models: {m: {candidates: [d]}}
+""")
+    assert cfg.budget_slices.enabled and cfg.budget_slices.busy_in_flight == 2
+    ledger = _Ledger()
+    book = _book(ledger)
+    key = ("t", "a", "px")
+    for _ in range(10):
+        book.enter(key)
+        assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is None
+        book.leave(key)
+    assert ledger.acquired == []
+    book.enter(key)
+    book.enter(key)
+    assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is not None
+    assert len(ledger.acquired) == 1
+    book.leave(key)
+    book.leave(key)
+    book.leave(key)  # one too many is harmless
+    book.enter(key)
+    assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is None

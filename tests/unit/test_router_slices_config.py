@@ -16,14 +16,15 @@ models:
 """
 
 
-def test_per_call_holds_are_the_default_and_one_line_turns_slices_on_for_every_team() -> None:
-    # Off by default: a router killed -9 loses the queued settles of slice-held calls (the slice's
-    # capture covers the money, but not one spend entry per call); see docs/operations.md.
+def test_slices_are_the_default_for_every_team_and_one_line_turns_them_off() -> None:
+    # On by default: a slice-held call is answered only once its spend entry is durable, so a
+    # router killed -9 loses no entries (see docs/operations.md).
     default = parse_config(BASE).budget_slices
-    assert not default.enabled and not default.applies("any-team")
-    cfg = parse_config(BASE + b"budget_slices: {enabled: true}\n").budget_slices
-    assert cfg.enabled and (cfg.calls, cfg.draw_window_ms) == (64, 20_000)
-    assert cfg.applies("any-team") and cfg.applies("another")
+    assert default.enabled and (default.calls, default.draw_window_ms) == (64, 20_000)
+    assert default.applies("any-team") and default.applies("another")
+    assert (default.busy_calls, default.busy_window_ms) == (4, 5_000)
+    off = parse_config(BASE + b"budget_slices: {enabled: false}\n").budget_slices
+    assert not off.enabled and not off.applies("any-team")
 
 
 def test_per_call_holds_for_every_team_or_for_some() -> None:

@@ -64,22 +64,20 @@ _STOP_TIMEOUT_S: Final = 60
 class EmbeddedPostgres:
     """One embedded PostgreSQL cluster rooted at ``data_dir``.
 
-    ``start()`` initialises the cluster on first use and starts the server
-    (or adopts one already running for the same ``data_dir``, possibly
-    started by another process).  ``stop()`` performs ``pg_ctl stop -m
-    fast`` and verifies that no server process is left.  Usable as a context
-    manager (start on enter, stop on exit).
+    ``start()`` initialises the cluster on first use and starts the server (or adopts one already
+    running for the same ``data_dir``, possibly started by another process). ``stop()`` performs
+    ``pg_ctl stop -m fast`` and verifies that no server process is left. Usable as a context manager
+    (start on enter, stop on exit).
 
     Args:
         data_dir: directory owned by this cluster (created if missing).
-        fast: throw-away mode for tests - ``fsync``, ``synchronous_commit``
-            and ``full_page_writes`` off, ``initdb --no-sync``.  A crash can
-            corrupt such a cluster.  Never use for data you care about.
+        fast: throw-away mode for tests - ``fsync``, ``synchronous_commit`` and ``full_page_writes``
+            off, ``initdb --no-sync``. A crash can corrupt such a cluster. Never for data you care about.
         port: names the socket file (``.s.PGSQL.<port>``); also the TCP port when ``listen_host`` is set.
         listen_host: also listen on TCP at this address (e.g. ``127.0.0.1`` for containers on the host
             network; ``trust`` authentication, so loopback only). Default: Unix socket only.
-        stop_at_exit: if this object started the server, stop it from an
-            ``atexit`` hook in the starting process.
+        stop_at_exit: if this object started the server, stop it from an ``atexit`` hook in the
+            starting process.
     """
 
     def __init__(
@@ -173,12 +171,8 @@ class EmbeddedPostgres:
             initdb_if_needed(self.pgdata, self.log_path, os_user, fast=self._fast)
             write_runtime_conf(self.pgdata, self._socket_dir, self._port, self._listen_host, fast=self._fast)
             self._spawn_postmaster(os_user)
-            _LOGGER.info(
-                "embedded postgres started in %.2fs (pgdata=%s socket=%s)",
-                time.monotonic() - t0,
-                self.pgdata,
-                self._socket_dir,
-            )
+            _LOGGER.info("embedded postgres started in %.2fs (pgdata=%s socket=%s)",
+                         time.monotonic() - t0, self.pgdata, self._socket_dir)
             if self._stop_at_exit and self._atexit_pid is None:
                 self._atexit_pid = os.getpid()
                 atexit.register(self._atexit_stop)
@@ -245,10 +239,7 @@ class EmbeddedPostgres:
         return self
 
     def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
 

@@ -85,12 +85,14 @@ class Lease:
     """One attempt's hold and credential. ``hold`` is the port's own record of the hold (it has a
     ``reservation_id`` and a ``price_version``); ``drawn`` is set when the hold came from a budget
     slice; ``end`` is how the port ends the credential (None once ended); ``secret`` is cleared as
-    soon as the provider call has it."""
+    soon as the provider call has it; ``counted`` is the port's mark of a call it counts in flight
+    (None once settled or freed)."""
 
     hold: HoldRecord
     drawn: object | None = None
     secret: str = ""
     end: object | None = None
+    counted: object | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,15 +115,18 @@ class LedgerHolds:
         self, call: CallRequest, attempt: int, dep: Deployment, timeout: float, reserve_sent: Callable[[], None],
     ) -> Lease:
         prep = call.prep
+        key: tuple[str, str, str] | None = None
         try:
             # A call of a run takes its own hold: the run's cap is one more budget of that hold.
             if call.cfg.budget_slices.applies(call.team) and not call.run_id:
+                key = (call.team, call.agent, dep.price)
+                self.slices.enter(key)  # how many calls of the key are in flight: is it busy?
                 drawn = await self.slices.draw(
                     call.team, call.agent, dep.price, prep.prompt_tokens_upper_bound,
                     prep.chat.max_output_tokens, call.cfg, timeout, dep.provider,
                 )
                 if drawn is not None:
-                    return Lease(drawn.response(), drawn)
+                    return Lease(drawn.response(), drawn, counted=key)
             reserve_sent()
             reserve = ledger_pb2.ReserveRequest(
                 request_id=call.request_id, attempt=attempt, team=call.team, agent=call.agent,
@@ -133,16 +136,24 @@ class LedgerHolds:
             )
             # Exact at the limit: a refusal while this router holds the team's slices gives them back first.
             hold = await self.slices.reserve(call.team, lambda: self.ledger.Reserve(reserve, timeout=timeout), timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except BaseException as exc:
+            if key is not None:
+                self.slices.leave(key)
+            if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
+                raise
             raise ledger_error(exc, call.team, self.metrics) from None
-        return Lease(hold)
+        return Lease(hold, counted=key)
+
+    def _left(self, lease: Lease) -> None:
+        key, lease.counted = lease.counted, None
+        if key is not None:
+            self.slices.leave(key)  # type: ignore[arg-type]
 
     def refused(self, exc: BaseException) -> bool:
         return isinstance(exc, E.IgwError) and exc.code in _NO_HOLD
 
     def free(self, lease: Lease, reason: str) -> None:
+        self._left(lease)
         if isinstance(lease.drawn, SliceHold):
             self.slices.give_back(lease.drawn)
         else:
@@ -164,7 +175,7 @@ class LedgerHolds:
 
     def settle(
         self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float, outcome: Settled,
-    ) -> None:
+    ) -> Awaitable[bool] | None:
         req = ledger_pb2.SettleRequest(
             request_id=request_id, reservation_id=lease.hold.reservation_id,
             usage=ledger_pb2.TokenUsage(
@@ -175,12 +186,16 @@ class LedgerHolds:
             usage_estimated=not usage.reported,
         )
         req.latency.FromNanoseconds(int(latency_s * 1e9))
+        self._left(lease)
         drawn = lease.drawn
         if isinstance(drawn, SliceHold):
+            # Awaited by the call: a slice is captured whole at expiry, so a settle lost with
+            # the router would leave a served call without its spend entry.
             slices = self.slices
-            self.settler.submit(req, lambda ok: slices.settled(drawn, ok))
-        else:
-            self.settler.submit(req, None)
+            return self.settler.settle_now(req, lambda ok: slices.settled(drawn, ok))
+        # A per-call hold left behind expires and is captured under this request id: background.
+        self.settler.submit(req, None)
+        return None
 
     async def prices(self) -> Mapping[str, ledger_pb2.ModelPrice]:
         try:

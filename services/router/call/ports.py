@@ -51,8 +51,10 @@ class HoldPort(Protocol):
 
     def settle(
         self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float, outcome: Settled,
-    ) -> None:
-        """Queues the settle of a served call (acknowledged in the background, retried)."""
+    ) -> Awaitable[bool] | None:
+        """Queues the settle of a served call (retried until acknowledged). Returns what to await
+        (True: acknowledged) when the agent must not see success before the spend entry is
+        durable (a hold drawn from a budget slice); None when it settles in the background."""
         ...
 
     async def cost(self, lease: Lease, dep: Deployment, usage: Usage) -> int:
