@@ -11,7 +11,6 @@ from decimal import Decimal
 
 NANOS_PER_DOLLAR = 1_000_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000
-MAX_TOKENS = 2**62
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -170,7 +170,7 @@ class _Provider:
     ) -> web.StreamResponse:
         state = self.state
         mode = rule.mode if rule else "ok"
-        rid = f"fake-{state.kind}-{state.stats.get('requests', 0)}"
+        response_id = f"fake-{state.kind}-{state.stats.get('requests', 0)}"
         if mode == "error" and rule is not None:
             return self._error(rule, rule.status or 500)
         if mode == "echo_key_error":
@@ -187,11 +187,11 @@ class _Provider:
         usage = mode != "no_usage"
         interval = ((rule.interval_ms if rule and rule.interval_ms is not None else None) or 0) / 1000.0
         if not conv.stream:
-            headers = self.wire.ok_headers(rid)
+            headers = self.wire.ok_headers(response_id)
             if mode == "malformed_json":
                 return self._raw(200, b'{"id": "x", "choices": [{"index": 0, "message": {', headers)
             if mode == "truncated_stream":
-                full = _dumps(self.wire.unary(conv, plan, rid, usage))
+                full = _dumps(self.wire.unary(conv, plan, response_id, usage))
                 return self._raw(200, full[: len(full) // 2], headers)
             if mode in ("slow_drip", "endless"):
                 return await self._dribble(
@@ -199,27 +199,27 @@ class _Provider:
                 )
             if mode == "stream_error":
                 return self._error(rule, (rule.status if rule else None) or 503)
-            return self._json(200, self.wire.unary(conv, plan, rid, usage), headers)
+            return self._json(200, self.wire.unary(conv, plan, response_id, usage), headers)
         # streaming
         if not sse:  # Gemini streamGenerateContent without alt=sse: a JSON array
             return self._json(
-                200, [json.loads(e[6:]) for e in self.wire.stream_events(conv, plan, rid, usage)]
+                200, [json.loads(e[6:]) for e in self.wire.stream_events(conv, plan, response_id, usage)]
             )
-        resp = web.StreamResponse(status=200, headers={**self.wire.sse_headers, **self.wire.ok_headers(rid)})
+        resp = web.StreamResponse(status=200, headers={**self.wire.sse_headers, **self.wire.ok_headers(response_id)})
         state.by_status["200"] = state.by_status.get("200", 0) + 1
         await resp.prepare(request)
         wire = self.wire
         if mode == "malformed_json":
-            events = wire.stream_events(conv, plan, rid, usage)
+            events = wire.stream_events(conv, plan, response_id, usage)
             await resp.write(events[0] + b'data: {"id": "x", "choices": [\n\n' + b"".join(events[1:]))
         elif mode == "truncated_stream":
-            events = wire.stream_events(conv, plan, rid, usage)
+            events = wire.stream_events(conv, plan, response_id, usage)
             await resp.write(b"".join(events[: max(1, len(events) // 2)]))
         elif mode == "stream_error":
-            prefix = wire.stream_prefix(conv, rid)
+            prefix = wire.stream_prefix(conv, response_id)
             await resp.write(
                 b"".join(prefix)
-                + wire.text_event(conv, rid, "partial ")
+                + wire.text_event(conv, response_id, "partial ")
                 + wire.stream_error_event(
                     (rule.status if rule else None) or (529 if state.kind == "anthropic" else 503),
                     rule.error_type if rule else None,
@@ -227,21 +227,21 @@ class _Provider:
                 )
             )
         elif mode == "slow_drip":
-            await resp.write(b"".join(wire.stream_prefix(conv, rid)) or b": start\n\n")
+            await resp.write(b"".join(wire.stream_prefix(conv, response_id)) or b": start\n\n")
             step = interval or 1.0
             while True:
                 await asyncio.sleep(step)
                 await resp.write(b":")
         elif mode == "endless":
-            for b in wire.stream_prefix(conv, rid):
+            for b in wire.stream_prefix(conv, response_id):
                 await resp.write(b)
             step = interval or 0.01
-            event = wire.text_event(conv, rid, "more ")
+            event = wire.text_event(conv, response_id, "more ")
             while True:
                 await resp.write(event)
                 await asyncio.sleep(step)
         else:
-            events = wire.stream_events(conv, plan, rid, usage)
+            events = wire.stream_events(conv, plan, response_id, usage)
             chunk_delay = state.chunk_delay_ms / 1000.0
             if chunk_delay > 0:
                 for ev in events:

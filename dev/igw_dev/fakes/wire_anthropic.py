@@ -11,10 +11,10 @@ from .wire_openai import _Wire
 
 
 class _AnthropicWire(_Wire):
-    def ok_headers(self, rid: str) -> dict[str, str]:
+    def ok_headers(self, response_id: str) -> dict[str, str]:
         n = next(self.state.counter)
         return {
-            "request-id": rid,
+            "request-id": response_id,
             "anthropic-ratelimit-requests-limit": str(_RATE_LIMIT),
             "anthropic-ratelimit-requests-remaining": str(_RATE_LIMIT - 1 - n % _RATE_LIMIT),
             "anthropic-ratelimit-requests-reset": "2030-01-01T00:00:00Z",
@@ -36,7 +36,7 @@ class _AnthropicWire(_Wire):
     def _stop(self, plan: _Plan) -> str:
         return {"stop": "end_turn", "length": "max_tokens", "tool": "tool_use"}[plan.finish]
 
-    def unary(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> dict[str, Any]:
+    def unary(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
         if plan.preface:
             content.append({"type": "text", "text": plan.preface})
@@ -47,7 +47,7 @@ class _AnthropicWire(_Wire):
                 {"type": "tool_use", "id": "toolu_fake_0", "name": plan.tool_name, "input": {"city": "Paris"}}
             )
         out: dict[str, Any] = {
-            "id": rid,
+            "id": response_id,
             "type": "message",
             "role": "assistant",
             "model": conv.model,
@@ -63,7 +63,7 @@ class _AnthropicWire(_Wire):
     def _ev(name: str, data: dict[str, Any]) -> bytes:
         return b"event: " + name.encode() + b"\ndata: " + _dumps(data) + b"\n\n"
 
-    def stream_prefix(self, conv: _Conv, rid: str) -> list[bytes]:
+    def stream_prefix(self, conv: _Conv, response_id: str) -> list[bytes]:
         plan_usage = {"input_tokens": 0, "output_tokens": 1}
         return [
             self._ev(
@@ -71,7 +71,7 @@ class _AnthropicWire(_Wire):
                 {
                     "type": "message_start",
                     "message": {
-                        "id": rid,
+                        "id": response_id,
                         "type": "message",
                         "role": "assistant",
                         "model": conv.model,
@@ -88,13 +88,13 @@ class _AnthropicWire(_Wire):
             ),
         ]
 
-    def text_event(self, conv: _Conv, rid: str, text: str) -> bytes:
+    def text_event(self, conv: _Conv, response_id: str, text: str) -> bytes:
         return self._ev(
             "content_block_delta",
             {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
         )
 
-    def stream_events(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> list[bytes]:
+    def stream_events(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> list[bytes]:
         start_usage = self._usage(plan, 1) if usage else {}
         out = [
             self._ev(
@@ -102,7 +102,7 @@ class _AnthropicWire(_Wire):
                 {
                     "type": "message_start",
                     "message": {
-                        "id": rid,
+                        "id": response_id,
                         "type": "message",
                         "role": "assistant",
                         "model": conv.model,
@@ -129,7 +129,7 @@ class _AnthropicWire(_Wire):
             )
             out.append(self._ev("ping", {"type": "ping"}))
             for piece in _WORDS.findall(text):
-                out.append(self.text_event(conv, rid, piece))
+                out.append(self.text_event(conv, response_id, piece))
             out.append(self._ev("content_block_stop", {"type": "content_block_stop", "index": 0}))
             index = 1
         if plan.tool_name:

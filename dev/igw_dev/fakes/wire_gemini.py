@@ -27,7 +27,7 @@ class _GeminiWire(_Wire):
         return "MAX_TOKENS" if plan.finish == "length" else "STOP"
 
     def _chunk(
-        self, conv: _Conv, rid: str, parts: list[dict[str, Any]], finish: str | None, usage: Any
+        self, conv: _Conv, response_id: str, parts: list[dict[str, Any]], finish: str | None, usage: Any
     ) -> dict[str, Any]:
         cand: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
         if finish:
@@ -36,34 +36,34 @@ class _GeminiWire(_Wire):
         if usage is not None:
             out["usageMetadata"] = usage
         out["modelVersion"] = conv.model
-        out["responseId"] = rid
+        out["responseId"] = response_id
         return out
 
-    def unary(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> dict[str, Any]:
+    def unary(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> dict[str, Any]:
         parts: list[dict[str, Any]] = []
         if plan.text:
             parts.append({"text": plan.text})
         if plan.tool_name:
             parts.append({"functionCall": {"name": plan.tool_name, "args": {"city": "Paris"}}})
         return self._chunk(
-            conv, rid, parts, self._finish(plan), self._usage(plan, plan.output_tokens) if usage else None
+            conv, response_id, parts, self._finish(plan), self._usage(plan, plan.output_tokens) if usage else None
         )
 
     @staticmethod
     def _data(obj: dict[str, Any]) -> bytes:
         return b"data: " + _dumps(obj) + b"\r\n\r\n"
 
-    def text_event(self, conv: _Conv, rid: str, text: str) -> bytes:
-        return self._data(self._chunk(conv, rid, [{"text": text}], None, None))
+    def text_event(self, conv: _Conv, response_id: str, text: str) -> bytes:
+        return self._data(self._chunk(conv, response_id, [{"text": text}], None, None))
 
-    def stream_events(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> list[bytes]:
+    def stream_events(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> list[bytes]:
         out: list[bytes] = []
         if plan.tool_name:
             out.append(
                 self._data(
                     self._chunk(
                         conv,
-                        rid,
+                        response_id,
                         [{"functionCall": {"name": plan.tool_name, "args": {"city": "Paris"}}}],
                         self._finish(plan),
                         self._usage(plan, plan.output_tokens) if usage else None,
@@ -80,7 +80,7 @@ class _GeminiWire(_Wire):
                 self._data(
                     self._chunk(
                         conv,
-                        rid,
+                        response_id,
                         [{"text": piece}],
                         self._finish(plan) if last else None,
                         self._usage(plan, so_far) if usage else None,

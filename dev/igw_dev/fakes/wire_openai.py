@@ -21,16 +21,16 @@ class _Wire:
         self.state = state
 
     # success
-    def unary(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> dict[str, Any]:
+    def unary(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> dict[str, Any]:
         raise NotImplementedError
 
-    def stream_events(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> list[bytes]:
+    def stream_events(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> list[bytes]:
         raise NotImplementedError
 
-    def text_event(self, conv: _Conv, rid: str, text: str) -> bytes:
+    def text_event(self, conv: _Conv, response_id: str, text: str) -> bytes:
         raise NotImplementedError
 
-    def stream_prefix(self, conv: _Conv, rid: str) -> list[bytes]:
+    def stream_prefix(self, conv: _Conv, response_id: str) -> list[bytes]:
         return []
 
     # errors
@@ -46,7 +46,7 @@ class _Wire:
     def auth_error(self, key: str) -> tuple[int, dict[str, Any]]:
         raise NotImplementedError
 
-    def ok_headers(self, rid: str) -> dict[str, str]:
+    def ok_headers(self, response_id: str) -> dict[str, str]:
         return {}
 
     def rate_headers(self) -> dict[str, str]:
@@ -54,10 +54,10 @@ class _Wire:
 
 
 class _OpenAIWire(_Wire):
-    def ok_headers(self, rid: str) -> dict[str, str]:
+    def ok_headers(self, response_id: str) -> dict[str, str]:
         n = next(self.state.counter)
         return {
-            "x-request-id": rid,
+            "x-request-id": response_id,
             "openai-processing-ms": "1",
             "x-ratelimit-limit-requests": str(_RATE_LIMIT),
             "x-ratelimit-remaining-requests": str(_RATE_LIMIT - 1 - n % _RATE_LIMIT),
@@ -79,7 +79,7 @@ class _OpenAIWire(_Wire):
             "completion_tokens_details": {"reasoning_tokens": 0},
         }
 
-    def unary(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> dict[str, Any]:
+    def unary(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": plan.text or None, "refusal": None}
         finish = {"stop": "stop", "length": "length", "tool": "tool_calls"}[plan.finish]
         if plan.tool_name:
@@ -91,7 +91,7 @@ class _OpenAIWire(_Wire):
                 }
             ]
         out: dict[str, Any] = {
-            "id": rid,
+            "id": response_id,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": conv.model,
@@ -102,12 +102,12 @@ class _OpenAIWire(_Wire):
             out["usage"] = self._usage(plan)
         return out
 
-    def _chunk(self, conv: _Conv, rid: str, delta: dict[str, Any], finish: str | None) -> bytes:
+    def _chunk(self, conv: _Conv, response_id: str, delta: dict[str, Any], finish: str | None) -> bytes:
         return (
             b"data: "
             + _dumps(
                 {
-                    "id": rid,
+                    "id": response_id,
                     "object": "chat.completion.chunk",
                     "created": 0,
                     "model": conv.model,
@@ -118,19 +118,19 @@ class _OpenAIWire(_Wire):
             + b"\n\n"
         )
 
-    def stream_prefix(self, conv: _Conv, rid: str) -> list[bytes]:
-        return [self._chunk(conv, rid, {"role": "assistant", "content": "", "refusal": None}, None)]
+    def stream_prefix(self, conv: _Conv, response_id: str) -> list[bytes]:
+        return [self._chunk(conv, response_id, {"role": "assistant", "content": "", "refusal": None}, None)]
 
-    def text_event(self, conv: _Conv, rid: str, text: str) -> bytes:
-        return self._chunk(conv, rid, {"content": text}, None)
+    def text_event(self, conv: _Conv, response_id: str, text: str) -> bytes:
+        return self._chunk(conv, response_id, {"content": text}, None)
 
-    def stream_events(self, conv: _Conv, plan: _Plan, rid: str, usage: bool) -> list[bytes]:
-        out = self.stream_prefix(conv, rid)
+    def stream_events(self, conv: _Conv, plan: _Plan, response_id: str, usage: bool) -> list[bytes]:
+        out = self.stream_prefix(conv, response_id)
         if plan.tool_name:
             out.append(
                 self._chunk(
                     conv,
-                    rid,
+                    response_id,
                     {
                         "tool_calls": [
                             {
@@ -147,19 +147,19 @@ class _OpenAIWire(_Wire):
             for frag in _TOOL_FRAGMENTS:
                 out.append(
                     self._chunk(
-                        conv, rid, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}, None
+                        conv, response_id, {"tool_calls": [{"index": 0, "function": {"arguments": frag}}]}, None
                     )
                 )
         for piece in _WORDS.findall(plan.text):
-            out.append(self.text_event(conv, rid, piece))
+            out.append(self.text_event(conv, response_id, piece))
         finish = {"stop": "stop", "length": "length", "tool": "tool_calls"}[plan.finish]
-        out.append(self._chunk(conv, rid, {}, finish))
+        out.append(self._chunk(conv, response_id, {}, finish))
         if usage and conv.include_usage:
             out.append(
                 b"data: "
                 + _dumps(
                     {
-                        "id": rid,
+                        "id": response_id,
                         "object": "chat.completion.chunk",
                         "created": 0,
                         "model": conv.model,

@@ -271,14 +271,6 @@ class EmbeddedPostgres:
         _LOGGER.info("created database %s", name)
         return True
 
-    def drop_database(self, name: str) -> None:
-        """Drop database ``name`` if it exists, terminating its connections."""
-        from psycopg import sql
-
-        check_db_name(name)
-        with self._admin_connection() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
     def terminate_connections(self, database: str) -> int:
         """``pg_terminate_backend`` every other backend connected to ``database``.
 

@@ -208,11 +208,11 @@ class EdgeServer:
         if ident.kind not in allowed:
             raise E.PermissionDenied("METHOD_NOT_ALLOWED", f"{ident.kind.value} identities may not call this",
                                      {"identity_kind": ident.kind.value})
-        rid = request.headers.get(REQUEST_ID_HEADER, "")
-        if rid:
-            if not valid_request_id(rid):
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")
+        if request_id:
+            if not valid_request_id(request_id):
                 raise bad_field("BAD_REQUEST_ID", REQUEST_ID_HEADER, "must be [A-Za-z0-9._:-], at most 128")
-            request_id_var.set(rid)
+            request_id_var.set(request_id)
         return ident
 
     async def _body(self, request: web.Request) -> dict[str, Any]:

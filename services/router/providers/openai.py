@@ -193,13 +193,13 @@ class OpenAIAdapter:
         usage = self._usage(obj.get("usage"))
         if usage is None:
             usage = estimate_usage(req, text + "".join(c.arguments_json for c in calls))
-        rid = obj.get("id")
+        response_id = obj.get("id")
         return ChatResponse(
             text=text,
             tool_calls=tuple(calls),
             finish_reason=finish,
             usage=usage,
-            response_id=rid if isinstance(rid, str) else "",
+            response_id=response_id if isinstance(response_id, str) else "",
         )
 
     def _usage(self, raw: object) -> Usage | None:
@@ -228,7 +228,7 @@ class OpenAIAdapter:
         url, headers, body = self._prepare(base_url, secret, req, stream=True)
         finish: FinishReason | None = None
         usage: Usage | None = None
-        rid = ""
+        response_id = ""
         done = False
         out_text: list[str] = []
         seen_tools: set[int] = set()
@@ -242,8 +242,8 @@ class OpenAIAdapter:
                 err = obj.get("error")
                 if err:
                     raise self._stream_error(err)
-                if not rid and isinstance(obj.get("id"), str):
-                    rid = obj["id"]
+                if not response_id and isinstance(obj.get("id"), str):
+                    response_id = obj["id"]
                 u = self._usage(obj.get("usage"))
                 if u is not None:
                     usage = u
@@ -285,7 +285,7 @@ class OpenAIAdapter:
             raise protocol_error(name, "stream ended without [DONE]")
         if usage is None:
             usage = estimate_usage(req, "".join(out_text))
-        yield StreamEnd(finish or FinishReason.OTHER, usage, rid)
+        yield StreamEnd(finish or FinishReason.OTHER, usage, response_id)
 
     # ------------------------------------------------------------------ errors
 
