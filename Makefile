@@ -8,7 +8,7 @@ PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 CHECKOV_VERSION ?= 3.3.30
 CHECKOV := .tools/checkov/bin/checkov
 
-.PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking lint check bench bench-quick clean \
+.PHONY: venv run test test-fast proto proto-check proto-lint proto-breaking proto-breaking-parent lint check bench bench-quick clean \
 	lint-deploy deploy-pin deploy-rules image-tools image-base image image-test
 
 # The runtime (.), the agent client (./clients), the dev package (./dev) and the dev extra's tools.
@@ -59,8 +59,14 @@ proto-lint: $(BUF)
 proto-breaking: $(BUF)
 	$(BUF) breaking --against '.git#ref=$(BASE)'
 
+# CI: the contract at HEAD breaks nothing its parent commit published (a clone without history says so).
+proto-breaking-parent: $(BUF)
+	@if git rev-parse --verify -q HEAD~1 >/dev/null; then \
+		echo "$(BUF) breaking --against '.git#ref=HEAD~1'"; $(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else echo "proto-breaking-parent: this clone has no parent commit to compare the contract with"; fi
+
 # What CI runs before the tests: lint, types and the contract checks.
-check: lint proto-check proto-lint lint-deploy
+check: lint proto-check proto-lint proto-breaking-parent lint-deploy
 
 lint: venv
 	$(VENV)/bin/ruff check services clients dev tests bench

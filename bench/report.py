@@ -597,7 +597,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
     side = h.get("cpu_ms_per_call") or {}
     if side:
         L += [
-            f"### CPU per call: igw (per-call holds, the default) vs {PERCALL_NAME}",
+            f"### CPU per call: igw (the defaults: adaptive slices) vs {PERCALL_NAME}",
             "",
             "At the highest ladder step both passed; psutil user+system ms per call served. The last column "
             "is the router's budget-slice counters over the same run (router-wide): calls served, holds drawn "
