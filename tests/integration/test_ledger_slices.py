@@ -244,3 +244,56 @@ async def test_slices_and_reserves_at_once_never_overspend_or_deadlock(fresh_dat
     after = sql(fresh_database, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
     assert after == deadlocks
     check_invariants(fresh_database)
+
+
+async def test_one_team_many_agents_concurrent_settle_batches_never_deadlock(fresh_database: str, pki: Path) -> None:
+    """A hot team: four agents each draw from a slice of their own (each agent with a budget too),
+    three 'routers' settle batches mixing the agents in different orders while single settles
+    and Reserves of the same team run: before 0008 these deadlocked (hold, rollup row and budget
+    counters taken in different orders), which Postgres breaks only after a second."""
+    rng = random.Random(11)
+    agents = ["a0", "a1", "a2", "a3"]
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team="hot", agent="", window=4, limit_nanos=10**15)
+        for agent in agents:
+            await svc.set_budget(team="hot", agent=agent, window=4, limit_nanos=10**14)
+        channel, stub = _stub(rt.port, pki)
+        async with channel:
+            deadlocks = sql(fresh_database, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            slices = {}
+            for agent in agents:
+                req = pb.AcquireSliceRequest(slice_id=f"s-{agent}", team="hot", agent=agent, model="fake-small",
+                                             calls=200, **BOUNDS)  # type: ignore[arg-type]
+                slices[agent] = (await stub.AcquireSlice(req)).reservation_id
+            counter = iter(range(10**6))
+
+            async def router(name: str) -> int:
+                n = 0
+                for _ in range(12):
+                    batch = [_settle(f"{name}-{next(counter)}", slices[rng.choice(agents)], out=rng.randint(1, 50))
+                             for _ in range(rng.randint(2, 8))]
+                    res = await stub.SettleBatch(pb.SettleBatchRequest(settles=batch, codes_only=True), timeout=30)
+                    assert [r.code for r in res.results] == [0] * len(batch)
+                    n += len(batch)
+                return n
+
+            async def single() -> int:
+                for i in range(20):
+                    await stub.Settle(_settle(f"one-{i}", slices[agents[i % 4]]), timeout=30)
+                return 20
+
+            async def reserver() -> int:
+                for i in range(20):
+                    h = await stub.Reserve(pb.ReserveRequest(request_id=f"rv-{i}", attempt=0, team="hot",
+                                                             agent=agents[(i + 1) % 4], model="fake-small", **BOUNDS))
+                    await stub.Settle(_settle(f"rv-{i}", h.reservation_id), timeout=30)
+                return 20
+
+            counts = await asyncio.gather(router("r1"), router("r2"), router("r3"), single(), reserver())
+            for rid in slices.values():
+                await stub.Release(pb.ReleaseRequest(reservation_id=rid))
+    rows = sql(fresh_database, "SELECT count(*), count(DISTINCT request_id) FROM spend_entries")
+    assert rows == [(sum(counts),) * 2]
+    after = sql(fresh_database, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    assert after == deadlocks
+    check_invariants(fresh_database)

@@ -12,10 +12,23 @@ DECLARE
   v_freed int := 0;
   v_n int;
   v_inserted boolean;
+  v_due uuid[];
 BEGIN
+  -- The expired holds first, then their budget counters (in the order ledger_hold locks them),
+  -- then the entries (and their rollup rows): the order every settle takes them in.
+  SELECT array_agg(d.id) INTO v_due FROM (
+    SELECT id FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
+     ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED) d;
+  IF v_due IS NULL THEN
+    RETURN jsonb_build_object('captured', '[]'::jsonb, 'freed', 0, 'crossings', '[]'::jsonb);
+  END IF;
+  PERFORM 1 FROM budget_counters c
+    WHERE (c.budget_id, c.window_start) IN (
+      SELECT u.b, u.w FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)
+       WHERE h.id = ANY(v_due))
+    ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
   FOR v_h IN
-    SELECT * FROM holds WHERE state = 'OPEN' AND expires_at <= p_now
-     ORDER BY expires_at LIMIT p_limit FOR UPDATE SKIP LOCKED
+    SELECT * FROM holds WHERE id = ANY(v_due) ORDER BY expires_at, id
   LOOP
     PERFORM pg_advisory_xact_lock(ledger_request_lock_key(v_h.request_id));
     v_inserted := NOT EXISTS (SELECT 1 FROM spend_entries WHERE request_id = v_h.request_id);

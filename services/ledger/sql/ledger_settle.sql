@@ -91,6 +91,14 @@ BEGIN
              | (CASE WHEN p_estimated THEN 4 ELSE 0 END);
   END IF;
 
+  -- Counters before the entry (whose insert takes the hourly rollup row): every writer takes a
+  -- hold, then its budget counters, then the rollup, so concurrent settles cannot deadlock.
+  v_n := cardinality(v_h.budget_ids);
+  v_crossings := ledger_apply(
+    v_h.budget_ids, v_h.window_starts,
+    array_fill(-v_drawn, ARRAY[v_n]),
+    array_fill(v_cost::bigint, ARRAY[v_n]));
+  PERFORM ledger_rate_close(v_h, true, p_input::numeric + p_output);
   INSERT INTO spend_entries (request_id, reservation_id, team, agent, model, provider,
                              provider_model, input_tokens, output_tokens, cached_input_tokens,
                              cost_nanos, held_nanos, price_version, outcome, flags, latency_us,
@@ -108,12 +116,6 @@ BEGIN
   ELSE
     UPDATE holds SET state = 'SETTLED', closed_at = p_now WHERE id = v_h.id;
   END IF;
-  PERFORM ledger_rate_close(v_h, true, p_input::numeric + p_output);
-  v_n := cardinality(v_h.budget_ids);
-  v_crossings := ledger_apply(
-    v_h.budget_ids, v_h.window_starts,
-    array_fill(-v_drawn, ARRAY[v_n]),
-    array_fill(v_cost::bigint, ARRAY[v_n]));
   RETURN jsonb_build_object('result', 'OK', 'replayed', false, 'entry', ledger_entry_json(v_e),
                             'was_state', v_h.state, 'crossings', v_crossings,
                             'budgets', ledger_budgets(v_h.team, v_h.agent, v_h.run_id, p_now));

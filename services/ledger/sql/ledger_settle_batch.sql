@@ -6,6 +6,7 @@ DECLARE
   v_n int := cardinality(p_request_ids);
   v_out jsonb[];
   v_i int;
+  v_holds uuid[];
 BEGIN
   IF v_n IS NULL OR v_n = 0 THEN
     RETURN '[]'::jsonb;
@@ -18,16 +19,38 @@ BEGIN
     RAISE EXCEPTION 'ledger_settle_batch: arrays of different lengths';
   END IF;
   v_out := array_fill(NULL::jsonb, ARRAY[v_n]);
+  -- Every batch takes its locks in one global order: first the holds it settles (by id), then
+  -- the budget counters they touch (by budget and window, as ledger_hold locks them), and only
+  -- then, item by item, the rows a settle writes (entries, rollups, rate events). Two batches
+  -- for one team's holds (several agents, several slices) then queue behind each other instead
+  -- of deadlocking (Postgres breaks a deadlock only after deadlock_timeout, 1 s).
+  SELECT array_agg(DISTINCT o.id) INTO v_holds
+  FROM generate_subscripts(p_request_ids, 1) AS k(i)
+  CROSS JOIN LATERAL (
+    SELECT h.id FROM holds h
+     WHERE (p_reservations[k.i] IS NOT NULL AND h.id = p_reservations[k.i])
+        OR (p_reservations[k.i] IS NULL AND h.request_id = p_request_ids[k.i] AND h.state = 'OPEN')
+     ORDER BY h.attempt DESC LIMIT 1
+  ) o;
+  IF v_holds IS NOT NULL THEN
+    PERFORM 1 FROM holds h WHERE h.id = ANY(v_holds) ORDER BY h.id FOR UPDATE;
+    PERFORM 1 FROM budget_counters c
+      WHERE (c.budget_id, c.window_start) IN (
+        SELECT u.b, u.w FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)
+         WHERE h.id = ANY(v_holds))
+      ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+  END IF;
   FOR v_i IN
     SELECT k.i
     FROM generate_subscripts(p_request_ids, 1) AS k(i)
     LEFT JOIN LATERAL (
-      SELECT h.team, h.agent, h.id FROM holds h
+      SELECT h.team, h.agent, h.model, h.run_id, h.id FROM holds h
        WHERE (p_reservations[k.i] IS NOT NULL AND h.id = p_reservations[k.i])
           OR (p_reservations[k.i] IS NULL AND h.request_id = p_request_ids[k.i])
        ORDER BY h.attempt DESC LIMIT 1
     ) o ON true
-    ORDER BY o.team NULLS FIRST, o.agent NULLS FIRST, o.id NULLS FIRST, p_request_ids[k.i], k.i
+    ORDER BY o.team NULLS FIRST, o.agent NULLS FIRST, o.model NULLS FIRST, p_providers[k.i],
+             o.run_id NULLS FIRST, o.id NULLS FIRST, p_request_ids[k.i], k.i
   LOOP
     v_out[v_i] := ledger_settle(
       p_request_ids[v_i], p_reservations[v_i], p_inputs[v_i], p_outputs[v_i], p_cached[v_i],
