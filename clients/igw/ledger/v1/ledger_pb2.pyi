@@ -267,6 +267,38 @@ class AcquireSliceRequest(_message.Message):
     provider: str
     def __init__(self, slice_id: _Optional[str] = ..., team: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens_upper_bound: _Optional[int] = ..., max_output_tokens: _Optional[int] = ..., calls: _Optional[int] = ..., hold_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., provider: _Optional[str] = ...) -> None: ...
 
+class SliceDraw(_message.Message):
+    __slots__ = ("reservation_id", "request_id", "held_nanos", "withdrawn")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_NANOS_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    request_id: str
+    held_nanos: int
+    withdrawn: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., request_id: _Optional[str] = ..., held_nanos: _Optional[int] = ..., withdrawn: _Optional[bool] = ...) -> None: ...
+
+class NoteSliceDrawsRequest(_message.Message):
+    __slots__ = ("draws",)
+    DRAWS_FIELD_NUMBER: _ClassVar[int]
+    draws: _containers.RepeatedCompositeFieldContainer[SliceDraw]
+    def __init__(self, draws: _Optional[_Iterable[_Union[SliceDraw, _Mapping]]] = ...) -> None: ...
+
+class NoteSliceDrawResult(_message.Message):
+    __slots__ = ("code", "reason")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    reason: str
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class NoteSliceDrawsResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[NoteSliceDrawResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[NoteSliceDrawResult, _Mapping]]] = ...) -> None: ...
+
 class AcquireSliceResponse(_message.Message):
     __slots__ = ("reservation_id", "held_nanos", "calls", "per_call_nanos", "price_version", "expire_time", "budgets")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]

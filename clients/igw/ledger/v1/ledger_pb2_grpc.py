@@ -61,6 +61,11 @@ class LedgerServiceStub:
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.SerializeToString,
                 response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.FromString,
                 _registered_method=True)
+        self.NoteSliceDraws = channel.unary_unary(
+                '/igw.ledger.v1.LedgerService/NoteSliceDraws',
+                request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsRequest.SerializeToString,
+                response_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsResponse.FromString,
+                _registered_method=True)
         self.GetBudget = channel.unary_unary(
                 '/igw.ledger.v1.LedgerService/GetBudget',
                 request_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.GetBudgetRequest.SerializeToString,
@@ -121,6 +126,17 @@ class LedgerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NoteSliceDraws(self, request, context):
+        """Records which calls a router drew from its budget slices (or withdraws a draw whose call
+        ended before spending), several per round trip. A router answers a call drawn from a slice
+        only once its draw is recorded: if the router dies, the ledger captures each recorded draw
+        that was never settled under the call's own request id (flagged unsettled), so every
+        answered call has exactly one spend entry. Idempotent per (reservation_id, request_id).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBudget(self, request, context):
         """Reports the budgets that apply to a team (and optionally one agent).
         """
@@ -155,6 +171,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.AcquireSlice,
                     request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.FromString,
                     response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.SerializeToString,
+            ),
+            'NoteSliceDraws': grpc.unary_unary_rpc_method_handler(
+                    servicer.NoteSliceDraws,
+                    request_deserializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsRequest.FromString,
+                    response_serializer=igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsResponse.SerializeToString,
             ),
             'GetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudget,
@@ -299,6 +320,33 @@ class LedgerService:
             '/igw.ledger.v1.LedgerService/AcquireSlice',
             igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceRequest.SerializeToString,
             igw_dot_ledger_dot_v1_dot_ledger__pb2.AcquireSliceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NoteSliceDraws(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/igw.ledger.v1.LedgerService/NoteSliceDraws',
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsRequest.SerializeToString,
+            igw_dot_ledger_dot_v1_dot_ledger__pb2.NoteSliceDrawsResponse.FromString,
             options,
             channel_credentials,
             insecure,
