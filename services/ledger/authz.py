@@ -14,6 +14,7 @@ POLICY = make_policy(
         "/igw.ledger.v1.LedgerService/SettleBatch": ROUTER_ONLY,
         "/igw.ledger.v1.LedgerService/Release": ROUTER_ONLY,
         "/igw.ledger.v1.LedgerService/AcquireSlice": ROUTER_ONLY,
+        "/igw.ledger.v1.LedgerService/NoteSliceDraws": ROUTER_ONLY,
         "/igw.ledger.v1.LedgerService/GetBudget": frozenset({Kind.ROUTER, Kind.OPERATOR}),
         # The router reads prices for cost routing and for the cost it reports to agents.
         "/igw.ledger.v1.LedgerAdminService/ListPrices": frozenset({Kind.ROUTER, Kind.OPERATOR}),

@@ -29,6 +29,10 @@ class LedgerMetrics:
             "igw_ledger_reserves", "Reserve calls by outcome.", ["outcome"], registry=registry
         )
         self.settles = Counter("igw_ledger_settles", "Settle calls by outcome.", ["outcome"], registry=registry)
+        self.slice_draws = Counter(
+            "igw_ledger_slice_draws", "Slice draws noted (NoteSliceDraws items) by outcome.", ["outcome"],
+            registry=registry,
+        )
         self.releases = Counter(
             "igw_ledger_releases", "Release calls by outcome.", ["outcome"], registry=registry
         )

@@ -277,6 +277,19 @@ class RateEvent(Base):
     used_tokens: Mapped[int] = mapped_column(Numeric, server_default=text("0"))
 
 
+class SliceDraw(Base):
+    """A call a router drew from a budget slice (``NoteSliceDraws``): captured under the call's
+    own request id if the slice expires with the call unsettled; deleted with its slice."""
+
+    __tablename__ = "slice_draws"
+    __table_args__ = (CheckConstraint("held_nanos >= 0", name="held_nonneg"),)
+
+    hold_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    held_nanos: Mapped[int] = mapped_column(BigInteger)
+    noted_at: Mapped[dt.datetime] = mapped_column(TZ)
+
+
 class RequestRelease(Base):
     """A call that ended early and was released by request id: no hold is placed for it again."""
 

@@ -19,12 +19,14 @@ from services.ledger.domain import BudgetStatus
 from services.ledger.report_queries import DEFAULT_CATALOGUE_REQUEST_ID, PRICES_LOCK_KEY, ReportQueries
 from services.ledger.results import (
     CaptureResult,
+    DrawOutcome,
     HoldResult,
     ReleaseResult,
     ResultShapeError,
     SettleResult,
     decode_budgets,
     decode_capture,
+    decode_draws,
     decode_hold,
     decode_release,
     decode_released_count,
@@ -33,8 +35,18 @@ from services.ledger.results import (
 
 __all__ = [
     "CONFLICT_RETRIES", "DEFAULT_CATALOGUE_REQUEST_ID", "EPOCH", "PRICES_LOCK_KEY", "Conn", "Database",
-    "Repository", "SettleArgs", "libpq_dsn",
+    "DrawArgs", "Repository", "SettleArgs", "libpq_dsn",
 ]
+
+
+@dataclass(frozen=True)
+class DrawArgs:
+    """One validated slice draw (or withdrawal) as ``ledger_note_draws`` takes it."""
+
+    reservation_id: uuid.UUID
+    request_id: str
+    held_nanos: int
+    withdrawn: bool
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,16 @@ class Repository(AdminQueries, ReportQueries):
         if not isinstance(raw, list) or len(raw) != len(items):
             raise ResultShapeError("ledger_settle_batch: expected one JSON result per item")
         return [decode_settle(r) for r in raw]
+
+    async def note_draws(self, draws: Sequence[DrawArgs], now: dt.datetime) -> list[DrawOutcome]:
+        """Calls ``ledger_note_draws``: records (or withdraws) slice draws in one transaction."""
+        raw = await self._call(
+            "note_draws",
+            "SELECT ledger_note_draws(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s)",
+            ([d.reservation_id for d in draws], [d.request_id for d in draws], [d.held_nanos for d in draws],
+             [d.withdrawn for d in draws], now),
+        )
+        return decode_draws(raw, len(draws))
 
     async def release(self, reservation_id: uuid.UUID, reason: str, now: dt.datetime) -> ReleaseResult:
         """Calls ``ledger_release``."""

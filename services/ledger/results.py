@@ -53,6 +53,15 @@ class SettleOutcome(enum.Enum):
     NOT_PRICED = "NOT_PRICED"
 
 
+class DrawOutcome(enum.Enum):
+    """One ``ledger_note_draws`` item's ``result``."""
+
+    NOTED = "OK"
+    NOT_FOUND = "NOT_FOUND"
+    NOT_A_SLICE = "NOT_A_SLICE"
+    SLICE_CLOSED = "SLICE_CLOSED"
+
+
 @dataclass(frozen=True)
 class RateRefusal:
     """Why a hold hit a rate limit (RATE_LIMITED, RATE_TOO_LARGE)."""
@@ -291,6 +300,13 @@ def decode_settle(raw: object) -> SettleResult:
 def decode_release(raw: object) -> ReleaseResult:
     """``ledger_release``'s JSON."""
     return _decoding("ledger_release", _release_result, raw)
+
+
+def decode_draws(raw: object, n: int) -> list[DrawOutcome]:
+    """``ledger_note_draws``'s JSON: one outcome per draw, ``n`` of them."""
+    if not isinstance(raw, list) or len(raw) != n:
+        raise ResultShapeError("ledger_note_draws: expected one JSON result per draw")
+    return [_decoding("ledger_note_draws", lambda r: _outcome(DrawOutcome, r, "ledger_note_draws"), r) for r in raw]
 
 
 def decode_released_count(raw: object) -> int:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 
 from services.ledger.budgets import BudgetUseCases
+from services.ledger.draws import DrawUseCases
 from services.ledger.holds import RELEASE_RECORD_DAYS, HoldUseCases
 from services.ledger.ledger_metrics import Clock, LedgerMetrics, utcnow
 from services.ledger.pricing import default_prices
@@ -50,10 +51,11 @@ __all__ = ["RELEASE_RECORD_DAYS", "Clock", "LedgerMetrics", "LedgerService", "ut
 _LOGGER = logging.getLogger(__name__)
 
 
-class LedgerService(HoldUseCases, BudgetUseCases, SpendUseCases):
+class LedgerService(HoldUseCases, DrawUseCases, BudgetUseCases, SpendUseCases):
     """Reserve / Settle / Release / capture and the operator reads, over one repository.
 
     The use cases are grouped by responsibility: :mod:`services.ledger.holds` (the data plane),
+    :mod:`services.ledger.draws` (the calls drawn from budget slices),
     :mod:`services.ledger.budgets` (budgets, rate limits, maintenance), :mod:`services.ledger.spend`
     (spend reports and prices).
     """

@@ -12,8 +12,9 @@ from igw.ledger.v1 import ledger_pb2 as pb
 from igw.ledger.v1 import ledger_pb2_grpc
 from services.common import errors as E
 from services.ledger import domain as D
+from services.ledger.draws import MAX_DRAWS
 from services.ledger.pricing import ModelPrice
-from services.ledger.repository import SettleArgs
+from services.ledger.repository import DrawArgs, SettleArgs
 from services.ledger.service import LedgerService
 
 _LOGGER = logging.getLogger(__name__)
@@ -187,6 +188,23 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             expire_time=_ts(hold.expires_at),
             budgets=[budget_status_pb(b) for b in acquired.budgets],
         )
+
+    async def NoteSliceDraws(self, request: pb.NoteSliceDrawsRequest, context: Any) -> pb.NoteSliceDrawsResponse:
+        if not 1 <= len(request.draws) <= MAX_DRAWS:
+            raise E.InvalidArgument("INVALID_BATCH", f"a batch holds 1 to {MAX_DRAWS} draws", {"field": "draws"})
+        items: list[DrawArgs | E.IgwError] = []
+        for d in request.draws:
+            try:
+                items.append(self._svc.draw_args(d.reservation_id, d.request_id, d.held_nanos, d.withdrawn))
+            except E.IgwError as err:
+                items.append(err)
+        out = pb.NoteSliceDrawsResponse()
+        for refused in await self._svc.note_draws(items):
+            if refused is None:
+                out.results.add()
+            else:
+                out.results.add(code=refused.code.value[0], reason=refused.reason)
+        return out
 
     async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:
         return await self._settle(request)

@@ -14,7 +14,8 @@ from services.ledger.orm import Base
 from tests.integration.ledger_support import FakeClock, check_invariants, ledger_service, sql
 
 TABLES = {"teams", "budgets", "budget_counters", "holds", "spend_entries", "price_versions", "prices",
-          "rate_limits", "rate_events", "spend_rollup_hourly", "ledger_saved_functions", "request_releases"}
+          "rate_limits", "rate_events", "spend_rollup_hourly", "ledger_saved_functions", "request_releases",
+          "slice_draws"}
 
 
 def _tables(url: str) -> set[str]:

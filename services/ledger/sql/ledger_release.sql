@@ -15,6 +15,9 @@ BEGIN
     END IF;
     RETURN jsonb_build_object('result', 'NOT_FOUND');
   END IF;
+  IF v_h.slice_calls > 0 THEN
+    DELETE FROM slice_draws WHERE hold_id = v_h.id;
+  END IF;
   v_n := cardinality(v_h.budget_ids);
   PERFORM ledger_apply(v_h.budget_ids, v_h.window_starts,
                        array_fill(-v_h.amount_nanos, ARRAY[v_n]), array_fill(0::bigint, ARRAY[v_n]));

@@ -21,7 +21,7 @@ BEGIN
     IF p_reservation IS NULL THEN
       -- By request id alone: the open hold of the latest attempt.
       SELECT * INTO v_h FROM holds WHERE request_id = p_request_id AND state = 'OPEN'
-       ORDER BY attempt DESC LIMIT 1 FOR UPDATE;
+       ORDER BY attempt DESC LIMIT 1 FOR NO KEY UPDATE;
       IF NOT FOUND THEN
         SELECT * INTO v_e FROM spend_entries WHERE request_id = p_request_id;
         IF NOT FOUND THEN
@@ -30,7 +30,7 @@ BEGIN
         v_settled := true;
       END IF;
     ELSE
-      SELECT * INTO v_h FROM holds WHERE id = p_reservation FOR UPDATE;
+      SELECT * INTO v_h FROM holds WHERE id = p_reservation FOR NO KEY UPDATE;
       IF NOT FOUND THEN
         RETURN jsonb_build_object('result', 'NOT_FOUND');
       END IF;

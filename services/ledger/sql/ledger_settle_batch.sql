@@ -33,7 +33,7 @@ BEGIN
      ORDER BY h.attempt DESC LIMIT 1
   ) o;
   IF v_holds IS NOT NULL THEN
-    PERFORM 1 FROM holds h WHERE h.id = ANY(v_holds) ORDER BY h.id FOR UPDATE;
+    PERFORM 1 FROM holds h WHERE h.id = ANY(v_holds) ORDER BY h.id FOR NO KEY UPDATE;
     PERFORM 1 FROM budget_counters c
       WHERE (c.budget_id, c.window_start) IN (
         SELECT u.b, u.w FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)

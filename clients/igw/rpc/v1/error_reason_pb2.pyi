@@ -130,6 +130,9 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BODY_TOO_LARGE: _ClassVar[ErrorReason]
     NO_SUCH_ROUTE: _ClassVar[ErrorReason]
     SLICE_NOT_GRANTED: _ClassVar[ErrorReason]
+    SLICE_NOT_FOUND: _ClassVar[ErrorReason]
+    NOT_A_SLICE: _ClassVar[ErrorReason]
+    SLICE_CLOSED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ALLOWED_TEAMS_INVALID: ErrorReason
 ALL_BREAKERS_OPEN: ErrorReason
@@ -254,3 +257,6 @@ BODY_TIMEOUT: ErrorReason
 BODY_TOO_LARGE: ErrorReason
 NO_SUCH_ROUTE: ErrorReason
 SLICE_NOT_GRANTED: ErrorReason
+SLICE_NOT_FOUND: ErrorReason
+NOT_A_SLICE: ErrorReason
+SLICE_CLOSED: ErrorReason

@@ -1,0 +1,47 @@
+CREATE OR REPLACE FUNCTION public.ledger_note_draws(p_holds uuid[], p_request_ids text[], p_amounts bigint[], p_withdrawn boolean[], p_now timestamp with time zone)
+ RETURNS jsonb
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+  v_n int := cardinality(p_holds);
+  v_out jsonb[];
+  v_i int;
+  v_state text;
+  v_calls int;
+BEGIN
+  IF v_n IS NULL OR v_n = 0 THEN
+    RETURN '[]'::jsonb;
+  END IF;
+  IF cardinality(p_request_ids) <> v_n OR cardinality(p_amounts) <> v_n
+     OR cardinality(p_withdrawn) <> v_n THEN
+    RAISE EXCEPTION 'ledger_note_draws: arrays of different lengths';
+  END IF;
+  v_out := array_fill(NULL::jsonb, ARRAY[v_n]);
+  -- KEY SHARE on the slices, in id order: notes run alongside the slices' settles (which take
+  -- NO KEY UPDATE) but wait for a capture (FOR UPDATE), so a draw is recorded either before a
+  -- capture reads the slice's draws or after it, when the slice is no longer open.
+  PERFORM 1 FROM holds h WHERE h.id = ANY(p_holds) ORDER BY h.id FOR KEY SHARE;
+  FOR v_i IN
+    SELECT k.i FROM generate_subscripts(p_holds, 1) AS k(i)
+     ORDER BY p_holds[k.i], p_request_ids[k.i], k.i
+  LOOP
+    SELECT h.state, h.slice_calls INTO v_state, v_calls FROM holds h WHERE h.id = p_holds[v_i];
+    IF NOT FOUND THEN
+      v_out[v_i] := jsonb_build_object('result', 'NOT_FOUND');
+    ELSIF v_calls = 0 THEN
+      v_out[v_i] := jsonb_build_object('result', 'NOT_A_SLICE');
+    ELSIF p_withdrawn[v_i] THEN
+      DELETE FROM slice_draws WHERE hold_id = p_holds[v_i] AND request_id = p_request_ids[v_i];
+      v_out[v_i] := jsonb_build_object('result', 'OK');
+    ELSIF v_state <> 'OPEN' THEN
+      v_out[v_i] := jsonb_build_object('result', 'SLICE_CLOSED', 'state', v_state);
+    ELSE
+      INSERT INTO slice_draws (hold_id, request_id, held_nanos, noted_at)
+      VALUES (p_holds[v_i], p_request_ids[v_i], p_amounts[v_i], p_now)
+      ON CONFLICT (hold_id, request_id) DO NOTHING;
+      v_out[v_i] := jsonb_build_object('result', 'OK');
+    END IF;
+  END LOOP;
+  RETURN to_jsonb(v_out);
+END
+$function$
