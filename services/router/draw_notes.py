@@ -32,8 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.trace import SpanContext
 
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from services.common.tracing import current_span_context, linked_span
 from services.router.metrics import RouterMetrics
 from services.router.settler import FINAL_CODES
 
@@ -47,6 +49,7 @@ _RPC_TIMEOUT_S = 5.0
 class _Item:
     draw: ledger_pb2.SliceDraw
     done: asyncio.Future[bool]
+    span: SpanContext | None  # of the call it is about (None: not traced)
     give_up_at: float = 0.0
     delay: float = 0.05  # before its next try
 
@@ -101,7 +104,7 @@ class DrawNotes:
 
     def _add(self, draw: ledger_pb2.SliceDraw, after: asyncio.Future[bool] | None) -> asyncio.Future[bool]:
         loop = asyncio.get_running_loop()
-        item = _Item(draw, loop.create_future())
+        item = _Item(draw, loop.create_future(), current_span_context())
         key = (draw.reservation_id, draw.request_id)
         before = self._tail.get(key, after)
         self._tail[key] = item.done
@@ -178,7 +181,10 @@ class DrawNotes:
             return []
         req = ledger_pb2.NoteSliceDrawsRequest(draws=[item.draw for item in batch])
         try:
-            resp = await self._ledger.NoteSliceDraws(req, timeout=_RPC_TIMEOUT_S)
+            # Traced calls: the batch is its own trace, linked to the trace of every call it notes.
+            spans = [item.span for item in batch]
+            with linked_span("igw.router.NoteSliceDraws", spans, {"igw.batch_size": len(batch)}):
+                resp = await self._ledger.NoteSliceDraws(req, timeout=_RPC_TIMEOUT_S)
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.UNIMPLEMENTED:
