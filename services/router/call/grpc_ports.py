@@ -242,6 +242,8 @@ def first_ack(futures: list[asyncio.Future[bool]]) -> asyncio.Future[bool]:
     """True as soon as one of ``futures`` is True; False once all are False (or failed)."""
     out: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     left = len(futures)
+    if not futures:
+        out.set_result(False)
 
     def one(fut: asyncio.Future[bool]) -> None:
         nonlocal left
