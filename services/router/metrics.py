@@ -29,6 +29,8 @@ class RouterMetrics:
     overload_rejections: Counter = field(init=False)
     settle_retries: Counter = field(init=False)
     settles_unconfirmed: Counter = field(init=False)
+    slice_draw_notes: Counter = field(init=False)
+    slice_draw_note_retries: Counter = field(init=False)
     config_info: Gauge = field(init=False)
     settles_pending: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
@@ -76,8 +78,15 @@ class RouterMetrics:
             "igw_router_settle_retries", "Settle calls retried before the ledger acknowledged.", registry=r)
         self.settles_unconfirmed = Counter(
             "igw_router_settles_unconfirmed",
-            "Calls answered before the ledger acknowledged their awaited settle (slice holds): the settle "
-            "is still retried in the background; if it never lands, the slice is captured whole.", registry=r)
+            "Calls drawn from a budget slice answered before the ledger recorded their draw (or acknowledged "
+            "their settle): both are still retried in the background; if neither lands, the slice is captured "
+            "whole.", registry=r)
+        self.slice_draw_notes = Counter(
+            "igw_router_slice_draw_notes",
+            "Slice draw notes (NoteSliceDraws items) by kind (draw, withdrawal) and result (acknowledged, "
+            "refused, unacknowledged, unsupported: the ledger has no NoteSliceDraws).", ["kind", "result"], registry=r)
+        self.slice_draw_note_retries = Counter(
+            "igw_router_slice_draw_note_retries", "Slice draw notes sent again after a fault.", registry=r)
         self.slices = Counter(
             "igw_router_budget_slices", "Budget slices by event (acquired, denied, failed, released, kept).",
             ["event"], registry=r)

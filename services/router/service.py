@@ -24,6 +24,7 @@ from services.router.call.engine import CallEngine
 from services.router.call.grpc_ports import Backends, Background, LedgerHolds, PriceBook, VaultCredentials
 from services.router.call.http_ports import Adapters
 from services.router.call.ports import Clock, SystemClock
+from services.router.draw_notes import DrawNotes
 from services.router.metrics import RouterMetrics
 from services.router.providers.base import ProviderAdapter
 from services.router.providers.registry import get_adapter
@@ -56,9 +57,11 @@ class Router:
         # Kept current in place by apply_config: calls in flight see the new breakers at once.
         self.breakers: dict[str, Breaker] = {}
         self.settler = Settler(backends.ledger, metrics)
+        self.notes = DrawNotes(backends.ledger, metrics)
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
         self.background = Background()
-        self.holds = LedgerHolds(backends.ledger, self.settler, self.slices, self.prices, metrics, self.background)
+        self.holds = LedgerHolds(backends.ledger, self.settler, self.notes, self.slices, self.prices, metrics,
+                                 self.background)
         self.lease_ends = LeaseEnder(backends.vault, metrics)
         self.credentials = VaultCredentials(backends.vault, lease_ttl_s, metrics, self.background, self.lease_ends)
         self.engine = CallEngine(self.holds, self.credentials, Adapters(http, _adapter), metrics, self.breakers,
@@ -115,9 +118,11 @@ class Router:
         return stream_to_pb(self.engine.stream(call_from_pb(ident, req, self.config), remaining))
 
     async def drain(self, timeout: float) -> None:
-        """Waits for queued settles and background releases (graceful shutdown), ``timeout`` in all."""
+        """Waits for queued draw notes, settles and background releases (graceful shutdown),
+        ``timeout`` in all; the slices are released last (a release makes the ledger forget their draws)."""
         deadline = time.monotonic() + timeout
-        await self.settler.drain(timeout)
+        await self.notes.drain(timeout)
+        await self.settler.drain(max(deadline - time.monotonic(), 0.0))
         await self.slices.close(max(deadline - time.monotonic(), 0.0))
         await self.background.wait(max(deadline - time.monotonic(), 0.0))
         await self.lease_ends.drain(max(deadline - time.monotonic(), 0.0))

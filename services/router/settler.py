@@ -1,19 +1,13 @@
 """Settles, batched: the settles ready at about the same time go to the ledger in one
 ``SettleBatch`` call (group commit of settles), retried until acknowledged.
 
-Two kinds of settle:
-
-- background (``submit``): a per-call hold's settle, sent after the agent has its answer, so a
-  few tens of milliseconds of linger cost the agent nothing; under load they save the router
-  and the ledger one RPC per call, and the ledger writes a whole batch in one transaction. If
-  the router dies with these queued, each hold expires and the ledger captures it under its
-  own request id (one spend entry per call, flagged unsettled).
-- awaited (``settle_now``): a call whose hold was drawn from a budget slice. The agent sees
-  success only once the spend entry is durable (a router dying later loses nothing), because a
-  slice is one hold for many calls: captured whole under the slice's id, it would leave the
-  calls it served without entries. These never linger: a batch with one of them goes at once
-  while fewer than ``_PIPELINE`` (2) batches are in flight, else as soon as one returns (group commit: under load the
-  settles that arrived meanwhile share the next round trip).
+Every settle is sent after the agent has its answer, so a few tens of milliseconds of linger
+cost the agent nothing; under load they save the router and the ledger one RPC per call, and
+the ledger writes a whole batch in one transaction. If the router dies with settles queued,
+nothing served goes unrecorded: a per-call hold expires and the ledger captures it under its
+own request id; a call drawn from a budget slice was answered only once its draw was recorded
+(services/router/draw_notes.py), and the ledger's capture of the expired slice writes it an
+entry under its own request id. Either way one spend entry per call, flagged unsettled.
 
 Settle is idempotent per request id, so a batch that may or may not have landed is simply sent
 again; every try picks the next healthy ledger replica (the pool's round-robin), so a dead
@@ -23,7 +17,6 @@ replica costs a retry, not the settle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import logging
 import time
@@ -40,19 +33,17 @@ from services.router.metrics import RouterMetrics
 _LOGGER = logging.getLogger(__name__)
 
 # Refusals that another try cannot change (the ledger said no to this payload).
-_FINAL = frozenset({
+FINAL_CODES = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.ABORTED.value[0],
     grpc.StatusCode.FAILED_PRECONDITION.value[0], grpc.StatusCode.NOT_FOUND.value[0],
     grpc.StatusCode.PERMISSION_DENIED.value[0],
 })
 _GIVE_UP_AFTER_S = 600.0
-# An awaited settle goes at once while fewer batches than this are in flight.
-_PIPELINE = 2
 # Told whether the settle was acknowledged (False: given up or refused).
 OnDone = Callable[[bool], None] | None
 # A queued settle: the request, when to give up on it, the span of the call it settles (or None),
-# who to tell when it is done, and whether a call waits for it (no linger).
-_Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None, OnDone, bool]
+# and who to tell when it is done.
+_Item = tuple[ledger_pb2.SettleRequest, float, SpanContext | None, OnDone]
 
 
 async def with_retries(call: Callable[[], Awaitable[object]]) -> bool:
@@ -63,7 +54,7 @@ async def with_retries(call: Callable[[], Awaitable[object]]) -> bool:
             await call()
             return True
         except grpc.RpcError as err:
-            if err.code().value[0] in _FINAL:
+            if err.code().value[0] in FINAL_CODES:
                 _LOGGER.error("background call refused", extra={"code": err.code().name})
                 return False
             await asyncio.sleep(delay)
@@ -102,34 +93,17 @@ class Settler:
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._sending = 0  # batches in flight
-        self._returned = asyncio.Event()  # set when a batch in flight returns
         metrics.settles_pending.set_function(lambda: self._pending)
 
-    def submit(self, req: ledger_pb2.SettleRequest, on_done: OnDone = None, *, urgent: bool = False) -> None:
-        """Queues one settle; returns at once. ``on_done(acknowledged)`` runs when it is done.
-        ``urgent``: a call waits for it (no linger)."""
+    def submit(self, req: ledger_pb2.SettleRequest, on_done: OnDone = None) -> None:
+        """Queues one settle; returns at once. ``on_done(acknowledged)`` runs when it is done."""
         if self._pump is None or self._pump.done():
             # A fresh context: the pump must not carry the first caller's span, request id or identity.
             self._pump = asyncio.get_running_loop().create_task(
                 self._run(), name="router-settler", context=contextvars.Context())
         self._pending += 1
         self._idle.clear()
-        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S, current_span_context(), on_done, urgent))
-
-    def settle_now(self, req: ledger_pb2.SettleRequest, on_done: OnDone = None) -> asyncio.Future[bool]:
-        """Queues one settle a call waits for; the future says whether it was acknowledged. It
-        keeps being retried (up to ``_GIVE_UP_AFTER_S``) after a waiter stops waiting."""
-        acked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def done(ok: bool) -> None:
-            if on_done is not None:
-                on_done(ok)
-            if not acked.done():
-                acked.set_result(ok)
-
-        self.submit(req, done, urgent=True)
-        return acked
+        self._queue.put_nowait((req, time.monotonic() + _GIVE_UP_AFTER_S, current_span_context(), on_done))
 
     async def drain(self, timeout: float) -> bool:
         """Waits until every queued settle was acknowledged (or given up); True when all were."""
@@ -144,10 +118,9 @@ class Settler:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            urgent = batch[0][4]
-            # Background settles linger briefly so the settles of concurrent calls share one round trip.
+            # Settles linger briefly so the settles of concurrent calls share one round trip.
             deadline = time.monotonic() + self._linger_s
-            while len(batch) < self._max_batch and not urgent:
+            while len(batch) < self._max_batch:
                 try:
                     batch.append(self._queue.get_nowait())
                 except asyncio.QueueEmpty:
@@ -158,21 +131,7 @@ class Settler:
                         batch.append(await asyncio.wait_for(self._queue.get(), left))
                     except TimeoutError:
                         break
-                urgent = batch[-1][4]
-            if urgent:
-                # A call waits: go now when fewer than _PIPELINE batches are in flight, else when
-                # one returns (bounded by the linger), taking every settle that arrived meanwhile.
-                if self._sending >= _PIPELINE:
-                    self._returned.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._returned.wait(), self._linger_s)
-                while len(batch) < self._max_batch:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except asyncio.QueueEmpty:
-                        break
             await self._slots.acquire()
-            self._sending += 1
             task = asyncio.get_running_loop().create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -210,8 +169,6 @@ class Settler:
             _LOGGER.exception("settle batch failed unexpectedly; its holds will be captured")
             self._done(pending, False)
         finally:
-            self._sending -= 1
-            self._returned.set()
             self._slots.release()
 
     async def _send_once(
@@ -226,7 +183,7 @@ class Settler:
                 resp = await self._ledger.SettleBatch(req, timeout=10)
         except grpc.RpcError as err:
             code = err.code()
-            if code.value[0] in _FINAL:  # the batch itself was refused: a bug, not a fault
+            if code.value[0] in FINAL_CODES:  # the batch itself was refused: a bug, not a fault
                 _LOGGER.error("settle batch refused", extra={"code": code.name, "size": len(batch)})
                 self._done(batch, False)
                 return []
@@ -237,7 +194,7 @@ class Settler:
         for item, result in zip(batch, resp.results, strict=True):
             if result.code == 0:
                 self._done([item], True)
-            elif result.code in _FINAL:
+            elif result.code in FINAL_CODES:
                 _LOGGER.error("settle refused", extra={"reason": result.reason})
                 self._done([item], False)
             else:

@@ -10,20 +10,21 @@ refused while this router holds the team's slices gives them back and asks again
 A slice is one ledger hold covering up to N calls of one team, agent and price key
 (``AcquireSlice``). The router places each call's hold (the most the call can cost, priced
 exactly as the ledger prices a ``Reserve``) against its slice locally instead of calling
-``Reserve``, and settles each call by its own request id against the slice. There is still one
-spend entry per request id, and ``spent + held <= limit`` still holds in Postgres: the slice is
-a hold, and the router never draws more from it than it was granted.
+``Reserve``, notes the draw in the ledger while the provider call runs (the call is answered
+once it is recorded: services/router/draw_notes.py) and settles each call by its own request id
+against the slice, in the background. One spend entry per request id; ``spent + held <= limit``
+still holds in Postgres: the slice is a hold, and the router never draws more than granted.
 
 Life of a slice: acquired when a call finds no slice with room (one acquisition per key at a
 time, in a task of its own so that a caller hanging up cannot orphan it; concurrent calls wait
 for it); drawn from for ``draw_window_ms``, or until it has no room for the next call; then
 retired. A retired slice is released (what is left goes back to the budget) once every call
-drawn from it has either given its hold back or had its settle acknowledged (a call drawn from a
-slice answers the agent only once its settle was acknowledged: see services/router/settler.py). Settles are not
+drawn from it has either given its hold back or had its settle acknowledged. Settles are not
 refunded into the slice: a slice is used up by its calls' holds, which only errs towards the
 budget. The slice lives ``draw window + the longest call + 60 s``; if the router dies, the
-ledger captures what is left of it at expiry, and if a settle is given up the slice is never
-released for the same reason: budgets err on the side of never overspending.
+ledger captures each recorded, unsettled draw under its call's request id and what is left
+under the slice's id at expiry; a slice with a settle given up is never released, for the same
+reason: budgets err on the side of never overspending.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class SliceHold:
     amount: int
     done: bool = False
     tokens: int = 0
+    request_id: str = ""
+    noted: asyncio.Future[bool] | None = None  # the ledger recorded the draw (DrawNotes.note)
 
     def response(self) -> ledger_pb2.ReserveResponse:
         """The hold as the call path sees a Reserve answer (settles go to the slice); shared by
@@ -273,15 +276,9 @@ class SliceBook:
             task = asyncio.get_running_loop().create_task(
                 self._acquire_now(key, prompt, max_out, cfg, timeout, provider))
             self._acquiring[key] = task
-            task.add_done_callback(self._acquired(key))
+            task.add_done_callback(lambda _task: self._acquiring.pop(key, None))
         # shield: a caller that hangs up must not cancel an acquisition others wait for.
         return await asyncio.shield(task)
-
-    def _acquired(self, key: Key) -> Callable[[asyncio.Task[Slice | None]], None]:
-        def done(_task: asyncio.Task[Slice | None]) -> None:
-            self._acquiring.pop(key, None)
-
-        return done
 
     async def _acquire_now(
         self, key: Key, prompt: int, max_out: int, cfg: RoutingConfig, timeout: float, provider: str,

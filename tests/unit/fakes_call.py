@@ -85,7 +85,7 @@ class FakeHolds:
     freed: list[tuple[str, str]] = field(default_factory=list)
     settled: list[tuple[str, str, Settled, Usage]] = field(default_factory=list)
     released_requests: list[str] = field(default_factory=list)
-    # When set, settle returns this (an awaited settle, as for a hold drawn from a budget slice).
+    # When set, settle returns this (what the answer waits for: a hold drawn from a budget slice).
     settle_ack: Callable[[], Awaitable[bool]] | None = None
 
     async def place(self, call: CallRequest, attempt: int, dep: Deployment, timeout: float, reserve_sent: Any) -> Lease:

@@ -318,9 +318,10 @@ def test_a_stream_the_agent_leaves_is_settled_as_cancelled_with_what_it_was_sent
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_an_awaited_settle_is_acknowledged_before_the_agent_sees_success(stream: bool) -> None:
-    # A hold drawn from a budget slice: the spend entry must be durable before the answer (or
-    # the stream's final event) goes out, so a router killed right after loses no entry.
+def test_a_sliced_call_is_answered_only_once_its_draw_is_recorded(stream: bool) -> None:
+    # A hold drawn from a budget slice: the ledger must have recorded the draw (or the settle)
+    # before the answer (or the stream's final event) goes out, so a router killed right after
+    # leaves the ledger an entry to capture under this call's request id.
     rig = Rig(config())
     order: list[str] = []
 
@@ -345,14 +346,14 @@ def test_an_awaited_settle_is_acknowledged_before_the_agent_sees_success(stream:
 
 
 @pytest.mark.parametrize("outcome", ["refused", "late"])
-def test_an_unacknowledged_awaited_settle_still_answers_but_is_counted(
+def test_an_unrecorded_draw_still_answers_but_is_counted(
     outcome: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     # The provider was paid: the agent gets its answer (an error would make it pay again), and
     # the metric and an error log (request id only) say the entry is not yet durable.
     from services.router.call import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "SETTLE_WAIT_S", 0.05)
+    monkeypatch.setattr(engine_mod, "RECORD_WAIT_S", 0.05)
     rig = Rig(config())
 
     async def ack() -> bool:
@@ -364,5 +365,5 @@ def test_an_unacknowledged_awaited_settle_still_answers_but_is_counted(
     res = _run(rig.call(False))
     assert res.request_id == "r-1"  # type: ignore[attr-defined]
     assert rig.engine.metrics.settles_unconfirmed._value.get() == 1
-    [rec] = [r for r in caplog.records if "acknowledged the settle" in r.getMessage()]
+    [rec] = [r for r in caplog.records if "acknowledged the draw record" in r.getMessage()]
     assert rec.request_id == "r-1" and "hello" not in rec.getMessage()  # type: ignore[attr-defined]

@@ -4,10 +4,10 @@ For each candidate deployment the :class:`~services.router.call.plan.Plan` yield
 (``HoldPort.place``) and a credential (``CredentialPort.issue``) are obtained concurrently;
 the provider is called with the lease's secret at the config's base URL only; a failure before
 any byte reached the agent frees the hold, is judged by the plan (fall back, skip, or answer
-at once) and the next candidate is tried; success settles and answers the agent (a hold drawn
-from a budget slice waits for the settle's acknowledgement first; a per-call hold settles in the
-background). A stream commits to a deployment at its first content and is relayed by
-:mod:`services.router.call.relay`.
+at once) and the next candidate is tried; success settles (in the background) and answers the
+agent (a hold drawn from a budget slice first waits until the ledger recorded its draw, so the
+call has its own spend entry even if the router dies before the settle lands). A stream
+commits to a deployment at its first content and is relayed by :mod:`services.router.call.relay`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from services.router.providers.errors import ErrorKind, ProviderError
 from services.router.routing import Deployment
 
 _LOGGER = logging.getLogger(__name__)
-# How long a served call waits for its awaited settle (the Settler retries over the replicas meanwhile).
-SETTLE_WAIT_S = 10.0
+# How long a served call waits for its draw record (DrawNotes retries over the replicas meanwhile).
+RECORD_WAIT_S = 10.0
 
 
 class CallEngine:
@@ -100,8 +100,8 @@ class Run:
         # not to exist (answer lost, late, or the call ended while waiting): when the call ends
         # without an answer, the ledger releases the request id (covering a hold placed later).
         self.hold_unsure = False
-        # The settle the agent's success waits for (holds drawn from a budget slice), or None.
-        self.settling: Awaitable[bool] | None = None
+        # The draw record the agent's success waits for (holds drawn from a budget slice), or None.
+        self.recording: Awaitable[bool] | None = None
 
     def _hold_sent(self) -> None:
         self.hold_unsure = True
@@ -212,34 +212,35 @@ class Run:
 
     def settle(self, lease: Lease, dep: Deployment, usage: Usage, elapsed: float, outcome: Settled) -> None:
         """Settles the served call (before anything else can fail: a hold never outlives a served call)."""
-        self.settling = self.holds.settle(self.call.request_id, lease, dep, usage, elapsed, outcome)
+        self.recording = self.holds.settle(self.call.request_id, lease, dep, usage, elapsed, outcome)
 
-    async def confirm_settle(self) -> None:
-        """Waits (up to ``SETTLE_WAIT_S``) until the ledger acknowledged a settle the agent's success
-        depends on. Past that the agent still gets its answer: the provider has been paid, and an
-        error would make the agent pay for the same call again; the settle keeps being retried and
-        a metric and an error log (request id only) say so. If it never lands, the slice it was
-        drawn from is kept and captured whole at expiry: never less than what was served."""
-        settling, self.settling = self.settling, None
-        if settling is None:
+    async def confirm_recorded(self) -> None:
+        """Waits (up to ``RECORD_WAIT_S``) until the ledger recorded the draw (or acknowledged the
+        settle) the agent's success depends on. Past that the agent still gets its answer: the
+        provider has been paid, and an error would make the agent pay for the same call again;
+        both keep being retried and a metric and an error log (request id only) say so. If neither
+        lands, the slice it was drawn from is captured with this call's hold in what is left of it:
+        never less than what was served."""
+        recording, self.recording = self.recording, None
+        if recording is None:
             return
         acked = False
         try:
-            acked = await asyncio.wait_for(asyncio.shield(settling), SETTLE_WAIT_S)
+            acked = await asyncio.wait_for(asyncio.shield(recording), RECORD_WAIT_S)
         except TimeoutError:
             pass
         if not acked:
             self.metrics.settles_unconfirmed.inc()
-            _LOGGER.error("answering before the ledger acknowledged the settle; it is still retried",
+            _LOGGER.error("answering before the ledger acknowledged the draw record; it is still retried",
                           extra={"request_id": self.call.request_id})
 
     async def result(
         self, dep: Deployment, lease: Lease, text: str, calls: tuple[ToolCall, ...] | list[ToolCall],
         finish: FinishReason, usage: Usage,
     ) -> CallResult:
-        """The agent's answer, with its cost; the call counted in metrics and traced. Its spend
-        entry is durable first when the hold came from a budget slice."""
-        await self.confirm_settle()
+        """The agent's answer, with its cost; the call counted in metrics and traced. Its draw is
+        recorded first when the hold came from a budget slice."""
+        await self.confirm_recorded()
         cost = await self.holds.cost(lease, dep, usage)
         m, call = self.metrics, self.call
         m.tokens.labels(dep.provider, dep.model, "input").inc(usage.input_tokens)

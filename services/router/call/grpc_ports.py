@@ -1,7 +1,7 @@
 """The engine's ports over gRPC: holds in the ledger (or a budget slice), credentials from the vault.
 
-Everything that outlives the call (settles, releases, lease ends) runs in the background,
-retried until acknowledged; :meth:`Background.wait` lets a draining router wait for it.
+Everything that outlives the call (settles, releases, draw withdrawals, lease ends) runs in the
+background, retried until acknowledged; :meth:`Background.wait` lets a draining router wait for it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from services.common import errors as E
 from services.common.errors import error_info_from_rpc_error, retry_delay_from_rpc_error
 from services.common.money import call_cost
 from services.router.call.domain import CallRequest, Lease, NoCredential, Settled
+from services.router.draw_notes import DrawNotes
 from services.router.metrics import RouterMetrics
 from services.router.providers.domain import Usage
 from services.router.routing import Deployment
@@ -98,14 +99,16 @@ class Background:
 
 
 class LedgerHolds:
-    """HoldPort: a Reserve per attempt, or a hold drawn from a budget slice; settles batched."""
+    """HoldPort: a Reserve per attempt, or a hold drawn from a budget slice (its draw noted in the
+    ledger); settles batched."""
 
     def __init__(
-        self, ledger: ledger_pb2_grpc.LedgerServiceStub, settler: Settler, slices: SliceBook, prices: PriceBook,
-        metrics: RouterMetrics, background: Background,
+        self, ledger: ledger_pb2_grpc.LedgerServiceStub, settler: Settler, notes: DrawNotes, slices: SliceBook,
+        prices: PriceBook, metrics: RouterMetrics, background: Background,
     ) -> None:
         self.ledger = ledger
         self.settler = settler
+        self.notes = notes
         self.slices = slices
         self.price_book = prices
         self.metrics = metrics
@@ -126,6 +129,9 @@ class LedgerHolds:
                     prep.chat.max_output_tokens, call.cfg, timeout, dep.provider,
                 )
                 if drawn is not None:
+                    # Recorded while the provider call runs: the answer waits for it (see settle).
+                    drawn.request_id = call.request_id
+                    drawn.noted = self.notes.note(drawn.slice.reservation_id, call.request_id, drawn.amount)
                     return Lease(drawn.response(), drawn, counted=key)
             reserve_sent()
             reserve = ledger_pb2.ReserveRequest(
@@ -154,8 +160,13 @@ class LedgerHolds:
 
     def free(self, lease: Lease, reason: str) -> None:
         self._left(lease)
-        if isinstance(lease.drawn, SliceHold):
-            self.slices.give_back(lease.drawn)
+        drawn = lease.drawn
+        if isinstance(drawn, SliceHold):
+            if drawn.done:
+                return
+            self.slices.give_back(drawn)
+            if drawn.noted is not None:  # forgotten by the ledger once the note was answered
+                self.notes.withdraw(drawn.slice.reservation_id, drawn.request_id, drawn.noted)
         else:
             self.background.run(self._release(lease.hold.reservation_id, reason))
 
@@ -189,10 +200,20 @@ class LedgerHolds:
         self._left(lease)
         drawn = lease.drawn
         if isinstance(drawn, SliceHold):
-            # Awaited by the call: a slice is captured whole at expiry, so a settle lost with
-            # the router would leave a served call without its spend entry.
+            # The answer waits until the call's draw is recorded (normally long done): a router
+            # dying before the settle lands leaves the ledger an entry to capture under this
+            # request id. Or until the settle is acknowledged, should the note fail (e.g. a ledger
+            # without NoteSliceDraws): either way the call has its own entry.
+            settled: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             slices = self.slices
-            return self.settler.settle_now(req, lambda ok: slices.settled(drawn, ok))
+
+            def done(ok: bool) -> None:
+                slices.settled(drawn, ok)
+                if not settled.done():
+                    settled.set_result(ok)
+
+            self.settler.submit(req, done)
+            return first_ack([f for f in (drawn.noted, settled) if f is not None])
         # A per-call hold left behind expires and is captured under this request id: background.
         self.settler.submit(req, None)
         return None
@@ -215,6 +236,25 @@ class LedgerHolds:
             usage.input_tokens, usage.output_tokens, usage.cached_input_tokens,
             p.input_per_mtok_nanos, p.output_per_mtok_nanos, p.cached_input_per_mtok_nanos,
         )
+
+
+def first_ack(futures: list[asyncio.Future[bool]]) -> asyncio.Future[bool]:
+    """True as soon as one of ``futures`` is True; False once all are False (or failed)."""
+    out: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    left = len(futures)
+    if not futures:
+        out.set_result(False)
+
+    def one(fut: asyncio.Future[bool]) -> None:
+        nonlocal left
+        left -= 1
+        ok = not fut.cancelled() and fut.exception() is None and fut.result()
+        if not out.done() and (ok or left == 0):
+            out.set_result(ok)
+
+    for fut in futures:
+        fut.add_done_callback(one)
+    return out
 
 
 def ledger_error(err: BaseException, team: str, metrics: RouterMetrics) -> E.IgwError:

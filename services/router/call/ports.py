@@ -52,9 +52,10 @@ class HoldPort(Protocol):
     def settle(
         self, request_id: str, lease: Lease, dep: Deployment, usage: Usage, latency_s: float, outcome: Settled,
     ) -> Awaitable[bool] | None:
-        """Queues the settle of a served call (retried until acknowledged). Returns what to await
-        (True: acknowledged) when the agent must not see success before the spend entry is
-        durable (a hold drawn from a budget slice); None when it settles in the background."""
+        """Queues the settle of a served call (retried until acknowledged, in the background).
+        Returns what to await before the agent sees success (a hold drawn from a budget slice:
+        True once the ledger recorded the draw, or acknowledged the settle, so the call has its
+        own spend entry even if the router dies); None when there is nothing to wait for."""
         ...
 
     async def cost(self, lease: Lease, dep: Deployment, usage: Usage) -> int:
