@@ -912,7 +912,7 @@ def scen_limit(rig: Rig) -> dict[str, Any]:
             far = int(calls * 0.6)
             busy = rig.measure("limit", system, rig.igw_job(
                 "bench-d20", rig.limit_certs[team], "open", rate=100, duration=far / 100, warmup_s=0))
-            time.sleep(1.0)  # per-call settles are sent in the background (sliced ones before the answer)
+            time.sleep(1.0)  # settles are sent in the background (within ~30 ms), sliced or not
             near = calls - far
             limit = budget(stub, team).spent_nanos + near * cost + cost // 2
             admin.SetBudget(ledger_pb2.SetBudgetRequest(team=team, window=ledger_pb2.BUDGET_WINDOW_TOTAL,
