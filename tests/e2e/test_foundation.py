@@ -50,6 +50,7 @@ EXPECTED = {
     "igw.ledger.v1.LedgerService/SettleBatch": {"router"},
     "igw.ledger.v1.LedgerService/Release": {"router"},
     "igw.ledger.v1.LedgerService/AcquireSlice": {"router"},
+    "igw.ledger.v1.LedgerService/NoteSliceDraws": {"router"},
     "igw.ledger.v1.LedgerService/GetBudget": {"router", "operator"},
     "igw.ledger.v1.LedgerAdminService/ListPrices": {"router", "operator"},
     "igw.ledger.v1.LedgerAdminService/*": {"operator"},
