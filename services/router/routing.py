@@ -142,7 +142,7 @@ class SlicesCfg:
     a slice only when busy: its ``busy_calls``-th call within ``busy_window_ms`` (other calls take
     exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
     once), and with at least ``busy_in_flight`` of its calls in flight at once (one caller calling
-    back to back gains nothing from a slice and would wait for each settle); ``busy_calls: 1,
+    back to back gains nothing from a slice: its draw note costs the round trip a ``Reserve`` would); ``busy_calls: 1,
     busy_in_flight: 1``: every call may use slices."""
 
     enabled: bool = True

@@ -165,7 +165,7 @@ class SliceBook:
             # Not busy (fewer than busy_calls calls in busy_window_ms and no slice, or fewer than
             # busy_in_flight calls at once): an exact per-call hold. Only a busy key leases a
             # slice, so an occasional caller holds nothing, and a lone caller calling back to back
-            # does not wait for its settles.
+            # (whose draw notes could not share a round trip) keeps the per-call path.
             if len(self._busy) > 100_000:
                 self._forget_idle(now, window_s)
             return None
