@@ -44,12 +44,13 @@ class DrawUseCases:
         return DrawArgs(D.check_reservation_id(reservation_id), D.check_request_id(request_id),
                         D.check_amount("held_nanos", held_nanos), withdrawn)
 
-    async def note_draws(self, items: Sequence[DrawArgs | E.IgwError]) -> list[E.IgwError | None]:
-        """Records (or withdraws) the valid draws in one transaction; per item None (recorded) or
-        the refusal (an invalid item's own error is passed through)."""
+    async def note_draws(self, items: Sequence[DrawArgs | E.IgwError]) -> list[E.IgwError | bool]:
+        """Records (or withdraws) the valid draws in one transaction; per item whether a budget
+        the slice counts against is over its limit (recorded either way), or the refusal (an
+        invalid item's own error is passed through)."""
         valid = [a for a in items if not isinstance(a, E.IgwError)]
         outcomes = iter(await self.repo.note_draws(valid, self.now()) if valid else [])
-        out: list[E.IgwError | None] = []
+        out: list[E.IgwError | bool] = []
         for item in items:
             if isinstance(item, E.IgwError):
                 self.metrics.slice_draws.labels("invalid").inc()
@@ -57,8 +58,8 @@ class DrawUseCases:
                 continue
             outcome = next(outcomes)
             self.metrics.slice_draws.labels(outcome.name.lower()).inc()
-            if outcome is DrawOutcome.NOTED:
-                out.append(None)
+            if outcome is DrawOutcome.NOTED or outcome is DrawOutcome.NOTED_OVER_LIMIT:
+                out.append(outcome is DrawOutcome.NOTED_OVER_LIMIT)
                 continue
             if outcome is DrawOutcome.SLICE_CLOSED:
                 _LOGGER.warning("a draw arrived after its slice closed; its settle will be charged on top",

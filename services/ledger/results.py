@@ -57,6 +57,8 @@ class DrawOutcome(enum.Enum):
     """One ``ledger_note_draws`` item's ``result``."""
 
     NOTED = "OK"
+    # Recorded, but a budget the slice counts against is over its (lowered) limit.
+    NOTED_OVER_LIMIT = "OVER_LIMIT"
     NOT_FOUND = "NOT_FOUND"
     NOT_A_SLICE = "NOT_A_SLICE"
     SLICE_CLOSED = "SLICE_CLOSED"

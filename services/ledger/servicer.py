@@ -199,11 +199,11 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):  # type: ignore[mis
             except E.IgwError as err:
                 items.append(err)
         out = pb.NoteSliceDrawsResponse()
-        for refused in await self._svc.note_draws(items):
-            if refused is None:
-                out.results.add()
+        for result in await self._svc.note_draws(items):
+            if isinstance(result, bool):
+                out.results.add(over_limit=result)
             else:
-                out.results.add(code=refused.code.value[0], reason=refused.reason)
+                out.results.add(code=result.code.value[0], reason=result.reason)
         return out
 
     async def Settle(self, request: pb.SettleRequest, context: Any) -> pb.SettleResponse:

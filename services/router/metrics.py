@@ -31,6 +31,7 @@ class RouterMetrics:
     settles_unconfirmed: Counter = field(init=False)
     slice_draw_notes: Counter = field(init=False)
     slice_draw_note_retries: Counter = field(init=False)
+    slice_draw_note_batches: Counter = field(init=False)
     config_info: Gauge = field(init=False)
     settles_pending: Gauge = field(init=False)
     config_reloads: Counter = field(init=False)
@@ -87,6 +88,10 @@ class RouterMetrics:
             "refused, unacknowledged, unsupported: the ledger has no NoteSliceDraws).", ["kind", "result"], registry=r)
         self.slice_draw_note_retries = Counter(
             "igw_router_slice_draw_note_retries", "Slice draw notes sent again after a fault.", registry=r)
+        self.slice_draw_note_batches = Counter(
+            "igw_router_slice_draw_note_batches",
+            "NoteSliceDraws round trips sent (notes per round trip: igw_router_slice_draw_notes_total over this).",
+            registry=r)
         self.slices = Counter(
             "igw_router_budget_slices", "Budget slices by event (acquired, denied, failed, released, kept).",
             ["event"], registry=r)

@@ -139,11 +139,12 @@ class SlicesCfg:
     calls take exact per-call holds). ``enabled: false`` gives every team per-call holds (a
     ``Reserve`` per call); ``teams``: only these teams use slices (None: every team);
     ``per_call_teams``: these teams take per-call holds. A key (team, agent, price) leases
-    a slice only when busy: its ``busy_calls``-th call within ``busy_window_ms`` (other calls take
-    exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
-    once), and with at least ``busy_in_flight`` of its calls in flight at once (one caller calling
-    back to back gains nothing from a slice: its draw note costs the round trip a ``Reserve`` would); ``busy_calls: 1,
-    busy_in_flight: 1``: every call may use slices."""
+    a slice only when busy: its ``busy_calls``-th (4th) call within ``busy_window_ms`` (other calls
+    take exact per-call holds: an occasional caller holds nothing extra and sees a lowered budget at
+    once), and with at least ``busy_in_flight`` (1) of its calls in flight at once (a higher value
+    keeps a caller calling back to back on per-call holds). A sliced call's draw note lingers
+    (services/router/draw_notes.py) to share its round trip with other calls', so even a lone
+    caller saves the ``Reserve``; ``busy_calls: 1``: every call may use slices."""
 
     enabled: bool = True
     calls: int = 64
@@ -152,7 +153,7 @@ class SlicesCfg:
     per_call_teams: frozenset[str] = frozenset()
     busy_calls: int = 4
     busy_window_ms: int = 5_000
-    busy_in_flight: int = 2
+    busy_in_flight: int = 1
 
     def applies(self, team: str) -> bool:
         return self.enabled and (self.teams is None or team in self.teams) and team not in self.per_call_teams
@@ -364,7 +365,7 @@ def _slices(raw: Any) -> SlicesCfg:
         per_call_teams=frozenset(_name(f"{w}.per_call_teams", t, _TEAM) for t in per_call),
         busy_calls=_int(f"{w}.busy_calls", obj.get("busy_calls", 4), 1, 1_000_000),
         busy_window_ms=_int(f"{w}.busy_window_ms", obj.get("busy_window_ms", 5_000), 1, 3_600_000),
-        busy_in_flight=_int(f"{w}.busy_in_flight", obj.get("busy_in_flight", 2), 1, 1_000_000),
+        busy_in_flight=_int(f"{w}.busy_in_flight", obj.get("busy_in_flight", 1), 1, 1_000_000),
     )
 
 

@@ -57,8 +57,8 @@ class Router:
         # Kept current in place by apply_config: calls in flight see the new breakers at once.
         self.breakers: dict[str, Breaker] = {}
         self.settler = Settler(backends.ledger, metrics)
-        self.notes = DrawNotes(backends.ledger, metrics)
         self.slices = SliceBook(backends.ledger, self.prices, metrics)
+        self.notes = DrawNotes(backends.ledger, metrics, on_over_limit=self.slices.over_limit)
         self.background = Background()
         self.holds = LedgerHolds(backends.ledger, self.settler, self.notes, self.slices, self.prices, metrics,
                                  self.background)

@@ -1,30 +1,26 @@
 """Budget slices, the router's side of the sliced hold path (routing config ``budget_slices``).
 
-On by default (``enabled: false`` or ``per_call_teams`` give per-call holds), used for a busy key
-(``busy_calls`` calls of one team, agent and price key within ``busy_window_ms``, and at least
-``busy_in_flight`` of them in flight at once); other calls take exact per-call holds (``Reserve``).
-The ledger sizes each slice (``ledger_hold``: at most a quarter of what is free, none near the limit); a ``Reserve``
-refused while this router holds the team's slices gives them back and asks again
-(:meth:`SliceBook.reserve`), so a team is refused where per-call holds would refuse it.
+On by default, for a busy key (``busy_calls`` calls of one team, agent and price key within
+``busy_window_ms``, ``busy_in_flight`` of them at once); other calls take per-call holds (``Reserve``).
+The ledger sizes each slice (``ledger_hold``: at most a quarter of what is free, none near the
+limit). A ``Reserve`` refused while this router holds the team's slices, or a draw note saying
+the team is over a lowered limit, gives them back (:meth:`SliceBook.reserve`, :meth:`SliceBook.over_limit`),
+so a team is refused where per-call holds would refuse it.
 
-A slice is one ledger hold covering up to N calls of one team, agent and price key
-(``AcquireSlice``). The router places each call's hold (the most the call can cost, priced
-exactly as the ledger prices a ``Reserve``) against its slice locally instead of calling
-``Reserve``, notes the draw in the ledger while the provider call runs (the call is answered
-once it is recorded: services/router/draw_notes.py) and settles each call by its own request id
-against the slice, in the background. One spend entry per request id; ``spent + held <= limit``
-still holds in Postgres: the slice is a hold, and the router never draws more than granted.
+A slice is one ledger hold covering up to N calls of one key (``AcquireSlice``). The router places
+each call's hold (priced exactly as the ledger prices a ``Reserve``) against it locally, notes the
+draw in the ledger while the provider call runs (the call is answered once it is recorded:
+services/router/draw_notes.py) and settles each call by its own request id against the slice, in
+the background. One spend entry per request id; ``spent + held <= limit`` still holds in Postgres.
 
 Life of a slice: acquired when a call finds no slice with room (one acquisition per key at a
-time, in a task of its own so that a caller hanging up cannot orphan it; concurrent calls wait
-for it); drawn from for ``draw_window_ms``, or until it has no room for the next call; then
-retired. A retired slice is released (what is left goes back to the budget) once every call
-drawn from it has either given its hold back or had its settle acknowledged. Settles are not
-refunded into the slice: a slice is used up by its calls' holds, which only errs towards the
-budget. The slice lives ``draw window + the longest call + 60 s``; if the router dies, the
-ledger captures each recorded, unsettled draw under its call's request id and what is left
-under the slice's id at expiry; a slice with a settle given up is never released, for the same
-reason: budgets err on the side of never overspending.
+time, in a task of its own so that a caller hanging up cannot orphan it); drawn from for
+``draw_window_ms``, or until it has no room for the next call; then retired, and released (what
+is left goes back) once every call drawn from it gave its hold back or had its settle
+acknowledged. Settles are not refunded into the slice (which errs towards the budget). It lives
+``draw window + the longest call + 60 s``; if the router dies, the ledger captures each recorded,
+unsettled draw under its call's request id and the rest under the slice's id at expiry; a slice
+with a settle given up is never released: budgets err on the side of never overspending.
 """
 
 from __future__ import annotations
@@ -164,8 +160,7 @@ class SliceBook:
         if (n + 1 < sc.busy_calls and key not in self._active) or at_once < sc.busy_in_flight:
             # Not busy (fewer than busy_calls calls in busy_window_ms and no slice, or fewer than
             # busy_in_flight calls at once): an exact per-call hold. Only a busy key leases a
-            # slice, so an occasional caller holds nothing, and a lone caller calling back to back
-            # (whose draw notes could not share a round trip) keeps the per-call path.
+            # slice, so an occasional caller holds nothing extra.
             if len(self._busy) > 100_000:
                 self._forget_idle(now, window_s)
             return None
@@ -218,15 +213,25 @@ class SliceBook:
         if not held:
             return False
         loop = asyncio.get_running_loop()
-        waits = []
-        for s in list(held):
-            if s.gone is None:
-                s.gone = loop.create_future()
-            waits.append(s.gone)
-            if not s.retired:
-                self._retire(s)
+        for s in held:
+            s.gone = s.gone or loop.create_future()
+        waits = [s.gone for s in held if s.gone is not None]
+        self._retire_all(held)
         await asyncio.wait(waits, timeout=max(timeout, 0.001))
         return True
+
+    def over_limit(self, reservation_id: str) -> None:
+        """A draw note said a budget this slice counts against is over its (lowered) limit: the
+        team's slices are retired, so its next calls take exact per-call holds."""
+        for held in self._held.values():
+            if any(s.reservation_id == reservation_id for s in held):
+                self._metrics.slices.labels("returned_over_limit").inc()
+                return self._retire_all(held)
+
+    def _retire_all(self, held: set[Slice]) -> None:
+        for s in list(held):
+            if not s.retired:
+                self._retire(s)
 
     def _forget_idle(self, now: float, window_s: float) -> None:
         for k in [k for k, (t, _n) in self._busy.items() if now - t > window_s]:
@@ -391,6 +396,5 @@ class SliceBook:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
-    def stats(self) -> dict[str, int]:
-        """Active slices and open calls drawn from them (for tests and debugging)."""
+    def stats(self) -> dict[str, int]:  # active slices and their open calls (tests, debugging)
         return {"active": len(self._active), "open_calls": sum(s.open_calls for s in self._active.values())}

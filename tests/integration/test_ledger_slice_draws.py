@@ -141,3 +141,34 @@ async def test_bad_draws_are_refused_one_by_one(fresh_database: str, pki: Path) 
                 await op_stub.NoteSliceDraws(_draws((s.reservation_id, "op", 1)))
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     _ = _counter
+
+
+async def test_a_draw_note_says_when_the_slices_team_is_over_a_lowered_limit(fresh_database: str, pki: Path) -> None:
+    """A slice granted far from the limit; the operator then lowers the limit below what is spent
+    and held: the next draw is still recorded, but answered ``over_limit`` (the router gives the
+    team's slices back). An agent budget lowered the same way says so too; raised again, no flag."""
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team="st", agent="", window=4, limit_nanos=10**12)
+        channel, stub = _stub(rt.port, pki)
+        async with channel:
+            s = await stub.AcquireSlice(_slice("slice-lowered"))
+            per_call = s.per_call_nanos
+            res = await stub.NoteSliceDraws(_draws((s.reservation_id, "before", per_call)))
+            assert [(r.code, r.over_limit) for r in res.results] == [(OK, False)]
+            # Lowered below the slice's hold (spent 0, held s.held_nanos).
+            await svc.set_budget(team="st", agent="", window=4, limit_nanos=s.held_nanos - 1)
+            res = await stub.NoteSliceDraws(_draws((s.reservation_id, "after", per_call),
+                                                   (s.reservation_id, "gone", per_call, True)))
+            assert [(r.code, r.over_limit) for r in res.results] == [(OK, True), (OK, False)]
+            assert sql(fresh_database, "SELECT request_id FROM slice_draws ORDER BY request_id") == [
+                ("after",), ("before",)]
+            # Exactly at the limit is not over it.
+            await svc.set_budget(team="st", agent="", window=4, limit_nanos=s.held_nanos)
+            res = await stub.NoteSliceDraws(_draws((s.reservation_id, "at", per_call)))
+            assert [(r.code, r.over_limit) for r in res.results] == [(OK, False)]
+            # An agent budget set below what the slice holds (it counts against it from now on).
+            await svc.set_budget(team="st", agent="a", window=4, limit_nanos=per_call)
+            res = await stub.NoteSliceDraws(_draws((s.reservation_id, "agent", per_call)))
+            assert [(r.code, r.over_limit) for r in res.results] == [(OK, True)]
+            await stub.Release(pb.ReleaseRequest(reservation_id=s.reservation_id, reason="test"))
+    check_invariants(fresh_database)

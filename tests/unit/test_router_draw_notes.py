@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from typing import Any
 
 import grpc
 import pytest
@@ -55,8 +56,9 @@ class _Ledger:
                                             else "") for d in req.draws])
 
 
-def _notes(ledger: _Ledger, **kw: float) -> tuple[DrawNotes, RouterMetrics]:
+def _notes(ledger: _Ledger, **kw: Any) -> tuple[DrawNotes, RouterMetrics]:
     metrics = RouterMetrics(CollectorRegistry())
+    kw.setdefault("linger_s", 0.0)  # sent at once unless a test asks for a linger
     return DrawNotes(ledger, metrics, **kw), metrics  # type: ignore[arg-type]
 
 
@@ -97,6 +99,115 @@ async def test_notes_arriving_while_two_batches_are_in_flight_share_the_next_one
     ledger.gate.set()
     assert await asyncio.wait_for(asyncio.gather(first, second, *rest), 2) == [True] * 7
     assert [[d[1] for d in c] for c in ledger.calls] == [["a"], ["b"], [f"c{i}" for i in range(5)]]
+
+
+async def test_notes_of_calls_starting_within_the_linger_share_one_round_trip() -> None:
+    ledger = _Ledger()
+    notes, metrics = _notes(ledger, linger_s=0.05)
+    first = notes.note("s1", "a", 1)
+    await asyncio.sleep(0.01)
+    assert ledger.calls == []  # lingering
+    second = notes.note("s2", "b", 2)
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [True, True]
+    assert [[d[1] for d in c] for c in ledger.calls] == [["a", "b"]]
+    assert metrics.slice_draw_note_batches._value.get() == 1
+    # The next note starts a linger of its own.
+    third = notes.note("s1", "c", 3)
+    await asyncio.sleep(0.01)
+    assert len(ledger.calls) == 1
+    assert await asyncio.wait_for(third, 2) is True
+    assert [[d[1] for d in c] for c in ledger.calls] == [["a", "b"], ["c"]]
+
+
+async def test_a_call_ready_to_answer_hurries_its_lingering_note() -> None:
+    ledger = _Ledger()
+    notes, _ = _notes(ledger, linger_s=30.0)
+    waiting = notes.note("s1", "a", 1)
+    other = notes.note("s1", "b", 1)
+    await _turns()
+    assert ledger.calls == []
+    notes.hurry(waiting)  # its provider answered: the queue goes now, not in 30 s
+    assert await asyncio.wait_for(asyncio.gather(waiting, other), 2) == [True, True]
+    assert [[d[1] for d in c] for c in ledger.calls] == [["a", "b"]]
+    # Hurrying a note already answered sends nothing, and leaves the next note lingering.
+    notes.hurry(waiting)
+    late = notes.note("s1", "c", 1)
+    await asyncio.sleep(0.05)
+    assert len(ledger.calls) == 1
+    notes.hurry(late)
+    assert await asyncio.wait_for(late, 2) is True
+    assert len(ledger.calls) == 2
+
+
+async def test_a_note_hurried_while_it_waits_behind_a_withdrawal_goes_once_queued() -> None:
+    ledger = _Ledger()
+    notes, _ = _notes(ledger, linger_s=30.0)
+    first = notes.note("s1", "a", 1)
+    notes.hurry(first)
+    assert await asyncio.wait_for(first, 2) is True
+    notes.withdraw("s1", "a", first)  # lingers (nobody waits for a withdrawal)
+    again = notes.note("s1", "a", 2)  # the retried attempt: behind the withdrawal
+    await _turns()
+    notes.hurry(again)  # its call is ready to answer: the withdrawal goes, then the note at once
+    assert await asyncio.wait_for(again, 2) is True
+    assert [[(d[1], d[3]) for d in c] for c in ledger.calls] == [[("a", False)], [("a", True)], [("a", False)]]
+
+
+async def test_a_note_told_not_to_linger_goes_at_once_with_what_is_queued() -> None:
+    ledger = _Ledger()
+    notes, _ = _notes(ledger, linger_s=30.0)
+    queued = notes.note("s1", "a", 1)
+    await _turns()
+    assert ledger.calls == []
+    now = notes.note("s1", "b", 1, linger=False)
+    assert await asyncio.wait_for(asyncio.gather(queued, now), 2) == [True, True]
+    assert [[d[1] for d in c] for c in ledger.calls] == [["a", "b"]]
+    assert notes.worth_lingering(30.006) and not notes.worth_lingering(30.0)
+    plain, _ = _notes(_Ledger())
+    assert not plain.worth_lingering(100.0)  # no linger configured
+
+
+async def test_a_note_answered_over_limit_hands_its_slice_to_the_router() -> None:
+    class _Over(_Ledger):
+        async def NoteSliceDraws(self, req: pb.NoteSliceDrawsRequest, timeout: float) -> pb.NoteSliceDrawsResponse:
+            self.calls.append([(d.reservation_id, d.request_id, d.held_nanos, d.withdrawn) for d in req.draws])
+            return pb.NoteSliceDrawsResponse(results=[
+                pb.NoteSliceDrawResult(over_limit=d.reservation_id == "lowered") for d in req.draws])
+
+    over: list[str] = []
+    notes, _ = _notes(_Over(), on_over_limit=over.append)  # type: ignore[arg-type]
+    # Recorded either way (the call is answered); only the slice over its limit is handed on.
+    assert await asyncio.wait_for(asyncio.gather(notes.note("fine", "a", 1), notes.note("lowered", "b", 1)), 2) == [
+        True, True]
+    assert over == ["lowered"]
+
+
+async def test_drain_sends_lingering_notes_at_once() -> None:
+    ledger = _Ledger()
+    notes, _ = _notes(ledger, linger_s=30.0)
+    note = notes.note("s1", "a", 1)
+    assert await notes.drain(2)
+    assert note.result() is True
+
+
+async def test_a_hurried_note_waits_for_the_pipeline_then_goes_before_its_linger_ends() -> None:
+    ledger = _Ledger()
+    ledger.gate.clear()
+    notes, _ = _notes(ledger, linger_s=30.0, pipeline=1)
+    busy = [notes.note("s1", "x", 1), notes.note("s1", "y", 1)]
+    notes.hurry(busy[0])
+    await _turns()
+    notes.hurry(busy[1])
+    await _turns()
+    assert [[d[1] for d in c] for c in ledger.calls] == [["x", "y"]]
+    late = notes.note("s1", "z", 1)
+    await _turns()
+    notes.hurry(late)
+    await _turns()
+    assert len(ledger.calls) == 1
+    ledger.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*busy, late), 2) == [True] * 3
+    assert [[d[1] for d in c] for c in ledger.calls] == [["x", "y"], ["z"]]
 
 
 async def test_a_batch_holds_at_most_max_batch_notes() -> None:

@@ -77,11 +77,12 @@ class _Prices:
         return {"px": PRICE}
 
 
-def _holds(ledger: _Ledger) -> tuple[LedgerHolds, RouterMetrics]:
+def _holds(ledger: _Ledger, note_linger_s: float = 0.01) -> tuple[LedgerHolds, RouterMetrics]:
     metrics = RouterMetrics(CollectorRegistry())
     lg: Any = ledger
     slices = SliceBook(lg, _Prices(), metrics)  # type: ignore[arg-type]
-    holds = LedgerHolds(lg, Settler(lg, metrics, linger_s=0.01), DrawNotes(lg, metrics), slices,
+    notes = DrawNotes(lg, metrics, linger_s=note_linger_s)
+    holds = LedgerHolds(lg, Settler(lg, metrics, linger_s=0.01), notes, slices,
                         _Prices(), metrics, Background())  # type: ignore[arg-type]
     return holds, metrics
 
@@ -97,8 +98,26 @@ async def _place(holds: LedgerHolds, request_id: str = "call-1") -> Any:
     return lease
 
 
-def _settle(holds: LedgerHolds, lease: Any, request_id: str = "call-1") -> Any:
-    return holds.settle(request_id, lease, CFG.deployments["d"], Usage(10, 5, 0, True), 0.1, Settled.SUCCESS)
+def _settle(holds: LedgerHolds, lease: Any, request_id: str = "call-1", upstream_s: float = 0.1) -> Any:
+    return holds.settle(request_id, lease, CFG.deployments["d"], Usage(10, 5, 0, True), upstream_s, Settled.SUCCESS)
+
+
+async def test_a_note_lingers_for_a_slow_provider_and_goes_at_once_for_a_fast_one() -> None:
+    ledger = _Ledger()
+    ledger.settles_gate.clear()  # answers come from the notes
+    holds, _ = _holds(ledger, note_linger_s=0.5)
+    # A deployment not called yet counts as slow: its note lingers until its call is ready to answer.
+    first = await _place(holds, "call-1")
+    await asyncio.sleep(0.05)
+    assert ledger.notes == []
+    answered = _settle(holds, first, "call-1", upstream_s=0.001)
+    assert await asyncio.wait_for(answered, 0.3) is True  # hurried, not at the end of the linger
+    assert [n[1] for n in ledger.notes] == ["call-1"]
+    # Its provider answered in 1 ms, less than the linger: the next note goes at once.
+    second = await _place(holds, "call-2")
+    await asyncio.sleep(0.05)
+    assert [n[1] for n in ledger.notes] == ["call-1", "call-2"]
+    assert await asyncio.wait_for(_settle(holds, second, "call-2", upstream_s=0.001), 2) is True
 
 
 async def test_a_sliced_call_is_answered_once_its_draw_is_noted_while_its_settle_is_still_queued() -> None:
@@ -172,6 +191,7 @@ async def test_a_retried_attempt_on_the_same_slice_is_noted_again_after_the_firs
     answered = _settle(holds, second)
     ledger.notes_gate.set()
     assert await asyncio.wait_for(answered, 2) is True
+    assert await holds.notes.drain(2)
     assert ledger.notes == [("slice-1", "call-1", UNIT, False), ("slice-1", "call-1", 0, True),
                             ("slice-1", "call-1", UNIT, False)]
     assert await holds.settler.drain(2)

@@ -174,29 +174,67 @@ async def test_a_slice_never_covers_more_calls_or_tokens_than_it_was_granted() -
     assert (b.slice.calls_left, b.slice.tokens_left) == (2, 2 * 210)  # s2 was sized for 10 + 200 tokens
 
 
-async def test_at_the_defaults_a_key_with_one_call_in_flight_takes_per_call_holds() -> None:
-    # busy_in_flight 2 (the default): calls back to back from one caller never lease a slice,
-    # however many; a second call in flight at once makes the key busy.
+async def test_at_the_defaults_a_keys_first_three_calls_in_a_window_take_per_call_holds() -> None:
+    # busy_calls 4, busy_in_flight 1 (the defaults): the first three calls of a key within 5 s take
+    # exact per-call holds; the fourth, even from one caller calling back to back, leases a slice
+    # (its draw note lingers to share a round trip, so it saves the Reserve).
     cfg = parse_config(b"""
 providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
 deployments: {d: {provider: p, model: m, price: px}}
 models: {m: {candidates: [d]}}
 """)
-    assert cfg.budget_slices.enabled and cfg.budget_slices.busy_in_flight == 2
+    sc = cfg.budget_slices
+    assert sc.enabled and (sc.busy_calls, sc.busy_in_flight, sc.busy_window_ms) == (4, 1, 5_000)
     ledger = _Ledger()
     book = _book(ledger)
     key = ("t", "a", "px")
-    for _ in range(10):
+    for _ in range(3):
         book.enter(key)
         assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is None
         book.leave(key)
     assert ledger.acquired == []
-    book.enter(key)
-    book.enter(key)
-    assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is not None
+    for _ in range(3):
+        book.enter(key)
+        assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is not None
+        book.leave(key)
     assert len(ledger.acquired) == 1
-    book.leave(key)
-    book.leave(key)
-    book.leave(key)  # one too many is harmless
-    book.enter(key)
-    assert await book.draw("t", "a", "px", 100, 50, cfg, 5.0) is None
+    # busy_in_flight 2 keeps a caller calling back to back on per-call holds.
+    two = parse_config(b"""
+providers: {p: {type: openai, base_url: "https://api.example.com/v1"}}
+deployments: {d: {provider: p, model: m, price: px}}
+models: {m: {candidates: [d]}}
+budget_slices: {busy_in_flight: 2}
+""")
+    other = _book(_Ledger())
+    k2 = ("t2", "a", "px")
+    for _ in range(5):
+        other.enter(k2)
+        assert await other.draw("t2", "a", "px", 100, 50, two, 5.0) is None
+        other.leave(k2)
+    other.enter(k2)
+    other.enter(k2)
+    assert await other.draw("t2", "a", "px", 100, 50, two, 5.0) is not None
+    other.leave(k2)
+    other.leave(k2)
+    other.leave(k2)  # one too many is harmless
+    other.enter(k2)
+    assert await other.draw("t2", "a", "px", 100, 50, two, 5.0) is None
+
+
+async def test_a_draw_note_over_a_lowered_limit_retires_the_teams_slices() -> None:
+    ledger = _Ledger(grant=100)
+    book = _book(ledger)
+    h = await _draw(book)
+    other = await book.draw("t2", "a", "px", 100, 50, CFG, 5.0)  # another team: untouched
+    assert h.slice.reservation_id == "s1" and other.slice.reservation_id == "s2"
+    book.over_limit("no-such-slice")  # harmless
+    book.over_limit("s1")
+    assert h.slice.retired and not other.slice.retired
+    assert book._metrics.slices.labels("returned_over_limit")._value.get() == 1
+    # The team's next call leases a new slice (the ledger sizes it, or grants none at the limit);
+    # s1 goes back once its open call is settled.
+    h2 = await _draw(book)
+    assert h2.slice.reservation_id == "s3"
+    book.settled(h, True)
+    await _settle_all()
+    assert ledger.released == ["s1"]

@@ -22,7 +22,7 @@ def test_slices_are_the_default_for_every_team_and_one_line_turns_them_off() -> 
     default = parse_config(BASE).budget_slices
     assert default.enabled and (default.calls, default.draw_window_ms) == (64, 20_000)
     assert default.applies("any-team") and default.applies("another")
-    assert (default.busy_calls, default.busy_window_ms) == (4, 5_000)
+    assert (default.busy_calls, default.busy_window_ms, default.busy_in_flight) == (4, 5_000, 1)
     off = parse_config(BASE + b"budget_slices: {enabled: false}\n").budget_slices
     assert not off.enabled and not off.applies("any-team")
 

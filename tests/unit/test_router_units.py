@@ -260,3 +260,26 @@ def test_a_local_provider_may_use_http_inside_the_cluster_but_a_remote_one_may_n
     remote = GOOD.replace(b"local: true", b"local: false").replace(b"http://127.0.0.1", b"http://vllm.inference.svc")
     with pytest.raises(ConfigError, match="must be https"):
         parse_config(remote)
+
+
+async def test_router_drain_sends_notes_then_settles_then_releases_slices_then_the_rest() -> None:
+    # A slice's release makes the ledger forget its draws and settles go against the slice: the
+    # draw notes go first, then the settles, then the slices are released; background releases
+    # and lease ends last. Each step gets what is left of the one timeout.
+    router = _router_for(STRATS)
+    order: list[tuple[str, float]] = []
+
+    def step(name: str):  # type: ignore[no-untyped-def]
+        async def run(timeout: float) -> bool:
+            order.append((name, timeout))
+            return True
+        return run
+
+    router.notes.drain = step("notes")
+    router.settler.drain = step("settles")
+    router.slices.close = step("slices")
+    router.background.wait = step("background")
+    router.lease_ends.drain = step("lease_ends")
+    await router.drain(5.0)
+    assert [name for name, _ in order] == ["notes", "settles", "slices", "background", "lease_ends"]
+    assert all(0 < t <= 5.0 for _, t in order)

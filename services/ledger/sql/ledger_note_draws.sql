@@ -8,6 +8,7 @@ DECLARE
   v_i int;
   v_state text;
   v_calls int;
+  v_over boolean;
 BEGIN
   IF v_n IS NULL OR v_n = 0 THEN
     RETURN '[]'::jsonb;
@@ -39,7 +40,15 @@ BEGIN
       INSERT INTO slice_draws (hold_id, request_id, held_nanos, noted_at)
       VALUES (p_holds[v_i], p_request_ids[v_i], p_amounts[v_i], p_now)
       ON CONFLICT (hold_id, request_id) DO NOTHING;
-      v_out[v_i] := jsonb_build_object('result', 'OK');
+      -- Recorded; but if a budget the slice counts against is over its limit (lowered since the
+      -- slice was granted), the router is told to give the team's slices back.
+      SELECT EXISTS (
+        SELECT 1 FROM holds h
+          CROSS JOIN LATERAL unnest(h.budget_ids, h.window_starts) AS u(budget_id, window_start)
+          JOIN budgets b ON b.id = u.budget_id
+          JOIN budget_counters c ON c.budget_id = u.budget_id AND c.window_start = u.window_start
+         WHERE h.id = p_holds[v_i] AND c.spent_nanos::numeric + c.held_nanos > b.limit_nanos) INTO v_over;
+      v_out[v_i] := jsonb_build_object('result', CASE WHEN v_over THEN 'OVER_LIMIT' ELSE 'OK' END);
     END IF;
   END LOOP;
   RETURN to_jsonb(v_out);

@@ -38,6 +38,9 @@ _NO_HOLD = frozenset({
 # IssueCredential gets this long whatever the call's deadline: a lease issued after the caller
 # left is still learnt, and returned (EndLease) so the audit shows it closed.
 _VAULT_TIMEOUT_S = 5.0
+# A deployment not called yet is taken to be as slow as a model call (its draw notes may linger).
+_UNKNOWN_UPSTREAM_S = 1.0
+_UPSTREAM_WEIGHT = 0.2  # of the newest call in a deployment's average provider time
 # The vault's answers that mean "no credential for this deployment" (skip it), not a router fault.
 _NO_CREDENTIAL = frozenset({
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -113,6 +116,9 @@ class LedgerHolds:
         self.price_book = prices
         self.metrics = metrics
         self.background = background
+        # Per deployment: how long its provider calls took lately (an average), to know whether a
+        # draw note may linger for others to share its round trip.
+        self._upstream_s: dict[str, float] = {}
 
     async def place(
         self, call: CallRequest, attempt: int, dep: Deployment, timeout: float, reserve_sent: Callable[[], None],
@@ -131,7 +137,9 @@ class LedgerHolds:
                 if drawn is not None:
                     # Recorded while the provider call runs: the answer waits for it (see settle).
                     drawn.request_id = call.request_id
-                    drawn.noted = self.notes.note(drawn.slice.reservation_id, call.request_id, drawn.amount)
+                    linger = self.notes.worth_lingering(self._upstream_s.get(dep.name, _UNKNOWN_UPSTREAM_S))
+                    drawn.noted = self.notes.note(drawn.slice.reservation_id, call.request_id, drawn.amount,
+                                                  linger=linger)
                     return Lease(drawn.response(), drawn, counted=key)
             reserve_sent()
             reserve = ledger_pb2.ReserveRequest(
@@ -198,6 +206,8 @@ class LedgerHolds:
         )
         req.latency.FromNanoseconds(int(latency_s * 1e9))
         self._left(lease)
+        last = self._upstream_s.get(dep.name)
+        self._upstream_s[dep.name] = latency_s if last is None else last + _UPSTREAM_WEIGHT * (latency_s - last)
         drawn = lease.drawn
         if isinstance(drawn, SliceHold):
             # The answer waits until the call's draw is recorded (normally long done): a router
@@ -213,6 +223,8 @@ class LedgerHolds:
                     settled.set_result(ok)
 
             self.settler.submit(req, done)
+            if drawn.noted is not None:
+                self.notes.hurry(drawn.noted)
             return first_ack([f for f in (drawn.noted, settled) if f is not None])
         # A per-call hold left behind expires and is captured under this request id: background.
         self.settler.submit(req, None)

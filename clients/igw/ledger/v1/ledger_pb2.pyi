@@ -286,12 +286,14 @@ class NoteSliceDrawsRequest(_message.Message):
     def __init__(self, draws: _Optional[_Iterable[_Union[SliceDraw, _Mapping]]] = ...) -> None: ...
 
 class NoteSliceDrawResult(_message.Message):
-    __slots__ = ("code", "reason")
+    __slots__ = ("code", "reason", "over_limit")
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    OVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
     code: int
     reason: str
-    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    over_limit: bool
+    def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., over_limit: _Optional[bool] = ...) -> None: ...
 
 class NoteSliceDrawsResponse(_message.Message):
     __slots__ = ("results",)
