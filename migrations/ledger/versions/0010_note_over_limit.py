@@ -35,6 +35,7 @@ DECLARE
   v_state text;
   v_calls int;
   v_over boolean;
+  v_checked uuid;  -- the slice v_over is about (draws come sorted by slice: one check per slice)
 BEGIN
   IF v_n IS NULL OR v_n = 0 THEN
     RETURN '[]'::jsonb;
@@ -68,12 +69,15 @@ BEGIN
       ON CONFLICT (hold_id, request_id) DO NOTHING;
       -- Recorded; but if a budget the slice counts against is over its limit (lowered since the
       -- slice was granted), the router is told to give the team's slices back.
-      SELECT EXISTS (
-        SELECT 1 FROM holds h
-          CROSS JOIN LATERAL unnest(h.budget_ids, h.window_starts) AS u(budget_id, window_start)
-          JOIN budgets b ON b.id = u.budget_id
-          JOIN budget_counters c ON c.budget_id = u.budget_id AND c.window_start = u.window_start
-         WHERE h.id = p_holds[v_i] AND c.spent_nanos::numeric + c.held_nanos > b.limit_nanos) INTO v_over;
+      IF v_checked IS DISTINCT FROM p_holds[v_i] THEN
+        v_checked := p_holds[v_i];
+        SELECT EXISTS (
+          SELECT 1 FROM holds h
+            CROSS JOIN LATERAL unnest(h.budget_ids, h.window_starts) AS u(budget_id, window_start)
+            JOIN budgets b ON b.id = u.budget_id
+            JOIN budget_counters c ON c.budget_id = u.budget_id AND c.window_start = u.window_start
+           WHERE h.id = p_holds[v_i] AND c.spent_nanos::numeric + c.held_nanos > b.limit_nanos) INTO v_over;
+      END IF;
       v_out[v_i] := jsonb_build_object('result', CASE WHEN v_over THEN 'OVER_LIMIT' ELSE 'OK' END);
     END IF;
   END LOOP;
