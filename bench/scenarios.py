@@ -466,11 +466,15 @@ budget_slices:
                 text = resp.read().decode()
         except OSError:
             return None
-        out: dict[str, Any] = {"draws": 0, "events": {}}
+        out: dict[str, Any] = {"draws": 0, "events": {}, "notes": 0, "note_batches": 0}
         for fam in text_string_to_metric_families(text):
             for sample in fam.samples:
                 if sample.name == "igw_router_slice_draws_total":
                     out["draws"] = int(sample.value)
+                elif sample.name == "igw_router_slice_draw_notes_total":
+                    out["notes"] += int(sample.value)  # draws and withdrawals, every result
+                elif sample.name == "igw_router_slice_draw_note_batches_total":
+                    out["note_batches"] = int(sample.value)
                 elif sample.name == "igw_router_budget_slices_total":
                     out["events"][sample.labels.get("event", "")] = int(sample.value)
         return out
@@ -548,6 +552,9 @@ budget_slices:
                 # Counted router-wide: another job's late settles may release slices meanwhile.
                 res["slices"] = {
                     "draws": slices1["draws"] - slices0["draws"],
+                    # Draw notes and the NoteSliceDraws round trips that carried them.
+                    "notes": slices1["notes"] - slices0["notes"],
+                    "note_batches": slices1["note_batches"] - slices0["note_batches"],
                     "events": {
                         k: v - slices0["events"].get(k, 0)
                         for k, v in slices1["events"].items()
