@@ -118,10 +118,7 @@ class DrawNotes:
             answered.set_result(False)
             return answered
         draw = ledger_pb2.SliceDraw(reservation_id=reservation_id, request_id=request_id, held_nanos=held_nanos)
-        noted = self._add(draw, None)
-        if not linger:
-            self.hurry(noted)
-        return noted
+        return self._add(draw, None, urgent=not linger)
 
     def withdraw(self, reservation_id: str, request_id: str, after: asyncio.Future[bool]) -> None:
         """The call ended without spending: its draw is forgotten (in the background), once
@@ -152,9 +149,14 @@ class DrawNotes:
             _LOGGER.error("slice draw notes still pending at shutdown", extra={"pending": self._pending})
             return False
 
-    def _add(self, draw: ledger_pb2.SliceDraw, after: asyncio.Future[bool] | None) -> asyncio.Future[bool]:
+    def _add(
+        self, draw: ledger_pb2.SliceDraw, after: asyncio.Future[bool] | None, urgent: bool = False,
+    ) -> asyncio.Future[bool]:
+        """Queues ``draw`` (after the one before it of the same call); ``urgent``: it does not linger."""
         loop = asyncio.get_running_loop()
         item = _Item(draw, loop.create_future(), current_span_context())
+        if urgent:
+            self._hurried.add(item.done)  # ripens the queue when it is queued
         key = (draw.reservation_id, draw.request_id)
         before = self._tail.get(key, after)
         self._tail[key] = item.done
@@ -166,6 +168,8 @@ class DrawNotes:
         else:
             self._behind.add(item.done)
             before.add_done_callback(lambda _fut: self._enqueue([item]))
+            if urgent and self._queue and not self._ripe:
+                self._ripen()  # the one it waits behind may be queued
         return item.done
 
     def _answered(self, key: tuple[str, str], fut: asyncio.Future[bool]) -> None:
