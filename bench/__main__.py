@@ -51,6 +51,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--c1-n", type=int, default=None, help="calls per one-at-a-time series")
     r.add_argument("--router-workers", type=int, default=1,
                    help="router worker processes on one port (igw up --router-workers; default 1)")
+    r.add_argument("--baseline", default=None, type=Path,
+                   help="another checkout (e.g. a git worktree of an older commit) to run next to this one, "
+                        "as the systems base and base-hot (bench/baseline.py)")
+    r.add_argument("--baseline-python", default="",
+                   help="the python of the baseline's own virtualenv (default: this one)")
     r.add_argument("--out", default=None, help="results JSON (default bench/results/<timestamp>.json)")
     r.add_argument(
         "--markdown",
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         step_override=args.step_seconds,
         c1_n_override=args.c1_n,
         router_workers=args.router_workers,
+        baseline_dir=args.baseline.resolve() if args.baseline else None,
+        baseline_python=args.baseline_python,
         log=lambda m: print(m, file=sys.stderr, flush=True),
     )
     results = run(opts)

@@ -42,6 +42,7 @@ from typing import Any
 
 import psutil
 
+from bench import baseline as baseline_mod
 from bench import procstats
 from bench.loadgen import LoadGen, percentiles
 
@@ -51,7 +52,11 @@ ALL_SCENARIOS = (
 )
 ADDED_P99_BOUND_MS = 50.0
 # The process groups of each system under test (see Rig.start and Rig.start_gateway).
-_SYSTEM_GROUPS = {"igw": ("router", "keyvault", "ledger", "postgres", "igw-up"), "litellm": ("litellm",)}
+_SYSTEM_GROUPS = {
+    "igw": ("router", "keyvault", "ledger", "postgres", "igw-up"),
+    "litellm": ("litellm",),
+    "base": baseline_mod.GROUPS,  # --baseline: another checkout's gateway (bench/baseline.py)
+}
 HOT_TEAM = "bhot"
 HOT_PERCALL_TEAM = "pc-hot"
 HOT_AGENTS = 4
@@ -80,6 +85,9 @@ class Options:
     step_override: float | None = None
     c1_n_override: int | None = None
     router_workers: int = 1
+    # Another checkout (and its virtualenv's python) to run next to this one as ``base`` systems.
+    baseline_dir: Path | None = None
+    baseline_python: str = ""
     log: Any = print
 
     # derived knobs
@@ -150,6 +158,7 @@ class Rig:
     lg: LoadGen | None = None
     procs: procstats.ProcSet = field(default_factory=procstats.ProcSet)
     litellm: Any = None
+    baseline: baseline_mod.Baseline | None = None
     seq: int = 0
     expected: dict[str, set[str]] = field(default_factory=dict)  # scenario -> request ids answered OK
     client_failed: dict[str, set[str]] = field(default_factory=dict)
@@ -288,9 +297,13 @@ budget_slices:
         self._provision()
 
     def _operator(self, addr: str) -> Any:
+        return self.operator_channel(self.endpoints, addr)
+
+    @staticmethod
+    def operator_channel(ep: dict[str, Any], addr: str) -> Any:
+        """A blocking operator channel to one service of the gateway whose endpoints are ``ep``."""
         import grpc
 
-        ep = self.endpoints
         creds = grpc.ssl_channel_credentials(
             Path(ep["ca"]).read_bytes(), Path(ep["operator_key"]).read_bytes(), Path(ep["operator_cert"]).read_bytes()
         )
@@ -351,6 +364,11 @@ budget_slices:
         self.procs.add("loadgen", self.lg.pid)
         if self.opts.litellm:
             self.start_litellm(self.opts.litellm_workers)
+        if self.opts.baseline_dir is not None:
+            self.baseline = baseline_mod.Baseline(
+                self.opts.baseline_dir, self.opts.baseline_python or sys.executable, self.state / "baseline")
+            self.baseline.start(self, HOT_TEAM, HOT_AGENTS)
+            self.log(f"baseline {self.baseline.commit} up: router {self.baseline.endpoints['router']}")
         # One sanity call through every path before measuring.
         for alias in ("bench-d0", "bench-d20", "bench-fallback"):
             res = self.measure(
@@ -407,6 +425,8 @@ budget_slices:
             self.lg.close()
         if self.litellm is not None:
             self.litellm.stop()
+        if self.baseline is not None:
+            self.baseline.stop()
         if self.up is not None and self.up.poll() is None:
             self.up.terminate()
             try:
@@ -498,7 +518,7 @@ budget_slices:
         if not self.opts.pause_others:
             return []
         stopped: list[psutil.Process] = []
-        mine = system.split("-", 1)[0]  # "igw-hot" is igw
+        mine = baseline_mod.owner(system)  # "igw-hot" is igw, "base-hot" the baseline
         for owner, groups in _SYSTEM_GROUPS.items():
             if owner == mine:
                 continue
@@ -538,7 +558,7 @@ budget_slices:
         if job["kind"] == "grpc" or job.get("rid_header"):
             job["rid_prefix"] = f"{self.run_id}.{scenario}.{self.seq}."
             # Outside the timed window: the scrape costs the router a little CPU.
-            slices0 = self.slice_counters()
+            slices0 = self.slice_counters() if baseline_mod.owner(system) != "base" else None
         before = self.procs.snapshot()
         cpu0 = psutil.cpu_times()
         t0 = time.monotonic()
@@ -562,7 +582,7 @@ budget_slices:
                     },
                 }
         calls = res["ok"] + res["warmup"]["ok"]
-        res["procs"] = procstats.delta(before, after, calls, wall)
+        res["procs"] = baseline_mod.own_procs(system, procstats.delta(before, after, calls, wall))
         busy = (sum(cpu1) - sum(cpu0)) - (
             (cpu1.idle - cpu0.idle) + (getattr(cpu1, "iowait", 0) - getattr(cpu0, "iowait", 0))
         )
@@ -578,7 +598,8 @@ budget_slices:
         res["system"] = system
         res["job"] = {k: v for k, v in job.items() if k not in ("certs", "headers", "ca")}
         res["job"]["n_certs"] = len(job.get("certs", []))
-        if (job["kind"] == "grpc" or job.get("rid_header")) and record:
+        # The baseline's entries are in its own ledger (bench/baseline.py): not this run's check.
+        if (job["kind"] == "grpc" or job.get("rid_header")) and record and baseline_mod.owner(system) != "base":
             prefix = job["rid_prefix"]
             self.rid_owner[prefix] = (system, frozenset(self.cert_team.get(c[0], "?") for c in job["certs"]))
             exp = self.expected.setdefault(scenario, set())
@@ -717,6 +738,8 @@ def scen_c1(rig: Rig) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {"direct": [], "igw": [], "igw-hot-percall": []}
         if rig.litellm:
             runs["litellm"] = []
+        if rig.baseline:
+            runs["base"] = []
         for rnd in range(o.c1_rounds):
             order = list(runs)
             order = order[rnd % len(order) :] + order[: rnd % len(order)]
@@ -728,6 +751,8 @@ def scen_c1(rig: Rig) -> dict[str, Any]:
                 elif system == "igw-hot-percall":
                     # Slices are for a busy team: one team's calls share its slices.
                     job = rig.igw_job(f"bench-{fake}", rig.hot_percall_certs, "closed", n=n, warmup=10)
+                elif system == "base" and rig.baseline:
+                    job = rig.baseline.job(f"bench-{fake}", rig.baseline.many_certs, "closed", n=n, warmup=10)
                 else:
                     job = rig.litellm_job(f"bench-{fake}", "closed", n=n, warmup=10)
                 runs[system].append(rig.measure("c1", system, job))
@@ -840,6 +865,11 @@ def scen_rate(rig: Rig) -> dict[str, Any]:
         systems["litellm"] = lambda rate: rig.litellm_job(
             "bench-d20", "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         )
+    if rig.baseline:
+        base = rig.baseline
+        systems["base"] = lambda rate: base.job(
+            "bench-d20", base.many_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        )
     return _ladder(rig, "rate", systems)
 
 
@@ -876,6 +906,11 @@ def scen_hot(rig: Rig) -> dict[str, Any]:
             "bench-d20", rig.hot_percall_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
         ),
     }
+    if rig.baseline:
+        base = rig.baseline
+        systems["base-hot"] = lambda rate: base.job(
+            "bench-d20", base.hot_certs, "open", rate=rate, duration=rig.opts.step_s, warmup_s=rig.opts.warm_s
+        )
     return _ladder(rig, "hot", systems)
 
 
@@ -1251,6 +1286,7 @@ def run(opts: Options) -> dict[str, Any]:
             "fakes": {n: {"port": f.port, "delay_ms": f.delay_ms, "fault": f.fault} for n, f in rig.fakes.items()},
             "routing_config": (state / "bench-router.yaml").read_text(),
             "litellm": rig.litellm.info() if rig.litellm else None,
+            "baseline": rig.baseline.info() if rig.baseline else None,
             "postgres": "embedded (igw_dev.pg), durable: fsync on, synchronous_commit on",
         }
         runners = {

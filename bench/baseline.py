@@ -1,0 +1,156 @@
+"""A second igw from another checkout, measured in the same run as this one (``--baseline DIR``).
+
+Runs on this shared machine differ by more than most changes (bench/analysis.md: the same code's
+CPU per call moved by half between two runs minutes apart). A before-and-after figure is only
+worth quoting when both sides ran in one run, step by step. So the bench can start a second
+gateway from another commit's checkout (``git worktree add ../igw-base 8729faf``) with its own
+virtualenv (``--baseline-python``), its own embedded Postgres, PKI and state, and run it through
+the same ladders next to this one:
+
+- ``base`` (the many-teams ladder), ``base-hot`` (one hot team) and ``base`` in ``c1``;
+- the baseline runs its own default settings: its routing config is this run's without the
+  ``budget_slices`` block (at 8729faf, slices were opt-in and per-call holds the default);
+- while one system is measured the other's processes are suspended (``--no-pause-others`` keeps
+  them running), and each result's ``procs`` names the measured system's processes by role
+  (``router``, ``keyvault``, ``ledger``, ``postgres``), so CPU per call is read the same way for both.
+
+The baseline's spend entries are not checked (its ledger is the old code's; the check is for this one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procstats
+
+#: The process groups of the baseline, as registered in the rig's ProcSet.
+GROUPS = ("base-router", "base-keyvault", "base-ledger", "base-postgres", "base-up")
+PREFIX = "base-"
+
+
+def owner(system: str) -> str:
+    """Which stack a system name belongs to: ``base`` / ``base-hot`` -> base, ``igw-*`` -> igw."""
+    return system.split("-", 1)[0]
+
+
+def own_procs(system: str, procs: dict[str, Any]) -> dict[str, Any]:
+    """The measured system's process groups under their role names, plus the shared ones (load
+    generator, fakes). A baseline's ``base-router`` becomes ``router``; this run's ``router`` is
+    dropped from a baseline result and ``base-*`` from every other."""
+    if owner(system) == "base":
+        out = {k[len(PREFIX):]: v for k, v in procs.items() if k.startswith(PREFIX)}
+        out.update({k: v for k, v in procs.items()
+                    if not k.startswith(PREFIX) and k not in ("router", "keyvault", "ledger", "postgres", "igw-up")})
+        return out
+    return {k: v for k, v in procs.items() if not k.startswith(PREFIX)}
+
+
+def base_config(config: str) -> str:
+    """This run's routing config without its ``budget_slices`` block: the baseline's own defaults."""
+    return re.sub(r"(?ms)^(# [^\n]*\n)*budget_slices:\n(  [^\n]*\n)*", "", config)
+
+
+@dataclass
+class Baseline:
+    """The baseline gateway: started from ``root`` with ``python``, state under ``state``."""
+
+    root: Path
+    python: str
+    state: Path
+    up: subprocess.Popen[bytes] | None = None
+    endpoints: dict[str, Any] = field(default_factory=dict)
+    many_certs: list[list[str]] = field(default_factory=list)
+    hot_certs: list[list[str]] = field(default_factory=list)
+    commit: str = ""
+
+    def start(self, rig: Any, hot_team: str, hot_agents: int) -> None:
+        """Starts the baseline's ``igw up`` on free ports and provisions it like this run's gateway."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        cfg = self.state / "bench-router.yaml"
+        cfg.write_text(base_config(rig.routing_config()))
+        try:
+            self.commit = subprocess.run(["git", "-C", str(self.root), "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            self.commit = ""
+        log = open(self.state / "up.log", "ab")
+        igw_state = self.state / "igw"
+        self.up = subprocess.Popen(
+            [self.python, "-m", "services.cli.main", "up", "--state-dir", str(igw_state), "--ports", "auto",
+             "--config", str(cfg), "--no-demo"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=str(self.root),
+        )
+        ep = igw_state / "endpoints.json"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.up.poll() is not None:
+                tail = (self.state / "up.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"baseline igw up exited with {self.up.returncode}:\n{tail}")
+            if ep.exists():
+                try:
+                    self.endpoints = json.loads(ep.read_text())
+                    break
+                except ValueError:
+                    pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("baseline igw up did not write endpoints.json within 180 s")
+        pids = self.endpoints["pids"]
+        for svc in ("router", "keyvault", "ledger"):
+            rig.procs.add(PREFIX + svc, pids.get(svc))
+        pm = procstats.postmaster_pid(igw_state / "pg")
+        if pm:
+            rig.procs.add(PREFIX + "postgres", pm, children=True)
+        rig.procs.add(PREFIX + "up", self.up.pid)
+        self._provision(rig, hot_team, hot_agents)
+
+    def _provision(self, rig: Any, hot_team: str, hot_agents: int) -> None:
+        from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+        from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+        from igw_dev.pki import issue_to_dir
+
+        with rig.operator_channel(self.endpoints, self.endpoints["keyvault"]) as ch:
+            stub = keyvault_pb2_grpc.KeyVaultAdminServiceStub(ch)
+            for n, fk in rig.fakes.items():
+                stub.CreateProviderKey(keyvault_pb2.CreateProviderKeyRequest(
+                    request_id=f"{rig.run_id}-base-key-{n}", name=f"bench-{n}-{fk.port}", provider=f"bench-{n}",
+                    secret=rig.api_key, base_url=fk.base, all_teams=True, labels={"bench": "true"},
+                ), timeout=30)
+        pki = Path(self.endpoints["ca"]).parent
+
+        def issue(team: str, agent: str) -> list[str]:
+            cert, key = issue_to_dir(pki, "agent", team, agent)
+            rig.cert_team[str(cert)] = team
+            return [str(cert), str(key)]
+
+        teams = rig.many_teams()
+        self.many_certs = [issue(t, "a0") for t in teams]
+        self.hot_certs = [issue(hot_team, f"a{a}") for a in range(hot_agents)]
+        with rig.operator_channel(self.endpoints, self.endpoints["ledger"]) as ch:
+            stub = ledger_pb2_grpc.LedgerAdminServiceStub(ch)
+            for t in [*teams, hot_team]:
+                stub.SetBudget(ledger_pb2.SetBudgetRequest(
+                    team=t, window=ledger_pb2.BUDGET_WINDOW_TOTAL, limit_nanos=10**15), timeout=30)
+
+    def job(self, alias: str, certs: list[list[str]], mode: str, **kw: Any) -> dict[str, Any]:
+        """A load-generator job against the baseline's router (as ``Rig.igw_job``)."""
+        return {"kind": "grpc", "key": f"base-{len(certs)}-{certs[0][0]}", "target": self.endpoints["router"],
+                "ca": self.endpoints["ca"], "certs": certs, "model": alias, "mode": mode, **kw}
+
+    def info(self) -> dict[str, Any]:
+        return {"root": str(self.root), "commit": self.commit, "python": self.python,
+                "router": self.endpoints.get("router")}
+
+    def stop(self) -> None:
+        if self.up is not None and self.up.poll() is None:
+            self.up.terminate()
+            try:
+                self.up.wait(60)
+            except subprocess.TimeoutExpired:
+                self.up.kill()
