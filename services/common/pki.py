@@ -28,12 +28,16 @@ __all__ = [
     "PkiError",
     "check_not_expired",
     "describe_cert",
+    "identity_dns_name",
     "is_ca",
     "spiffe_ids",
     "uri_sans",
 ]
 
 SPIFFE_PREFIX: Final = "spiffe://"
+#: The reserved suffix (RFC 2606's ``.invalid``) of a service identity's DNS name; see
+#: :func:`identity_dns_name`.
+IDENTITY_DNS_SUFFIX: Final = ".spiffe.invalid"
 
 
 # --------------------------------------------------------------------------- errors
@@ -82,6 +86,32 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
     except x509.ExtensionNotFound:
         return []
     return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def identity_dns_name(spiffe_id: str) -> str | None:
+    """The DNS name that states a service identity where gRPC's own TLS can check it.
+
+    ``spiffe://igw.local/ledger`` -> ``ledger.igw.local.spiffe.invalid``; None for anything but a
+    service (one path segment). grpcio checks a server certificate against a DNS name, never a
+    URI SAN; a service certificate that carries this name next to its SPIFFE id lets the router
+    reach that service with gRPC's native TLS instead of its Python tunnel (services/router/pool.py).
+    The name is under ``.invalid``, which no public or ordinary internal CA issues, so only the
+    CA that issues igw's identities puts it in a certificate.
+    """
+    if not spiffe_id.startswith(SPIFFE_PREFIX):
+        return None
+    domain, _, path = spiffe_id[len(SPIFFE_PREFIX):].partition("/")
+    if not domain or not path or "/" in path:
+        return None
+    return f"{path}.{domain}{IDENTITY_DNS_SUFFIX}".lower()
+
+
+def dns_sans(cert: x509.Certificate) -> list[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)]
 
 
 def spiffe_ids(cert: x509.Certificate) -> tuple[str, ...]:

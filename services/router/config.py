@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.settings import RuntimeSettings, env_bool, env_float, env_int, env_str
+from services.common.settings import RuntimeSettings, SettingsError, env_bool, env_float, env_int, env_str
 from services.router.routing import ConfigError, RoutingConfig, load_config
 
 
@@ -36,6 +36,8 @@ class Settings:
     config_watch_seconds: float = 2.0
     ledger_id: str = ""
     keyvault_id: str = ""
+    # How a ledger or vault replica's identity is checked (services/router/upstream_tls.py).
+    upstream_identity: str = "auto"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -44,6 +46,9 @@ class Settings:
         runtime = RuntimeSettings.from_env("router", e)
         td = runtime.trust_domain
         pin_file = e.get("IGW_ROUTER_CONFIG_SHA256_FILE", "").strip()
+        upstream_identity = e.get("IGW_ROUTER_UPSTREAM_IDENTITY", "auto").strip().lower() or "auto"
+        if upstream_identity not in ("auto", "uri"):
+            raise SettingsError("IGW_ROUTER_UPSTREAM_IDENTITY must be auto or uri")
         return cls(
             runtime=runtime,
             config_path=Path(env_str(e, "IGW_ROUTER_CONFIG")),
@@ -64,6 +69,7 @@ class Settings:
             config_watch_seconds=env_float(e, "IGW_ROUTER_CONFIG_WATCH_SECONDS", 2.0),
             ledger_id=env_str(e, "IGW_LEDGER_SPIFFE_ID", f"spiffe://{td}/ledger"),
             keyvault_id=env_str(e, "IGW_KEYVAULT_SPIFFE_ID", f"spiffe://{td}/keyvault"),
+            upstream_identity=upstream_identity,
         )
 
 

@@ -1,8 +1,10 @@
 """Every ledger and vault replica, one channel each, picked round-robin among the healthy ones.
 
 Why client-side balancing in the router (and not gRPC's built-in ``round_robin`` over one
-channel): the server's SPIFFE id is checked by a TLS tunnel per upstream address (gRPC's own
-TLS cannot check a URI SAN), so each replica is its own channel. Per replica the pool keeps:
+channel): the server's identity is checked per upstream address, by gRPC's own TLS when the
+replica's certificate states it as a DNS name, else by a TLS tunnel (gRPC's own TLS cannot check
+a URI SAN; ``services/router/upstream_tls.py``), so each replica is its own channel. Per replica
+the pool keeps:
 
 - a health check every second (``grpc.health.v1`` on the replica's own service name, which
   mirrors its readiness: a ledger that cannot reach Postgres drops out within seconds);
@@ -35,18 +37,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from igw.client._spiffe import SpiffeTunnel, TlsFiles, split_host_port
 from services.common.tls import CHANNEL_OPTIONS
+from services.router.upstream_tls import native_channel, probe
 
 _LOGGER = logging.getLogger(__name__)
 _OLD_CHANNEL_GRACE_S = 30.0
+# A native replica unreachable for this many health checks in a row is probed again.
+_REPROBE_AFTER_FAILURES = 3
 
 
 @dataclass
 class Replica:
-    """One upstream address: its tunnel, its current channel, its last known health."""
+    """One upstream address: its current channel (and tunnel, in tunnel mode), its last known health.
+
+    ``mode`` is how its identity is checked: ``native`` (gRPC's TLS, the identity's DNS name) or
+    ``tunnel`` (the URI SAN, in Python); ``decided`` is false while no probe reached it yet.
+    """
 
     address: str
-    tunnel: SpiffeTunnel
     channel: grpc.aio.Channel
+    mode: str
+    tunnel: SpiffeTunnel | None = None
+    decided: bool = True
+    failures: int = 0
     healthy: bool = False
     stubs: dict[type, Any] = field(default_factory=dict)
 
@@ -67,6 +79,7 @@ class ReplicaPool:
         self, service: str, addresses: Sequence[str], expected_id: str, files: TlsFiles, health_name: str, *,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (), check_interval_s: float = 1.0,
         resolve_interval_s: float = 5.0, on_change: Callable[[], None] | None = None,
+        identity_check: str = "auto",
     ) -> None:
         self.service = service
         self.entries = [a.strip() for a in addresses if a.strip()]
@@ -78,9 +91,13 @@ class ReplicaPool:
         self.interceptors = list(interceptors)
         self.check_interval_s = check_interval_s
         self.resolve_interval_s = resolve_interval_s
+        self.identity_check = identity_check
         self.replicas: dict[str, Replica] = {}
         self._rr = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
+        # Channels replaced while calls may still run on them (closed after a grace, or at close()).
+        self._retiring: dict[grpc.aio.Channel, SpiffeTunnel | None] = {}
+        self._retire_tasks: set[asyncio.Task[None]] = set()
         self._on_change = on_change
         self._stamps = files.stamps()
         self._closing = False
@@ -88,23 +105,68 @@ class ReplicaPool:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _channel(self, tunnel: SpiffeTunnel, address: str) -> grpc.aio.Channel:
-        options = [*CHANNEL_OPTIONS, ("grpc.default_authority", address)]
-        ch = grpc.aio.insecure_channel(tunnel.target, options=options, interceptors=self.interceptors or None)
+    def _channel(self, address: str, mode: str, tunnel: SpiffeTunnel | None) -> grpc.aio.Channel:
+        if mode == "native":
+            ch = native_channel(address, self.files, self.expected_id, self.interceptors)
+        else:
+            assert tunnel is not None
+            options = [*CHANNEL_OPTIONS, ("grpc.default_authority", address)]
+            ch = grpc.aio.insecure_channel(tunnel.target, options=options, interceptors=self.interceptors or None)
         ch.get_state(try_to_connect=True)
         return ch
 
-    async def _add(self, address: str) -> None:
+    async def _decide(self, address: str) -> tuple[str, bool]:
+        """(mode, decided) for a replica: native only when a probe saw the identity and its DNS name."""
+        if self.identity_check == "uri":
+            return "tunnel", True
+        seen = await probe(address, self.expected_id, self.files)
+        if seen.verdict == "refused":
+            _LOGGER.error("replica identity refused", extra={"service": self.service, "address": address,
+                                                             "error": seen.why})
+        return ("native" if seen.verdict == "native" else "tunnel"), seen.verdict != "unreachable"
+
+    async def _set_mode(self, rep: Replica, mode: str) -> None:
+        """Gives ``rep`` a channel (and tunnel) for ``mode``; the old channel closes after its calls."""
+        old_channel, old_tunnel = rep.channel, rep.tunnel
+        rep.mode = mode
+        rep.tunnel = await self._tunnel(rep.address) if mode == "tunnel" and rep.tunnel is None else (
+            rep.tunnel if mode == "tunnel" else None)
+        rep.channel = self._channel(rep.address, mode, rep.tunnel)
+        rep.stubs.clear()
+        rep.failures = 0
+        _LOGGER.info("replica identity check", extra={"service": self.service, "address": rep.address,
+                                                      "identity_check": mode})
+        self._retiring[old_channel] = old_tunnel if old_tunnel is not rep.tunnel else None
+        task = asyncio.get_running_loop().create_task(self._retire_later(old_channel))
+        self._retire_tasks.add(task)
+        task.add_done_callback(self._retire_tasks.discard)
+
+    async def _tunnel(self, address: str) -> SpiffeTunnel:
         tunnel = SpiffeTunnel(address, self.expected_id, self.files)
         await tunnel.start()
-        self.replicas[address] = Replica(address, tunnel, self._channel(tunnel, address))
-        _LOGGER.info("replica added", extra={"service": self.service, "address": address})
+        return tunnel
+
+    async def _retire_later(self, channel: grpc.aio.Channel) -> None:
+        await channel.close(_OLD_CHANNEL_GRACE_S)
+        if channel in self._retiring:
+            await self._retire(channel, self._retiring.pop(channel))
+
+    @staticmethod
+    async def _retire(channel: grpc.aio.Channel, tunnel: SpiffeTunnel | None) -> None:
+        await channel.close(_OLD_CHANNEL_GRACE_S)
+        if tunnel is not None:
+            await tunnel.close()
+
+    async def _add(self, address: str) -> None:
+        mode, decided = await self._decide(address)
+        tunnel = await self._tunnel(address) if mode == "tunnel" else None
+        self.replicas[address] = Replica(address, self._channel(address, mode, tunnel), mode, tunnel, decided)
+        _LOGGER.info("replica added", extra={"service": self.service, "address": address, "identity_check": mode})
 
     async def _remove(self, address: str) -> None:
         rep = self.replicas.pop(address)
         _LOGGER.info("replica removed", extra={"service": self.service, "address": address})
-        await rep.channel.close(_OLD_CHANNEL_GRACE_S)
-        await rep.tunnel.close()
+        await self._retire(rep.channel, rep.tunnel)
 
     async def start(self) -> None:
         """Resolves the addresses, opens one channel per replica, starts health checks."""
@@ -122,9 +184,17 @@ class ReplicaPool:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        retiring, self._retiring = self._retiring, {}
+        for channel, tunnel in retiring.items():
+            await channel.close()
+            if tunnel is not None:
+                await tunnel.close()
+        for t in list(self._retire_tasks):
+            t.cancel()
         for rep in list(self.replicas.values()):
             await rep.channel.close()
-            await rep.tunnel.close()
+            if rep.tunnel is not None:
+                await rep.tunnel.close()
         self.replicas.clear()
 
     # ------------------------------------------------------------------ picking
@@ -161,6 +231,7 @@ class ReplicaPool:
             rep.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             rep.healthy = False
+        rep.failures = 0 if rep.healthy else rep.failures + 1
         if before != rep.healthy:
             _LOGGER.log(logging.INFO if rep.healthy else logging.WARNING, "replica health changed",
                         extra={"service": self.service, "address": rep.address, "healthy": rep.healthy})
@@ -172,8 +243,25 @@ class ReplicaPool:
             await asyncio.sleep(self.check_interval_s)
             try:
                 await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
+                await self._reprobe()
             except Exception:
                 _LOGGER.exception("health check round failed")
+
+    async def _reprobe(self) -> None:
+        """Probes the replicas whose check is in doubt: not reached yet, or native and unreachable
+        for a while (a certificate rotated to one without the identity's DNS name)."""
+        for rep in list(self.replicas.values()):
+            stuck = rep.mode == "native" and rep.failures >= _REPROBE_AFTER_FAILURES
+            if self.identity_check == "uri" or (rep.decided and not stuck):
+                continue
+            mode, decided = await self._decide(rep.address)
+            if not decided:
+                continue  # still unreachable: keep what it has
+            rep.decided = True
+            if mode != rep.mode:
+                await self._set_mode(rep, mode)
+                await self._check(rep)
+            rep.failures = 0
 
     async def _maintain_loop(self) -> None:
         ticks = 0
@@ -198,11 +286,7 @@ class ReplicaPool:
         self.channel_generation += 1
         _LOGGER.info("TLS files changed: new channels to every replica", extra={"service": self.service})
         for rep in list(self.replicas.values()):
-            old = rep.channel
-            rep.channel = self._channel(rep.tunnel, rep.address)
-            rep.stubs.clear()
-            task = asyncio.get_running_loop().create_task(old.close(_OLD_CHANNEL_GRACE_S))
-            self._tasks.append(task)
+            await self._set_mode(rep, rep.mode)
 
     async def _follow_dns(self) -> None:
         wanted = set(await self._resolve())

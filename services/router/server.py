@@ -69,9 +69,9 @@ async def build(settings: Settings) -> ServiceRuntime:
     hooks = client_interceptors(tracer)
     files = TlsFiles(rt.tls_cert, rt.tls_key, rt.tls_ca)
     ledgers = ReplicaPool("ledger", settings.ledger_addr.split(","), settings.ledger_id, files,
-                          LEDGER_HEALTH_NAME, interceptors=hooks)
+                          LEDGER_HEALTH_NAME, interceptors=hooks, identity_check=settings.upstream_identity)
     vaults = ReplicaPool("keyvault", settings.keyvault_addr.split(","), settings.keyvault_id, files,
-                         KEYVAULT_HEALTH_NAME, interceptors=hooks)
+                         KEYVAULT_HEALTH_NAME, interceptors=hooks, identity_check=settings.upstream_identity)
     await ledgers.start()
     await vaults.start()
     backends = Backends(

@@ -210,6 +210,8 @@ def test_migration_job_monitoring_and_certificates(rendered: tuple[str, list[dic
     for name in SERVICES:
         spec = certs[f"igw-{name}"]["spec"]
         assert spec["uris"] == [f"spiffe://igw.local/{name}"] and spec["secretName"] == f"igw-{name}-tls"
+        # The identity as a DNS name too (the router's native TLS check); nothing else.
+        assert spec["dnsNames"] == [f"{name}.igw.local.spiffe.invalid"]
         assert "server auth" in spec["usages"] and "client auth" in spec["usages"]
     assert certs["igw-agent-demo-quickstart"]["spec"]["uris"] == ["spiffe://igw.local/team/demo/agent/quickstart"]
     assert "server auth" not in certs["igw-agent-demo-quickstart"]["spec"]["usages"]

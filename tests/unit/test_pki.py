@@ -17,6 +17,7 @@ from cryptography.x509.verification import DNSName, PolicyBuilder, Store, Verifi
 
 from igw_dev import pki
 from igw_dev.pki import issue, spiffe
+from services.common import pki as pki_common
 
 NOW = dt.datetime.now(dt.UTC)
 IDS = [
@@ -96,7 +97,9 @@ def test_issue_cert_one_uri_san_and_chain(ca: tuple[bytes, bytes], spiffe_id: st
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     service = spiffe_id.count("/") == 3  # spiffe://<td>/<service>
     if service:
-        assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+        # Its identity as a DNS name too (gRPC's native TLS checks that; services/router/pool.py).
+        name = spiffe_id.split("/")[3] + "." + spiffe_id.split("/")[2] + ".spiffe.invalid"
+        assert san.get_values_for_type(x509.DNSName) == [name, "localhost"]
         assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
         assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     else:  # agents and operators are clients only: their key cannot pose as a service
@@ -168,8 +171,20 @@ def test_custom_sans(ca: tuple[bytes, bytes]) -> None:
         ca[0], ca[1], IDS[1], dns_names=("keyvault.internal",), ip_addresses=("::1", "10.0.0.7")
     )
     san = _cert(cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["keyvault.internal"]
+    assert san.get_values_for_type(x509.DNSName) == [pki_common.identity_dns_name(IDS[1]), "keyvault.internal"]
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["::1", "10.0.0.7"]
+    # Without the identity name, when asked (a certificate like cert-manager's with uris only).
+    bare, _ = pki.issue_cert(ca[0], ca[1], IDS[1], dns_names=(), identity_name=False)
+    assert _cert(bare).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName) == []
+
+
+def test_a_service_identity_has_one_dns_name_under_invalid_and_nothing_else_has_one() -> None:
+    assert pki_common.identity_dns_name("spiffe://igw.local/ledger") == "ledger.igw.local.spiffe.invalid"
+    assert pki_common.identity_dns_name("spiffe://Example.ORG/keyvault") == "keyvault.example.org.spiffe.invalid"
+    for not_a_service in ("spiffe://igw.local/team/t/agent/a", "spiffe://igw.local/operator/admin",
+                          "spiffe://igw.local/", "spiffe:///ledger", "https://igw.local/ledger", ""):
+        assert pki_common.identity_dns_name(not_a_service) is None
 
 
 def test_leaf_clamped_to_ca_lifetime() -> None:

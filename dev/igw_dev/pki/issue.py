@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from igw_dev.pki.spiffe import is_service_identity, parse_spiffe_id
-from services.common.pki import PkiError
+from services.common.pki import PkiError, identity_dns_name
 
 __all__ = ["extended_key_usages", "generate_ca", "issue_cert", "load_ec_key", "same_public_key", "utcnow"]
 
@@ -138,6 +138,7 @@ def issue_cert(
     not_before: dt.datetime | None = None,
     extra_uri_sans: Sequence[str] = (),
     omit_spiffe_id: bool = False,
+    identity_name: bool = True,
 ) -> tuple[bytes, bytes]:
     """Issue an ECDSA P-256 X.509-SVID leaf signed by the given CA.
 
@@ -145,7 +146,9 @@ def issue_cert(
     ``keyUsage(digitalSignature)`` and critical ``basicConstraints(CA=false)``.
     A service identity (one path segment: router, keyvault, ledger) also gets
     the DNS/IP SANs and EKU ``serverAuth``+``clientAuth``, so it can serve on
-    localhost. An agent or operator certificate gets EKU ``clientAuth`` only
+    localhost, and (``identity_name``) its identity as a DNS name too
+    (:func:`services.common.pki.identity_dns_name`), which lets the router check it with
+    gRPC's native TLS. An agent or operator certificate gets EKU ``clientAuth`` only
     and no DNS/IP SANs: a leaked agent key cannot pose as one of the services.
 
     Args:
@@ -201,7 +204,8 @@ def issue_cert(
     server = is_service_identity(parsed)
     # (an identity-less test certificate still needs some subjectAltName)
     if server or (omit_spiffe_id and not extra_uri_sans):
-        sans.extend(x509.DNSName(d) for d in dns_names)
+        named = identity_dns_name(spiffe_id) if server and identity_name and not omit_spiffe_id else None
+        sans.extend(x509.DNSName(d) for d in ([named] if named else []) + list(dns_names))
         sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses)
     if not sans:
         raise ValueError("certificate would have no subjectAltName entries")
