@@ -154,3 +154,73 @@ class Baseline:
                 self.up.wait(60)
             except subprocess.TimeoutExpired:
                 self.up.kill()
+
+
+def _total(res: dict[str, Any]) -> float | None:
+    procs = res.get("procs") or {}
+    parts = [(procs.get(p) or {}).get("cpu_ms_per_call") for p in ("router", "keyvault", "ledger", "postgres")]
+    return round(sum(parts), 3) if all(v is not None for v in parts) else None  # type: ignore[arg-type]
+
+
+def comparison(results: dict[str, Any]) -> dict[str, Any]:
+    """This run's default path against the baseline's, step by step in the same run.
+
+    For every ladder step that measured both (``igw`` and ``base``; ``igw-hot`` and ``base-hot``):
+    CPU ms per call (router + vault + ledger + Postgres) of each and their ratio; the median ratio
+    per ladder; and the added p50 at one call in flight of both.
+    """
+    out: dict[str, Any] = {"baseline": (results.get("rig") or {}).get("baseline")}
+    if not out["baseline"]:
+        return {}
+    for ladder, mine, base in (("rate", "igw", "base"), ("hot", "igw-hot", "base-hot")):
+        rows = []
+        for st in ((results.get("scenarios") or {}).get(ladder) or {}).get("steps") or []:
+            r = st.get("results") or {}
+            if mine in r and base in r:
+                a, b = _total(r[mine]), _total(r[base])
+                if a is not None and b:
+                    rows.append({"rate": st["rate"], "this": a, "base": b, "ratio": round(a / b, 3),
+                                 "this_pass": r[mine].get("pass"), "base_pass": r[base].get("pass")})
+        if rows:
+            ratios = sorted(x["ratio"] for x in rows)
+            n = len(ratios)
+            median = ratios[n // 2] if n % 2 else round((ratios[n // 2 - 1] + ratios[n // 2]) / 2, 3)
+            out[ladder] = {"steps": rows, "median_ratio": median}
+    c1 = (results.get("scenarios") or {}).get("c1") or {}
+    out["c1_added_p50_ms"] = {
+        fake: {s: ((c1.get(fake) or {}).get("added_ms") or {}).get(s, {}).get("p50") for s in ("igw", "base")}
+        for fake in ("d0", "d20") if fake in c1
+    }
+    return out
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    """The report's section for a run with ``--baseline`` (empty without one)."""
+    cmp = comparison(results)
+    if not cmp:
+        return []
+    b = cmp["baseline"]
+    L = [
+        f"### Against the baseline {b.get('commit') or b.get('root')}, in the same run",
+        "",
+        f"`--baseline` ran {b.get('commit') or b.get('root')} (its own virtualenv, Postgres, PKI; its own "
+        "default settings) through the same ladders, interleaved step by step with this checkout "
+        "(bench/baseline.py). CPU ms per call, router + vault + ledger + Postgres; ratio this / baseline.",
+        "",
+        "| ladder | rate/s | this checkout | baseline | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for ladder in ("rate", "hot"):
+        for row in (cmp.get(ladder) or {}).get("steps", []):
+            L.append(f"| {'many teams' if ladder == 'rate' else 'one hot team'} | {row['rate']} | "
+                     f"{row['this']:.2f} | {row['base']:.2f} | {row['ratio']:.2f} |")
+    L.append("")
+    for ladder in ("rate", "hot"):
+        if ladder in cmp:
+            L.append(f"- median ratio, {'many teams' if ladder == 'rate' else 'one hot team'}: "
+                     f"**{cmp[ladder]['median_ratio']:.2f}** over {len(cmp[ladder]['steps'])} steps")
+    for fake, v in (cmp.get("c1_added_p50_ms") or {}).items():
+        if v.get("igw") is not None and v.get("base") is not None:
+            L.append(f"- added p50 at one call in flight, fake {fake[1:]} ms: {v['igw']:.2f} ms against "
+                     f"{v['base']:.2f} ms")
+    return [*L, ""]

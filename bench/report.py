@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench import baseline as baseline_mod
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 MARKDOWN = ROOT / "BENCHMARKS.md"
@@ -617,6 +619,7 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
                     + f" | {_slice_counts(v)} |"
                 )
         L.append("")
+    L += baseline_mod.markdown(results)
     st = sc.get("stream")
     if st and "ttft_ms" in st:
         L += [

@@ -40,3 +40,33 @@ budget_slices:
 """
     assert base_config(config) == "version: 1\nlimits: {max_in_flight: 4096}\n"
     assert base_config("version: 1\nretries: {max_attempts: 3}\n") == "version: 1\nretries: {max_attempts: 3}\n"
+
+
+def _res(router: float, vault: float, ledger: float, pg: float) -> dict[str, object]:
+    return {"pass": True, "procs": {"router": {"cpu_ms_per_call": router}, "keyvault": {"cpu_ms_per_call": vault},
+                                    "ledger": {"cpu_ms_per_call": ledger}, "postgres": {"cpu_ms_per_call": pg}}}
+
+
+def test_the_comparison_pairs_steps_and_takes_the_median_ratio() -> None:
+    from bench.baseline import comparison, markdown
+
+    results = {
+        "rig": {"baseline": {"commit": "8729faf"}},
+        "scenarios": {
+            "rate": {"steps": [
+                {"rate": 50, "results": {"igw": _res(4, 2, 2, 2), "base": _res(3, 2, 2, 3)}},      # 10 / 10
+                {"rate": 100, "results": {"igw": _res(3, 1, 1, 1), "base": _res(4, 2, 1, 1)}},     # 6 / 8
+                {"rate": 150, "results": {"igw": _res(3, 1, 1, 1), "base": _res(2, 1, 1, 1)}},     # 6 / 5
+                {"rate": 200, "results": {"igw": _res(3, 1, 1, 1)}},                               # no baseline
+            ]},
+            "c1": {"d0": {"added_ms": {"igw": {"p50": 6.5}, "base": {"p50": 7.0}}}},
+        },
+    }
+    cmp = comparison(results)
+    assert [(r["rate"], r["this"], r["base"], r["ratio"]) for r in cmp["rate"]["steps"]] == [
+        (50, 10, 10, 1.0), (100, 6, 8, 0.75), (150, 6, 5, 1.2)]
+    assert cmp["rate"]["median_ratio"] == 1.0 and "hot" not in cmp
+    assert cmp["c1_added_p50_ms"] == {"d0": {"igw": 6.5, "base": 7.0}}
+    text = "\n".join(markdown(results))
+    assert "| many teams | 100 | 6.00 | 8.00 | 0.75 |" in text and "**1.00** over 3 steps" in text
+    assert comparison({"scenarios": {}}) == {} and markdown({"scenarios": {}}) == []
