@@ -19,10 +19,8 @@ The baseline's spend entries are not checked (its ledger is the old code's; the 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,21 +84,8 @@ class Baseline:
              "--config", str(cfg), "--no-demo"],
             stdout=log, stderr=subprocess.STDOUT, cwd=str(self.root),
         )
-        ep = igw_state / "endpoints.json"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.up.poll() is not None:
-                tail = (self.state / "up.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"baseline igw up exited with {self.up.returncode}:\n{tail}")
-            if ep.exists():
-                try:
-                    self.endpoints = json.loads(ep.read_text())
-                    break
-                except ValueError:
-                    pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("baseline igw up did not write endpoints.json within 180 s")
+        self.endpoints = procstats.wait_for_endpoints(
+            self.up, igw_state / "endpoints.json", self.state / "up.log", "the baseline's igw up")
         pids = self.endpoints["pids"]
         for svc in ("router", "keyvault", "ledger"):
             rig.procs.add(PREFIX + svc, pids.get(svc))
@@ -148,12 +133,7 @@ class Baseline:
                 "router": self.endpoints.get("router")}
 
     def stop(self) -> None:
-        if self.up is not None and self.up.poll() is None:
-            self.up.terminate()
-            try:
-                self.up.wait(60)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
+        procstats.stop_process(self.up)
 
 
 def _total(res: dict[str, Any]) -> float | None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,30 @@ def machine_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
+
+
+def wait_for_endpoints(up: subprocess.Popen[bytes], path: Path, log: Path, what: str,
+                       timeout_s: float = 180.0) -> dict[str, Any]:
+    """The endpoints file an ``igw up`` writes once its services serve (raises if it exits first)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if up.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what} exited with {up.returncode}:\n{tail}")
+        if path.exists():
+            try:
+                return dict(json.loads(path.read_text()))
+            except ValueError:
+                pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} did not write {path.name} within {timeout_s:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None, wait_s: float = 60.0) -> None:
+    """SIGTERM, then SIGKILL after ``wait_s`` (an ``igw up`` stops its services on SIGTERM)."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()

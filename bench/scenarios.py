@@ -271,21 +271,8 @@ budget_slices:
             stderr=subprocess.STDOUT,
             cwd=str(ROOT),
         )
-        ep = igw_state / "endpoints.json"
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.up.poll() is not None:
-                tail = (self.state / "up.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"igw up exited with {self.up.returncode}:\n{tail}")
-            if ep.exists():
-                try:
-                    self.endpoints = json.loads(ep.read_text())
-                    break
-                except ValueError:
-                    pass
-            time.sleep(0.2)
-        else:
-            raise RuntimeError("igw up did not write endpoints.json within 180 s")
+        self.endpoints = procstats.wait_for_endpoints(
+            self.up, igw_state / "endpoints.json", self.state / "up.log", "igw up")
         pids = self.endpoints["pids"]
         for svc in ("router", "keyvault", "ledger"):
             # Router workers (--router-workers) are children of the router's supervisor.
@@ -427,12 +414,7 @@ budget_slices:
             self.litellm.stop()
         if self.baseline is not None:
             self.baseline.stop()
-        if self.up is not None and self.up.poll() is None:
-            self.up.terminate()
-            try:
-                self.up.wait(60)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
+        procstats.stop_process(self.up)
         for fk in self.fakes.values():
             if fk.proc.poll() is None:
                 fk.proc.terminate()

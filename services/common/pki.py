@@ -80,12 +80,16 @@ class CertInfo:
         return self.spiffe_ids[0] if len(self.spiffe_ids) == 1 else None
 
 
-def uri_sans(cert: x509.Certificate) -> list[str]:
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
     try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
-        return []
-    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+        return None
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    san = _san(cert)
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)] if san else []
 
 
 def identity_dns_name(spiffe_id: str) -> str | None:
@@ -107,11 +111,8 @@ def identity_dns_name(spiffe_id: str) -> str | None:
 
 
 def dns_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [str(v) for v in san.get_values_for_type(x509.DNSName)]
+    san = _san(cert)
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)] if san else []
 
 
 def spiffe_ids(cert: x509.Certificate) -> tuple[str, ...]:
