@@ -436,6 +436,14 @@ def markdown(results: dict[str, Any], json_path: Path) -> str:
         "processes under test (this machine is shared).",
         "",
     ]
+    base = (results.get("rig") or {}).get("baseline")
+    if base:
+        L[-1:-1] = [
+            f"- **Baseline** (`base`, `base-hot`; `--baseline`): {base.get('commit') or base.get('root')} from its own "
+            "checkout and virtualenv, with its own Postgres, PKI and default settings, through the many-teams and "
+            "hot-team ladders and at one call in flight, interleaved with the systems above (bench/baseline.py); "
+            "its spend entries are not checked.",
+        ]
     L += [
         "## Machine",
         "",
