@@ -221,6 +221,8 @@ def test_uri_san_only_certificates_from_a_foreign_ca_serve_agent_calls(cluster: 
         assert client.get_budget(timeout=10).budgets is not None  # router -> ledger GetBudget
     log = cluster.router.log_text()
     assert "server identity refused" not in log
+    # URI-only certificates: the router checks both through its tunnel, on every connection.
+    assert log.count('"identity_check": "tunnel"') >= 2 and '"identity_check": "native"' not in log
 
 
 def test_a_keyvault_certificate_posing_as_the_ledger_is_refused(cluster: Cluster) -> None:

@@ -403,6 +403,16 @@ def test_a_lease_for_another_url_than_the_allowlisted_one_is_never_used(rig: Rig
     assert _fake(rig.evil.root_url, "GET", "/_fake/requests") == []  # the key's own URL saw nothing
 
 
+def test_the_router_checks_the_ledger_and_the_vault_with_grpcs_own_tls_on_igw_pki_certificates(rig: Rig) -> None:
+    # igw pki states each service's identity as a DNS name too, so after one probe handshake (the
+    # tunnel's full check) the router reaches both without the Python tunnel (upstream_tls.py).
+    added = [json.loads(line) for line in rig.router.log_text().splitlines()
+             if line.startswith("{") and '"replica added"' in line]
+    assert sorted(e["service"] for e in added) == ["keyvault", "ledger"]
+    assert {e["identity_check"] for e in added} == {"native"}
+    assert "server identity refused" not in rig.router.log_text()
+
+
 def test_list_models_shows_the_teams_aliases_with_prices_and_capabilities(rig: Rig) -> None:
     models = {m.alias: m for m in rig.stub.ListModels(router_pb2.ListModelsRequest(), timeout=10).models}
     assert "other-team-only" not in models and {"openai-first", "ctx", "solo"} <= set(models)
