@@ -79,7 +79,7 @@ class ReplicaPool:
         self, service: str, addresses: Sequence[str], expected_id: str, files: TlsFiles, health_name: str, *,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (), check_interval_s: float = 1.0,
         resolve_interval_s: float = 5.0, on_change: Callable[[], None] | None = None,
-        identity_check: str = "auto",
+        identity_check: str = "auto", probe_timeout_s: float = 5.0,
     ) -> None:
         self.service = service
         self.entries = [a.strip() for a in addresses if a.strip()]
@@ -92,6 +92,7 @@ class ReplicaPool:
         self.check_interval_s = check_interval_s
         self.resolve_interval_s = resolve_interval_s
         self.identity_check = identity_check
+        self.probe_timeout_s = probe_timeout_s
         self.replicas: dict[str, Replica] = {}
         self._rr = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,7 +120,7 @@ class ReplicaPool:
         """(mode, decided) for a replica: native only when a probe saw the identity and its DNS name."""
         if self.identity_check == "uri":
             return "tunnel", True
-        seen = await probe(address, self.expected_id, self.files)
+        seen = await probe(address, self.expected_id, self.files, self.probe_timeout_s)
         if seen.verdict == "refused":
             _LOGGER.error("replica identity refused", extra={"service": self.service, "address": address,
                                                              "error": seen.why})
@@ -170,11 +171,12 @@ class ReplicaPool:
 
     async def start(self) -> None:
         """Resolves the addresses, opens one channel per replica, starts health checks."""
-        for address in await self._resolve():
-            await self._add(address)
+        # Probed side by side: a replica that does not answer costs the start one probe timeout.
+        await asyncio.gather(*(self._add(address) for address in await self._resolve()))
         await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._maintain_loop())]
+        self._tasks = [loop.create_task(self._health_loop()), loop.create_task(self._maintain_loop()),
+                       loop.create_task(self._probe_loop())]
 
     async def close(self) -> None:
         """Stops checking and closes every channel and tunnel."""
@@ -243,20 +245,29 @@ class ReplicaPool:
             await asyncio.sleep(self.check_interval_s)
             try:
                 await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
-                await self._reprobe()
             except Exception:
                 _LOGGER.exception("health check round failed")
+
+    async def _probe_loop(self) -> None:
+        # Apart from the health checks: a probe of a replica that does not answer waits its timeout.
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            try:
+                await self._reprobe()
+            except Exception:
+                _LOGGER.exception("replica probe round failed")
 
     async def _reprobe(self) -> None:
         """Probes the replicas whose check is in doubt: not reached yet, or native and unreachable
         for a while (a certificate rotated to one without the identity's DNS name)."""
-        for rep in list(self.replicas.values()):
-            stuck = rep.mode == "native" and rep.failures >= _REPROBE_AFTER_FAILURES
-            if self.identity_check == "uri" or (rep.decided and not stuck):
-                continue
-            mode, decided = await self._decide(rep.address)
-            if not decided:
-                continue  # still unreachable: keep what it has
+        if self.identity_check == "uri":
+            return
+        doubtful = [rep for rep in list(self.replicas.values())
+                    if not rep.decided or (rep.mode == "native" and rep.failures >= _REPROBE_AFTER_FAILURES)]
+        verdicts = await asyncio.gather(*(self._decide(rep.address) for rep in doubtful))
+        for rep, (mode, decided) in zip(doubtful, verdicts, strict=True):
+            if not decided or self.replicas.get(rep.address) is not rep:
+                continue  # still unreachable (keep what it has), or removed meanwhile
             rep.decided = True
             if mode != rep.mode:
                 await self._set_mode(rep, mode)

@@ -188,3 +188,33 @@ async def test_a_native_replica_rotated_to_a_uri_only_certificate_falls_back_to_
         await pool.close()
         if second is not None:
             await second.server.stop(0)
+
+
+async def test_replicas_that_never_answer_the_handshake_delay_neither_start_nor_the_others(tls: Path) -> None:
+    ledger = await Server(tls, "ledger").start()
+    # Three listeners that accept TCP connections (the kernel's backlog) and never say a TLS word.
+    silent = [socket.socket() for _ in range(3)]
+    for s in silent:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+    mute = [f"127.0.0.1:{s.getsockname()[1]}" for s in silent]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    pool = ReplicaPool("ledger", [ledger.address, *mute], LEDGER, _files(tls), NAME, check_interval_s=0.2,
+                       probe_timeout_s=1.0)
+    await pool.start()
+    try:
+        assert loop.time() - t0 < 2.5  # probed side by side: one timeout, not one per replica (3 s)
+        reps = pool.replicas
+        assert reps[ledger.address].mode == "native"
+        assert {(reps[m].mode, reps[m].decided) for m in mute} == {("tunnel", False)}
+        # The silent replicas are probed again every round (each waits its timeout); meanwhile the
+        # health checks go on and every call lands on the ledger that answers.
+        await asyncio.sleep(1.5)
+        assert pool.ready() and pool.healthy_count() == 1
+        assert {pool.pick().address for _ in range(10)} == {ledger.address}
+    finally:
+        await pool.close()
+        for s in silent:
+            s.close()
+        await ledger.server.stop(0)
