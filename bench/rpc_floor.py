@@ -4,9 +4,11 @@ A grpc.aio server answering ``grpc.health.v1.Health/Check`` (no work at all) run
 process with a service certificate; a grpc.aio client in this process calls it open-loop at a
 fixed rate over a warm mTLS channel, like the router calls the ledger and the vault. Reports the
 CPU each side spends per round trip (process CPU time over the calls), and the same once more
-without TLS, so the TLS share is visible. A third series goes through the SPIFFE tunnel the
-router uses to reach the ledger and the vault (TLS done by Python's ``ssl``, the server's URI SAN
-checked per connection; ``igw.client._spiffe``).
+without TLS, so the TLS share is visible. A third series goes through the SPIFFE tunnel (TLS done
+by Python's ``ssl``, the server's URI SAN checked per connection; ``igw.client._spiffe``), which the
+router uses for a ledger or vault whose certificate does not state its identity as a DNS name.
+``mtls_one_in_flight`` is the latency of one round trip at a time over mTLS: what a lone caller
+waits per hop.
 
     python -m bench.rpc_floor [--rate 150] [--calls 3000] [--pki DIR]
 
@@ -73,6 +75,21 @@ async def _load(channel: grpc.aio.Channel, rate: float, calls: int, server_pid: 
     }
 
 
+async def _one_in_flight(channel: grpc.aio.Channel, calls: int = 600, gap_s: float = 0.005) -> dict[str, Any]:
+    """Latency of one round trip at a time (``gap_s`` apart, so each starts on idle threads): the
+    wait a lone caller pays per hop. Median and p90 of all but the first 100 (warm-up)."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    req = health_pb2.HealthCheckRequest()
+    lat = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        await stub.Check(req, timeout=5)
+        lat.append((time.perf_counter() - t) * 1000)
+        await asyncio.sleep(gap_s)
+    kept = sorted(lat[100:])
+    return {"calls": len(kept), "p50_ms": round(kept[len(kept) // 2], 3), "p90_ms": round(kept[int(len(kept) * 0.9)], 3)}
+
+
 def measure(rate: float = 150.0, calls: int = 3000, pki: Path | None = None) -> dict[str, Any]:
     """Runs the server process and both loads; returns the figures (ms of CPU per round trip)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,13 +108,14 @@ def measure(rate: float = 150.0, calls: int = 3000, pki: Path | None = None) -> 
                                      pki / "ca.pem")
                 async with tls:
                     with_tls = await _load(tls, rate, calls, proc.pid)
+                    one = await _one_in_flight(tls)
                 tunnel = secure_channel(f"127.0.0.1:{ports['tls']}", pki / "router.pem", pki / "router-key.pem",
                                         pki / "ca.pem", expected_id="spiffe://igw.local/ledger")
                 async with tunnel:
                     spiffe = await _load(tunnel, rate, calls, proc.pid)
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}") as plain:
                     without = await _load(plain, rate, calls, proc.pid)
-                return {"rate": rate, "mtls": with_tls, "mtls_spiffe_tunnel": spiffe, "plaintext": without,
+                return {"rate": rate, "mtls": with_tls, "mtls_one_in_flight": one, "mtls_spiffe_tunnel": spiffe, "plaintext": without,
                         "grpcio": grpc.__version__}
 
             return asyncio.run(both())
