@@ -77,8 +77,13 @@ class Router:
 
     @backends.setter
     def backends(self, backends: Backends) -> None:
+        # Every part that holds a stub follows (tests put spies in front of the ledger or vault).
         self._backends = backends
         self.holds.ledger = backends.ledger
+        self.settler._ledger = backends.ledger
+        self.slices._ledger = backends.ledger
+        self.notes._ledger = backends.ledger
+        self.prices.admin = backends.ledger_admin
         self.credentials.vault = backends.vault
         self.lease_ends._vault = backends.vault
 

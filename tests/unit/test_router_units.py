@@ -283,3 +283,15 @@ async def test_router_drain_sends_notes_then_settles_then_releases_slices_then_t
     await router.drain(5.0)
     assert [name for name, _ in order] == ["notes", "settles", "slices", "background", "lease_ends"]
     assert all(0 < t <= 5.0 for _, t in order)
+
+
+def test_new_backends_reach_every_part_that_calls_the_ledger_or_the_vault() -> None:
+    from types import SimpleNamespace
+
+    r = _router_for(STRATS)
+    ledger, admin, vault = object(), object(), object()
+    r.backends = SimpleNamespace(ledger=ledger, ledger_admin=admin, vault=vault)  # type: ignore[assignment]
+    assert r.holds.ledger is ledger
+    assert (r.settler._ledger, r.slices._ledger, r.notes._ledger) == (ledger, ledger, ledger)
+    assert r.prices.admin is admin
+    assert (r.credentials.vault, r.lease_ends._vault) == (vault, vault)
