@@ -130,8 +130,10 @@ class ReplicaPool:
         """Gives ``rep`` a channel (and tunnel) for ``mode``; the old channel closes after its calls."""
         old_channel, old_tunnel = rep.channel, rep.tunnel
         rep.mode = mode
-        rep.tunnel = await self._tunnel(rep.address) if mode == "tunnel" and rep.tunnel is None else (
-            rep.tunnel if mode == "tunnel" else None)
+        if mode == "native":
+            rep.tunnel = None
+        elif rep.tunnel is None:
+            rep.tunnel = await self._tunnel(rep.address)
         rep.channel = self._channel(rep.address, mode, rep.tunnel)
         rep.stubs.clear()
         rep.failures = 0
@@ -149,8 +151,9 @@ class ReplicaPool:
 
     async def _retire_later(self, channel: grpc.aio.Channel) -> None:
         await channel.close(_OLD_CHANNEL_GRACE_S)
-        if channel in self._retiring:
-            await self._retire(channel, self._retiring.pop(channel))
+        tunnel = self._retiring.pop(channel, None)  # close() may have taken it already
+        if tunnel is not None:
+            await tunnel.close()
 
     @staticmethod
     async def _retire(channel: grpc.aio.Channel, tunnel: SpiffeTunnel | None) -> None:
