@@ -6,15 +6,18 @@ replica's certificate states it as a DNS name, else by a TLS tunnel (gRPC's own 
 a URI SAN; ``services/router/upstream_tls.py``), so each replica is its own channel. Per replica
 the pool keeps:
 
-- a health check every second (``grpc.health.v1`` on the replica's own service name, which
-  mirrors its readiness: a ledger that cannot reach Postgres drops out within seconds);
+- its health as the replica pushes it: a ``grpc.health.v1`` ``Watch`` stream on the replica's own
+  service name, which mirrors its readiness (a ledger that cannot reach Postgres, or one that is
+  draining, drops out the moment it says so). Nothing runs while nothing changes; a ``Check`` every
+  few seconds (``liveness_interval_s``) still catches a replica that hangs with its stream open, and a
+  replica that is unhealthy, or whose stream ended, is checked every second until it is back;
 - the channel state: a replica whose connection failed is skipped at once, before its next
   health check, so a killed replica costs only the calls that were in flight on it.
 
-Calls go round-robin over the replicas that are SERVING and not in TRANSIENT_FAILURE; when
-none is, over all of them (the call then fails with the replica's own UNAVAILABLE, which is
-retryable). Addresses are ``host:port`` lists; a host name that resolves to several addresses
-(a Kubernetes headless Service) becomes one replica per address, re-resolved every few seconds.
+Calls go round-robin over the replicas that are SERVING and not in TRANSIENT_FAILURE, else over
+all of them (the call then fails with the replica's own, retryable, UNAVAILABLE). Addresses are
+``host:port`` lists; a host name that resolves to several addresses (a Kubernetes headless
+Service) becomes one replica per address, re-resolved every few seconds.
 Certificate rotation: when the router's certificate, key or CA files change, every replica
 gets a fresh channel (new connections, new certificate) and the old one is closed after the
 calls on it finish.
@@ -60,6 +63,9 @@ class Replica:
     decided: bool = True
     failures: int = 0
     healthy: bool = False
+    watching: bool = False  # its Watch stream is open and has answered
+    checked_at: float = 0.0  # loop time of its last Check
+    watcher: asyncio.Task[None] | None = None
     stubs: dict[type, Any] = field(default_factory=dict)
 
     def stub(self, cls: type) -> Any:
@@ -79,7 +85,7 @@ class ReplicaPool:
         self, service: str, addresses: Sequence[str], expected_id: str, files: TlsFiles, health_name: str, *,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (), check_interval_s: float = 1.0,
         resolve_interval_s: float = 5.0, on_change: Callable[[], None] | None = None,
-        identity_check: str = "auto", probe_timeout_s: float = 5.0,
+        identity_check: str = "auto", probe_timeout_s: float = 5.0, liveness_interval_s: float = 5.0,
     ) -> None:
         self.service = service
         self.entries = [a.strip() for a in addresses if a.strip()]
@@ -90,6 +96,7 @@ class ReplicaPool:
         self.health_name = health_name
         self.interceptors = list(interceptors)
         self.check_interval_s = check_interval_s
+        self.liveness_interval_s = liveness_interval_s
         self.resolve_interval_s = resolve_interval_s
         self.identity_check = identity_check
         self.probe_timeout_s = probe_timeout_s
@@ -137,6 +144,7 @@ class ReplicaPool:
         rep.channel = self._channel(rep.address, mode, rep.tunnel)
         rep.stubs.clear()
         rep.failures = 0
+        self._watch(rep)
         _LOGGER.info("replica identity check", extra={"service": self.service, "address": rep.address,
                                                       "identity_check": mode})
         self._retiring[old_channel] = old_tunnel if old_tunnel is not rep.tunnel else None
@@ -155,22 +163,19 @@ class ReplicaPool:
         if tunnel is not None:
             await tunnel.close()
 
-    @staticmethod
-    async def _retire(channel: grpc.aio.Channel, tunnel: SpiffeTunnel | None) -> None:
-        await channel.close(_OLD_CHANNEL_GRACE_S)
-        if tunnel is not None:
-            await tunnel.close()
-
     async def _add(self, address: str) -> None:
         mode, decided = await self._decide(address)
         tunnel = await self._tunnel(address) if mode == "tunnel" else None
-        self.replicas[address] = Replica(address, self._channel(address, mode, tunnel), mode, tunnel, decided)
+        rep = self.replicas[address] = Replica(address, self._channel(address, mode, tunnel), mode, tunnel, decided)
+        self._watch(rep)
         _LOGGER.info("replica added", extra={"service": self.service, "address": address, "identity_check": mode})
 
     async def _remove(self, address: str) -> None:
         rep = self.replicas.pop(address)
+        self._unwatch(rep)
         _LOGGER.info("replica removed", extra={"service": self.service, "address": address})
-        await self._retire(rep.channel, rep.tunnel)
+        self._retiring[rep.channel] = rep.tunnel
+        await self._retire_later(rep.channel)
 
     async def start(self) -> None:
         """Resolves the addresses, opens one channel per replica, starts health checks."""
@@ -197,6 +202,7 @@ class ReplicaPool:
         for t in list(self._retire_tasks):
             t.cancel()
         for rep in list(self.replicas.values()):
+            self._unwatch(rep)
             await rep.channel.close()
             if rep.tunnel is not None:
                 await rep.tunnel.close()
@@ -215,8 +221,7 @@ class ReplicaPool:
         return pool[n % len(pool)]
 
     def ready(self) -> bool:
-        """True when at least one replica is healthy."""
-        return any(r.usable() for r in self.replicas.values())
+        return any(r.usable() for r in self.replicas.values())  # at least one replica is healthy
 
     def healthy_count(self) -> int:
         return sum(1 for r in self.replicas.values() if r.usable())
@@ -228,26 +233,66 @@ class ReplicaPool:
     # ------------------------------------------------------------------ background
 
     async def _check(self, rep: Replica) -> None:
-        before = rep.healthy
+        rep.checked_at = asyncio.get_running_loop().time()
         try:
             resp = await health_pb2_grpc.HealthStub(rep.channel).Check(  # type: ignore[no-untyped-call]
                 health_pb2.HealthCheckRequest(service=self.health_name), timeout=max(self.check_interval_s, 1.0)
             )
-            rep.healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+            healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
-            rep.healthy = False
-        rep.failures = 0 if rep.healthy else rep.failures + 1
-        if before != rep.healthy:
-            _LOGGER.log(logging.INFO if rep.healthy else logging.WARNING, "replica health changed",
-                        extra={"service": self.service, "address": rep.address, "healthy": rep.healthy})
+            healthy = False
+        rep.failures = 0 if healthy else rep.failures + 1
+        self._set_health(rep, healthy)
+
+    def _set_health(self, rep: Replica, healthy: bool) -> None:
+        before, rep.healthy = rep.healthy, healthy
+        if before != healthy:
+            _LOGGER.log(logging.INFO if healthy else logging.WARNING, "replica health changed",
+                        extra={"service": self.service, "address": rep.address, "healthy": healthy})
             if self._on_change is not None:
                 self._on_change()
 
+    def _watch(self, rep: Replica) -> None:
+        """(Re)starts ``rep``'s Watch stream on its current channel."""
+        self._unwatch(rep)
+        rep.watcher = asyncio.get_running_loop().create_task(self._watch_stream(rep))
+
+    @staticmethod
+    def _unwatch(rep: Replica) -> None:
+        if rep.watcher is not None:
+            rep.watcher.cancel()
+        rep.watcher, rep.watching = None, False
+
+    async def _watch_stream(self, rep: Replica) -> None:
+        """The replica's health as it pushes it. A stream that ends (the replica stopped, or its
+        connection aged out) proves nothing by itself: the health loop checks the replica at its next
+        tick, and the stream is opened again a second later."""
+        request = health_pb2.HealthCheckRequest(service=self.health_name)
+        while True:
+            try:
+                stream = health_pb2_grpc.HealthStub(rep.channel).Watch(request)  # type: ignore[no-untyped-call]
+                async for resp in stream:
+                    rep.watching = True
+                    serving = resp.status == health_pb2.HealthCheckResponse.SERVING
+                    rep.failures = 0 if serving else rep.failures
+                    self._set_health(rep, serving)
+            except grpc.RpcError:
+                pass
+            rep.watching = False
+            await asyncio.sleep(self.check_interval_s)
+
+    def _due(self, rep: Replica, now: float) -> bool:
+        """Whether the health loop checks ``rep`` now: unhealthy or unwatched ones every tick, the
+        others every ``liveness_interval_s`` (a replica that hangs keeps its stream open)."""
+        return not (rep.healthy and rep.watching) or now - rep.checked_at >= self.liveness_interval_s
+
     async def _health_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.check_interval_s)
             try:
-                await asyncio.gather(*(self._check(r) for r in list(self.replicas.values())))
+                now = loop.time()
+                await asyncio.gather(*(self._check(r) for r in list(self.replicas.values()) if self._due(r, now)))
             except Exception:
                 _LOGGER.exception("health check round failed")
 

@@ -6,6 +6,8 @@ In-process servers (health only) with certificates that carry nothing but their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -41,8 +43,8 @@ def tls(tmp_path: Path) -> Path:
 class Replica:
     """A health-only gRPC server on the mTLS port, presenting ``stem``'s certificate."""
 
-    def __init__(self, d: Path, stem: str) -> None:
-        self.health = HealthServicer()
+    def __init__(self, d: Path, stem: str, health: HealthServicer | None = None) -> None:
+        self.health = health or HealthServicer()
         self.server = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         creds = server_credentials(d / f"{stem}.pem", d / f"{stem}-key.pem", d / "ca.pem")
@@ -191,3 +193,94 @@ async def test_secure_channel_with_an_expected_id_checks_it(tls: Path) -> None:
             assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await ledger.server.stop(0)
+
+
+class CountingHealth(HealthServicer):
+    """A health servicer that counts ``Check`` and ``Watch`` calls; ``hang`` makes ``Check`` stall
+    (a replica whose event loop answers streams it has but not new calls), ``short_watch`` ends each
+    ``Watch`` after its first answer (what a connection that ages out does to a stream)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = self.watches = 0
+        self.hang = self.short_watch = False
+
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        self.checks += 1
+        if self.hang:
+            await asyncio.sleep(30)
+        return await super().Check(request, context)
+
+    async def Watch(self, request, context):  # type: ignore[no-untyped-def]
+        self.watches += 1
+        if self.short_watch:
+            await context.write(health_pb2.HealthCheckResponse(status=self._server_status[request.service]))
+            return
+        await super().Watch(request, context)
+
+
+async def _until(cond, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    """Seconds until ``cond()`` holds (polled every 10 ms); fails after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not cond():
+        assert loop.time() - start < timeout, "condition not reached in time"
+        await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+@contextlib.asynccontextmanager
+async def _one_replica_pool(
+    tls: Path, health: CountingHealth, **intervals: float
+) -> AsyncIterator[tuple[Replica, ReplicaPool]]:
+    """A ledger replica with ``health`` and a started pool over it (closed, and the replica stopped, after)."""
+    ledger = await Replica(tls, "ledger", health).start()
+    pool = ReplicaPool("ledger", [ledger.address], "spiffe://igw.local/ledger", _files(tls), NAME, **intervals)
+    await pool.start()
+    try:
+        yield ledger, pool
+    finally:
+        await pool.close()
+        await ledger.server.stop(0)
+
+
+async def test_the_pool_follows_pushed_health_and_polls_nothing_while_nothing_changes(tls: Path) -> None:
+    health = CountingHealth()
+    # A check round every 2 s, liveness checks every minute: anything faster is the Watch stream.
+    async with _one_replica_pool(tls, health, check_interval_s=2.0, liveness_interval_s=60.0) as (ledger, pool):
+        assert pool.ready()
+        await _until(lambda: next(iter(pool.replicas.values())).watching, 2.0)
+        checks = health.checks
+        await asyncio.sleep(3.0)  # one check round passes: the watched, healthy replica is not checked
+        assert health.checks == checks
+        assert health.watches == 1
+
+        await ledger.set(False)  # it loses its database: the pool knows well before a check round
+        assert await _until(lambda: not pool.ready(), 1.0) < 1.0
+        await ledger.set(True)
+        assert await _until(pool.ready, 1.0) < 1.0
+        assert health.checks == checks
+
+
+async def test_a_replica_that_hangs_with_its_stream_open_drops_out_at_the_liveness_check(tls: Path) -> None:
+    health = CountingHealth()
+    async with _one_replica_pool(tls, health, check_interval_s=0.2, liveness_interval_s=0.6) as (_, pool):
+        await _until(lambda: next(iter(pool.replicas.values())).watching, 2.0)
+        health.hang = True  # the stream stays open and says SERVING; new calls stall
+        # At most a liveness interval, a round and the check's 1 s timeout.
+        await _until(lambda: not pool.ready(), 3.0)
+        health.hang = False
+        await _until(pool.ready, 3.0)
+
+
+async def test_a_stream_that_ends_keeps_a_serving_replica_in_the_pool(tls: Path) -> None:
+    health = CountingHealth()
+    health.short_watch = True
+    async with _one_replica_pool(tls, health, check_interval_s=0.2, liveness_interval_s=60.0) as (_, pool):
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2.0
+        while loop.time() < end:  # never out of the pool while its streams keep ending
+            assert pool.ready()
+            await asyncio.sleep(0.01)
+        assert health.watches >= 4  # each ended stream is opened again
+        assert health.checks >= 4  # and the replica checked meanwhile
