@@ -20,6 +20,8 @@ from typing import Final
 
 from cryptography import x509
 
+from igw.client._identity import identity_dns_name
+
 __all__ = [
     "SPIFFE_PREFIX",
     "CertInfo",
@@ -35,9 +37,8 @@ __all__ = [
 ]
 
 SPIFFE_PREFIX: Final = "spiffe://"
-#: The reserved suffix (RFC 2606's ``.invalid``) of a service identity's DNS name; see
-#: :func:`identity_dns_name`.
-IDENTITY_DNS_SUFFIX: Final = ".spiffe.invalid"
+# A service identity's DNS name, which lets gRPC's own TLS check it (under RFC 2606's ``.invalid``):
+# defined next to the agents' client, which checks the router's.
 
 
 # --------------------------------------------------------------------------- errors
@@ -90,24 +91,6 @@ def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
 def uri_sans(cert: x509.Certificate) -> list[str]:
     san = _san(cert)
     return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)] if san else []
-
-
-def identity_dns_name(spiffe_id: str) -> str | None:
-    """The DNS name that states a service identity where gRPC's own TLS can check it.
-
-    ``spiffe://igw.local/ledger`` -> ``ledger.igw.local.spiffe.invalid``; None for anything but a
-    service (one path segment). grpcio checks a server certificate against a DNS name, never a
-    URI SAN; a service certificate that carries this name next to its SPIFFE id lets the router
-    reach that service with gRPC's native TLS instead of its Python tunnel (services/router/pool.py).
-    The name is under ``.invalid``, which no public or ordinary internal CA issues, so only the
-    CA that issues igw's identities puts it in a certificate.
-    """
-    if not spiffe_id.startswith(SPIFFE_PREFIX):
-        return None
-    domain, _, path = spiffe_id[len(SPIFFE_PREFIX):].partition("/")
-    if not domain or not path or "/" in path:
-        return None
-    return f"{path}.{domain}{IDENTITY_DNS_SUFFIX}".lower()
 
 
 def dns_sans(cert: x509.Certificate) -> list[str]:

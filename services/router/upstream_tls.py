@@ -24,32 +24,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import grpc
-from cryptography import x509
 
-from igw.client._spiffe import PeerRefused, TlsFiles, check_peer, split_host_port
-from services.common.pki import dns_sans, identity_dns_name
+from igw.client._identity import IDENTITY_CHECKS, Probe, native_credentials, native_options, verdict_of
+from igw.client._spiffe import TlsFiles, split_host_port
 from services.common.tls import CHANNEL_OPTIONS
 
 __all__ = ["MODES", "Probe", "native_channel", "probe"]
 
-MODES = ("auto", "uri")
-Verdict = Literal["native", "tunnel", "refused", "unreachable"]
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """What one TLS handshake with a replica showed.
-
-    ``native``: the expected SPIFFE id and its DNS name; ``tunnel``: the expected id without the
-    name; ``refused``: not the expected identity (or not our CA); ``unreachable``: no handshake.
-    """
-
-    verdict: Verdict
-    why: str = ""
+MODES = IDENTITY_CHECKS
 
 
 async def probe(address: str, expected_id: str, files: TlsFiles, timeout_s: float = 5.0) -> Probe:
@@ -64,16 +48,7 @@ async def probe(address: str, expected_id: str, files: TlsFiles, timeout_s: floa
     except (OSError, ssl.SSLError, TimeoutError, ValueError) as err:
         return Probe("unreachable", type(err).__name__)
     try:
-        sslobj = writer.get_extra_info("ssl_object")
-        try:
-            check_peer(sslobj, expected_id)
-        except PeerRefused as err:
-            return Probe("refused", str(err))
-        name = identity_dns_name(expected_id)
-        der = sslobj.getpeercert(binary_form=True)
-        if name and der and name in dns_sans(x509.load_der_x509_certificate(der)):
-            return Probe("native")
-        return Probe("tunnel", f"the certificate does not carry {name}")
+        return verdict_of(writer.get_extra_info("ssl_object"), expected_id)
     finally:
         # Cut at once: a TLS close waits for the server's close_notify (up to 30 s in asyncio).
         writer.transport.abort()
@@ -86,12 +61,6 @@ def native_channel(
 
     The files are read now: after a rotation the pool builds a new channel (``_follow_files``).
     """
-    name = identity_dns_name(expected_id)
-    if name is None:
-        raise ValueError(f"{expected_id} is not a service identity")
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=files.ca.read_bytes(), private_key=files.key.read_bytes(),
-        certificate_chain=files.cert.read_bytes(),
-    )
-    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
-    return grpc.aio.secure_channel(address, creds, options=options, interceptors=list(interceptors) or None)
+    options = [*CHANNEL_OPTIONS, *native_options(expected_id)]
+    return grpc.aio.secure_channel(address, native_credentials(files), options=options,
+                                   interceptors=list(interceptors) or None)

@@ -219,6 +219,7 @@ def test_uri_san_only_certificates_from_a_foreign_ca_serve_agent_calls(cluster: 
         models = client.list_models(timeout=10)  # router -> ledger (prices) over the checked tunnel
         assert [m.alias for m in models.models] == ["fast"]
         assert client.get_budget(timeout=10).budgets is not None  # router -> ledger GetBudget
+        assert client._links[0].mode == "tunnel"  # the agent, too, checks the URI-only router by its tunnel
     log = cluster.router.log_text()
     assert "server identity refused" not in log
     # URI-only certificates: the router checks both through its tunnel, on every connection.

@@ -21,6 +21,7 @@ import grpc
 import httpx
 import pytest
 
+from igw.client import IgwClient
 from igw.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from igw.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from igw.router.v1 import router_pb2, router_pb2_grpc
@@ -411,6 +412,17 @@ def test_the_router_checks_the_ledger_and_the_vault_with_grpcs_own_tls_on_igw_pk
     assert sorted(e["service"] for e in added) == ["keyvault", "ledger"]
     assert {e["identity_check"] for e in added} == {"native"}
     assert "server identity refused" not in rig.router.log_text()
+
+
+def test_the_agents_client_checks_the_router_with_grpcs_own_tls_on_igw_pki_certificates(rig: Rig) -> None:
+    team = f"cli{uuid.uuid4().hex[:6]}"
+    cert, key = pki_mod.issue_to_dir(rig.gw.pki, "agent", team, "a1")
+    kw = {"addresses": [rig.router.address], "cert": cert, "key": key, "ca": rig.gw.pki / "ca.pem",
+          "max_attempts": 1, "timeout": 15}
+    for check, mode in (("auto", "native"), ("uri", "tunnel")):
+        with IgwClient(**kw, identity_check=check) as client:
+            assert "openai-first" in {m.alias for m in client.list_models().models}
+            assert client._links[0].mode == mode
 
 
 def test_list_models_shows_the_teams_aliases_with_prices_and_capabilities(rig: Rig) -> None:

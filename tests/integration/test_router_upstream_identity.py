@@ -16,11 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from igw.client._spiffe import TlsFiles
-from igw_dev.pki import generate_ca, issue_cert
 from services.common.pki import identity_dns_name
 from services.common.tls import server_credentials
 from services.router.pool import ReplicaPool
 from services.router.upstream_tls import native_channel, probe
+from tests.integration.identity_certs import new_ca
 
 NAME = "igw.ledger.v1.LedgerService"
 LEDGER = "spiffe://igw.local/ledger"
@@ -29,13 +29,7 @@ KEYVAULT = "spiffe://igw.local/keyvault"
 
 @pytest.fixture
 def tls(tmp_path: Path) -> Path:
-    ca = generate_ca()
-    (tmp_path / "ca.pem").write_bytes(ca[0])
-
-    def mint(stem: str, spiffe_id: str, **kw: object) -> None:
-        cert, key = issue_cert(ca[0], ca[1], spiffe_id, ip_addresses=(), **kw)  # type: ignore[arg-type]
-        (tmp_path / f"{stem}.pem").write_bytes(cert)
-        (tmp_path / f"{stem}-key.pem").write_bytes(key)
+    mint = new_ca(tmp_path)
 
     mint("router", "spiffe://igw.local/router")
     mint("ledger", LEDGER, dns_names=())  # URI SAN and the identity's DNS name (as igw pki issues)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,10 +13,11 @@ import grpc.aio
 
 from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
+from igw.client._identity import Link, decide, native_credentials, native_options, stamps_of
 from igw.client._messages import MessagesArg, ToolLike, build_request
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
 from igw.client._spiffe import SpiffeTunnel
-from igw.client._sync import USER_AGENT
+from igw.client._sync import OLD_CHANNEL_GRACE_S, USER_AGENT
 from igw.router.v1 import router_pb2, router_pb2_grpc
 
 __all__ = ["AsyncIgwClient"]
@@ -44,9 +45,11 @@ class AsyncIgwClient:
             raise ClientConfigError("pass either a ClientConfig or keyword settings, not both")
         self._config = config
         self._rotation = AddressRotation(len(config.addresses))
-        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._links: dict[int, Link] = {}
+        self._opening: dict[int, asyncio.Lock] = {}
         self._tunnels: list[SpiffeTunnel] = []
-        self._starting: set[asyncio.Task[None]] = set()
+        self._starting: set[asyncio.Task[None]] = set()  # tunnel starts and retiring channels
+        self._old: list[grpc.aio.Channel] = []
         self._files = config.tls_files()
         self._closed = False
 
@@ -62,31 +65,62 @@ class AsyncIgwClient:
 
     # ------------------------------------------------------------------ channels
 
-    def _stub(self, index: int) -> router_pb2_grpc.RouterServiceStub:
+    async def _stub(self, index: int, deadline: Deadline) -> router_pb2_grpc.RouterServiceStub:
         if self._closed:
             raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
-        channel = self._channels.get(index)
-        if channel is None:
-            address = self._config.addresses[index]
-            # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection;
-            # its socket listens already, so the channel may dial before the tunnel task runs.
-            tunnel = SpiffeTunnel(address, self._config.server_id, self._files)
-            self._tunnels.append(tunnel)
-            task = asyncio.get_running_loop().create_task(tunnel.start())
-            self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
-            options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT),
-                       ("grpc.default_authority", address)]
-            channel = grpc.aio.insecure_channel(tunnel.target, options)
-            self._channels[index] = channel
-        return router_pb2_grpc.RouterServiceStub(channel)  # type: ignore[no-untyped-call]
+        link = self._links.get(index)
+        if link is None or link.due(self._files):
+            link = await self._open(index, link, deadline)
+        return router_pb2_grpc.RouterServiceStub(link.channel)  # type: ignore[no-untyped-call]
+
+    async def _open(self, index: int, old: Link | None, deadline: Deadline) -> Link:
+        """A link to router ``index``: probed once (in a thread), then gRPC's own TLS or the tunnel."""
+        async with self._opening.setdefault(index, asyncio.Lock()):
+            current = self._links.get(index)
+            if current is not None and current is not old:
+                return current  # another call opened it meanwhile
+            address, server_id = self._config.addresses[index], self._config.server_id
+            mode, decided = await asyncio.to_thread(decide, address, server_id, self._files,
+                                                    self._config.identity_check, deadline.remaining())
+            if self._closed:
+                raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
+            if old is not None and old.mode == mode == "tunnel":
+                old.decided, old.doubted = decided, False
+                return old  # the tunnel follows rotated files by itself
+            link = self._links[index] = Link(self._new_channel(address, mode), mode, decided, stamps_of(self._files))
+            if old is not None:  # calls on the old channel finish; it closes after a grace
+                self._old.append(old.channel)
+                self._background(old.channel.close(OLD_CHANNEL_GRACE_S))
+            _LOGGER.debug("router %s: identity checked by %s", address, mode)
+            return link
+
+    def _new_channel(self, address: str, mode: str) -> grpc.aio.Channel:
+        options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
+        server_id = self._config.server_id
+        if mode == "native":
+            creds = native_credentials(self._files)
+            return grpc.aio.secure_channel(address, creds, [*options, *native_options(server_id)])
+        # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection;
+        # its socket listens already, so the channel may dial before the tunnel task runs.
+        tunnel = SpiffeTunnel(address, server_id, self._files)
+        self._tunnels.append(tunnel)
+        self._background(tunnel.start())
+        return grpc.aio.insecure_channel(tunnel.target, [*options, ("grpc.default_authority", address)])
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
 
     async def close(self, grace: float | None = None) -> None:
         """Closes every channel (waiting up to ``grace`` seconds for calls in flight)."""
         self._closed = True
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
+        links, self._links = list(self._links.values()), {}
+        old, self._old = self._old, []
+        for channel in [*old, *(link.channel for link in links)]:
             await channel.close(grace)
+        for task in list(self._starting):
+            task.cancel()
         tunnels, self._tunnels = self._tunnels, []
         for tunnel in tunnels:
             await tunnel.close()
@@ -110,7 +144,7 @@ class AsyncIgwClient:
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
             try:
-                return await call(self._stub(index), max(deadline.remaining(), 0.001))
+                return await call(await self._stub(index, deadline), max(deadline.remaining(), 0.001))
             except grpc.RpcError as err:
                 error = error_from_rpc_error(err)
             if not self._should_retry(error, attempt, deadline):
@@ -126,6 +160,9 @@ class AsyncIgwClient:
         )
 
     async def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
+        link = self._links.get(index)
+        if link is not None and error.code == grpc.StatusCode.UNAVAILABLE:
+            link.doubted = True  # probe it again before its next call (a rotated certificate?)
         next_index = self._rotation.failed(index)
         delay = backoff_delay(attempt)
         _LOGGER.debug(
@@ -224,7 +261,8 @@ class AsyncIgwClient:
         deadline = Deadline(timeout if timeout is not None else self._config.timeout)
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
-            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
+            stub = await self._stub(index, deadline)
+            call = stub.GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
             yielded = False
             try:
                 async for message in call:

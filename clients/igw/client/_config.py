@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igw.client._errors import CertificateExpired, ClientConfigError
+from igw.client._identity import IDENTITY_CHECKS
 from igw.client._spiffe import TlsFiles
 
 __all__ = ["ENV_VARS", "ClientConfig", "Metadata", "certificate_not_after"]
@@ -29,6 +30,7 @@ ENV_VARS = (
     "IGW_ROUTER_SPIFFE_ID",
     "IGW_TIMEOUT",
     "IGW_MAX_ATTEMPTS",
+    "IGW_IDENTITY_CHECK",
 )
 
 # Long-lived channels: keepalive notices a dead router; no per-call TLS handshakes.
@@ -104,6 +106,10 @@ class ClientConfig:
         trust_domain: used for the default ``server_id`` (default ``igw.local``).
         timeout: the default deadline of a call, in seconds (a call may pass its own).
         max_attempts: how many times a call is tried in all when the router is UNAVAILABLE.
+        identity_check: how the router's identity is checked on each connection (``igw.client._identity``):
+            ``auto`` (default) uses gRPC's own TLS when the router's certificate also carries the
+            identity's DNS name (``router.<trust domain>.spiffe.invalid``, as ``igw pki`` issues),
+            else the SPIFFE tunnel; ``uri`` always the tunnel.
 
     Raises:
         ClientConfigError: no address, a missing file, bad numbers.
@@ -117,6 +123,7 @@ class ClientConfig:
     server_id: str
     timeout: float
     max_attempts: int
+    identity_check: str
 
     def __init__(
         self,
@@ -128,6 +135,7 @@ class ClientConfig:
         timeout: float = 60.0,
         max_attempts: int = 4,
         trust_domain: str = "igw.local",
+        identity_check: str = "auto",
     ) -> None:
         addrs = _split_addresses(addresses)
         if not addrs:
@@ -139,6 +147,11 @@ class ClientConfig:
             raise ClientConfigError(f"timeout must be positive, got {timeout}", reason="BAD_TIMEOUT")
         if max_attempts < 1:
             raise ClientConfigError(f"max_attempts must be at least 1, got {max_attempts}", reason="BAD_MAX_ATTEMPTS")
+        if identity_check not in IDENTITY_CHECKS:
+            raise ClientConfigError(
+                f"identity_check must be one of {', '.join(IDENTITY_CHECKS)}, got {identity_check!r}",
+                reason="BAD_IDENTITY_CHECK",
+            )
         values = {
             "addresses": addrs,
             "cert": _check_file("client certificate", "IGW_TLS_CERT", Path(cert)),
@@ -147,6 +160,7 @@ class ClientConfig:
             "server_id": server_id or f"spiffe://{trust_domain}/router",
             "timeout": float(timeout),
             "max_attempts": int(max_attempts),
+            "identity_check": identity_check,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -164,13 +178,14 @@ class ClientConfig:
         server_id: str | None = None,
         timeout: float | None = None,
         max_attempts: int | None = None,
+        identity_check: str | None = None,
     ) -> ClientConfig:
         """Builds a config from ``IGW_*`` variables; any argument given overrides its variable.
 
         ``IGW_ROUTER_ADDRS`` (comma separated), ``IGW_TLS_CERT``, ``IGW_TLS_KEY``, ``IGW_TLS_CA``,
         ``IGW_ROUTER_SPIFFE_ID`` (default ``spiffe://$IGW_TRUST_DOMAIN/router``, trust domain
         ``igw.local`` unless set), ``IGW_TIMEOUT`` (seconds, default 60),
-        ``IGW_MAX_ATTEMPTS`` (default 4).
+        ``IGW_MAX_ATTEMPTS`` (default 4), ``IGW_IDENTITY_CHECK`` (``auto`` or ``uri``, default ``auto``).
         """
         source = os.environ if env is None else env
 
@@ -206,6 +221,7 @@ class ClientConfig:
             trust_domain=source.get("IGW_TRUST_DOMAIN", "").strip() or "igw.local",
             timeout=timeout if timeout is not None else number("IGW_TIMEOUT", 60.0),
             max_attempts=max_attempts if max_attempts is not None else int(number("IGW_MAX_ATTEMPTS", 4)),
+            identity_check=identity_check or source.get("IGW_IDENTITY_CHECK", "").strip() or "auto",
         )
 
     def check_certificate(self, now: dt.datetime | None = None) -> None:

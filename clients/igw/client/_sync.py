@@ -13,6 +13,7 @@ import grpc
 
 from igw.client._config import ClientConfig, Metadata, _metadata
 from igw.client._errors import ClientConfigError, IgwError, error_from_rpc_error
+from igw.client._identity import Link, decide, native_credentials, native_options, stamps_of
 from igw.client._messages import MessagesArg, ToolLike, build_request
 from igw.client._retry import AddressRotation, Deadline, backoff_delay, is_retryable
 from igw.client._spiffe import TunnelThread
@@ -23,12 +24,16 @@ __all__ = ["IgwClient"]
 _LOGGER = logging.getLogger("igw.client")
 T = TypeVar("T")
 USER_AGENT = "igw-client/0.1"
+# A replaced channel (rotated files, a new identity check) closes after the calls on it had this long.
+OLD_CHANNEL_GRACE_S = 30.0
 
 
 class IgwClient:
     """A blocking client of the igw Router, for agents.
 
-    One long-lived mTLS channel per router address, created on first use. Every call has a
+    One long-lived mTLS channel per router address, created on first use; the router's identity
+    is checked by gRPC's own TLS when its certificate carries the identity's DNS name, else by the
+    SPIFFE tunnel (``identity_check``, :mod:`igw.client._identity`). Every call has a
     deadline; UNAVAILABLE is retried on the next address with backoff, keeping the request
     id; every other failure raises one typed :class:`~igw.client.IgwError`.
 
@@ -48,7 +53,8 @@ class IgwClient:
             raise ClientConfigError("pass either a ClientConfig or keyword settings, not both")
         self._config = config
         self._rotation = AddressRotation(len(config.addresses))
-        self._channels: dict[int, grpc.Channel] = {}
+        self._links: dict[int, Link] = {}
+        self._retiring: list[threading.Timer] = []
         self._tunnels: TunnelThread | None = None
         self._files = config.tls_files()
         self._lock = threading.Lock()
@@ -66,34 +72,56 @@ class IgwClient:
 
     # ------------------------------------------------------------------ channels
 
-    def _stub(self, index: int) -> router_pb2_grpc.RouterServiceStub:
-        return router_pb2_grpc.RouterServiceStub(self._channel(index))  # type: ignore[no-untyped-call]
+    def _stub(self, index: int, deadline: Deadline) -> router_pb2_grpc.RouterServiceStub:
+        return router_pb2_grpc.RouterServiceStub(self._channel(index, deadline))  # type: ignore[no-untyped-call]
 
-    def _channel(self, index: int) -> grpc.Channel:
+    def _channel(self, index: int, deadline: Deadline) -> grpc.Channel:
         with self._lock:
             if self._closed:
                 raise ClientConfigError("the client is closed", reason="CLIENT_CLOSED")
-            channel = self._channels.get(index)
-            if channel is None:
-                if self._tunnels is None:
-                    self._tunnels = TunnelThread()
-                address = self._config.addresses[index]
-                # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection.
-                tunnel = self._tunnels.open(address, self._config.server_id, self._files)
-                options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT),
-                           ("grpc.default_authority", address)]
-                channel = grpc.insecure_channel(tunnel.target, options)
-                self._channels[index] = channel
+            link = self._links.get(index)
+            if link is None or link.due(self._files):
+                link = self._links[index] = self._open(index, link, deadline)
+            channel: grpc.Channel = link.channel
             return channel
+
+    def _open(self, index: int, old: Link | None, deadline: Deadline) -> Link:
+        """A link to router ``index``: probed once, then gRPC's own TLS or the tunnel (under the lock)."""
+        address, server_id = self._config.addresses[index], self._config.server_id
+        mode, decided = decide(address, server_id, self._files, self._config.identity_check, deadline.remaining())
+        if old is not None and old.mode == mode == "tunnel":
+            old.decided, old.doubted = decided, False
+            return old  # the tunnel follows rotated files by itself
+        options = [*self._config.channel_options(), ("grpc.primary_user_agent", USER_AGENT)]
+        if mode == "native":
+            creds = native_credentials(self._files)
+            channel = grpc.secure_channel(address, creds, [*options, *native_options(server_id)])
+        else:
+            if self._tunnels is None:
+                self._tunnels = TunnelThread()
+            # TLS (and the router's SPIFFE id check) happens in the tunnel, on every connection.
+            tunnel = self._tunnels.open(address, server_id, self._files)
+            channel = grpc.insecure_channel(tunnel.target, [*options, ("grpc.default_authority", address)])
+        if old is not None:  # calls on the old channel finish; it closes after a grace
+            timer = threading.Timer(OLD_CHANNEL_GRACE_S, old.channel.close)
+            timer.daemon = True
+            timer.start()
+            self._retiring = [*(t for t in self._retiring if t.is_alive()), timer]
+        _LOGGER.debug("router %s: identity checked by %s", address, mode)
+        return Link(channel, mode, decided, stamps_of(self._files))
 
     def close(self) -> None:
         """Closes every channel. The client cannot be used afterwards."""
         with self._lock:
             self._closed = True
-            channels, self._channels = list(self._channels.values()), {}
+            links, self._links = list(self._links.values()), {}
             tunnels, self._tunnels = self._tunnels, None
-        for channel in channels:
-            channel.close()
+            retiring, self._retiring = self._retiring, []
+        for timer in retiring:
+            timer.cancel()
+            timer.function()
+        for link in links:
+            link.channel.close()
         if tunnels is not None:
             tunnels.close()
 
@@ -112,7 +140,7 @@ class IgwClient:
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
             try:
-                return call(self._stub(index), max(deadline.remaining(), 0.001))
+                return call(self._stub(index, deadline), max(deadline.remaining(), 0.001))
             except grpc.RpcError as err:
                 error = error_from_rpc_error(err)
             if not self._should_retry(error, attempt, deadline):
@@ -128,6 +156,9 @@ class IgwClient:
         )
 
     def _backoff(self, index: int, attempt: int, error: IgwError) -> int:
+        link = self._links.get(index)
+        if link is not None and error.code == grpc.StatusCode.UNAVAILABLE:
+            link.doubted = True  # probe it again before its next call (a rotated certificate?)
         next_index = self._rotation.failed(index)
         delay = backoff_delay(attempt)
         _LOGGER.debug(
@@ -241,7 +272,8 @@ class IgwClient:
         deadline = Deadline(timeout if timeout is not None else self._config.timeout)
         index = self._rotation.current()
         for attempt in range(self._config.max_attempts):
-            call = self._stub(index).GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
+            stub = self._stub(index, deadline)
+            call = stub.GenerateStream(request, timeout=max(deadline.remaining(), 0.001), metadata=md)
             yielded = False
             try:
                 for message in call:
