@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import psycopg
+from psycopg import pq
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,8 +52,7 @@ class KeyWatch:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self._on_change()  # anything may have changed while nobody listened
                     self.listening.set()
-                    async for _ in conn.notifies():
-                        self._on_change()
+                    await self._listen(conn)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # the database went away: retry, the cache expiry covers the gap
@@ -59,3 +60,29 @@ class KeyWatch:
                                 extra={"error": type(err).__name__})
             self.listening.clear()
             await asyncio.sleep(self._retry_s)
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Calls ``on_change`` for each batch of notifications until the connection fails.
+
+        The event loop wakes this only when the socket has data. psycopg's own ``notifies()``
+        wakes every 0.1 s to check for interrupts: about 3 ms of CPU per second in an idle vault,
+        most of what it did when idle."""
+        pgconn = conn.pgconn
+        readable = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        fd = pgconn.socket
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                pgconn.consume_input()  # raises OperationalError once the server has gone
+                changed = False
+                while pgconn.notifies() is not None:
+                    changed = True
+                if changed:
+                    self._on_change()
+                if pgconn.status != pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("key-change listener: connection lost")
+        finally:
+            loop.remove_reader(fd)
