@@ -145,6 +145,52 @@ async def test_a_batch_commits_once_and_crossed_batches_never_deadlock(fresh_dat
     check_invariants(fresh_database)
 
 
+async def test_batches_of_one_racing_batches_of_many_settle_once_and_charge_the_same(
+    fresh_database: str, pki: Path,
+) -> None:
+    """A batch of one (ledger 0011: no sorting, the same lock order) settles exactly as the same
+    item inside a larger batch: racing each other over one team's holds, every settle lands once,
+    none deadlocks, each entry's cost is the same whichever batch wrote it, the counters agree."""
+    async with ledger_service(fresh_database) as svc, grpc_server(svc, pki) as rt:
+        await svc.set_budget(team="one", agent="", window=4, limit_nanos=10**12)
+        await svc.set_budget(team="one", agent="a1", window=1, limit_nanos=10**12)
+        channel = secure_channel(f"127.0.0.1:{rt.port}", pki / "router.pem", pki / "router-key.pem", pki / "ca.pem")
+        async with channel:
+            stub = ledger_pb2_grpc.LedgerServiceStub(channel)
+            settles: list[pb.SettleRequest] = []
+            for i in range(40):
+                hold = await stub.Reserve(pb.ReserveRequest(
+                    request_id=f"o{i}", attempt=1, team="one", agent=("a1", "a2")[i % 2], model="fake-small",
+                    prompt_tokens_upper_bound=1000, max_output_tokens=1000))
+                # Half by reservation id, half by request id alone (the latest open attempt).
+                settles.append(_settle(f"o{i}", hold.reservation_id if i % 4 < 2 else "", out=i + 1))
+            deadlocks = sql(fresh_database, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            singles = [stub.SettleBatch(pb.SettleBatchRequest(settles=[s])) for s in settles]
+            many = [stub.SettleBatch(pb.SettleBatchRequest(settles=settles[k:k + 10][::-1])) for k in range(0, 40, 10)]
+            results = await asyncio.gather(*singles, *many)
+            one = [r.results[0] for r in results[:40]]
+            grouped = [item for r in results[40:] for item in r.results[::-1]]
+            assert [r.code for r in one] == [0] * 40 and [r.code for r in grouped] == [0] * 40
+            for a, b in zip(one, grouped, strict=True):
+                assert sorted([a.response.replayed, b.response.replayed]) == [False, True]
+                assert a.response.entry.cost_nanos == b.response.entry.cost_nanos > 0
+                assert a.response.entry == b.response.entry
+            # A lone settle after the fact is a replay with the same charge; one with no hold is refused.
+            again = await stub.SettleBatch(pb.SettleBatchRequest(settles=[settles[7]]))
+            assert again.results[0].response.replayed
+            assert again.results[0].response.entry.cost_nanos == one[7].response.entry.cost_nanos
+            missing = await stub.SettleBatch(pb.SettleBatchRequest(settles=[_settle("nobody", "")]))
+            assert missing.results[0].reason == "OPEN_HOLD_NOT_FOUND"
+            unknown = await stub.SettleBatch(pb.SettleBatchRequest(
+                settles=[_settle("nobody", "00000000-0000-0000-0000-000000000000")]))
+            assert unknown.results[0].reason == "RESERVATION_NOT_FOUND"
+    assert sql(fresh_database, "SELECT count(*), count(DISTINCT request_id) FROM spend_entries") == [(40, 40)]
+    assert sql(fresh_database, "SELECT count(*) FROM holds WHERE state = 'OPEN'") == [(0,)]
+    after = sql(fresh_database, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+    assert after == deadlocks
+    check_invariants(fresh_database)
+
+
 async def test_a_batch_the_database_refuses_is_settled_item_by_item(
     fresh_database: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -7,6 +7,7 @@ DECLARE
   v_out jsonb[];
   v_i int;
   v_holds uuid[];
+  v_hold uuid;
 BEGIN
   IF v_n IS NULL OR v_n = 0 THEN
     RETURN '[]'::jsonb;
@@ -17,6 +18,29 @@ BEGIN
      OR cardinality(p_outcomes) <> v_n OR cardinality(p_latencies) <> v_n
      OR cardinality(p_estimated) <> v_n THEN
     RAISE EXCEPTION 'ledger_settle_batch: arrays of different lengths';
+  END IF;
+  IF v_n = 1 THEN
+    -- One settle (a quiet router's batch): the same locks in the same order (its hold, then the
+    -- hold's counters), without the sorting and array work that only a batch of several needs.
+    IF p_reservations[1] IS NOT NULL THEN
+      SELECT h.id INTO v_hold FROM holds h WHERE h.id = p_reservations[1];
+    ELSE
+      SELECT h.id INTO v_hold FROM holds h
+       WHERE h.request_id = p_request_ids[1] AND h.state = 'OPEN'
+       ORDER BY h.attempt DESC LIMIT 1;
+    END IF;
+    IF v_hold IS NOT NULL THEN
+      PERFORM 1 FROM holds h WHERE h.id = v_hold FOR NO KEY UPDATE;
+      PERFORM 1 FROM budget_counters c
+        WHERE (c.budget_id, c.window_start) IN (
+          SELECT u.b, u.w FROM holds h, unnest(h.budget_ids, h.window_starts) AS u(b, w)
+           WHERE h.id = v_hold)
+        ORDER BY c.budget_id, c.window_start FOR UPDATE OF c;
+    END IF;
+    RETURN jsonb_build_array(ledger_settle(
+      p_request_ids[1], p_reservations[1], p_inputs[1], p_outputs[1], p_cached[1],
+      p_providers[1], p_provider_models[1], p_outcomes[1], p_latencies[1],
+      p_estimated[1], p_now));
   END IF;
   v_out := array_fill(NULL::jsonb, ARRAY[v_n]);
   -- Every batch takes its locks in one global order: first the holds it settles (by id), then
